@@ -1,0 +1,85 @@
+"""CARL's knobs in one dataclass, validated once (the recipe converts verl's `algorithm.carl` block into it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+SELECTION_RULES = ("density", "random", "entropy")
+UPDATE_SETS = ("critical", "all_inherit", "all", "outcome_only")
+VALUE_AGGREGATIONS = ("mean", "leaf_weighted")
+
+
+class CARLConfigError(ValueError):
+    """A CARL setting is invalid; the message names the key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class CARLConfig:
+    """Settings of one CARL rollout tree and its update (paper defaults: CARL-Lite; CARL is ``n0=8``)."""
+
+    n0: int = 1
+    """N0: full rollouts from the root before any fork (Alg. 1, line 2). 1 = CARL-Lite, 8 = CARL."""
+    n_forks: int = 16
+    """N: forks after the initial rollouts (Alg. 1, line 5); a tree ends with n0 + n_forks leaves."""
+    selection: str = "density"
+    """Fork-point rule: `density` (largest h/n, the paper), `random` (ablation #2), `entropy` (largest h)."""
+    wave_size: int = 1
+    """k: fork points handed out at once so their rollouts generate in parallel; 1 is the paper exactly."""
+    max_actions: int = 32
+    """T_max: actions per trajectory; a rollout that reaches it ends cleanly as a leaf."""
+    update_set: str = "critical"
+    """Which actions are trained: `critical` (Eq. 13), `all_inherit` (ablation #3), `all`, `outcome_only` (#1)."""
+    value_aggregation: str = "mean"
+    """Node value: `mean` of children (Alg. 2, unbiased) or TreeRL's `leaf_weighted` (biased, for comparison)."""
+    outcome_eps: float = 1e-6
+    """Epsilon of the GRPO std normalisation used only by `update_set=outcome_only`."""
+    seed: int = 0
+    """Seed of the planner's random generator (ties are broken by node id, never at random)."""
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise CARLConfigError(f"algorithm.carl.{msg}")
+
+        for key in ("n0", "n_forks", "wave_size", "max_actions"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                fail(f"{key}={value!r} must be an integer.")
+        if self.n0 == 0 and self.n_forks == 0:
+            fail("n0=0 and n_forks=0 ask for no rollout at all: set n0>=1 (e.g. n0=1, n_forks=16 for CARL-Lite).")
+        if self.n0 < 1:
+            fail(f"n0={self.n0} must be >= 1: forks need states, and states come from a full rollout from the root.")
+        if self.n_forks < 0:
+            fail(f"n_forks={self.n_forks} must be >= 0 (the paper uses 16).")
+        if self.wave_size < 1:
+            fail(f"wave_size={self.wave_size} must be >= 1 (1 reproduces Alg. 1 exactly).")
+        if self.max_actions < 1:
+            fail(f"max_actions={self.max_actions} must be >= 1 (the paper uses 32, or 10 for Qwen3-4B).")
+        if self.selection not in SELECTION_RULES:
+            fail(f"selection={self.selection!r} is unknown: use one of {', '.join(SELECTION_RULES)}.")
+        if self.update_set not in UPDATE_SETS:
+            fail(f"update_set={self.update_set!r} is unknown: use one of {', '.join(UPDATE_SETS)}.")
+        if self.value_aggregation not in VALUE_AGGREGATIONS:
+            fail(
+                f"value_aggregation={self.value_aggregation!r} is unknown: use one of {', '.join(VALUE_AGGREGATIONS)}."
+            )
+        if not self.outcome_eps > 0:
+            fail(f"outcome_eps={self.outcome_eps!r} must be > 0.")
+
+    @property
+    def num_leaves(self) -> int:
+        """Leaves of a finished tree: N0 + N (the measured |D_roll| of Table 2 fits this, not Eq. 14's N)."""
+        return self.n0 + self.n_forks
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> CARLConfig:
+        """Builds the config from a plain mapping (e.g. an OmegaConf block), rejecting unknown keys by name."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CARLConfigError(
+                f"algorithm.carl has unknown key(s) {unknown}: the known keys are {sorted(known)} (check the spelling)."
+            )
+        return cls(**values)

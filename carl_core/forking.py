@@ -1,0 +1,217 @@
+"""Progressive forking (Alg. 1, "uncertainty-guided progressive forking") as a planner that does not generate.
+
+The planner only decides *where* the next rollouts start; a driver (`grow_tree`) asks an environment for one action
+at a time and appends it to the tree, so the same planner runs under a test double, the CPU rollout backend, or
+verl's vLLM servers::
+
+    wave 0:  N0 rollouts from the root                  next_wave -> [0, 0, ..., 0]      (N0 times)
+    wave i:  k fork points chosen by the rule           next_wave -> [s_1, ..., s_k]     (k = wave_size)
+             each rollout samples a new action at s_j and continues to a terminal state
+    done:    N forks handed out                         next_wave -> []
+
+Rules (`CARLConfig.selection`):
+- `density` (the paper): the non-terminal state with the largest h_hat / n_hat, i.e. the lowest action density
+  d(s) = n(s) / H(s) (Eq. 12). Ties go to the lowest node id (the earliest state), never to chance.
+- `random` (ablation #2): a state drawn uniformly from the non-terminal states (with the planner's seeded rng).
+- `entropy`: the state with the largest h_hat, ignoring n_hat.
+
+Waves: with k > 1, the k picks are made one after another against *virtual* counts (each pick adds 1 to its state's
+n_hat for the rest of the wave), so that a wave spreads over the k best states instead of piling onto one; h_hat is
+left unchanged because the new actions' entropies are not known yet. k = 1 is Alg. 1 exactly. The N0 root rollouts
+form a single wave whatever k is: they all start at the root, so running them together changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from carl_core.config import CARLConfig
+from carl_core.entropy import compute_state_entropy
+from carl_core.tree import RolloutTree
+
+
+def compute_fork_points(
+    state_entropy: torch.Tensor,
+    num_children: torch.Tensor,
+    candidate: torch.Tensor,
+    k: int,
+    selection: str = "density",
+    rng: random.Random | None = None,
+) -> list[int]:
+    """Chooses k fork points among the candidate states (Alg. 1, line 6).
+
+    Math (Alg. 1 / Eq. 12):
+        density:  s* = argmax_s h_hat(s) / (n_hat(s) + v(s)),  v(s*) += 1 after each pick of the wave
+        entropy:  s* = argmax_s h_hat(s)
+        random:   s* ~ Uniform(candidates)
+
+    Args:
+        state_entropy: h_hat per node [shape: (num_nodes,)].
+        num_children: n_hat per node [shape: (num_nodes,)].
+        candidate: True on states that may be forked [shape: (num_nodes,)].
+        k: number of fork points to return.
+        selection: "density" | "random" | "entropy".
+        rng: random generator for "random".
+
+    Returns:
+        k node ids (repeats allowed), in pick order.
+    """
+    ids = torch.nonzero(candidate).flatten().tolist()
+    if not ids:
+        raise ValueError("no state can be forked: every trajectory ended at the root or at T_max.")
+    if selection == "random":
+        rng = rng or random.Random(0)
+        return [rng.choice(ids) for _ in range(k)]
+    h = state_entropy[ids].to(torch.float64)
+    if selection == "entropy":
+        # torch.argmax returns the first maximum, i.e. the lowest node id: a deterministic tie-break.
+        return [ids[int(torch.argmax(h))]] * k
+    if selection != "density":
+        raise ValueError(f"selection={selection!r} is unknown: use density, random or entropy.")
+    n = num_children[ids].to(torch.float64).clone()
+    picks = []
+    for _ in range(k):
+        j = int(torch.argmax(h / n))
+        picks.append(ids[j])
+        n[j] += 1  # virtual count: the next pick of this wave sees the state as already forked
+    return picks
+
+
+class ForkPlanner:
+    """Hands out the start states of a tree's rollouts, wave by wave (Alg. 1)."""
+
+    def __init__(self, config: CARLConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.rng = rng or random.Random(config.seed)
+        self.rollouts_started = 0
+        self.forks_started = 0
+
+    def next_wave(self, tree: RolloutTree) -> list[int]:
+        """Start states of the next wave of rollouts; empty when the tree is complete.
+
+        Call it again only after every rollout of the previous wave has reached a terminal state.
+        """
+        finished = len(tree.leaves()) + len(tree.aborted)
+        if finished != self.rollouts_started:
+            raise RuntimeError(
+                f"tree {tree.uid!r}: {self.rollouts_started} rollouts were started but {finished} ended; "
+                "finish every rollout of a wave (to a leaf, or record it in tree.aborted) before the next wave."
+            )
+        if self.rollouts_started == 0:
+            wave = [tree.root.id] * self.config.n0
+        else:
+            k = min(self.config.wave_size, self.config.n_forks - self.forks_started)
+            if k <= 0 or not self.forkable(tree).any():
+                return []
+            h_hat, n_hat = compute_state_entropy(*self._node_tensors(tree))
+            wave = compute_fork_points(h_hat, n_hat, self.forkable(tree), k, self.config.selection, self.rng)
+            self.forks_started += k
+            tree.fork_points.extend(wave)
+        self.rollouts_started += len(wave)
+        return wave
+
+    @staticmethod
+    def forkable(tree: RolloutTree) -> torch.Tensor:
+        """States where a new action may be sampled: expanded, not terminal, below T_max [shape: (num_nodes,)]."""
+        return torch.tensor(
+            [bool(n.children) and not n.terminal and n.depth < tree.max_actions for n in tree.nodes], dtype=torch.bool
+        )
+
+    @staticmethod
+    def _node_tensors(tree: RolloutTree) -> tuple[torch.Tensor, torch.Tensor, int]:
+        parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes], dtype=torch.long)
+        ent = torch.tensor([0.0 if n.action is None else n.action.entropy for n in tree.nodes], dtype=torch.float64)
+        return parent, ent, len(tree.nodes)
+
+
+@dataclass
+class Step:
+    """What the environment returns for one action sampled at a state."""
+
+    token_ids: Sequence[int]
+    """The sampled action; empty means no action could be taken here (the state itself ends the trajectory)."""
+    log_probs: Sequence[float]
+    observation_ids: Sequence[int] = ()
+    """Tool output and template glue appended after the action (part of the next state, never trained)."""
+    done: bool = False
+    finish_reason: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Environment(Protocol):
+    """What `grow_tree` needs: sample-and-execute one action, and score a finished trajectory."""
+
+    def step(self, tree: RolloutTree, node_id: int) -> Awaitable[Step]: ...
+
+    def score(self, tree: RolloutTree, leaf_id: int) -> Awaitable[float]: ...
+
+
+async def rollout_from(tree: RolloutTree, start: int, env: Environment) -> int | None:
+    """RolloutFrom(s) of Alg. 1: samples actions from `start` until a terminal state; returns the leaf id.
+
+    Returns None (and records the reason in `tree.aborted`) when the environment could take no action at an
+    already-expanded start state, which can then not become a leaf.
+    """
+    node = start
+    while True:
+        step = await env.step(tree, node)
+        if len(step.token_ids) == 0:
+            reason = step.finish_reason or "no_action"
+            if tree.nodes[node].children:
+                tree.aborted.append({"start": start, "node": node, "reason": reason})
+                return None
+            tree.terminate(node, reason)
+        else:
+            node = tree.add_action(
+                node,
+                step.token_ids,
+                step.log_probs,
+                step.observation_ids,
+                done=step.done,
+                finish_reason=step.finish_reason,
+                info=step.info,
+            )
+        if tree.nodes[node].terminal:
+            tree.set_reward(node, float(await env.score(tree, node)))
+            return node
+
+
+async def grow_tree(tree: RolloutTree, planner: ForkPlanner, env: Environment) -> RolloutTree:
+    """Grows a full CARL tree: N0 rollouts from the root, then N forks in waves (Alg. 1).
+
+    The rollouts of one wave run concurrently (`asyncio.gather`); waves run one after another because each wave's
+    fork points depend on the entropies the previous waves measured.
+    """
+    while wave := planner.next_wave(tree):
+        await asyncio.gather(*(rollout_from(tree, start, env) for start in wave))
+    return tree
+
+
+class SyncEnvironment:
+    """Adapts two plain callables to `Environment`, for simulations and tests."""
+
+    def __init__(self, step: Callable[[RolloutTree, int], Step], score: Callable[[RolloutTree, int], float]) -> None:
+        self._step, self._score = step, score
+
+    async def step(self, tree: RolloutTree, node_id: int) -> Step:
+        return self._step(tree, node_id)
+
+    async def score(self, tree: RolloutTree, leaf_id: int) -> float:
+        return self._score(tree, leaf_id)
+
+
+def grow_tree_sync(
+    tree: RolloutTree,
+    config: CARLConfig,
+    step: Callable[[RolloutTree, int], Step],
+    score: Callable[[RolloutTree, int], float],
+    rng: random.Random | None = None,
+) -> RolloutTree:
+    """`grow_tree` for synchronous step/score functions (no event loop needed by the caller)."""
+    return asyncio.run(grow_tree(tree, ForkPlanner(config, rng), SyncEnvironment(step, score)))

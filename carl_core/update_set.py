@@ -1,0 +1,167 @@
+"""Which actions are trained, and with which advantage (Eq. 13 and the paper's ablations #1 and #3).
+
+`critical` (the paper, Eq. 13): D_upd = {(s_t, a_t, A_t) in D_roll : |child(s_t)| > 1}. An edge becomes trainable
+once its source state has at least two children, *including the action that was there before the first fork*.
+This is the reading under which Eq. 15 holds (N + 1 <= |D_upd| <= 2N for N0 = 1: every fork adds its new edge, and
+the first fork at a state also makes the old edge critical). App. C.1's sentence "actions in this [N0] phase are not
+included in training" contradicts it; we follow Eq. 15 because it is the one the measured |D_upd| (32.0 = 2N)
+agrees with. Non-critical edges are dropped from the loss (no row or response_mask 0), not zero-weighted: a zero
+advantage would still count in verl's token-mean denominator and in the KL/entropy terms.
+
+The ablations:
+- `all_inherit` (#3): every action is trained; a non-critical action takes the advantage of the action before it
+  (recursively, so a run of non-critical actions after a fork all take the fork edge's advantage). A non-critical
+  first action has no predecessor and gets 0. Note that V(v) = V(u) on a non-critical edge, so its own A is 0.
+- `all`: every action is trained with its own edge advantage (non-critical ones with A = 0, still in the loss).
+- `outcome_only` (#1): no action-level credit. Each leaf path is a GRPO trajectory with advantage
+  z = (R - mean_tree R) / (std_tree R + eps) (verl's GRPO, unbiased std; a single leaf keeps z = R as verl does).
+  An action shared by several leaf paths is trained once with the *sum* of their z, which is the policy-gradient
+  numerator of training it once per path as GRPO would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from carl_core.config import CARLConfig
+from carl_core.tree import RolloutTree, TreeArrays, pack_trees
+from carl_core.values import compute_edge_advantages, compute_node_values, depth_levels
+
+
+def compute_critical_mask(parent: torch.Tensor) -> torch.Tensor:
+    """Marks the actions whose source state has more than one child (Eq. 13).
+
+    Args:
+        parent: parent id of each node, -1 for roots [shape: (num_nodes,)].
+
+    Returns:
+        True on nodes whose entering action is critical [shape: (num_nodes,)], False at roots.
+    """
+    has_parent = parent >= 0
+    num_children = torch.bincount(parent[has_parent], minlength=parent.numel())
+    return has_parent & (num_children[parent.clamp(min=0)] > 1)
+
+
+def compute_outcome_advantages(
+    parent: torch.Tensor,
+    is_leaf: torch.Tensor,
+    leaf_reward: torch.Tensor,
+    tree_index: torch.Tensor,
+    depth: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Ablation #1: the summed GRPO-normalised outcome of the leaf paths through each action.
+
+    Math:
+        z(l) = (R(l) - mean_{l' in tree} R(l')) / (std_{l' in tree} R(l') + eps)
+        A(e -> v) = sum_{leaves l below v (v included)} z(l)
+
+    Args:
+        parent, is_leaf, leaf_reward, tree_index, depth: node-level tensors [shape: (num_nodes,)].
+        eps: added to the std, as in verl's GRPO.
+
+    Returns:
+        Advantage of the action entering each node, 0 at roots [shape: (num_nodes,)].
+    """
+    dtype = leaf_reward.dtype
+    num_trees = int(tree_index.max()) + 1
+    leaf_tree = tree_index[is_leaf]
+    r = leaf_reward[is_leaf]
+    count = torch.zeros(num_trees, dtype=dtype).index_add_(0, leaf_tree, torch.ones_like(r))
+    mean = torch.zeros(num_trees, dtype=dtype).index_add_(0, leaf_tree, r) / count
+    sq = torch.zeros(num_trees, dtype=dtype).index_add_(0, leaf_tree, (r - mean[leaf_tree]) ** 2)
+    std = torch.sqrt(sq / (count - 1).clamp(min=1))
+    # verl's GRPO keeps a lone sample's score as is (mean 0, std 1).
+    single = count == 1
+    mean, std = torch.where(single, torch.zeros_like(mean), mean), torch.where(single, torch.ones_like(std), std)
+    z = torch.zeros_like(leaf_reward)
+    z[is_leaf] = (r - mean[leaf_tree]) / (std[leaf_tree] + eps)
+    # Sum z over each subtree, deepest level first.
+    has_parent = parent >= 0
+    for level in depth_levels(depth):
+        kids = level[has_parent[level]]
+        if kids.numel():
+            z.index_add_(0, parent[kids], z[kids])
+    return torch.where(has_parent, z, torch.zeros_like(z))
+
+
+def compute_update_advantages(
+    parent: torch.Tensor,
+    depth: torch.Tensor,
+    node_value: torch.Tensor,
+    update_set: str = "critical",
+    *,
+    is_leaf: torch.Tensor | None = None,
+    leaf_reward: torch.Tensor | None = None,
+    tree_index: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The advantage each action is trained with, and whether it is trained at all.
+
+    Args:
+        parent: parent id of each node, -1 for roots [shape: (num_nodes,)].
+        depth: depth of each node [shape: (num_nodes,)].
+        node_value: V from `compute_node_values` [shape: (num_nodes,)].
+        update_set: "critical" | "all_inherit" | "all" | "outcome_only" (see the module docstring).
+        is_leaf, leaf_reward, tree_index: node-level tensors, needed by "outcome_only" only.
+        eps: GRPO std epsilon for "outcome_only".
+
+    Returns:
+        (advantage, trained) for the action entering each node [shapes: (num_nodes,), (num_nodes,)]; roots are
+        never trained and untrained actions carry advantage 0.
+    """
+    has_parent = parent >= 0
+    edge_adv = compute_edge_advantages(parent, node_value)
+    critical = compute_critical_mask(parent)
+    if update_set == "critical":
+        return torch.where(critical, edge_adv, torch.zeros_like(edge_adv)), critical
+    if update_set == "all":
+        return edge_adv, has_parent.clone()
+    if update_set == "all_inherit":
+        adv = torch.where(critical, edge_adv, torch.zeros_like(edge_adv))
+        # Top-down (shallowest level first): a non-critical action copies its predecessor's (final) advantage.
+        for level in reversed(depth_levels(depth)):
+            inherit = level[has_parent[level] & ~critical[level]]
+            if inherit.numel():
+                adv[inherit] = adv[parent[inherit]]
+        return adv, has_parent.clone()
+    if update_set == "outcome_only":
+        if is_leaf is None or leaf_reward is None or tree_index is None:
+            raise ValueError("update_set='outcome_only' needs is_leaf, leaf_reward and tree_index.")
+        return compute_outcome_advantages(parent, is_leaf, leaf_reward, tree_index, depth, eps), has_parent.clone()
+    raise ValueError(f"update_set={update_set!r} is unknown: use critical, all_inherit, all or outcome_only.")
+
+
+@dataclass
+class ScoredTrees:
+    """Alg. 2 applied to a batch of trees: node-level results, aligned with `arrays` (global node ids)."""
+
+    arrays: TreeArrays
+    node_value: torch.Tensor
+    """V(u) [shape: (num_nodes,)]."""
+    edge_advantage: torch.Tensor
+    """A(parent -> v) = V(v) - V(parent) [shape: (num_nodes,)]."""
+    advantage: torch.Tensor
+    """Advantage the entering action is trained with under the update set [shape: (num_nodes,)]."""
+    trained: torch.Tensor
+    """Whether the entering action is in D_upd [shape: (num_nodes,)]."""
+
+
+def score_trees(trees: Sequence[RolloutTree], config: CARLConfig, validate: bool = True) -> ScoredTrees:
+    """Values, edge advantages and the update set of a batch of finished trees (Alg. 2 + Eq. 13)."""
+    arrays = pack_trees(trees, validate=validate)
+    value = compute_node_values(arrays.parent, arrays.reward, arrays.is_leaf, arrays.depth, config.value_aggregation)
+    advantage, trained = compute_update_advantages(
+        arrays.parent,
+        arrays.depth,
+        value,
+        config.update_set,
+        is_leaf=arrays.is_leaf,
+        leaf_reward=arrays.reward,
+        tree_index=arrays.tree_index,
+        eps=config.outcome_eps,
+    )
+    return ScoredTrees(arrays, value, compute_edge_advantages(arrays.parent, value), advantage, trained)

@@ -1,0 +1,41 @@
+"""carl-verl: CARL (arXiv 2512.04949) as a recipe on stock, pip-installed verl.
+
+Install (CPU, never pulls CUDA torch; the local torch wheel must be installed first):
+    pip install torch==2.13.0 && pip install -e ".[cpu]"
+Install (GPU node):
+    pip install -e ".[gpu]"
+"""
+
+from setuptools import find_packages, setup
+
+# The one verl release this recipe is written and tested against (see recipe/carl/REQUIRED_VERL.txt).
+VERL = "verl[verl-core]==0.9.1"
+
+# CPU path: verl's own `cpu` extra pins torch==2.11.0 (the multi-GB CUDA wheel), so it is never used here;
+# torch comes from whatever is already installed (torch==2.13.0 CPU in our scripts).
+CPU = [
+    "bm25s>=0.2",
+    "PyStemmer>=2.2",
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "httpx>=0.27",
+    "pandas>=2.0",
+    "pyarrow>=19",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+]
+TEST = ["pytest>=8", "ruff>=0.6"]
+# GPU path: verl's vLLM and FSDP extras (these bring torch==2.11.0 CUDA, vllm and flash-attn).
+GPU = ["verl[verl-core,vllm,fsdp]==0.9.1", *CPU]
+DENSE = ["faiss-cpu>=1.8", "sentence-transformers>=3.0"]
+
+setup(
+    name="carl-verl",
+    version="0.1.0",
+    description="CARL: criticality-aware agentic RL (arXiv 2512.04949) as a verl 0.9.1 recipe",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["carl_core", "carl_core.*", "recipe", "recipe.carl", "recipe.carl.*"]),
+    package_data={"recipe.carl": ["config/*.yaml", "REQUIRED_VERL.txt"]},
+    install_requires=["numpy>=2", "torch"],
+    extras_require={"cpu": [VERL, *CPU, *TEST], "gpu": GPU, "dense": DENSE, "test": TEST},
+)
