@@ -38,4 +38,7 @@ setup(
     package_data={"recipe.carl": ["config/*.yaml", "REQUIRED_VERL.txt"]},
     install_requires=["numpy>=2", "torch"],
     extras_require={"cpu": [VERL, *CPU, *TEST], "gpu": GPU, "dense": DENSE, "test": TEST},
+    # `import verl` loads this group in every process (driver, TaskRunner, workers), which is where verl's
+    # registries are read: recipe.carl.plugin registers the `carl` estimator, trainer and agent loop there.
+    entry_points={"verl.plugins": ["carl = recipe.carl.plugin"]},
 )

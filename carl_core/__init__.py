@@ -13,7 +13,7 @@ One module per concept of the paper:
 
 from carl_core.config import CARLConfig, CARLConfigError
 from carl_core.entropy import action_entropy, compute_action_entropy, compute_state_entropy, update_state_entropy
-from carl_core.flatten import TrainingRow, collate_rows, flatten_trees
+from carl_core.flatten import FlatBatch, TrainingRow, collate_rows, flatten_batch, flatten_trees
 from carl_core.forking import (
     Environment,
     ForkPlanner,
@@ -40,6 +40,7 @@ __all__ = [
     "CARLConfig",
     "CARLConfigError",
     "Environment",
+    "FlatBatch",
     "ForkPlanner",
     "Node",
     "RolloutTree",
@@ -62,6 +63,7 @@ __all__ = [
     "compute_tree_stats",
     "compute_update_advantages",
     "depth_levels",
+    "flatten_batch",
     "flatten_trees",
     "grow_tree",
     "grow_tree_sync",
