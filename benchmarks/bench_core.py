@@ -36,8 +36,13 @@ def make_trees(num_trees: int, config: CARLConfig, seed: int = 0) -> list[Rollou
         )
 
     return [
-        grow_tree_sync(RolloutTree(list(range(32)), config.max_actions, uid=f"q{i}"), config, step,
-                       lambda t, n: float(rng.random() < 0.5), rng=random.Random(i))
+        grow_tree_sync(
+            RolloutTree(list(range(32)), config.max_actions, uid=f"q{i}"),
+            config,
+            step,
+            lambda t, n: float(rng.random() < 0.5),
+            rng=random.Random(i),
+        )
         for i in range(num_trees)
     ]
 
@@ -51,33 +56,37 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def measure(num_trees: int, config: CARLConfig, repeats: int) -> tuple[int, int, float, float]:
+    """(rows, response_length, CARL seconds, GRPO seconds) for one batch size, best of `repeats`."""
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage  # only the baseline needs verl
+
+    trees = make_trees(num_trees, config)
+
+    def carl() -> dict:
+        scored = score_trees(trees, config, validate=False)
+        return flatten_batch(trees, scored).to_padded()
+
+    length = carl()["responses"].shape[1]
+    # GRPO on one trajectory per leaf: the same number of rows and response length as a leaf-path layout.
+    rows = num_trees * config.num_leaves
+    rewards = torch.zeros(rows, length)
+    rewards[:, -1] = torch.rand(rows)
+    mask = torch.ones(rows, length)
+    index = np.repeat(np.array([f"q{i}" for i in range(num_trees)], dtype=object), config.num_leaves)
+    t_grpo = best_of(lambda: compute_grpo_outcome_advantage(rewards, mask, index), repeats)
+    return rows, length, best_of(carl, repeats), t_grpo
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage  # imported here: only the baseline needs verl
-
     config = CARLConfig(n0=8, n_forks=16, max_actions=16)
     print(f"{'trees':>6} {'rows':>6} {'resp_len':>8} {'carl_s':>8} {'grpo_s':>8} {'ratio':>6}")
     for num_trees in sorted({max(args.trees // 4, 1), max(args.trees // 2, 1), args.trees}):
-        trees = make_trees(num_trees, config)
-
-        def carl() -> dict:
-            scored = score_trees(trees, config, validate=False)
-            return flatten_batch(trees, scored).to_padded()
-
-        batch = carl()
-        bs, length = batch["responses"].shape
-        # GRPO on one trajectory per leaf, the same number of rows and response length as a leaf-path layout.
-        rows = num_trees * config.num_leaves
-        rewards = torch.zeros(rows, length)
-        rewards[:, -1] = torch.rand(rows)
-        mask = torch.ones(rows, length)
-        index = np.repeat(np.array([f"q{i}" for i in range(num_trees)], dtype=object), config.num_leaves)
-        t_carl = best_of(carl, args.repeats)
-        t_grpo = best_of(lambda: compute_grpo_outcome_advantage(rewards, mask, index), args.repeats)
+        rows, length, t_carl, t_grpo = measure(num_trees, config, args.repeats)
         print(f"{num_trees:>6} {rows:>6} {length:>8} {t_carl:>8.4f} {t_grpo:>8.4f} {t_carl / t_grpo:>6.2f}")
 
 
