@@ -1,0 +1,165 @@
+"""The SynthHop environment: a local BM25 search over the corpus and the turn logic of an episode.
+
+Actions and observations use the Search-R1 tags, spaced so that a whitespace tokenizer sees each tag as a word::
+
+    <search> Uldal headquarters </search>
+    <information> [ Uldal ] Uldal is headquartered in Drein . ... [ Ostfen ] Ostfen ... </information>
+    <answer> Kalbor </answer>
+
+The real agent loop parses actions with the search recipe's parser; the parser here is private and minimal, for
+unit use, the reference agent and tests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import bm25s
+import Stemmer
+from bm25s.tokenization import Tokenizer
+
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
+
+SYSTEM_PROMPT = "Search with <search> entity relation </search> and answer with <answer> entity </answer> ."
+"""System instruction of every prompt; short because every prompt token costs compute in a 1M-parameter policy."""
+
+# One action, nothing else around it (generation stops at the closing tag).
+_ACTION_RE = re.compile(r"\s*<(search|answer)>\s*(.*?)\s*</\1>\s*", re.DOTALL)
+
+
+def format_search(query: str) -> str:
+    """The action text of a search."""
+    return f"{SEARCH_OPEN} {query} {SEARCH_CLOSE}"
+
+
+def format_answer(answer: str) -> str:
+    """The action text of a final answer."""
+    return f"{ANSWER_OPEN} {answer} {ANSWER_CLOSE}"
+
+
+def _parse_action(text: str) -> tuple[str, str]:
+    """Return ``(kind, argument)``; kind is "search", "answer" or "invalid" (then the argument is "")."""
+    m = _ACTION_RE.fullmatch(text)
+    if m is None or not m.group(2) or "<" in m.group(2):
+        return "invalid", ""
+    return m.group(1), " ".join(m.group(2).split())
+
+
+def is_success(prediction: str | None, answer: str) -> bool:
+    """Exact match of the predicted entity with the gold answer (whitespace-insensitive, case-sensitive)."""
+    return prediction is not None and " ".join(prediction.split()) == answer
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved document."""
+
+    title: str
+    text: str
+    score: float
+
+
+class LocalSearch:
+    """In-process bm25s search over a SynthHop corpus.
+
+    Args:
+        corpus: ``[{"id", "contents": "Title\\ntext"}]`` as written by :meth:`KnowledgeBase.corpus`.
+        top_k: documents per observation; the probe's recommendation is 2.
+        doc_words: words kept per document in an observation. Keep it at least the longest document (about 30
+            words for the compact KB): a cut that drops the asked-for fact makes the question unanswerable.
+    """
+
+    def __init__(self, corpus: list[dict[str, str]], top_k: int = 2, doc_words: int = 48):
+        if top_k < 1 or doc_words < 1:
+            raise ValueError(f"top_k and doc_words must be >= 1, got top_k={top_k}, doc_words={doc_words}.")
+        self.top_k = top_k
+        self.doc_words = doc_words
+        if not all("\n" in d["contents"] for d in corpus):
+            raise ValueError('every corpus document needs "contents" of the form "Title\\ntext"')
+        self.titles, self.texts = zip(*(d["contents"].split("\n", 1) for d in corpus), strict=True)
+        # English stemming and stopwords as in the probe; names are stemmer fixed points (see kb._is_search_safe).
+        self._tokenizer = Tokenizer(stemmer=Stemmer.Stemmer("english"), stopwords="en")
+        self._bm25 = bm25s.BM25()
+        # The title is indexed with the text, as FlashRAG indexes "contents": one more occurrence of the name.
+        docs = [f"{title} {text}" for title, text in zip(self.titles, self.texts, strict=True)]
+        ids = self._tokenizer.tokenize(docs, return_as="ids", show_progress=False)
+        self._bm25.index(ids, show_progress=False)
+        # The same queries recur across demonstrations and rollouts; the corpus is fixed, so results are cacheable.
+        self._cache: dict[tuple[str, int], list[Hit]] = {}
+
+    def retrieve(self, query: str, top_k: int | None = None) -> list[Hit]:
+        """Top-k documents for ``query``, best first."""
+        k = min(top_k or self.top_k, len(self.titles))
+        key = (query, k)
+        if key not in self._cache:
+            q = self._tokenizer.tokenize([query], update_vocab=False, return_as="ids", show_progress=False)
+            docs, scores = self._bm25.retrieve(q, k=k, show_progress=False)
+            self._cache[key] = [
+                Hit(self.titles[i], self.texts[i], float(s)) for i, s in zip(docs[0], scores[0], strict=True)
+            ]
+        return self._cache[key]
+
+    def observation(self, query: str) -> str:
+        """The observation text for a search: ``<information> [ Title ] words ... </information>``."""
+        parts = [f"[ {h.title} ] {' '.join(h.text.split()[: self.doc_words])}" for h in self.retrieve(query)]
+        return f"{INFO_OPEN} {' '.join(parts)} {INFO_CLOSE}"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one turn did.
+
+    Attributes:
+        kind: "search", "answer" or "invalid".
+        argument: the query or the answer ("" when invalid).
+        observation: the ``<information>`` text of a search, else "".
+        done: whether the episode is over (answer, invalid format, or the turn budget spent).
+        success: whether the episode ended with the exact gold answer.
+    """
+
+    kind: str
+    argument: str
+    observation: str
+    done: bool
+    success: bool
+
+
+class SynthHopEnv:
+    """Turn logic of one episode at a time.
+
+    An episode ends at an answer, at an invalid action, or after ``max_turns`` actions (a search on the last turn
+    still returns its observation, but the episode is over and failed).
+
+    Args:
+        search: the search function.
+        max_turns: actions per episode; 6 in the probe (3 hops + 2 detours + answer).
+    """
+
+    def __init__(self, search: LocalSearch, max_turns: int = 6):
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}.")
+        self.search = search
+        self.max_turns = max_turns
+        self.answer = ""
+        self.turns = 0
+        self.done = True
+
+    def reset(self, answer: str) -> None:
+        """Start an episode whose gold answer is ``answer``."""
+        self.answer, self.turns, self.done = answer, 0, False
+
+    def step(self, action: str) -> StepResult:
+        """Apply one action text and return its result."""
+        if self.done:
+            raise RuntimeError("episode is over; call reset() first")
+        self.turns += 1
+        kind, arg = _parse_action(action)
+        out_of_turns = self.turns >= self.max_turns
+        if kind == "search":
+            self.done = out_of_turns
+            return StepResult(kind, arg, self.search.observation(arg), self.done, False)
+        self.done = True
+        return StepResult(kind, arg, "", True, kind == "answer" and is_success(arg, self.answer))

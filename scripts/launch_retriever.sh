@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Launches the CARL retrieval server (Search-R1's POST /retrieve protocol) over a local JSONL corpus.
+# Every setting comes from an environment variable with a default; extra arguments are passed to the CLI, e.g.
+#   CORPUS=data/wiki18.jsonl BACKEND=dense ENCODER=intfloat/e5-base-v2 INDEX_TYPE=ivf FP16=1 \
+#     QUERY_PREFIX="query: " DOC_PREFIX="passage: " bash scripts/launch_retriever.sh
+# The first start builds the index next to the corpus (<corpus>.<backend>_index/, with a manifest); later starts
+# load it, and rebuild it when the corpus or index settings changed (ON_STALE=error refuses instead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CORPUS="${CORPUS:-data/corpus.jsonl}"      # JSONL, one {"id", "contents": "Title\ntext"} per line
+HOST="${HOST:-127.0.0.1}"
+PORT="${PORT:-8000}"                       # 0 = pick a free port (written to PORT_FILE if set)
+PORT_FILE="${PORT_FILE:-}"
+BACKEND="${BACKEND:-bm25}"                 # bm25 | dense
+TOPK="${TOPK:-3}"                          # default documents per query (requests may override)
+INDEX_DIR="${INDEX_DIR:-}"                 # default: <corpus>.<backend>_index
+ON_STALE="${ON_STALE:-rebuild}"            # rebuild | error
+# dense only
+ENCODER="${ENCODER:-}"                     # required for dense: sentence-transformers model/path, or hash[:dim] (test)
+INDEX_TYPE="${INDEX_TYPE:-flat}"           # flat (exact) | ivf (approximate, needs NPROBE tuning)
+FP16="${FP16:-0}"                          # 1 = store vectors as float16 (half the memory)
+NPROBE="${NPROBE:-16}"
+QUERY_PREFIX="${QUERY_PREFIX:-}"           # e5: "query: "
+DOC_PREFIX="${DOC_PREFIX:-}"               # e5: "passage: "
+DEVICE="${DEVICE:-}"                       # encoder device: cuda | cpu (default: sentence-transformers' choice)
+PYTHON="${PYTHON:-${CARL_VENV:-.venv}/bin/python}"
+
+if [[ ! -f "$CORPUS" ]]; then
+  echo "error: corpus file not found: $CORPUS (set CORPUS=path/to/corpus.jsonl)" >&2
+  exit 2
+fi
+
+args=(
+  --corpus "$CORPUS"
+  --host "$HOST"
+  --port "$PORT"
+  --backend "$BACKEND"
+  --topk "$TOPK"
+  --on-stale "$ON_STALE"
+  --index-type "$INDEX_TYPE"
+  --nprobe "$NPROBE"
+  --query-prefix "$QUERY_PREFIX"
+  --doc-prefix "$DOC_PREFIX"
+)
+[[ -n "$INDEX_DIR" ]] && args+=(--index-dir "$INDEX_DIR")
+[[ -n "$PORT_FILE" ]] && args+=(--port-file "$PORT_FILE")
+[[ -n "$DEVICE" ]] && args+=(--device "$DEVICE")
+[[ -n "$ENCODER" ]] && args+=(--encoder "$ENCODER")
+[[ "$FP16" == "1" ]] && args+=(--fp16)
+
+exec "$PYTHON" -m recipe.carl.search.retriever "${args[@]}" "$@"
