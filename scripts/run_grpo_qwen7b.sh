@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# GRPO baseline for CARL on Qwen2.5-7B-Instruct: group of 16 chains per prompt, same data, tool, reward and T_max.
+# Same entry point and yaml as CARL; only the estimator, the agent loop and the group size differ.
+set -xeuo pipefail
+
+# ---- paths (override through the environment) ----
+MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2.5-7B-Instruct}
+TRAIN_FILE=${TRAIN_FILE:-$HOME/data/carl_search/train.parquet}
+VAL_FILE=${VAL_FILE:-$HOME/data/carl_search/val.parquet}
+export RETRIEVER_URL=${RETRIEVER_URL:-http://127.0.0.1:8000/retrieve}
+# verl tool yaml declaring the tool named `search` (recipe/carl/search, issue 4); it reads RETRIEVER_URL.
+TOOL_CONFIG=${TOOL_CONFIG:-recipe/carl/search/search_tool.yaml}
+CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/carl}
+
+# ---- cluster ----
+NNODES=${NNODES:-1}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+
+# ---- GRPO ----
+GROUP_SIZE=${GROUP_SIZE:-16}  # chains per prompt (the paper's matched budget: N = 16 terminal states)
+MAX_ACTIONS=${MAX_ACTIONS:-32}
+
+# ---- optimisation ----
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}  # prompts per step (x GROUP_SIZE = 2048 chains)
+LR=${LR:-5e-6}
+TOTAL_STEPS=${TOTAL_STEPS:-100}
+# Prompts per optimizer step: 16 prompts x 16 chains = 256 rows, the same rows per update as the CARL scripts, so a
+# step of 2048 chains is 8 updates.
+PPO_MINI_BATCH_PROMPTS=${PPO_MINI_BATCH_PROMPTS:-16}
+MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-2048}
+# Whole trajectory after the prompt (actions + observations); a leaf that runs out ends as `context_overflow`.
+MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-12288}
+# Tokens per GPU in one forward pass with dynamic batch size (>= one full sequence).
+MAX_TOKENS_PER_GPU=$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))
+EXPERIMENT=${EXPERIMENT:-grpo_qwen2.5_7b}
+
+python3 -m recipe.carl.main_carl \
+    data.train_files="$TRAIN_FILE" \
+    data.val_files="$VAL_FILE" \
+    data.train_batch_size=$TRAIN_BATCH_SIZE \
+    data.max_prompt_length=$MAX_PROMPT_LENGTH \
+    data.max_response_length=$MAX_RESPONSE_LENGTH \
+    data.filter_overlong_prompts=True \
+    data.truncation=error \
+    algorithm.adv_estimator=grpo \
+    algorithm.carl.max_actions=$MAX_ACTIONS \
+    trainer.v1.trainer_mode=sync \
+    actor_rollout_ref.rollout.n=$GROUP_SIZE \
+    actor_rollout_ref.rollout.agent.default_agent_loop=carl_chain_agent \
+    actor_rollout_ref.model.path="$MODEL_PATH" \
+    actor_rollout_ref.model.use_remove_padding=True \
+    actor_rollout_ref.model.enable_gradient_checkpointing=True \
+    actor_rollout_ref.actor.strategy=fsdp2 \
+    actor_rollout_ref.actor.optim.lr=$LR \
+    actor_rollout_ref.actor.ppo_mini_batch_size=$PPO_MINI_BATCH_PROMPTS \
+    actor_rollout_ref.actor.use_dynamic_bsz=True \
+    actor_rollout_ref.actor.ppo_max_token_len_per_gpu=$MAX_TOKENS_PER_GPU \
+    actor_rollout_ref.actor.use_kl_loss=False \
+    actor_rollout_ref.actor.entropy_coeff=0 \
+    actor_rollout_ref.actor.fsdp_config.param_offload=False \
+    actor_rollout_ref.actor.fsdp_config.optimizer_offload=False \
+    actor_rollout_ref.rollout.name=vllm \
+    actor_rollout_ref.rollout.mode=async \
+    actor_rollout_ref.rollout.tensor_model_parallel_size=1 \
+    actor_rollout_ref.rollout.gpu_memory_utilization=0.6 \
+    actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True \
+    actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=$MAX_TOKENS_PER_GPU \
+    actor_rollout_ref.rollout.multi_turn.tool_config_path="$TOOL_CONFIG" \
+    trainer.logger='["console","wandb"]' \
+    trainer.project_name=carl \
+    trainer.experiment_name="$EXPERIMENT" \
+    trainer.default_local_dir="$CKPT_DIR/$EXPERIMENT" \
+    trainer.nnodes=$NNODES \
+    trainer.n_gpus_per_node=$GPUS_PER_NODE \
+    trainer.total_training_steps=$TOTAL_STEPS \
+    trainer.save_freq=50 \
+    trainer.test_freq=10 \
+    "$@"

@@ -1,0 +1,123 @@
+"""Config: every run script's overrides compose against verl 0.9.1's real config, and bad settings fail by name."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import stat
+import subprocess
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from verl.trainer.ppo.utils import need_critic, need_reference_policy
+from verl.utils.config import validate_config
+
+import recipe.carl.plugin  # noqa: F401
+from carl_core import CARLConfigError
+from recipe.carl.settings import check_trainer_config, read_settings
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIG_DIR = str(ROOT / "recipe/carl/config")
+SCRIPTS = sorted((ROOT / "scripts").glob("run_*qwen*.sh"))
+
+
+def script_overrides(script: pathlib.Path, tmp_path: pathlib.Path) -> list[str]:
+    """Runs the script with `python3` replaced by a recorder, so shell defaults and arithmetic are evaluated."""
+    shim = tmp_path / "python3"
+    shim.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$CARL_ARGS_OUT"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "args"
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CARL_ARGS_OUT": str(out), "HOME": "/home/x"}
+    subprocess.run(["bash", str(script)], check=True, env=env, cwd=ROOT, capture_output=True)
+    args = out.read_text().split("\0")[:-1]
+    assert args[:2] == ["-m", "recipe.carl.main_carl"], args[:2]
+    return args[2:]
+
+
+def compose_carl(overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="carl_trainer", overrides=list(overrides))
+
+
+def test_four_scripts_exist():
+    names = {s.name for s in SCRIPTS}
+    assert names == {"run_carl_qwen7b.sh", "run_carl_lite_qwen7b.sh", "run_grpo_qwen7b.sh", "run_carl_qwen3_4b.sh"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_overrides_compose(script, tmp_path):
+    text = script.read_text()
+    assert [line for line in text.splitlines() if not line.startswith("#")][0] == "set -xeuo pipefail"
+    overrides = script_overrides(script, tmp_path)
+    assert overrides and all("=" in o for o in overrides)
+    cfg = compose_carl(overrides)
+    settings = check_trainer_config(cfg)
+    validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    OmegaConf.resolve(cfg)
+    if "grpo" in script.name:
+        assert cfg.algorithm.adv_estimator == "grpo" and cfg.actor_rollout_ref.rollout.n == 16
+        assert cfg.actor_rollout_ref.rollout.agent.default_agent_loop == "carl_chain_agent"
+    else:
+        assert cfg.algorithm.adv_estimator == "carl" and cfg.actor_rollout_ref.rollout.n == 1
+        assert settings.carl.n_forks == 16
+        assert settings.carl.n0 == (1 if "lite" in script.name else 8)
+        assert cfg.trainer.v1.trainer_mode == "carl"
+    qwen3 = "qwen3" in script.name
+    assert settings.carl.max_actions == (10 if qwen3 else 32)
+    assert cfg.data.train_batch_size == (64 if qwen3 else 128)
+    assert cfg.actor_rollout_ref.actor.optim.lr == (1e-5 if qwen3 else 5e-6)
+    assert cfg.trainer.total_training_steps == 100
+
+
+def test_misspelt_keys_fail():
+    with pytest.raises(ConfigCompositionException):
+        compose_carl(["algorithm.carl.n_fork=3"])  # struct config: unknown keys need `+`, and then ...
+    cfg = compose_carl(["+algorithm.carl.n_fork=3"])
+    with pytest.raises(CARLConfigError, match="n_fork"):  # ... CARLConfig names the key
+        read_settings(cfg)
+    with pytest.raises(ConfigCompositionException):
+        compose_carl(["actor_rollout_ref.rollout.carl_n0=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("actor_rollout_ref.rollout.n=16", "rollout.n=1"),
+        ("trainer.v1.trainer_mode=sync", "trainer_mode=carl"),
+        ("algorithm.use_kl_in_reward=true", "use_kl_in_reward"),
+        ("algorithm.carl.n0=0", "n0"),
+        ("algorithm.carl.selection=greedy", "selection"),
+        ("algorithm.carl.dump_every=-1", "dump_every"),
+    ],
+)
+def test_bad_settings_name_the_fix(override, match):
+    with pytest.raises(CARLConfigError, match=match):
+        check_trainer_config(compose_carl([override]))
+
+
+def test_grpo_needs_no_carl_checks():
+    cfg = compose_carl(["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"])
+    assert check_trainer_config(cfg).carl.max_actions == 32
+
+
+def test_yaml_has_a_comment_above_every_key():
+    lines = (ROOT / "recipe/carl/config/carl_trainer.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*[a-z_0-9]+:", line) and not line.strip().startswith("#"):
+            assert lines[i - 1].strip().startswith("#"), f"no comment above {line!r}"
+
+
+def test_verl_never_instantiates_algorithm_config():
+    """`algorithm.carl` is safe only while verl keeps `algorithm` a DictConfig: AlgoConfig(**) rejects `carl`."""
+    import verl
+
+    pattern = re.compile(r"(omega_conf_to_dataclass|instantiate)\([^)]*\balgorithm\b")
+    hits = [
+        str(p)
+        for p in pathlib.Path(verl.__file__).parent.rglob("*.py")
+        if "trainer/config" not in str(p) and pattern.search(p.read_text(errors="ignore"))
+    ]
+    assert not hits, f"verl now builds AlgoConfig from config.algorithm in {hits}: move CARL's block out of it"
