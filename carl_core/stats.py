@@ -75,7 +75,8 @@ def compute_tree_stats(trees: Sequence[RolloutTree], scored: ScoredTrees) -> dic
         else 0.0,
     }
     stats.update({f"carl/finish/{reason}": float(count) for reason, count in sorted(reasons.items())})
-    return stats
+    # Undefined means (e.g. no state outside the fork points) are left out rather than logged as NaN.
+    return {key: value for key, value in stats.items() if not math.isnan(value)}
 
 
 def tree_records(trees: Sequence[RolloutTree], scored: ScoredTrees, config: CARLConfig) -> list[dict[str, Any]]:

@@ -1,0 +1,32 @@
+"""CPU support for running verl 0.9.1 (and the CARL recipe) without a GPU or vLLM.
+
+Public entry points:
+
+* :func:`register` -- call once per process from the recipe's verl plugin module: registers the ``carl_hf``
+  transformers rollout backend (always; it also serves on GPU where vLLM is absent) and activates the CPU
+  platform when ``CARL_DEVICE=cpu``. Idempotent.
+* :func:`recipe.carl.cpu.platform.activate` / :func:`recipe.carl.cpu.registry.register_rollout` -- the two halves.
+* ``recipe/carl/config/device/cpu.yaml`` (``+device=cpu``) -- the config overrides a CPU run needs.
+
+Importing this package imports neither torch nor verl; :func:`register` imports only verl's registries and, under
+``CARL_DEVICE=cpu``, its FSDP engine module.
+"""
+
+from __future__ import annotations
+
+
+def register() -> bool:
+    """Register the ``carl_hf`` rollout and, under ``CARL_DEVICE=cpu``, activate the CPU platform.
+
+    Returns:
+        True if the CPU platform is active in this process.
+    """
+    from recipe.carl.cpu.platform import activate
+    from recipe.carl.cpu.registry import register_rollout
+
+    active = activate()
+    register_rollout()
+    return active
+
+
+__all__ = ["register"]
