@@ -16,6 +16,7 @@ VERL = "verl[verl-core]==0.9.1"
 CPU = [
     "bm25s>=0.2",
     "PyStemmer>=2.2",
+    "faiss-cpu>=1.8",
     "fastapi>=0.110",
     "uvicorn>=0.29",
     "httpx>=0.27",
@@ -27,7 +28,8 @@ CPU = [
 TEST = ["pytest>=8", "ruff>=0.6"]
 # GPU path: verl's vLLM and FSDP extras (these bring torch==2.11.0 CUDA, vllm and flash-attn).
 GPU = ["verl[verl-core,vllm,fsdp]==0.9.1", *CPU]
-DENSE = ["faiss-cpu>=1.8", "sentence-transformers>=3.0"]
+# Dense retrieval with a real encoder (faiss itself is in CPU: the dense index code is tested on CPU).
+DENSE = ["sentence-transformers>=3.0"]
 
 setup(
     name="carl-verl",
