@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 PAD, UNK, EOS = "<pad>", "<unk>", "<|end|>"
@@ -45,6 +45,12 @@ CHAT_TEMPLATE = (
 )
 
 
+def _space_tags(text: str) -> str:
+    for tag in TAG_TOKENS:
+        text = text.replace(tag, f" {tag} ")
+    return text
+
+
 def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """Build a word-level tokenizer whose vocabulary is every word of ``texts``.
 
@@ -58,11 +64,18 @@ def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """
     control = set(CONTROL_TOKENS)
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Words split at whitespace, and the punctuation of the search tool's rendering ("Doc 1 (Title: T) text") is cut
+    # off the words it sticks to, so a name reads the same in a question, an action and an observation.
+    # `_` is not cut: it joins the parts of a person's name into one token.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[()\[\]:;,.?!]"), behavior="isolated")]
+    )
     # Control tokens are removed from the training text: WordLevelTrainer leaves gaps in the ids when a special
     # token also occurs as a word (probe pitfall 6). The tags go in once so they are in the vocabulary even if
     # ``texts`` lacks one, and become non-special added tokens afterwards.
-    corpus = (" ".join(w for w in t.split() if w not in control) for t in (" ".join(TAG_TOKENS), *texts))
+    # Tags are cut out of the words they touch first ("<information>Doc"), as the added tokens are when encoding.
+    spaced = (_space_tags(t) for t in (" ".join(TAG_TOKENS), *texts))
+    corpus = (" ".join(w for w in t.split() if w not in control) for t in spaced)
     tok.train_from_iterator(corpus, trainer=trainers.WordLevelTrainer(special_tokens=list(CONTROL_TOKENS)))
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
     ids = sorted(tok.get_vocab(with_added_tokens=True).values())

@@ -1,0 +1,417 @@
+"""The embedded default: train a small CARL search agent with verl's real trainer on a CPU, end to end.
+
+`bash scripts/run_carl_tiny_cpu.sh` runs this module. Steps (each writes under the run folder):
+
+1. SynthHop: knowledge base, corpus, questions, noisy reference demonstrations (`data/`).
+2. The BM25 retriever server over the corpus (Search-R1 protocol), in this process, on a free port by default.
+3. A word-level tokenizer (`tokenizer/`) and a small Qwen2 policy (`policy_init/`), nothing downloaded.
+4. SFT warm start on the demonstrations, laid out exactly as the agent loop builds trajectories (`policy_sft/`).
+5. RL through `python -m recipe.carl.main_carl +device=cpu`: the CARL tree agent loop and `carl` estimator (or
+   verl's GRPO with `--algo grpo`), the CPU rollout backend, verl's FSDP2 trainer. Held-out accuracy is verl's own
+   validation (greedy, one trajectory per question) before training and every `--test-freq` steps.
+6. Outputs: `metrics.jsonl` (the trainer's metrics, one JSON line per step), `learning_curve.png`, `tree.png`
+   (one rollout tree of the last dump), `ckpt/carl_trees/*.jsonl` (tree dumps), `train.log`, `summary.json`, and
+   a summary table in the terminal.
+
+Every file is written whole (temporary file + rename), so an interrupted run leaves no half-written JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+VAL_AGENT = "carl_chain_agent"
+SHIPPED_SFT = Path(__file__).resolve().parent / "checkpoints" / "sft_seed0"
+"""The committed SFT start (model + tokenizer + `sft_manifest.json` with the command that rebuilt it)."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of one demo run (defaults: the README's command; `tiny()`: the CI smoke mode)."""
+
+    algo: str = "carl"
+    """`carl` (tree rollouts, critical actions) or `grpo` (verl's GRPO through the same agent loop and reward)."""
+    steps: int = 30
+    """RL optimiser steps."""
+    seed: int = 0
+    n_entities: int = 300
+    n_train: int = 3000
+    n_test: int = 100
+    """Held-out questions used by the validation."""
+    sft_steps: int = 2600
+    sft_time_budget_s: float | None = None
+    """No wall-clock cap by default: the shipped start (`SHIPPED_SFT`) is the full 2600 steps."""
+    batch_prompts: int = 8
+    """Questions per RL step."""
+    n0: int = 2
+    n_forks: int = 6
+    """CARL: N0 + N leaves per tree; GRPO gets the same number of trajectories per question."""
+    max_actions: int = 6
+    lr: float = 1e-4
+    temperature: float = 1.0
+    test_freq: int = 5
+    topk: int = 2
+    timeout_s: int = 1800
+
+    @classmethod
+    def tiny(cls, algo: str = "carl", seed: int = 0) -> DemoConfig:
+        """2 RL steps on a handful of questions, a short SFT: checks the pipeline, learns nothing."""
+        return cls(
+            algo=algo,
+            steps=2,
+            seed=seed,
+            n_train=200,
+            n_test=8,
+            sft_steps=30,
+            sft_time_budget_s=60,
+            batch_prompts=2,
+            n0=2,
+            n_forks=2,
+            max_actions=3,
+            test_freq=2,
+        )
+
+
+def write_json(path: Path, data) -> None:
+    """Writes JSON atomically: a reader or a Ctrl-C never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise SystemExit(
+                f"error: run folder {run_dir} already holds a run; pass --overwrite to replace it, or choose another "
+                "--run-dir."
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def make_data(run_dir: Path, cfg: DemoConfig) -> Path:
+    """SynthHop into `run_dir/data`; validation rows use the one-trajectory agent loop."""
+    import pandas as pd
+
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+
+    data_dir = run_dir / "data"
+    data = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train, n_test=cfg.n_test))
+    write(data, data_dir, overwrite=True, command="recipe.carl.tiny.demo")
+    test = pd.read_parquet(data_dir / "test.parquet")
+    test["agent_name"] = VAL_AGENT  # the validation must not grow trees: one greedy trajectory per question
+    tmp = data_dir / "test.parquet.tmp"
+    test.to_parquet(tmp)
+    os.replace(tmp, data_dir / "test.parquet")
+    return data_dir
+
+
+def build_tokenizer_for(data_dir: Path, search) -> object:
+    """The word-level tokenizer, trained on everything the policy will read or write in the RL layout."""
+    from recipe.carl.synthhop.tokenizer import build_tokenizer
+    from recipe.carl.tiny.trajectory import observation_text
+
+    corpus = [json.loads(line) for line in (data_dir / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    demos = [json.loads(line) for line in (data_dir / "demos.jsonl").read_text().splitlines() if line.strip()]
+    texts = [observation_text([doc]) for doc in corpus] + [observation_text(corpus[:2]), observation_text([])]
+    for demo in demos:
+        texts += [m["content"] for m in demo["messages"] if m["role"] != "tool"]
+    return build_tokenizer(texts)
+
+
+def sft_key(cfg: DemoConfig, tokenizer) -> dict:
+    """What an SFT checkpoint depends on: the data knobs, the SFT budget and the exact vocabulary."""
+    import hashlib
+
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    return {
+        "seed": cfg.seed,
+        "n_entities": cfg.n_entities,
+        "n_train": cfg.n_train,
+        "sft_steps": cfg.sft_steps,
+        "topk": cfg.topk,
+        "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
+    }
+
+
+def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipped: Path | None) -> tuple[Path, dict]:
+    """The SFT start: the shipped checkpoint when it was built from exactly this data, otherwise trained here."""
+    import torch
+
+    from recipe.carl.tiny.policy import build_tiny_policy, save_policy
+    from recipe.carl.tiny.sft import SFTConfig, train_sft
+    from recipe.carl.tiny.trajectory import agent_loop_example
+
+    tokenizer = build_tokenizer_for(data_dir, search)
+    key = sft_key(cfg, tokenizer)
+    manifest = shipped / "sft_manifest.json" if shipped else None
+    if manifest and manifest.exists() and json.loads(manifest.read_text())["key"] == key:
+        shutil.copytree(shipped, run_dir / "policy_sft")
+        return run_dir / "policy_sft", {**json.loads(manifest.read_text())["result"], "shipped": str(shipped)}
+    torch.manual_seed(cfg.seed)
+    model = build_tiny_policy(tokenizer, seed=cfg.seed)
+    save_policy(model, tokenizer, run_dir / "policy_init")
+    demos = [json.loads(line) for line in (data_dir / "demos.jsonl").read_text().splitlines() if line.strip()]
+    examples = [agent_loop_example(tokenizer, d["messages"], search) for d in demos]
+    sft_cfg = SFTConfig(
+        max_steps=cfg.sft_steps,
+        time_budget_s=cfg.sft_time_budget_s,
+        seed=cfg.seed,
+        warmup_steps=min(50, cfg.sft_steps // 10),
+        threads=1,
+    )
+    result = train_sft(model, examples, tokenizer.pad_token_id, sft_cfg, progress=True)
+    out = Path(save_policy(model, tokenizer, run_dir / "policy_sft"))
+    info = {"steps": result.steps, "wall_s": result.wall_s, "final_loss": result.final_loss}
+    command = "python -m recipe.carl.tiny.demo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_json(out / "sft_manifest.json", {"key": key, "result": info, "command": command})
+    return out, info
+
+
+def write_tool_yaml(run_dir: Path, cfg: DemoConfig) -> Path:
+    text = (REPO / "recipe" / "carl" / "search" / "search_tool.yaml").read_text()
+    path = run_dir / "search_tool.yaml"
+    path.write_text(text.replace("topk: 3", f"topk: {cfg.topk}"))
+    return path
+
+
+def trainer_overrides(run_dir: Path, data_dir: Path, model_dir: Path, tool_yaml: Path, cfg: DemoConfig) -> list[str]:
+    """Hydra overrides of the RL run on top of carl_trainer.yaml + device/cpu.yaml."""
+    leaves = cfg.n0 + cfg.n_forks
+    common = [
+        f"data.train_files={data_dir / 'train.parquet'}",
+        f"data.val_files={data_dir / 'test.parquet'}",
+        f"data.train_batch_size={cfg.batch_prompts}",
+        "data.max_prompt_length=64",
+        "data.max_response_length=384",
+        "data.filter_overlong_prompts=True",
+        f"data.seed={cfg.seed}",
+        f"actor_rollout_ref.model.path={model_dir}",
+        f"actor_rollout_ref.actor.optim.lr={cfg.lr}",
+        "actor_rollout_ref.actor.use_kl_loss=False",
+        "actor_rollout_ref.actor.entropy_coeff=0",
+        "actor_rollout_ref.actor.use_dynamic_bsz=True",
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384",
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
+        "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=16384",
+        f"actor_rollout_ref.rollout.temperature={cfg.temperature}",
+        "actor_rollout_ref.rollout.top_k=-1",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample=False",
+        f"actor_rollout_ref.rollout.multi_turn.tool_config_path={tool_yaml}",
+        f"algorithm.carl.max_actions={cfg.max_actions}",
+        "trainer.logger=[console,file]",
+        "trainer.project_name=carl_tiny_cpu",
+        f"trainer.experiment_name={cfg.algo}_seed{cfg.seed}",
+        f"trainer.total_training_steps={cfg.steps}",
+        "trainer.val_before_train=True",
+        f"trainer.test_freq={cfg.test_freq}",
+        "trainer.save_freq=-1",
+        "trainer.resume_mode=disable",
+        f"trainer.default_local_dir={run_dir / 'ckpt'}",
+        f"+ray_kwargs.ray_init._temp_dir={run_dir / 'ray'}",
+    ]
+    if cfg.algo == "carl":
+        return common + [
+            f"algorithm.carl.n0={cfg.n0}",
+            f"algorithm.carl.n_forks={cfg.n_forks}",
+            "algorithm.carl.dump_every=1",
+            "actor_rollout_ref.rollout.n=1",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.batch_prompts}",
+        ]
+    if cfg.algo == "grpo":
+        return common + [
+            "algorithm.adv_estimator=grpo",
+            f"actor_rollout_ref.rollout.n={leaves}",
+            f"actor_rollout_ref.rollout.agent.default_agent_loop={VAL_AGENT}",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.batch_prompts}",
+        ]
+    raise SystemExit(f"error: --algo {cfg.algo!r} is unknown: use carl or grpo.")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the trainer may be writing the last line right now
+            continue
+        rows.append({"step": row["step"], **row["data"]})
+    return rows
+
+
+def run_trainer(run_dir: Path, overrides: list[str], url: str, cfg: DemoConfig) -> int:
+    """Runs verl's trainer in its own process session, with a progress bar fed by the metrics file."""
+    from tqdm.auto import tqdm
+
+    cmd = [sys.executable, "-m", "recipe.carl.main_carl", "+device=cpu", *overrides]
+    (run_dir / "command.txt").write_text(" ".join(shlex.quote(c) for c in cmd) + "\n")
+    env = dict(os.environ)
+    env.update(
+        CARL_DEVICE="cpu",
+        RETRIEVER_URL=url,
+        VERL_FILE_LOGGER_PATH=str(run_dir / "metrics.jsonl"),
+        RAY_AUTH_MODE="disabled",
+        RAY_DEDUP_LOGS="0",
+        HYDRA_FULL_ERROR="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
+    )
+    with open(run_dir / "train.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.algo} RL steps", unit="step")
+        start = time.time()
+        try:
+            while proc.poll() is None:
+                done = max((m["step"] for m in read_metrics(run_dir / "metrics.jsonl")), default=0)
+                bar.update(max(0, min(done, cfg.steps) - bar.n))
+                if time.time() - start > cfg.timeout_s:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    raise SystemExit(f"error: the trainer ran past {cfg.timeout_s} s; see {run_dir / 'train.log'}")
+                time.sleep(1.0)
+        except BaseException:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            bar.close()
+            subprocess.run(["pkill", "-9", "-f", str(run_dir / "ray")], check=False)  # this run's Ray leftovers
+    return proc.returncode
+
+
+def val_accuracy_key(rows: list[dict]) -> str | None:
+    """verl's validation metric of exact match on SynthHop (the reward's `em` component), greedy decoding."""
+    for row in rows:
+        for key in row:
+            if key.startswith("val-") and "synthhop" in key and key.endswith("em/mean@1"):
+                return key
+    return None
+
+
+def summarize(run_dir: Path, cfg: DemoConfig, sft: dict, wall_s: float) -> dict:
+    """Learning curve, tree picture and the summary table from the trainer's outputs."""
+    from recipe.carl.tiny.plots import load_tree_dump, plot_learning_curves, plot_rollout_tree
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    key = val_accuracy_key(rows)
+    if key is None:
+        raise SystemExit(f"error: no validation accuracy in {run_dir / 'metrics.jsonl'}; see {run_dir / 'train.log'}")
+    per_step_actions = {}
+    for row in rows:
+        if "carl/actions_trained_per_tree" in row:
+            per_step_actions[row["step"]] = row["carl/actions_trained_per_tree"] * row.get("carl/trees", 0)
+        elif "num_turns/mean" in row:  # GRPO: every action of every trajectory is trained (num_turns = 2 a + 1)
+            trajectories = cfg.batch_prompts * (cfg.n0 + cfg.n_forks)
+            per_step_actions[row["step"]] = (row["num_turns/mean"] - 1) / 2 * trajectories
+    val = [(row["step"], row[key]) for row in rows if key in row]
+    steps, acc = [s for s, _ in val], [a for _, a in val]
+    actions = [sum(v for s, v in per_step_actions.items() if s <= step) for step in steps]
+    curve = plot_learning_curves(
+        [{"label": cfg.algo, "step": steps, "actions": actions, "accuracy": acc}],
+        run_dir / "learning_curve.png",
+        sft_start=acc[0] if acc else None,
+    )
+    summary = {
+        "algo": cfg.algo,
+        "config": asdict(cfg),
+        "sft": sft,
+        "accuracy_before": acc[0] if acc else None,
+        "accuracy_after": acc[-1] if acc else None,
+        "curve": {"step": steps, "actions_trained": actions, "accuracy": acc},
+        "wall_s": wall_s,
+        "learning_curve": str(curve),
+    }
+    dumps = sorted((run_dir / "ckpt" / "carl_trees").glob("step_*.jsonl"))
+    if dumps:
+        trees = load_tree_dump(dumps[-1])
+        biggest = max(trees, key=lambda t: len(t["nodes"]))
+        summary["tree_picture"] = str(plot_rollout_tree(biggest, run_dir / "tree.png", title=f"{dumps[-1].name}"))
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    rows = [
+        ("algorithm", summary["algo"]),
+        ("SFT warm start", f"{summary['sft'].get('steps', 0)} steps, {summary['sft'].get('wall_s', 0):.0f} s"),
+        ("held-out accuracy before RL", f"{summary['accuracy_before']:.1%}"),
+        ("held-out accuracy after RL", f"{summary['accuracy_after']:.1%}"),
+        ("actions trained (total)", f"{summary['curve']['actions_trained'][-1]:.0f}"),
+        ("wall time", f"{summary['wall_s'] / 60:.1f} min"),
+        ("learning curve", summary["learning_curve"]),
+        ("rollout tree", summary.get("tree_picture", "-")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m recipe.carl.tiny.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "carl_tiny_cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
+    p.add_argument("--algo", choices=["carl", "grpo"], default=os.environ.get("ALGO", "carl"))
+    p.add_argument("--steps", type=int, default=None, help="RL steps (default 30; 2 with --tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=0, help="retriever port (0 = a free one)")
+    p.add_argument("--tiny", action="store_true", help="CI smoke mode: 2 steps, a handful of questions")
+    p.add_argument("--sft-only", action="store_true", help="stop after the SFT warm start (policy_sft/ in the run)")
+    p.add_argument("--no-shipped-sft", action="store_true", help="train the SFT start even if a shipped one fits")
+    args = p.parse_args(argv)
+    cfg = DemoConfig.tiny(args.algo, args.seed) if args.tiny else DemoConfig(algo=args.algo, seed=args.seed)
+    if args.steps is not None:
+        cfg = DemoConfig(**{**asdict(cfg), "steps": args.steps})
+    run_dir = args.run_dir.resolve()
+    prepare_run_dir(run_dir, args.overwrite)
+    start = time.time()
+
+    from recipe.carl.search.retriever import Retriever, RetrieverConfig
+    from recipe.carl.search.server import serve_in_thread
+
+    print(f"[1/5] SynthHop data -> {run_dir / 'data'}", flush=True)
+    data_dir = make_data(run_dir, cfg)
+    retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
+
+    def search(query: str) -> list[dict]:
+        return [hit["document"] for hit in retriever.search_documents([query], cfg.topk)[0]]
+
+    print("[2/5] BM25 retriever", flush=True)
+    try:
+        server = serve_in_thread(retriever, port=args.port)
+        base = server.__enter__()
+    except OSError as error:
+        raise SystemExit(f"error: cannot start the retriever on port {args.port}: {error}; use --port 0") from error
+    try:
+        print("[3/5] tokenizer, tiny policy and SFT warm start", flush=True)
+        shipped = None if args.no_shipped_sft else SHIPPED_SFT
+        model_dir, sft = sft_warm_start(run_dir, data_dir, search, cfg, shipped)
+        if args.sft_only:
+            print(f"SFT start written to {model_dir}: {sft}")
+            return {"sft": sft, "policy_sft": str(model_dir)}
+        print(f"[4/5] {cfg.algo} through verl's trainer on CPU (log: {run_dir / 'train.log'})", flush=True)
+        overrides = trainer_overrides(run_dir, data_dir, model_dir, write_tool_yaml(run_dir, cfg), cfg)
+        rc = run_trainer(run_dir, overrides, f"{base.rstrip('/')}/retrieve", cfg)
+        if rc != 0:
+            raise SystemExit(f"error: the trainer exited with {rc}; see {run_dir / 'train.log'}")
+    finally:
+        server.__exit__(None, None, None)
+    print("[5/5] summary", flush=True)
+    summary = summarize(run_dir, cfg, sft, time.time() - start)
+    print_table(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

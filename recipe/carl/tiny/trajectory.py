@@ -1,0 +1,54 @@
+"""Demonstrations in the exact token layout of the CARL agent loop, for the SFT warm start.
+
+The agent loop (`recipe.carl.agent_loop`) renders the prompt with the chat template and a generation prompt, then
+appends, Search-R1 style, each sampled action and the observation the search tool returned, with no chat glue in
+between: ``prompt | <search> q </search> | <information>Doc 1 (Title: T) ...</information> | <answer> a </answer>``.
+A warm start must see the same layout, or RL starts from a policy trained on another format. So here each
+demonstration's searches are re-run against the project's retriever and rendered with the same functions the
+agent loop uses (`render_documents`, `render_observation`); only action tokens are trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from recipe.carl.search.actions import parse_action, render_documents, render_observation
+from recipe.carl.tiny.sft import Example
+
+Search = Callable[[str], list[dict]]
+"""A query -> the retriever's documents (`{"id", "contents"}` dicts), as the search tool would fetch them."""
+
+
+def observation_text(docs: Sequence[dict]) -> str:
+    """What the agent loop appends after a search action (the tool's rendering wrapped in `<information>`)."""
+    return render_observation(render_documents(docs))
+
+
+def agent_loop_example(tokenizer, messages: Sequence[dict], search: Search) -> Example:
+    """Token ids and loss mask of one demonstration, laid out as the CARL agent loop builds a trajectory.
+
+    Args:
+        tokenizer: the policy's tokenizer (with a chat template).
+        messages: system and user messages, then assistant actions (tool messages are ignored: observations are
+            re-fetched with `search` so they match what the retriever returns during RL).
+        search: the retriever.
+
+    Returns:
+        The example; `loss_mask` is 1 on action tokens only.
+    """
+    prompt = [m for m in messages if m["role"] in ("system", "user")]
+    actions = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not prompt or not actions:
+        raise ValueError("a demonstration needs a user message and at least one assistant action.")
+    ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    mask = [0] * len(ids)
+    for i, text in enumerate(actions):
+        action = tokenizer.encode(text, add_special_tokens=False)
+        ids += action
+        mask += [1] * len(action)
+        parsed = parse_action(text)
+        if parsed.kind == "search" and i < len(actions) - 1:
+            obs = tokenizer.encode(observation_text(search(parsed.query)), add_special_tokens=False)
+            ids += obs
+            mask += [0] * len(obs)
+    return Example(ids, mask)

@@ -1,0 +1,67 @@
+"""The embedded default's entry point (`python -m recipe.carl.tiny.demo`): the CI smoke run and its bad inputs."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carl_core import check_tree_record, read_jsonl
+from recipe.carl.tiny.demo import main, prepare_run_dir
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipe.carl.tiny.demo", "--tiny", "--run-dir", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return run_dir, proc
+
+
+@pytest.mark.slow
+def test_tiny_mode_runs_end_to_end_and_writes_every_output(tiny_run):
+    run_dir, proc = tiny_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("metrics.jsonl", "learning_curve.png", "tree.png", "summary.json", "train.log", "command.txt"):
+        assert (run_dir / name).stat().st_size > 0, name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algo"] == "carl" and summary["curve"]["step"][0] == 0  # validation before training
+    assert "held-out accuracy after RL" in proc.stdout  # the closing table
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 1 in steps and 2 in steps
+
+
+@pytest.mark.slow
+def test_every_dumped_tree_satisfies_the_invariants(tiny_run):
+    run_dir, proc = tiny_run
+    dumps = sorted((run_dir / "ckpt" / "carl_trees").glob("step_*.jsonl"))
+    assert len(dumps) == 2, proc.stdout[-2000:]
+    for dump in dumps:
+        for record in read_jsonl(dump):
+            check_tree_record(record)  # values are child means, A = V(v) - V(u), only branched states train
+
+
+def test_a_run_folder_that_holds_a_run_is_refused(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="already holds a run; pass --overwrite"):
+        prepare_run_dir(tmp_path, overwrite=False)
+    prepare_run_dir(tmp_path, overwrite=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_retriever_port_in_use_is_named(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port {port}"):
+            main(["--tiny", "--run-dir", str(tmp_path / "run"), "--port", str(port)])
