@@ -1,79 +1,12 @@
 #!/usr/bin/env bash
-# CARL (N0=8, N=16) on Qwen3-4B: 1 node x 8 GPUs, FSDP actor, vLLM async rollout, 100 steps.
-# Paper setting for Qwen3-4B (arXiv 2512.04949 v3, Table 2): batch 64, lr 1e-5, T_max=10. Needs RETRIEVER_URL.
+# CARL (N0=8, N=16) on Qwen3-4B: scripts/run_carl_qwen7b.sh with the paper's Qwen3-4B setting
+# (arXiv 2512.04949 v3, Table 2): batch 64, lr 1e-5, T_max=10. A step has at most 64 * 24 = 1536 rows.
 set -xeuo pipefail
-
-# ---- paths (override through the environment) ----
-MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-4B}
-TRAIN_FILE=${TRAIN_FILE:-$HOME/data/carl_search/train.parquet}
-VAL_FILE=${VAL_FILE:-$HOME/data/carl_search/val.parquet}
-export RETRIEVER_URL=${RETRIEVER_URL:-http://127.0.0.1:8000/retrieve}
-# verl tool yaml declaring the tool named `search` (recipe/carl/search, issue 4); it reads RETRIEVER_URL.
-TOOL_CONFIG=${TOOL_CONFIG:-recipe/carl/search/search_tool.yaml}
-CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/carl}
-
-# ---- cluster ----
-NNODES=${NNODES:-1}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-
-# ---- CARL (algorithm.carl) ----
-N0=${N0:-8}
-N_FORKS=${N_FORKS:-16}
-MAX_ACTIONS=${MAX_ACTIONS:-10}
-WAVE_SIZE=${WAVE_SIZE:-1}
-
-# ---- optimisation ----
-TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-64}  # prompts (= trees) per step
-LR=${LR:-1e-5}
-TOTAL_STEPS=${TOTAL_STEPS:-100}
-# Rows per optimizer step. A tree gives at most N0 + N = 24 rows (one per leaf path with a new critical action), so
-# a step has at most 64 * 24 = 1536 rows, i.e. up to 6 updates of 256 rows.
-PPO_MINI_BATCH_ROWS=${PPO_MINI_BATCH_ROWS:-256}
-MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-2048}
+export MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-4B}
+export MAX_ACTIONS=${MAX_ACTIONS:-10}
+export TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-64}
+export LR=${LR:-1e-5}
 # Whole trajectory after the prompt (actions + observations); T_max=10 turns of a reasoning model fit in 8k.
-MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-8192}
-# Tokens per GPU in one forward pass with dynamic batch size (>= one full sequence).
-MAX_TOKENS_PER_GPU=$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))
-EXPERIMENT=${EXPERIMENT:-carl_n0${N0}_qwen3_4b}
-
-python3 -m recipe.carl.main_carl \
-    data.train_files="$TRAIN_FILE" \
-    data.val_files="$VAL_FILE" \
-    data.train_batch_size=$TRAIN_BATCH_SIZE \
-    data.max_prompt_length=$MAX_PROMPT_LENGTH \
-    data.max_response_length=$MAX_RESPONSE_LENGTH \
-    data.filter_overlong_prompts=True \
-    data.truncation=error \
-    algorithm.carl.n0=$N0 \
-    algorithm.carl.n_forks=$N_FORKS \
-    algorithm.carl.max_actions=$MAX_ACTIONS \
-    algorithm.carl.wave_size=$WAVE_SIZE \
-    actor_rollout_ref.model.path="$MODEL_PATH" \
-    actor_rollout_ref.model.use_remove_padding=True \
-    actor_rollout_ref.model.enable_gradient_checkpointing=True \
-    actor_rollout_ref.actor.strategy=fsdp2 \
-    actor_rollout_ref.actor.optim.lr=$LR \
-    actor_rollout_ref.actor.ppo_mini_batch_size=$PPO_MINI_BATCH_ROWS \
-    actor_rollout_ref.actor.use_dynamic_bsz=True \
-    actor_rollout_ref.actor.ppo_max_token_len_per_gpu=$MAX_TOKENS_PER_GPU \
-    actor_rollout_ref.actor.use_kl_loss=False \
-    actor_rollout_ref.actor.entropy_coeff=0 \
-    actor_rollout_ref.actor.fsdp_config.param_offload=False \
-    actor_rollout_ref.actor.fsdp_config.optimizer_offload=False \
-    actor_rollout_ref.rollout.name=vllm \
-    actor_rollout_ref.rollout.mode=async \
-    actor_rollout_ref.rollout.tensor_model_parallel_size=1 \
-    actor_rollout_ref.rollout.gpu_memory_utilization=0.6 \
-    actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True \
-    actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=$MAX_TOKENS_PER_GPU \
-    actor_rollout_ref.rollout.multi_turn.tool_config_path="$TOOL_CONFIG" \
-    trainer.logger='["console","wandb"]' \
-    trainer.project_name=carl \
-    trainer.experiment_name="$EXPERIMENT" \
-    trainer.default_local_dir="$CKPT_DIR/$EXPERIMENT" \
-    trainer.nnodes=$NNODES \
-    trainer.n_gpus_per_node=$GPUS_PER_NODE \
-    trainer.total_training_steps=$TOTAL_STEPS \
-    trainer.save_freq=50 \
-    trainer.test_freq=10 \
-    "$@"
+export MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-8192}
+export EXPERIMENT=${EXPERIMENT:-carl_n0${N0:-8}_qwen3_4b}
+exec bash "$(dirname "$0")/run_carl_qwen7b.sh" "$@"

@@ -45,6 +45,9 @@ class DemoConfig:
     steps: int = 30
     """RL optimiser steps."""
     seed: int = 0
+    """Seed of the SynthHop data and of the SFT start (the shipped start is seed 0)."""
+    rl_seed: int = 0
+    """Seed of the RL run (question order, CARL planner); vary it to measure the seed-to-seed spread of RL."""
     n_entities: int = 300
     n_train: int = 3000
     n_test: int = 100
@@ -197,7 +200,8 @@ def trainer_overrides(run_dir: Path, data_dir: Path, model_dir: Path, tool_yaml:
         "data.max_prompt_length=64",
         "data.max_response_length=384",
         "data.filter_overlong_prompts=True",
-        f"data.seed={cfg.seed}",
+        f"data.seed={cfg.rl_seed}",
+        f"algorithm.carl.seed={cfg.rl_seed}",
         f"actor_rollout_ref.model.path={model_dir}",
         f"actor_rollout_ref.actor.optim.lr={cfg.lr}",
         "actor_rollout_ref.actor.use_kl_loss=False",
@@ -213,7 +217,7 @@ def trainer_overrides(run_dir: Path, data_dir: Path, model_dir: Path, tool_yaml:
         f"algorithm.carl.max_actions={cfg.max_actions}",
         "trainer.logger=[console,file]",
         "trainer.project_name=carl_tiny_cpu",
-        f"trainer.experiment_name={cfg.algo}_seed{cfg.seed}",
+        f"trainer.experiment_name={cfg.algo}_seed{cfg.seed}_rl{cfg.rl_seed}",
         f"trainer.total_training_steps={cfg.steps}",
         "trainer.val_before_train=True",
         f"trainer.test_freq={cfg.test_freq}",
@@ -364,15 +368,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
     p.add_argument("--algo", choices=["carl", "grpo"], default=os.environ.get("ALGO", "carl"))
     p.add_argument("--steps", type=int, default=None, help="RL steps (default 30; 2 with --tiny)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data and SFT seed (the shipped SFT start is seed 0)")
+    p.add_argument("--rl-seed", type=int, default=0, help="seed of the RL run (question order, planner)")
     p.add_argument("--port", type=int, default=0, help="retriever port (0 = a free one)")
     p.add_argument("--tiny", action="store_true", help="CI smoke mode: 2 steps, a handful of questions")
     p.add_argument("--sft-only", action="store_true", help="stop after the SFT warm start (policy_sft/ in the run)")
     p.add_argument("--no-shipped-sft", action="store_true", help="train the SFT start even if a shipped one fits")
     args = p.parse_args(argv)
     cfg = DemoConfig.tiny(args.algo, args.seed) if args.tiny else DemoConfig(algo=args.algo, seed=args.seed)
-    if args.steps is not None:
-        cfg = DemoConfig(**{**asdict(cfg), "steps": args.steps})
+    cfg = DemoConfig(**{**asdict(cfg), "rl_seed": args.rl_seed, **({"steps": args.steps} if args.steps else {})})
     run_dir = args.run_dir.resolve()
     prepare_run_dir(run_dir, args.overwrite)
     start = time.time()
