@@ -7,6 +7,11 @@ with the in-process :class:`~recipe.carl.synthhop.env.LocalSearch`, and the gene
 turn are appended to the context. Episodes are batched across questions (left padding, sorted by length to cut
 padding); ``generate`` keeps a KV cache within a turn and the context is prefilled again each turn.
 
+Layout caveat: this is the chat-template multi-turn layout (tool turns as chat messages, eos-terminated actions,
+as verl's ``ToolAgentLoop`` builds them), not the Search-R1 layout of the CARL agent loop (observations appended raw
+after the action) that ``recipe.carl.tiny.demo`` trains in. Policies from the demo are measured by verl's own
+validation inside the run (``summary.json``); porting this evaluator to the agent-loop layout is open work.
+
 Metrics (overall and by hop count): ``accuracy`` (exact match of the final answer, ``is_success``), ``format`` (no
 invalid action in the episode), ``answered`` (the episode ended with an answer, not by the turn or context budget)
 and ``actions`` (mean actions per episode).
