@@ -37,7 +37,15 @@ setup(
     description="CARL: criticality-aware agentic RL (arXiv 2512.04949) as a verl 0.9.1 recipe",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["carl_core", "carl_core.*", "recipe", "recipe.carl", "recipe.carl.*"]),
-    package_data={"recipe.carl": ["config/*.yaml", "REQUIRED_VERL.txt", "search/*.yaml"]},
+    package_data={
+        "recipe.carl": [
+            "config/*.yaml",
+            "config/*/*.yaml",
+            "REQUIRED_VERL.txt",
+            "search/*.yaml",
+            "tiny/checkpoints/*/*",
+        ]
+    },
     install_requires=["numpy>=2", "torch"],
     extras_require={"cpu": [VERL, *CPU, *TEST], "gpu": GPU, "dense": DENSE, "test": TEST},
     # `import verl` loads this group in every process (driver, TaskRunner, workers), which is where verl's

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -248,7 +249,8 @@ class CarlTreeAgentLoop(AgentLoopBase):
             tree.terminate(tree.root.id, "prompt_too_long")
             tree.set_reward(tree.root.id, await env.score(tree, tree.root.id))
         else:
-            await grow_tree(tree, ForkPlanner(self.carl), env)
+            # One generator per tree: with `selection: random` the trees of a batch must not draw the same forks.
+            await grow_tree(tree, ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}")), env)
         return self._outputs(tree, env, kwargs)
 
     def _outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
