@@ -341,8 +341,14 @@ def summarize(run_dir: Path, cfg: DemoConfig, sft: dict, wall_s: float) -> dict:
     dumps = sorted((run_dir / "ckpt" / "carl_trees").glob("step_*.jsonl"))
     if dumps:
         trees = load_tree_dump(dumps[-1])
-        biggest = max(trees, key=lambda t: len(t["nodes"]))
-        summary["tree_picture"] = str(plot_rollout_tree(biggest, run_dir / "tree.png", title=f"{dumps[-1].name}"))
+
+        # The most informative tree: the widest spread of leaf rewards (then the most nodes).
+        def spread(tree: dict) -> tuple[float, int]:
+            rewards = [n["reward"] for n in tree["nodes"] if n["reward"] is not None]
+            return max(rewards) - min(rewards), len(tree["nodes"])
+
+        shown = max(trees, key=spread)
+        summary["tree_picture"] = str(plot_rollout_tree(shown, run_dir / "tree.png", title=f"{dumps[-1].name}"))
     write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -350,7 +356,11 @@ def summarize(run_dir: Path, cfg: DemoConfig, sft: dict, wall_s: float) -> dict:
 def print_table(summary: dict) -> None:
     rows = [
         ("algorithm", summary["algo"]),
-        ("SFT warm start", f"{summary['sft'].get('steps', 0)} steps, {summary['sft'].get('wall_s', 0):.0f} s"),
+        (
+            "SFT warm start",
+            f"{summary['sft'].get('steps', 0)} steps"
+            + (" (shipped)" if "shipped" in summary["sft"] else f", {summary['sft'].get('wall_s', 0):.0f} s"),
+        ),
         ("held-out accuracy before RL", f"{summary['accuracy_before']:.1%}"),
         ("held-out accuracy after RL", f"{summary['accuracy_after']:.1%}"),
         ("actions trained (total)", f"{summary['curve']['actions_trained'][-1]:.0f}"),
@@ -368,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
     p.add_argument("--algo", choices=["carl", "grpo"], default=os.environ.get("ALGO", "carl"))
     p.add_argument("--steps", type=int, default=None, help="RL steps (default 30; 2 with --tiny)")
+    p.add_argument("--lr", type=float, default=None, help="RL learning rate (default 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="data and SFT seed (the shipped SFT start is seed 0)")
     p.add_argument("--rl-seed", type=int, default=0, help="seed of the RL run (question order, planner)")
     p.add_argument("--port", type=int, default=0, help="retriever port (0 = a free one)")
@@ -376,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-shipped-sft", action="store_true", help="train the SFT start even if a shipped one fits")
     args = p.parse_args(argv)
     cfg = DemoConfig.tiny(args.algo, args.seed) if args.tiny else DemoConfig(algo=args.algo, seed=args.seed)
-    cfg = DemoConfig(**{**asdict(cfg), "rl_seed": args.rl_seed, **({"steps": args.steps} if args.steps else {})})
+    chosen = {"rl_seed": args.rl_seed, "steps": args.steps, "lr": args.lr}
+    cfg = DemoConfig(**{**asdict(cfg), **{k: v for k, v in chosen.items() if v is not None}})
     run_dir = args.run_dir.resolve()
     prepare_run_dir(run_dir, args.overwrite)
     start = time.time()
