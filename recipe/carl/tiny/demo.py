@@ -121,7 +121,7 @@ def make_data(run_dir: Path, cfg: DemoConfig) -> Path:
     return data_dir
 
 
-def build_tokenizer_for(data_dir: Path, search) -> object:
+def build_tokenizer_for(data_dir: Path):
     """The word-level tokenizer, trained on everything the policy will read or write in the RL layout."""
     from recipe.carl.synthhop.tokenizer import build_tokenizer
     from recipe.carl.tiny.trajectory import observation_text
@@ -157,7 +157,7 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
     from recipe.carl.tiny.sft import SFTConfig, train_sft
     from recipe.carl.tiny.trajectory import agent_loop_example
 
-    tokenizer = build_tokenizer_for(data_dir, search)
+    tokenizer = build_tokenizer_for(data_dir)
     key = sft_key(cfg, tokenizer)
     manifest = shipped / "sft_manifest.json" if shipped else None
     if manifest and manifest.exists() and json.loads(manifest.read_text())["key"] == key:

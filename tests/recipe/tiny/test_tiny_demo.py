@@ -65,3 +65,15 @@ def test_a_retriever_port_in_use_is_named(tmp_path):
         port = s.getsockname()[1]
         with pytest.raises(SystemExit, match=f"port {port}"):
             main(["--tiny", "--run-dir", str(tmp_path / "run"), "--port", str(port)])
+
+
+def test_the_shipped_sft_start_matches_the_default_data(tmp_path):
+    # If the data generator or the tokenizer drifts, the demo would silently retrain the SFT start (~18 min):
+    # rebuild it with the command in its manifest instead.
+    from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig, build_tokenizer_for, make_data, sft_key
+
+    cfg = DemoConfig()
+    data_dir = make_data(tmp_path, cfg)
+    key = sft_key(cfg, build_tokenizer_for(data_dir))
+    manifest = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())
+    assert manifest["key"] == key, f"rebuild with: {manifest['command']}"
