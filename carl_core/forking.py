@@ -33,7 +33,7 @@ import torch
 
 from carl_core.config import CARLConfig
 from carl_core.entropy import compute_state_entropy
-from carl_core.tree import RolloutTree
+from carl_core.tree import RolloutTree, pack_trees
 
 
 def compute_fork_points(
@@ -107,10 +107,12 @@ class ForkPlanner:
             wave = [tree.root.id] * self.config.n0
         else:
             k = min(self.config.wave_size, self.config.n_forks - self.forks_started)
-            if k <= 0 or not self.forkable(tree).any():
+            forkable = self.forkable(tree)
+            if k <= 0 or not forkable.any():
                 return []
-            h_hat, n_hat = compute_state_entropy(*self._node_tensors(tree))
-            wave = compute_fork_points(h_hat, n_hat, self.forkable(tree), k, self.config.selection, self.rng)
+            arrays = pack_trees([tree], validate=False)
+            h_hat, n_hat = compute_state_entropy(arrays.parent, arrays.action_entropy, len(tree.nodes))
+            wave = compute_fork_points(h_hat, n_hat, forkable, k, self.config.selection, self.rng)
             self.forks_started += k
             tree.fork_points.extend(wave)
         self.rollouts_started += len(wave)
@@ -122,12 +124,6 @@ class ForkPlanner:
         return torch.tensor(
             [bool(n.children) and not n.terminal and n.depth < tree.max_actions for n in tree.nodes], dtype=torch.bool
         )
-
-    @staticmethod
-    def _node_tensors(tree: RolloutTree) -> tuple[torch.Tensor, torch.Tensor, int]:
-        parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes], dtype=torch.long)
-        ent = torch.tensor([0.0 if n.action is None else n.action.entropy for n in tree.nodes], dtype=torch.float64)
-        return parent, ent, len(tree.nodes)
 
 
 @dataclass
