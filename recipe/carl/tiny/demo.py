@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -190,7 +191,9 @@ def write_tool_yaml(run_dir: Path, cfg: DemoConfig) -> Path:
     return path
 
 
-def trainer_overrides(run_dir: Path, data_dir: Path, model_dir: Path, tool_yaml: Path, cfg: DemoConfig) -> list[str]:
+def trainer_overrides(
+    run_dir: Path, data_dir: Path, model_dir: Path, tool_yaml: Path, ray_dir: Path, cfg: DemoConfig
+) -> list[str]:
     """Hydra overrides of the RL run on top of carl_trainer.yaml + device/cpu.yaml."""
     leaves = cfg.n0 + cfg.n_forks
     common = [
@@ -224,7 +227,8 @@ def trainer_overrides(run_dir: Path, data_dir: Path, model_dir: Path, tool_yaml:
         "trainer.save_freq=-1",
         "trainer.resume_mode=disable",
         f"trainer.default_local_dir={run_dir / 'ckpt'}",
-        f"+ray_kwargs.ray_init._temp_dir={run_dir / 'ray'}",
+        # A short private Ray temp dir: Ray's socket paths must stay under 108 bytes, whatever --run-dir is.
+        f"+ray_kwargs.ray_init._temp_dir={ray_dir}",
     ]
     if cfg.algo == "carl":
         return common + [
@@ -257,7 +261,7 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def run_trainer(run_dir: Path, overrides: list[str], url: str, cfg: DemoConfig) -> int:
+def run_trainer(run_dir: Path, overrides: list[str], url: str, ray_dir: Path, cfg: DemoConfig) -> int:
     """Runs verl's trainer in its own process session, with a progress bar fed by the metrics file."""
     from tqdm.auto import tqdm
 
@@ -292,7 +296,8 @@ def run_trainer(run_dir: Path, overrides: list[str], url: str, cfg: DemoConfig) 
             raise
         finally:
             bar.close()
-            subprocess.run(["pkill", "-9", "-f", str(run_dir / "ray")], check=False)  # this run's Ray leftovers
+            subprocess.run(["pkill", "-9", "-f", str(ray_dir)], check=False)  # this run's Ray leftovers
+            shutil.rmtree(ray_dir, ignore_errors=True)
     return proc.returncode
 
 
@@ -379,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--algo", choices=["carl", "grpo"], default=os.environ.get("ALGO", "carl"))
     p.add_argument("--steps", type=int, default=None, help="RL steps (default 30; 2 with --tiny)")
     p.add_argument("--lr", type=float, default=None, help="RL learning rate (default 1e-4)")
+    p.add_argument("--temperature", type=float, default=None, help="rollout temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="data and SFT seed (the shipped SFT start is seed 0)")
     p.add_argument("--rl-seed", type=int, default=0, help="seed of the RL run (question order, planner)")
     p.add_argument("--port", type=int, default=0, help="retriever port (0 = a free one)")
@@ -387,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-shipped-sft", action="store_true", help="train the SFT start even if a shipped one fits")
     args = p.parse_args(argv)
     cfg = DemoConfig.tiny(args.algo, args.seed) if args.tiny else DemoConfig(algo=args.algo, seed=args.seed)
-    chosen = {"rl_seed": args.rl_seed, "steps": args.steps, "lr": args.lr}
+    chosen = {"rl_seed": args.rl_seed, "steps": args.steps, "lr": args.lr, "temperature": args.temperature}
     cfg = DemoConfig(**{**asdict(cfg), **{k: v for k, v in chosen.items() if v is not None}})
     run_dir = args.run_dir.resolve()
     prepare_run_dir(run_dir, args.overwrite)
@@ -417,8 +423,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"SFT start written to {model_dir}: {sft}")
             return {"sft": sft, "policy_sft": str(model_dir)}
         print(f"[4/5] {cfg.algo} through verl's trainer on CPU (log: {run_dir / 'train.log'})", flush=True)
-        overrides = trainer_overrides(run_dir, data_dir, model_dir, write_tool_yaml(run_dir, cfg), cfg)
-        rc = run_trainer(run_dir, overrides, f"{base.rstrip('/')}/retrieve", cfg)
+        ray_dir = Path(tempfile.mkdtemp(prefix="carl-ray-"))
+        overrides = trainer_overrides(run_dir, data_dir, model_dir, write_tool_yaml(run_dir, cfg), ray_dir, cfg)
+        rc = run_trainer(run_dir, overrides, f"{base.rstrip('/')}/retrieve", ray_dir, cfg)
         if rc != 0:
             raise SystemExit(f"error: the trainer exited with {rc}; see {run_dir / 'train.log'}")
     finally:

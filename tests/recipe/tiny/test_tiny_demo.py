@@ -77,3 +77,21 @@ def test_the_shipped_sft_start_matches_the_default_data(tmp_path):
     key = sft_key(cfg, build_tokenizer_for(data_dir))
     manifest = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())
     assert manifest["key"] == key, f"rebuild with: {manifest['command']}"
+
+
+@pytest.mark.slow
+def test_algo_grpo_runs_the_baseline_through_the_same_path(tmp_path):
+    run_dir = tmp_path / "grpo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipe.carl.tiny.demo", "--tiny", "--algo", "grpo", "--run-dir", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["algo"] == "grpo" and summary["curve"]["step"] == [0, 2]
+    command = (run_dir / "command.txt").read_text()
+    assert "algorithm.adv_estimator=grpo" in command and "default_agent_loop=carl_chain_agent" in command
+    assert not (run_dir / "ckpt" / "carl_trees").exists()  # no trees: verl's GRPO on one trajectory per session
