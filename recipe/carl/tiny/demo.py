@@ -122,13 +122,17 @@ def make_data(run_dir: Path, cfg: DemoConfig) -> Path:
     return data_dir
 
 
-def build_tokenizer_for(data_dir: Path):
+def read_jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_tokenizer_for(data_dir: Path, demos: list[dict] | None = None):
     """The word-level tokenizer, trained on everything the policy will read or write in the RL layout."""
     from recipe.carl.synthhop.tokenizer import build_tokenizer
     from recipe.carl.tiny.trajectory import observation_text
 
-    corpus = [json.loads(line) for line in (data_dir / "corpus.jsonl").read_text().splitlines() if line.strip()]
-    demos = [json.loads(line) for line in (data_dir / "demos.jsonl").read_text().splitlines() if line.strip()]
+    corpus = read_jsonl_rows(data_dir / "corpus.jsonl")
+    demos = read_jsonl_rows(data_dir / "demos.jsonl") if demos is None else demos
     texts = [observation_text([doc]) for doc in corpus] + [observation_text(corpus[:2]), observation_text([])]
     for demo in demos:
         texts += [m["content"] for m in demo["messages"] if m["role"] != "tool"]
@@ -158,7 +162,8 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
     from recipe.carl.tiny.sft import SFTConfig, train_sft
     from recipe.carl.tiny.trajectory import agent_loop_example
 
-    tokenizer = build_tokenizer_for(data_dir)
+    demos = read_jsonl_rows(data_dir / "demos.jsonl")
+    tokenizer = build_tokenizer_for(data_dir, demos)
     key = sft_key(cfg, tokenizer)
     manifest = shipped / "sft_manifest.json" if shipped else None
     if manifest and manifest.exists() and json.loads(manifest.read_text())["key"] == key:
@@ -167,7 +172,6 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
     torch.manual_seed(cfg.seed)
     model = build_tiny_policy(tokenizer, seed=cfg.seed)
     save_policy(model, tokenizer, run_dir / "policy_init")
-    demos = [json.loads(line) for line in (data_dir / "demos.jsonl").read_text().splitlines() if line.strip()]
     examples = [agent_loop_example(tokenizer, d["messages"], search) for d in demos]
     sft_cfg = SFTConfig(
         max_steps=cfg.sft_steps,
