@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from data_preprocess.common import (
-    DEFAULT_AGENT_NAME,
     RowError,
     add_common_args,
     as_answer_list,
@@ -42,9 +41,7 @@ HUB_SPLIT = "ASearcherBase35k"
 DATA_SOURCE = "asearcher_base"
 
 
-def make_row(
-    example: Mapping[str, Any], split: str, idx: int, *, agent_name: str = DEFAULT_AGENT_NAME
-) -> dict[str, Any]:
+def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: str | None = None) -> dict[str, Any]:
     """Converts one ASearcher record (fields in the module docstring)."""
     question = clean_question(require(example, ["question"], idx))
     if not question:

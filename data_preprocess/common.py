@@ -11,7 +11,9 @@ column               content
 ``reward_model``     ``{"style": "rule", "ground_truth": {"target": [aliases, ...]}}`` (+ ``aug_target`` for ASearcher)
 ``extra_info``       ``{"index", "split", "question", "need_tools_kwargs": True,
                      "tools_kwargs": {"search": {"create_kwargs": {"data_source", "question_index"}}}}``
-``agent_name``       ``"carl_tree_agent"`` by default (``--agent-name``); verl picks the agent loop per row
+``agent_name``       ``"carl_agent"`` for ``--split train`` (a tree under ``adv_estimator=carl``, one trajectory
+                     under GRPO), ``"carl_chain_agent"`` for any other split (validation never grows trees);
+                     ``--agent-name`` overrides; verl picks the agent loop per row
 ===================  ============================================================================================
 
 The prompt asks for Search-R1's tag protocol (``recipe/carl/search/actions.py`` explains the choice).
@@ -30,7 +32,15 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_AGENT_NAME = "carl_tree_agent"
+TRAIN_AGENT_NAME = "carl_agent"
+EVAL_AGENT_NAME = "carl_chain_agent"
+
+
+def default_agent_name(split: str) -> str:
+    """The agent loop a split's rows name: training rows follow the estimator, evaluation rows run one trajectory."""
+    return TRAIN_AGENT_NAME if split == "train" else EVAL_AGENT_NAME
+
+
 ABILITY = "fact-reasoning"
 
 SYSTEM_PROMPT = "You are a helpful assistant that answers questions by searching a Wikipedia corpus."
@@ -112,7 +122,7 @@ def make_search_row(
     answers: Sequence[str],
     split: str,
     idx: int,
-    agent_name: str = DEFAULT_AGENT_NAME,
+    agent_name: str | None = None,
     aug_answers: Sequence[str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -124,7 +134,7 @@ def make_search_row(
         answers: Ground-truth aliases.
         split: "train", "test", ...
         idx: Row index, stored as ``extra_info.index``.
-        agent_name: verl agent loop name for this row.
+        agent_name: verl agent loop name for this row (default: ``default_agent_name(split)``).
         aug_answers: ASearcher's augmented aliases; stored as ``ground_truth.aug_target`` when given.
         extra: Additional ``extra_info`` fields (e.g. the source id).
 
@@ -149,7 +159,7 @@ def make_search_row(
             "tools_kwargs": {"search": {"create_kwargs": {"data_source": data_source, "question_index": int(idx)}}},
             **dict(extra or {}),
         },
-        "agent_name": agent_name,
+        "agent_name": agent_name or default_agent_name(split),
     }
     validate_row(row, idx)
     return row
@@ -283,7 +293,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_split: str) -> N
     source.add_argument("--hub", action="store_true", help="load from the Hugging Face hub (needs network)")
     parser.add_argument("--output", required=True, help="output .parquet path")
     parser.add_argument("--split", default=default_split, help=f"split name (default: {default_split})")
-    parser.add_argument("--agent-name", default=DEFAULT_AGENT_NAME, help="verl agent loop for these rows")
+    parser.add_argument(
+        "--agent-name",
+        default=None,
+        help=f"verl agent loop for these rows (default: {TRAIN_AGENT_NAME} for --split train, else {EVAL_AGENT_NAME})",
+    )
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
     parser.add_argument("--limit", type=int, default=None, help="convert at most this many records")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from data_preprocess.common import (
-    DEFAULT_AGENT_NAME,
     RowError,
     add_common_args,
     as_answer_list,
@@ -47,7 +46,7 @@ DATASETS = tuple(HUB_SPLITS)
 
 
 def make_row(
-    example: Mapping[str, Any], split: str, idx: int, *, dataset: str, agent_name: str = DEFAULT_AGENT_NAME
+    example: Mapping[str, Any], split: str, idx: int, *, dataset: str, agent_name: str | None = None
 ) -> dict[str, Any]:
     """Converts one FlashRAG-shaped record of ``dataset`` (one of ``DATASETS``)."""
     if dataset not in HUB_SPLITS:

@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from data_preprocess.common import (
-    DEFAULT_AGENT_NAME,
     RowError,
     add_common_args,
     as_answer_list,
@@ -43,9 +42,7 @@ def _answers(example: Mapping[str, Any], idx: int) -> list[str]:
     return as_answer_list(value)
 
 
-def make_row(
-    example: Mapping[str, Any], split: str, idx: int, *, agent_name: str = DEFAULT_AGENT_NAME
-) -> dict[str, Any]:
+def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: str | None = None) -> dict[str, Any]:
     """Converts one NQ/HotpotQA record; ``data_source`` becomes ``searchR1_<source>`` (e.g. ``searchR1_nq``)."""
     question = clean_question(require(example, ["question"], idx), add_question_mark=True)
     if question in ("", "?"):

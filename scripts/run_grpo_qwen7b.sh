@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GRPO baseline for CARL on Qwen2.5-7B-Instruct: group of 16 chains per prompt, same data, tool, reward and T_max.
-# Same entry point and yaml as CARL; only the estimator, the agent loop and the group size differ.
+# Same entry point, yaml and data as CARL; only the estimator and the group size differ (the rows name carl_agent,
+# which runs one trajectory per session under GRPO).
 set -xeuo pipefail
 
 # ---- paths (override through the environment) ----
@@ -46,7 +47,6 @@ python3 -m recipe.carl.main_carl \
     algorithm.carl.max_actions=$MAX_ACTIONS \
     trainer.v1.trainer_mode=sync \
     actor_rollout_ref.rollout.n=$GROUP_SIZE \
-    actor_rollout_ref.rollout.agent.default_agent_loop=carl_chain_agent \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \
     actor_rollout_ref.model.enable_gradient_checkpointing=True \

@@ -1,7 +1,9 @@
 """CARL's tree rollout (Alg. 1) as a verl agent loop: one `run()` grows, scores and flattens one prompt's tree.
 
-Registered as `carl_tree_agent` (CARL) and `carl_chain_agent` (one trajectory: the GRPO baseline and validation)
-through `recipe/carl/config/carl_agent_loop.yaml` and, by the plugin, through verl's `register`.
+Registered as `carl_agent` (training rows: a tree under `algorithm.adv_estimator=carl`, one trajectory per session
+under GRPO or any other estimator, so one parquet serves every method), `carl_tree_agent` (always a tree) and
+`carl_chain_agent` (one trajectory: validation rows) through `recipe/carl/config/carl_agent_loop.yaml` and, by the
+plugin, through verl's `register`.
 
 One `run()`::
 
@@ -41,7 +43,7 @@ from verl.trainer.ppo.reward import get_custom_reward_fn
 from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, flatten_trees, grow_tree, score_trees
 from recipe.carl.search.actions import STOP_STRINGS, parse_action, render_observation
 from recipe.carl.search.reward import compute_score as default_compute_score
-from recipe.carl.settings import CHAIN_AGENT, TREE_AGENT, read_settings
+from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TREE_AGENT, read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +191,10 @@ class CarlTreeAgentLoop(AgentLoopBase):
     """Grows one CARL tree per prompt and returns one `AgentLoopOutput` per training row.
 
     Args (besides verl's `AgentLoopBase` ones; set them in the agent-loop yaml):
-        mode: "tree" (CARL: `algorithm.carl` as given) or "chain" (one trajectory, every action trained: the GRPO
-            baseline with `rollout.n` sessions, and validation).
+        mode: "auto" (`carl_agent`, what training rows name: "tree" under `algorithm.adv_estimator=carl`, "chain"
+            under any other estimator), "tree" (CARL: `algorithm.carl` as given; refused under another estimator,
+            which would get `rollout.n` whole trees per prompt) or "chain" (one trajectory, every action trained:
+            the GRPO baseline with `rollout.n` sessions, and validation).
         max_action_tokens: token budget of one agent turn (also capped by what is left of `rollout.response_length`).
         search: the search backend (`Searcher` or object with `.search`); default: the verl tool named `search`.
         tools: verl's loaded tools (passed by the agent-loop worker).
@@ -215,8 +219,7 @@ class CarlTreeAgentLoop(AgentLoopBase):
         super().__init__(
             trainer_config, server_manager, tokenizer, processor, dataset_cls, data_config, hf_model_type, **kwargs
         )
-        if mode not in ("tree", "chain"):
-            raise ValueError(f"mode={mode!r} is unknown: use 'tree' (CARL) or 'chain' (GRPO baseline, validation).")
+        mode = resolve_mode(mode, self.config.algorithm.adv_estimator)
         carl = read_settings(self.config).carl
         # A chain is a tree with one rollout and no fork; "all" trains each of its actions (mask 1).
         self.carl: CARLConfig = carl if mode == "tree" else dataclasses.replace(carl, n0=1, n_forks=0, update_set="all")
@@ -310,6 +313,36 @@ class CarlTreeAgentLoop(AgentLoopBase):
         return outputs
 
 
+def resolve_mode(mode: str, adv_estimator: str) -> str:
+    """The agent loop's mode under `algorithm.adv_estimator`: "auto" follows the estimator.
+
+    Raises:
+        ValueError: for an unknown mode, or a tree under a non-CARL estimator (it would train on rollout.n trees).
+    """
+    if mode not in ("auto", "tree", "chain"):
+        raise ValueError(
+            f"mode={mode!r} is unknown: use 'auto' (follows algorithm.adv_estimator), 'tree' (CARL) or 'chain' "
+            "(GRPO baseline, validation)."
+        )
+    if mode == "auto":
+        return "tree" if adv_estimator == ESTIMATOR else "chain"
+    if mode == "tree" and adv_estimator != ESTIMATOR:
+        raise ValueError(
+            f"agent loop {TREE_AGENT} grows CARL trees, but algorithm.adv_estimator={adv_estimator}: the data rows' "
+            f"agent_name column selects it. Name {AUTO_AGENT} in the training rows (the preprocessing default: a tree "
+            f"under carl, one trajectory under any other estimator) or {CHAIN_AGENT}."
+        )
+    return mode
+
+
+@register(AUTO_AGENT)
+class CarlAgentLoop(CarlTreeAgentLoop):
+    """`carl_agent`: a CARL tree under `algorithm.adv_estimator=carl`, one trajectory under any other estimator."""
+
+    def __init__(self, *args, mode: str = "auto", **kwargs):
+        super().__init__(*args, mode=mode, **kwargs)
+
+
 @register(TREE_AGENT)
 class _RegisteredTreeLoop(CarlTreeAgentLoop):
     """`carl_tree_agent` with default arguments (the agent-loop yaml registers the same name with its own)."""
@@ -323,4 +356,4 @@ class CarlChainAgentLoop(CarlTreeAgentLoop):
         super().__init__(*args, mode=mode, **kwargs)
 
 
-__all__ = ["CarlChainAgentLoop", "CarlTreeAgentLoop", "SearchEnvironment", "resolve_searcher"]
+__all__ = ["CarlAgentLoop", "CarlChainAgentLoop", "CarlTreeAgentLoop", "SearchEnvironment", "resolve_searcher"]

@@ -5,8 +5,8 @@ is where verl's registries are read. Importing it registers:
 
 - `algorithm.adv_estimator=carl`  -> `recipe.carl.estimator.compute_carl_advantage` (verl's estimator registry);
 - `trainer.v1.trainer_mode=carl`  -> `recipe.carl.trainer.CARLTrainer` (verl's trainer registry);
-- agent loops `carl_tree_agent` / `carl_chain_agent` -> `recipe.carl.agent_loop` (verl's agent-loop registry; the
-  agent-loop yaml registers the same names with their constructor arguments in the workers).
+- agent loops `carl_agent` / `carl_tree_agent` / `carl_chain_agent` -> `recipe.carl.agent_loop` (verl's agent-loop
+  registry; the agent-loop yaml registers the same names with their constructor arguments in the workers).
 
 verl swallows plugin import errors (DEBUG log), so `main_carl` calls `check_registered()`, which re-raises them.
 With `CARL_DEVICE=cpu`, the CPU rollout backend and platform of `recipe.carl.cpu` are activated as well.
@@ -38,7 +38,7 @@ CPU_ACTIVE = _activate_cpu()
 import recipe.carl.agent_loop  # noqa: E402, F401  (registers the agent loops)
 import recipe.carl.estimator  # noqa: E402, F401  (registers the estimator)
 import recipe.carl.trainer  # noqa: E402, F401  (registers the trainer)
-from recipe.carl.settings import CHAIN_AGENT, ESTIMATOR, TRAINER_MODE, TREE_AGENT  # noqa: E402
+from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TRAINER_MODE, TREE_AGENT  # noqa: E402
 
 
 def check_registered() -> None:
@@ -56,7 +56,9 @@ def check_registered() -> None:
         get_trainer_cls(TRAINER_MODE)
     except ValueError:
         missing.append(f"trainer {TRAINER_MODE!r}")
-    missing += [f"agent loop {name!r}" for name in (TREE_AGENT, CHAIN_AGENT) if name not in _agent_loop_registry]
+    missing += [
+        f"agent loop {name!r}" for name in (AUTO_AGENT, TREE_AGENT, CHAIN_AGENT) if name not in _agent_loop_registry
+    ]
     if missing:
         raise RuntimeError(
             f"verl does not resolve {', '.join(missing)}: the `verl.plugins` entry point did not run. Reinstall the "

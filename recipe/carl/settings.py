@@ -18,6 +18,7 @@ from carl_core import CARLConfig, CARLConfigError
 ESTIMATOR = "carl"
 TRAINER_MODE = "carl"
 TREE_AGENT = "carl_tree_agent"
+AUTO_AGENT = "carl_agent"
 CHAIN_AGENT = "carl_chain_agent"
 
 RECIPE_KEYS = {"dump_every": 0}
@@ -101,3 +102,40 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
     if problems:
         raise CARLConfigError("algorithm.adv_estimator=carl needs: " + "; ".join(problems) + ".")
     return settings
+
+
+def check_val_agents(config: DictConfig) -> None:
+    """Refuses validation rows that would grow CARL trees (validation scores one trajectory per question).
+
+    The agent loop cannot see verl's validate flag, so the check is on the data: under `adv_estimator=carl`, rows of
+    `data.val_files` (or `rollout.agent.default_agent_loop` when a file has no `agent_name` column) must not name
+    `carl_agent` or `carl_tree_agent`. Files that do not exist locally are left to verl's own loader.
+
+    Raises:
+        CARLConfigError: naming the file, the agent loop and how to fix the rows.
+    """
+    import os
+
+    import pyarrow.parquet as pq
+
+    if config.algorithm.adv_estimator != ESTIMATOR:
+        return
+    files = config.data.get("val_files") or []
+    files = [files] if isinstance(files, str) else list(files)
+    default = config.actor_rollout_ref.rollout.agent.get("default_agent_loop")
+    for path in files:
+        if not (isinstance(path, str) and path.endswith(".parquet") and os.path.isfile(path)):
+            continue
+        names = pq.read_schema(path).names
+        agents = (
+            set(pq.read_table(path, columns=["agent_name"]).column(0).to_pylist())
+            if "agent_name" in names
+            else {default}
+        )
+        trees = sorted(str(a) for a in agents & {AUTO_AGENT, TREE_AGENT})
+        if trees:
+            raise CARLConfigError(
+                f"data.val_files {path}: rows name agent loop {', '.join(trees)}, which grows a CARL tree under "
+                f"algorithm.adv_estimator=carl, but validation scores one trajectory per question. Set the file's "
+                f"agent_name column to {CHAIN_AGENT} (the preprocessing scripts do so for any --split but train)."
+            )

@@ -52,7 +52,7 @@ def check_schema(row: dict, *, data_source: str, question: str, answers: list[st
         True,
     )
     assert extra["tools_kwargs"] == {"search": {"create_kwargs": {"data_source": data_source, "question_index": idx}}}
-    assert row["agent_name"] == "carl_tree_agent"
+    assert row["agent_name"] == ("carl_agent" if split == "train" else "carl_chain_agent")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -88,9 +88,14 @@ def test_asearcher_rows():
 
 @pytest.mark.parametrize("dataset", qa_test_sets.DATASETS)
 def test_qa_test_set_rows(dataset):
-    row = qa_test_sets.make_row(FLASHRAG[0], "test", 5, dataset=dataset, agent_name="carl_tree_agent")
+    row = qa_test_sets.make_row(FLASHRAG[0], "test", 5, dataset=dataset)
     check_schema(row, data_source=f"searchR1_{dataset}", question="who is the author of the hobbit?",
                  answers=["J. R. R. Tolkien", "Tolkien"], split="test", idx=5)  # fmt: skip
+
+
+def test_agent_name_override():
+    row = qa_test_sets.make_row(FLASHRAG[0], "test", 5, dataset="nq", agent_name="carl_tree_agent")
+    assert row["agent_name"] == "carl_tree_agent"
 
 
 def test_agent_name_is_configurable():
@@ -273,6 +278,6 @@ def test_verl_rlhf_dataset_reads_the_output(tmp_path, monkeypatch):
     assert len(dataset) == 2  # nothing filtered as too long or unreadable
     item = dataset[0]
     assert item["raw_prompt"][1]["content"].endswith("Question: Which painter used pointillism?")
-    assert item["agent_name"] == "carl_tree_agent" and item["index"] == 0
+    assert item["agent_name"] == "carl_agent" and item["index"] == 0  # --split train (asearcher's default)
     assert item["tools_kwargs"] == {"search": {"create_kwargs": {"data_source": "asearcher_base", "question_index": 0}}}
     assert item["reward_model"]["ground_truth"] == {"target": ["Georges Seurat"], "aug_target": ["Seurat"]}

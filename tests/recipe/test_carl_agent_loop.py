@@ -388,7 +388,26 @@ def test_chain_agent_is_one_trajectory(monkeypatch):
     assert float(rows[0]["rm_scores"].sum()) == pytest.approx(tree.nodes[tree.leaves()[0]].reward)
 
 
+@pytest.mark.parametrize(("estimator", "leaves"), [("carl", 7), ("grpo", 1), ("rloo", 1)])
+def test_auto_agent_follows_the_estimator(estimator, leaves):
+    """`carl_agent` (the training rows' default) grows a tree only under the carl estimator."""
+    extra = ["actor_rollout_ref.rollout.n=4"] if estimator != "carl" else []
+    config = make_config(f"algorithm.adv_estimator={estimator}", *extra)
+    (outputs,) = grow(config, ScriptedServer(searching_policy), sample(), mode="auto")
+    tree = RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"])
+    assert len(tree.leaves()) == leaves
+
+
 # ----------------------------------------------------------------------------------------------------- bad input
+def test_tree_agent_under_grpo_is_refused():
+    """A tree per session under GRPO would train on rollout.n whole trees per prompt: refuse it, naming the fix."""
+    config = make_config("algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4")
+    with pytest.raises(ValueError, match="carl_tree_agent.*adv_estimator=grpo.*carl_agent"):
+        grow(config, ScriptedServer(searching_policy), sample(), mode="tree")
+    with pytest.raises(ValueError, match="mode='forest' is unknown"):
+        grow(config, ScriptedServer(searching_policy), sample(), mode="forest")
+
+
 def reasons(outputs):
     tree = RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"])
     return {tree.nodes[leaf].finish_reason for leaf in tree.leaves()}, tree

@@ -26,7 +26,7 @@ def test_fresh_process_resolves_carl():
     lines = out.stdout.strip().splitlines()[-3:]
     assert lines[0] == "recipe.carl.estimator compute_carl_advantage"
     assert lines[1] == "recipe.carl.trainer CARLTrainer ['PPOTrainerSync', 'PPOTrainer']"
-    assert lines[2] == "['carl_chain_agent', 'carl_tree_agent']"
+    assert lines[2] == "['carl_agent', 'carl_chain_agent', 'carl_tree_agent']"
 
 
 def test_check_registered_fails_loudly(monkeypatch):

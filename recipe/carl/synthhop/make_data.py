@@ -40,7 +40,9 @@ from .questions import Question, QuestionConfig, make_questions
 from .tokenizer import build_tokenizer, embedding_size
 
 DATA_SOURCE = "synthhop"
-AGENT_NAME = "carl_tree_agent"
+#: Training rows follow `algorithm.adv_estimator` (a CARL tree, or one trajectory under GRPO); test rows are validated
+#: with one trajectory per question.
+AGENT_NAMES = {"train": "carl_agent", "test": "carl_chain_agent"}
 # Below this many demonstrations a progress bar is noise.
 _PROGRESS_MIN = 1000
 
@@ -176,7 +178,7 @@ def make_row(question: Question, split: str, index: int) -> dict:
                 }
             },
         },
-        "agent_name": AGENT_NAME,
+        "agent_name": AGENT_NAMES.get(split, AGENT_NAMES["test"]),
     }
 
 

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-VAL_AGENT = "carl_chain_agent"
 SHIPPED_SFT = Path(__file__).resolve().parent / "checkpoints" / "sft_seed0"
 """The committed SFT start (model + tokenizer + `sft_manifest.json` with the command that rebuilt it)."""
 
@@ -106,19 +105,12 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def make_data(run_dir: Path, cfg: DemoConfig) -> Path:
-    """SynthHop into `run_dir/data`; validation rows use the one-trajectory agent loop."""
-    import pandas as pd
-
+    """SynthHop into `run_dir/data` (training rows follow the estimator; test rows run one trajectory)."""
     from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
 
     data_dir = run_dir / "data"
     data = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train, n_test=cfg.n_test))
     write(data, data_dir, overwrite=True, command="recipe.carl.tiny.demo")
-    test = pd.read_parquet(data_dir / "test.parquet")
-    test["agent_name"] = VAL_AGENT  # the validation must not grow trees: one greedy trajectory per question
-    tmp = data_dir / "test.parquet.tmp"
-    test.to_parquet(tmp)
-    os.replace(tmp, data_dir / "test.parquet")
     return data_dir
 
 
@@ -246,7 +238,6 @@ def trainer_overrides(
         return common + [
             "algorithm.adv_estimator=grpo",
             f"actor_rollout_ref.rollout.n={leaves}",
-            f"actor_rollout_ref.rollout.agent.default_agent_loop={VAL_AGENT}",
             f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.batch_prompts}",
         ]
     raise SystemExit(f"error: --algo {cfg.algo!r} is unknown: use carl or grpo.")

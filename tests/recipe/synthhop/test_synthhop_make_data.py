@@ -35,7 +35,7 @@ def test_parquet_rows_follow_the_verl_schema(out_dir):
         assert list(frame.columns) == ["data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name"]
         row = frame.iloc[0]
         assert row["data_source"] == "synthhop" and row["ability"] == "search"
-        assert row["agent_name"] == "carl_tree_agent"
+        assert set(frame["agent_name"]) == {"carl_agent" if split == "train" else "carl_chain_agent"}
         assert [m["role"] for m in row["prompt"]] == ["system", "user"]
         answer = row["reward_model"]["ground_truth"]["target"][0]
         assert row["reward_model"]["style"] == "rule"

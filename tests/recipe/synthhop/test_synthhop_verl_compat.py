@@ -38,5 +38,5 @@ def test_rlhf_dataset_reads_the_parquet(small_data, tmp_path):
     assert len(dataset) == len(small_data.test)  # no prompt filtered as overlong: prompts are ~40 tokens
     item = dataset[0]
     assert [m["role"] for m in item["raw_prompt"]] == ["system", "user"]
-    assert item["agent_name"] == "carl_tree_agent"
+    assert item["agent_name"] == "carl_chain_agent"  # test rows: one trajectory per question
     assert item["tools_kwargs"]["search"]["create_kwargs"]["question"] == item["raw_prompt"][1]["content"]
