@@ -24,6 +24,7 @@ CPU = [
     "pyarrow>=19",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "scipy>=1.11",  # benchmarks: Spearman and Brunner-Munzel of the criticality study
 ]
 TEST = ["pytest>=8", "ruff>=0.6"]
 # GPU path: verl's vLLM and FSDP extras (these bring torch==2.11.0 CUDA, vllm and flash-attn).

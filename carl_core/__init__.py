@@ -24,7 +24,14 @@ from carl_core.forking import (
     grow_tree_sync,
     rollout_from,
 )
-from carl_core.stats import check_tree_record, compute_tree_stats, read_jsonl, tree_records, write_jsonl
+from carl_core.stats import (
+    check_tree_record,
+    compute_budget_stats,
+    compute_tree_stats,
+    read_jsonl,
+    tree_records,
+    write_jsonl,
+)
 from carl_core.tree import Action, Node, RolloutTree, TreeArrays, TreeError, pack_trees
 from carl_core.update_set import (
     ScoredTrees,
@@ -60,6 +67,7 @@ __all__ = [
     "compute_node_values",
     "compute_outcome_advantages",
     "compute_state_entropy",
+    "compute_budget_stats",
     "compute_tree_stats",
     "compute_update_advantages",
     "depth_levels",

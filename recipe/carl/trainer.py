@@ -8,11 +8,13 @@ this trainer additionally reads each row's `extra_fields` (written by `recipe.ca
    onto every output of a `run()`, so without this `critic/score/*` would report one leaf per tree;
 3. logs the batch's tree statistics under `carl/...` and dumps the trees as JSON lines every `dump_every` steps.
 
-With any other `algorithm.adv_estimator` (the GRPO baseline) it is verl's trainer exactly.
+With any other `algorithm.adv_estimator` (the GRPO baseline) the advantages are verl's exactly; the trainer only
+logs the same per-question budget (`carl/actions_generated_per_question`, `carl/tokens_trained`, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -27,7 +29,7 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from carl_core import RolloutTree, compute_tree_stats, score_trees, tree_records, write_jsonl
+from carl_core import RolloutTree, compute_budget_stats, compute_tree_stats, score_trees, tree_records, write_jsonl
 from recipe.carl.estimator import gather_row_advantages, is_padding_row
 from recipe.carl.settings import ESTIMATOR, TRAINER_MODE, RecipeSettings, check_trainer_config
 
@@ -53,25 +55,33 @@ def leaf_reward_scores(extra_fields: Sequence[Any], uids: Sequence[str], respons
 
 
 def tree_telemetry(
-    extra_fields: Sequence[Any], uids: Sequence[str], settings: RecipeSettings
+    extra_fields: Sequence[Any], uids: Sequence[str], settings: RecipeSettings, budget_only: bool = False
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Rebuilds the batch's trees from the rows that carry them and computes `carl/...` stats and dump records.
 
     Each tree travels once, in the `carl_tree` field of its first row; verl's padding rows copy another row's
-    `extra_fields`, so trees are taken from real rows only and de-duplicated by uid.
+    `extra_fields`, so trees are taken from real rows only and de-duplicated by tree uid (`{uid}_{session}`).
+    With `budget_only` (GRPO and other estimators: one-leaf trees, every action trained) only the per-question
+    budget (`compute_budget_stats`) is returned, and no dump records.
     """
     trees: dict[str, RolloutTree] = {}
+    questions: dict[str, str] = {}
     for uid, extra in zip(uids, extra_fields, strict=True):
         if is_padding_row(uid, extra) or extra.get("carl_tree") is None:
             continue
         tree_dict = extra["carl_tree"]
         if tree_dict["uid"] not in trees:
             trees[tree_dict["uid"]] = RolloutTree.from_dict(tree_dict)
+            questions[tree_dict["uid"]] = uid
     if not trees:
         return {}, []
     ordered = list(trees.values())
-    scored = score_trees(ordered, settings.carl)
-    stats = compute_tree_stats(ordered, scored)
+    carl = dataclasses.replace(settings.carl, update_set="all") if budget_only else settings.carl
+    scored = score_trees(ordered, carl)
+    budget = compute_budget_stats(ordered, scored.trained, scored.arrays.offsets, list(questions.values()))
+    if budget_only:
+        return budget, []
+    stats = {**compute_tree_stats(ordered, scored), **budget}
     stats["carl/trees"] = float(len(ordered))
     stats["carl/leaf_reward_mean"] = float(scored.arrays.reward[scored.arrays.is_leaf].mean())
     return stats, tree_records(ordered, scored, settings.carl)
@@ -87,7 +97,9 @@ class CARLTrainer(PPOTrainerSync):
 
     def _compute_advantage(self, batch, metrics: dict):
         if self.config.algorithm.adv_estimator != ESTIMATOR:  # CARL: baselines (GRPO, ...) take verl's path
-            return super()._compute_advantage(batch, metrics)
+            batch = super()._compute_advantage(batch, metrics)
+            self._log_budget(batch, metrics)
+            return batch
         # CARL: verl reads rollout_log_probs/old_log_probs/values here for KL-in-reward, rollout correction and
         # GAE, none of which CARL uses (check_trainer_config rejects them); it never reads extra_fields.
         fields = ["uid", "response_mask", "extra_fields"]
@@ -119,6 +131,17 @@ class CARLTrainer(PPOTrainerSync):
         return tq.kv_batch_put(
             keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
         )
+
+    def _log_budget(self, batch, metrics: dict) -> None:
+        """Baselines: the same per-question action and token counts as CARL logs (for `benchmarks/carl_vs_grpo`).
+
+        Rows from other agent loops carry no `carl_tree`; they log nothing.
+        """
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["uid", "extra_fields"])
+        uids = [str(u) for u in data.pop("uid").tolist()]
+        extra_fields = [e if isinstance(e, dict) else {} for e in data.pop("extra_fields").tolist()]
+        stats, _ = tree_telemetry(extra_fields, uids, self.carl_settings, budget_only=True)
+        metrics.update(stats)
 
     def _dump_trees(self, records: list[dict[str, Any]]) -> None:
         """Writes the step's trees to `{trainer.default_local_dir}/carl_trees/step_XXXXXX.jsonl`."""

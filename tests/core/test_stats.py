@@ -9,6 +9,7 @@ import pytest
 from carl_core import (
     CARLConfig,
     check_tree_record,
+    compute_budget_stats,
     compute_tree_stats,
     read_jsonl,
     score_trees,
@@ -30,6 +31,22 @@ def test_stats_of_the_fig_tree(fig_tree):
     # Fork points 0 and 1 both have h = 0.75; the other expanded states (2, 4) too.
     assert st["carl/entropy_at_forks"] == pytest.approx(0.75)
     assert st["carl/finish/answer"] == 3
+
+
+def test_budget_per_question(fig_tree):
+    """Two questions: q0 has the fig tree (6 actions of 2 tokens, 4 trained), q1 two copies of it."""
+    trees = [fig_tree, copy.deepcopy(fig_tree), copy.deepcopy(fig_tree)]
+    s = score_trees(trees, CARLConfig())
+    st = compute_budget_stats(trees, s.trained, s.arrays.offsets, ["q0", "q1", "q1"])
+    assert st["carl/questions"] == 2
+    assert st["carl/actions_generated_per_question"] == 18 / 2
+    assert st["carl/actions_trained_per_question"] == 12 / 2
+    assert (st["carl/tokens_generated"], st["carl/tokens_trained"]) == (36, 24)
+    everything = score_trees(trees, CARLConfig(update_set="all"))  # GRPO's count: every action is trained
+    st = compute_budget_stats(trees, everything.trained, everything.arrays.offsets, ["q0", "q1", "q1"])
+    assert st["carl/actions_trained_per_question"] == st["carl/actions_generated_per_question"] == 9
+    with pytest.raises(ValueError, match="one question and offset per tree"):
+        compute_budget_stats(trees, s.trained, s.arrays.offsets, ["q0"])
 
 
 def test_dump_format_round_trip_and_invariants(tmp_path, fig_tree):

@@ -398,6 +398,26 @@ def test_auto_agent_follows_the_estimator(estimator, leaves):
     assert len(tree.leaves()) == leaves
 
 
+def test_grpo_budget_counts_every_session(monkeypatch):
+    """Under GRPO the trainer logs the per-question budget over all rollout.n chains of a question."""
+    config = make_config("algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4")
+    samples = [{**sample(uid=q), "session_id": i} for q in ("q0", "q1") for i in range(4)]
+    results = grow(config, ScriptedServer(searching_policy), *samples, mode="auto")
+    pairs = zip(results, samples, strict=True)
+    rows = [row for outputs, s in pairs for row in verl_postprocess(outputs, monkeypatch, s)]
+    stats, records = carl_trainer.tree_telemetry(
+        [r["extra_fields"] for r in rows], [r["uid"] for r in rows], read_settings(config), budget_only=True
+    )
+    chains = [RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"]) for outputs in results]
+    actions = [sum(n.action is not None for n in t.nodes) for t in chains]
+    tokens = sum(len(n.action.token_ids) for t in chains for n in t.nodes if n.action is not None)
+    assert records == [] and stats["carl/questions"] == 2
+    assert (
+        stats["carl/actions_generated_per_question"] == stats["carl/actions_trained_per_question"] == sum(actions) / 2
+    )
+    assert stats["carl/tokens_generated"] == stats["carl/tokens_trained"] == tokens
+
+
 # ----------------------------------------------------------------------------------------------------- bad input
 def test_tree_agent_under_grpo_is_refused():
     """A tree per session under GRPO would train on rollout.n whole trees per prompt: refuse it, naming the fix."""

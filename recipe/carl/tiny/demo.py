@@ -170,7 +170,6 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
         time_budget_s=cfg.sft_time_budget_s,
         seed=cfg.seed,
         warmup_steps=min(50, cfg.sft_steps // 10),
-        threads=1,
     )
     result = train_sft(model, examples, tokenizer.pad_token_id, sft_cfg, progress=True)
     out = Path(save_policy(model, tokenizer, run_dir / "policy_sft"))
@@ -386,9 +385,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="CI smoke mode: 2 steps, a handful of questions")
     p.add_argument("--sft-only", action="store_true", help="stop after the SFT warm start (policy_sft/ in the run)")
     p.add_argument("--no-shipped-sft", action="store_true", help="train the SFT start even if a shipped one fits")
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT optimiser steps (default: the shipped start's)")
     args = p.parse_args(argv)
     cfg = DemoConfig.tiny(args.algo, args.seed) if args.tiny else DemoConfig(algo=args.algo, seed=args.seed)
     chosen = {"rl_seed": args.rl_seed, "steps": args.steps, "lr": args.lr, "temperature": args.temperature}
+    chosen["sft_steps"] = args.sft_steps
     cfg = DemoConfig(**{**asdict(cfg), **{k: v for k, v in chosen.items() if v is not None}})
     run_dir = args.run_dir.resolve()
     prepare_run_dir(run_dir, args.overwrite)
