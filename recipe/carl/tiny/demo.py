@@ -60,6 +60,12 @@ class DemoConfig:
     n0: int = 2
     n_forks: int = 6
     """CARL: N0 + N leaves per tree; GRPO gets the same number of trajectories per question."""
+    selection: str = "density"
+    """CARL's fork-point rule (`algorithm.carl.selection`; `random` is the paper's ablation)."""
+    update_set: str = "critical"
+    """CARL's update set (`algorithm.carl.update_set`; `all_inherit` and `outcome_only` are the paper's ablations)."""
+    grpo_group: int | None = None
+    """GRPO's trajectories per question; None: the CARL tree's N0 + N."""
     max_actions: int = 6
     lr: float = 1e-4
     temperature: float = 1.0
@@ -229,6 +235,8 @@ def trainer_overrides(
         return common + [
             f"algorithm.carl.n0={cfg.n0}",
             f"algorithm.carl.n_forks={cfg.n_forks}",
+            f"algorithm.carl.selection={cfg.selection}",
+            f"algorithm.carl.update_set={cfg.update_set}",
             "algorithm.carl.dump_every=1",
             "actor_rollout_ref.rollout.n=1",
             f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.batch_prompts}",
@@ -236,7 +244,7 @@ def trainer_overrides(
     if cfg.algo == "grpo":
         return common + [
             "algorithm.adv_estimator=grpo",
-            f"actor_rollout_ref.rollout.n={leaves}",
+            f"actor_rollout_ref.rollout.n={cfg.grpo_group or leaves}",
             f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.batch_prompts}",
         ]
     raise SystemExit(f"error: --algo {cfg.algo!r} is unknown: use carl or grpo.")
@@ -312,13 +320,12 @@ def summarize(run_dir: Path, cfg: DemoConfig, sft: dict, wall_s: float) -> dict:
     key = val_accuracy_key(rows)
     if key is None:
         raise SystemExit(f"error: no validation accuracy in {run_dir / 'metrics.jsonl'}; see {run_dir / 'train.log'}")
-    per_step_actions = {}
-    for row in rows:
-        if "carl/actions_trained_per_tree" in row:
-            per_step_actions[row["step"]] = row["carl/actions_trained_per_tree"] * row.get("carl/trees", 0)
-        elif "num_turns/mean" in row:  # GRPO: every action of every trajectory is trained (num_turns = 2 a + 1)
-            trajectories = cfg.batch_prompts * (cfg.n0 + cfg.n_forks)
-            per_step_actions[row["step"]] = (row["num_turns/mean"] - 1) / 2 * trajectories
+    # Actions trained per step, for every estimator (the trainer logs the per-question budget for GRPO too).
+    per_step_actions = {
+        row["step"]: row["carl/actions_trained_per_question"] * row["carl/questions"]
+        for row in rows
+        if "carl/actions_trained_per_question" in row
+    }
     val = [(row["step"], row[key]) for row in rows if key in row]
     steps, acc = [s for s, _ in val], [a for _, a in val]
     actions = [sum(v for s, v in per_step_actions.items() if s <= step) for step in steps]
@@ -391,8 +398,23 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = {"rl_seed": args.rl_seed, "steps": args.steps, "lr": args.lr, "temperature": args.temperature}
     chosen["sft_steps"] = args.sft_steps
     cfg = DemoConfig(**{**asdict(cfg), **{k: v for k, v in chosen.items() if v is not None}})
-    run_dir = args.run_dir.resolve()
-    prepare_run_dir(run_dir, args.overwrite)
+    prepare_run_dir(args.run_dir.resolve(), args.overwrite)
+    shipped = None if args.no_shipped_sft else SHIPPED_SFT
+    summary = run_demo(cfg, args.run_dir.resolve(), shipped_sft=shipped, port=args.port, sft_only=args.sft_only)
+    if not args.sft_only:
+        print_table(summary)
+    return summary
+
+
+def run_demo(
+    cfg: DemoConfig, run_dir: Path, *, shipped_sft: Path | None = SHIPPED_SFT, port: int = 0, sft_only: bool = False
+) -> dict:
+    """One run into an empty `run_dir`: data, retriever, SFT start (`shipped_sft` when its key fits), RL, summary.
+
+    Returns:
+        The summary (also written to `run_dir/summary.json`), or `{"sft", "policy_sft"}` with `sft_only`.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
     from recipe.carl.search.retriever import Retriever, RetrieverConfig
@@ -407,15 +429,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[2/5] BM25 retriever", flush=True)
     try:
-        server = serve_in_thread(retriever, port=args.port)
+        server = serve_in_thread(retriever, port=port)
         base = server.__enter__()
     except OSError as error:
-        raise SystemExit(f"error: cannot start the retriever on port {args.port}: {error}; use --port 0") from error
+        raise SystemExit(f"error: cannot start the retriever on port {port}: {error}; use --port 0") from error
     try:
         print("[3/5] tokenizer, tiny policy and SFT warm start", flush=True)
-        shipped = None if args.no_shipped_sft else SHIPPED_SFT
-        model_dir, sft = sft_warm_start(run_dir, data_dir, search, cfg, shipped)
-        if args.sft_only:
+        model_dir, sft = sft_warm_start(run_dir, data_dir, search, cfg, shipped_sft)
+        if sft_only:
             print(f"SFT start written to {model_dir}: {sft}")
             return {"sft": sft, "policy_sft": str(model_dir)}
         print(f"[4/5] {cfg.algo} through verl's trainer on CPU (log: {run_dir / 'train.log'})", flush=True)
@@ -427,9 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         server.__exit__(None, None, None)
     print("[5/5] summary", flush=True)
-    summary = summarize(run_dir, cfg, sft, time.time() - start)
-    print_table(summary)
-    return summary
+    return summarize(run_dir, cfg, sft, time.time() - start)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""The paper's criticality study (§4, Eq. 5) on SynthHop: does a state's entropy track how much its action matters?
+
+For each held-out question, one trajectory is sampled (T=1) from the policy. At every state s_t on it, k actions
+a' are sampled (T=1) and each is continued greedily (T=0) to the end; the state's criticality is the spread of
+the final rewards, C(s_t) = std_{a'}[R(tau_{s_t, a'})] (Eq. 5), and its entropy the Monte-Carlo estimate of Eqs. 6-8
+over the k + 1 sampled actions (each action's length-normalised negative log-prob, `carl_core.action_entropy`).
+
+Everything runs through the recipe's own pieces: the agent loop's `SearchEnvironment` (the same action parsing,
+observations, T_max and reward as training), `carl_core.rollout_from`, and the CPU rollout server's batched engine
+(all questions run concurrently, so requests share forward passes).
+
+Reported: Spearman's rank correlation of entropy with C, the share of states with near-zero C (the paper: more
+than half), and the Brunner-Munzel test of entropy between high-C and near-zero-C states (the paper: p = 0.002).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from carl_core import RolloutTree, rollout_from
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Sizes of the study."""
+
+    questions: int = 40
+    """Held-out questions (the first ones of the test split)."""
+    k: int = 8
+    """Actions resampled per state."""
+    near_zero: float = 0.05
+    """C below this is 'near-zero' (rewards are F1 + 0.1 format, so 0.05 is half the format bonus)."""
+    high: float = 0.4
+    """C above this is 'high' (the paper's ~10% of states with std > 0.4)."""
+    max_actions: int = 6
+    max_action_tokens: int = 32
+    response_length: int = 384
+    topk: int = 2
+    seed: int = 0
+
+
+def compute_criticality_stats(
+    entropy: Sequence[float], reward_std: Sequence[float], near_zero: float = 0.05, high: float = 0.4
+) -> dict[str, Any]:
+    """Summary of the study (§4).
+
+    Args:
+        entropy: each state's entropy estimate [len: n_states].
+        reward_std: each state's criticality C (Eq. 5) [len: n_states].
+        near_zero: threshold below which C counts as near zero.
+        high: threshold above which C counts as high.
+
+    Returns:
+        `spearman` (rank correlation, None when undefined), `frac_near_zero_std`, `n_states`, `frac_high_std`,
+        `entropy_mean_high` / `entropy_mean_near_zero`, and `brunner_munzel_p` (None when a group is empty).
+    """
+    from scipy import stats
+
+    h, c = np.asarray(entropy, dtype=float), np.asarray(reward_std, dtype=float)
+    if h.shape != c.shape or h.ndim != 1:
+        raise ValueError(f"entropy and reward_std must be 1-D of the same length, got {h.shape} and {c.shape}")
+    n = int(h.size)
+    low_mask, high_mask = c < near_zero, c > high
+    rho = None
+    if n >= 3 and np.ptp(h) > 0 and np.ptp(c) > 0:
+        rho = float(stats.spearmanr(h, c).statistic)
+    p_value = None
+    if high_mask.sum() >= 2 and low_mask.sum() >= 2:
+        p_value = float(stats.brunnermunzel(h[high_mask], h[low_mask]).pvalue)
+        p_value = None if math.isnan(p_value) else p_value  # undefined when the two groups do not overlap at all
+    return {
+        "spearman": rho,
+        "frac_near_zero_std": float(low_mask.mean()) if n else None,
+        "frac_high_std": float(high_mask.mean()) if n else None,
+        "n_states": n,
+        "entropy_mean_high": float(h[high_mask].mean()) if high_mask.any() else None,
+        "entropy_mean_near_zero": float(h[low_mask].mean()) if low_mask.any() else None,
+        "brunner_munzel_p": p_value,
+        "near_zero": near_zero,
+        "high": high,
+    }
+
+
+async def _resample(tree: RolloutTree, state: int, sample_env, greedy_env) -> tuple[float, float]:
+    """One a' ~ pi(.|s) then a greedy continuation; returns (h(a'), final reward)."""
+    step = await sample_env.step(tree, state)
+    if len(step.token_ids) == 0:
+        return float("nan"), float("nan")
+    child = tree.add_action(
+        state, step.token_ids, step.log_probs, step.observation_ids, done=step.done, finish_reason=step.finish_reason
+    )
+    h = tree.nodes[child].action.entropy
+    if tree.nodes[child].terminal:
+        tree.set_reward(child, float(await greedy_env.score(tree, child)))
+        return h, tree.nodes[child].reward
+    leaf = await rollout_from(tree, child, greedy_env)
+    return h, (tree.nodes[leaf].reward if leaf is not None else float("nan"))
+
+
+async def _study_question(prompt_ids, loop, row: dict, cfg: StudyConfig, uid: str) -> list[tuple[float, float]]:
+    from recipe.carl.agent_loop import SearchEnvironment
+
+    def env(temperature: float) -> SearchEnvironment:
+        params = {"temperature": temperature, "top_p": 1.0, "top_k": -1}
+        truth = row["reward_model"]["ground_truth"]
+        return SearchEnvironment(loop, params, uid, row["data_source"], truth, row.get("extra_info"))
+
+    sample_env, greedy_env = env(1.0), env(0.0)
+    tree = RolloutTree(prompt_ids, cfg.max_actions, uid=uid)
+    leaf = await rollout_from(tree, 0, sample_env)
+    if leaf is None:
+        return []
+    states = tree.path(leaf)[:-1]  # every state on the sampled trajectory at which an action was taken
+    results = []
+    for state in states:
+        first = tree.nodes[tree.nodes[state].children[0]].action.entropy
+        draws = await asyncio.gather(*[_resample(tree, state, sample_env, greedy_env) for _ in range(cfg.k)])
+        hs = [first] + [h for h, _ in draws if not math.isnan(h)]
+        rewards = [r for _, r in draws if not math.isnan(r)]
+        if len(rewards) >= 2:
+            results.append((float(np.mean(hs)), float(np.std(rewards))))
+    return results
+
+
+def run_study(policy_dir: str | Path, data_dir: str | Path, cfg: StudyConfig) -> dict[str, Any]:
+    """Runs the study on the policy in `policy_dir` over SynthHop's test split in `data_dir`."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from verl.workers.config import RolloutConfig
+
+    from recipe.carl.cpu.rollout import HFRolloutServer
+    from recipe.carl.search.actions import render_documents
+    from recipe.carl.search.retriever import Retriever, RetrieverConfig
+    from recipe.carl.search.reward import compute_score
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    data_dir = Path(data_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(policy_dir)).eval()
+    rollout = RolloutConfig(
+        name="carl_hf",
+        prompt_length=128,
+        response_length=cfg.response_length,
+        tensor_model_parallel_size=1,
+        seed=cfg.seed,
+    )
+    server = HFRolloutServer(rollout, model_config=None, model=model, tokenizer=tokenizer)
+    retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
+
+    def search(query: str, tree_id: str) -> str:
+        return render_documents(hit["document"] for hit in retriever.search_documents([query], cfg.topk)[0])
+
+    loop = SimpleNamespace(
+        server_manager=server,
+        tokenizer=tokenizer,
+        max_action_tokens=cfg.max_action_tokens,
+        response_length=cfg.response_length,
+        searcher=search,
+        reward_fn=compute_score,
+    )
+    rows = pd.read_parquet(data_dir / "test.parquet").head(cfg.questions).to_dict("records")
+
+    async def run_all():
+        jobs = []
+        for i, row in enumerate(rows):
+            prompt = [dict(m) for m in row["prompt"]]
+            ids = list(
+                tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
+            jobs.append(_study_question(ids, loop, row, cfg, uid=f"crit{i}"))
+        return await asyncio.gather(*jobs)
+
+    per_question = asyncio.run(run_all())
+    pairs = [pair for question in per_question for pair in question]
+    out = compute_criticality_stats([h for h, _ in pairs], [c for _, c in pairs], cfg.near_zero, cfg.high)
+    out.update(questions=len(rows), k=cfg.k, policy=str(policy_dir))
+    return out
