@@ -5,9 +5,9 @@ a' are sampled (T=1) and each is continued greedily (T=0) to the end; the state'
 the final rewards, C(s_t) = std_{a'}[R(tau_{s_t, a'})] (Eq. 5), and its entropy the Monte-Carlo estimate of Eqs. 6-8
 over the k + 1 sampled actions (each action's length-normalised negative log-prob, `carl_core.action_entropy`).
 
-Everything runs through the recipe's own pieces: the agent loop's `SearchEnvironment` (the same action parsing,
-observations, T_max and reward as training), `carl_core.rollout_from`, and the CPU rollout server's batched engine
-(all questions run concurrently, so requests share forward passes).
+Everything runs through the recipe's own pieces (`recipe.carl.tiny.local_agent.LocalAgent`): the agent loop's
+`SearchEnvironment` (the same action parsing, observations, T_max and reward as training), `carl_core.rollout_from`,
+and the CPU rollout server's batched engine (all questions run concurrently, so requests share forward passes).
 
 Reported: Spearman's rank correlation of entropy with C, the share of states with near-zero C (the paper: more
 than half), and the Brunner-Munzel test of entropy between high-C and near-zero-C states (the paper: p = 0.002).
@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -106,16 +104,9 @@ async def _resample(tree: RolloutTree, state: int, sample_env, greedy_env) -> tu
     return h, (tree.nodes[leaf].reward if leaf is not None else float("nan"))
 
 
-async def _study_question(prompt_ids, loop, row: dict, cfg: StudyConfig, uid: str) -> list[tuple[float, float]]:
-    from recipe.carl.agent_loop import SearchEnvironment
-
-    def env(temperature: float) -> SearchEnvironment:
-        params = {"temperature": temperature, "top_p": 1.0, "top_k": -1}
-        truth = row["reward_model"]["ground_truth"]
-        return SearchEnvironment(loop, params, uid, row["data_source"], truth, row.get("extra_info"))
-
-    sample_env, greedy_env = env(1.0), env(0.0)
-    tree = RolloutTree(prompt_ids, cfg.max_actions, uid=uid)
+async def _study_question(agent, row: dict, cfg: StudyConfig, uid: str) -> list[tuple[float, float]]:
+    sample_env, greedy_env = agent.env(row, 1.0, uid), agent.env(row, 0.0, uid)
+    tree = agent.new_tree(row, uid)
     leaf = await rollout_from(tree, 0, sample_env)
     if leaf is None:
         return []
@@ -133,56 +124,26 @@ async def _study_question(prompt_ids, loop, row: dict, cfg: StudyConfig, uid: st
 
 def run_study(policy_dir: str | Path, data_dir: str | Path, cfg: StudyConfig) -> dict[str, Any]:
     """Runs the study on the policy in `policy_dir` over SynthHop's test split in `data_dir`."""
-    import pandas as pd
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from verl.workers.config import RolloutConfig
 
-    from recipe.carl.cpu.rollout import HFRolloutServer
-    from recipe.carl.search.actions import render_documents
-    from recipe.carl.search.retriever import Retriever, RetrieverConfig
-    from recipe.carl.search.reward import compute_score
+    from recipe.carl.tiny.local_agent import LocalAgent
 
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    data_dir = Path(data_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(policy_dir)).eval()
-    rollout = RolloutConfig(
-        name="carl_hf",
-        prompt_length=128,
-        response_length=cfg.response_length,
-        tensor_model_parallel_size=1,
-        seed=cfg.seed,
-    )
-    server = HFRolloutServer(rollout, model_config=None, model=model, tokenizer=tokenizer)
-    retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
-
-    def search(query: str, tree_id: str) -> str:
-        return render_documents(hit["document"] for hit in retriever.search_documents([query], cfg.topk)[0])
-
-    loop = SimpleNamespace(
-        server_manager=server,
-        tokenizer=tokenizer,
+    agent = LocalAgent(
+        policy_dir,
+        data_dir,
+        topk=cfg.topk,
+        max_actions=cfg.max_actions,
         max_action_tokens=cfg.max_action_tokens,
         response_length=cfg.response_length,
-        searcher=search,
-        reward_fn=compute_score,
+        seed=cfg.seed,
     )
-    rows = pd.read_parquet(data_dir / "test.parquet").head(cfg.questions).to_dict("records")
+    rows = agent.rows("test", cfg.questions)
 
     async def run_all():
-        jobs = []
-        for i, row in enumerate(rows):
-            prompt = [dict(m) for m in row["prompt"]]
-            ids = list(
-                tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-            )
-            jobs.append(_study_question(ids, loop, row, cfg, uid=f"crit{i}"))
-        return await asyncio.gather(*jobs)
+        return await asyncio.gather(*[_study_question(agent, row, cfg, f"crit{i}") for i, row in enumerate(rows)])
 
-    per_question = asyncio.run(run_all())
-    pairs = [pair for question in per_question for pair in question]
+    pairs = [pair for question in asyncio.run(run_all()) for pair in question]
     out = compute_criticality_stats([h for h, _ in pairs], [c for _, c in pairs], cfg.near_zero, cfg.high)
     out.update(questions=len(rows), k=cfg.k, policy=str(policy_dir))
     return out

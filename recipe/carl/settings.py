@@ -7,6 +7,7 @@ whereas an extra key under `actor_rollout_ref.rollout` crashes verl's `RolloutCo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -114,8 +115,6 @@ def check_val_agents(config: DictConfig) -> None:
     Raises:
         CARLConfigError: naming the file, the agent loop and how to fix the rows.
     """
-    import os
-
     import pyarrow.parquet as pq
 
     if config.algorithm.adv_estimator != ESTIMATOR:

@@ -29,3 +29,18 @@ def test_undefined_parts_are_none():
     assert s["frac_near_zero_std"] == 1.0
     with pytest.raises(ValueError, match="same length"):
         compute_criticality_stats([0.1, 0.2], [0.1])
+
+
+def test_study_runs_on_a_tiny_random_policy(tmp_path):
+    """The whole study on a random 1-layer policy: states found, every spread within the reward's range."""
+    from benchmarks.criticality import StudyConfig, run_study
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+    from recipe.carl.tiny.policy import TinyPolicyConfig, build_tiny_policy, save_policy
+
+    data = build(SynthHopConfig(n_entities=60, n_train=20, n_test=6, seed=3))
+    write(data, tmp_path / "data")
+    shape = TinyPolicyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    save_policy(build_tiny_policy(data.tokenizer, shape, seed=0), data.tokenizer, tmp_path / "policy")
+    out = run_study(tmp_path / "policy", tmp_path / "data", StudyConfig(questions=3, k=2, max_actions=3))
+    assert out["questions"] == 3 and out["k"] == 2 and out["n_states"] >= 1
+    assert 0.0 <= out["frac_near_zero_std"] <= 1.0

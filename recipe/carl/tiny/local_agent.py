@@ -1,0 +1,133 @@
+"""The CARL agent loop's environment on an in-process policy: rollouts and greedy evaluation without verl's trainer.
+
+`LocalAgent` drives the agent loop's own `SearchEnvironment` (the same action parsing, stop strings, observations,
+T_max and reward as training) with the CPU rollout server's batched engine (`HFRolloutServer`, used in-process
+without Ray) and SynthHop's BM25 retriever. Concurrent rollouts share forward passes. It serves the criticality
+study of `benchmarks/criticality.py` and a quick held-out check of an SFT start in the exact RL layout:
+
+    python -m recipe.carl.tiny.local_agent --policy runs/x/policy_sft --data runs/x/data [--questions 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from carl_core import RolloutTree, rollout_from
+
+
+class LocalAgent:
+    """A policy folder + a SynthHop data folder, ready to roll out in the agent loop's layout.
+
+    Args:
+        policy_dir: a Hugging Face model folder with its tokenizer (chat template included).
+        data_dir: a SynthHop folder (`corpus.jsonl`, `test.parquet`, ...).
+        topk: documents per search (the demo's tool yaml uses 2).
+        max_actions: T_max.
+        max_action_tokens: token budget of one agent turn.
+        response_length: budget of the whole trajectory after the prompt (verl's `data.max_response_length`).
+        seed: seed of the engine's sampling generator.
+    """
+
+    def __init__(
+        self,
+        policy_dir: str | Path,
+        data_dir: str | Path,
+        *,
+        topk: int = 2,
+        max_actions: int = 6,
+        max_action_tokens: int = 32,
+        response_length: int = 384,
+        seed: int = 0,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from verl.workers.config import RolloutConfig
+
+        from recipe.carl.cpu.rollout import HFRolloutServer
+        from recipe.carl.search.actions import render_documents
+        from recipe.carl.search.retriever import Retriever, RetrieverConfig
+        from recipe.carl.search.reward import compute_score
+
+        self.data_dir = Path(data_dir)
+        self.max_actions = max_actions
+        self.tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(policy_dir)).eval()
+        rollout = RolloutConfig(
+            name="carl_hf", prompt_length=256, response_length=response_length, tensor_model_parallel_size=1, seed=seed
+        )
+        server = HFRolloutServer(rollout, model_config=None, model=model, tokenizer=self.tokenizer)
+        retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(self.data_dir / "corpus.jsonl")))
+
+        def search(query: str, tree_id: str) -> str:
+            return render_documents(hit["document"] for hit in retriever.search_documents([query], topk)[0])
+
+        # What SearchEnvironment reads of its agent loop (see recipe.carl.agent_loop.CarlTreeAgentLoop).
+        self.loop = SimpleNamespace(
+            server_manager=server,
+            tokenizer=self.tokenizer,
+            max_action_tokens=max_action_tokens,
+            response_length=response_length,
+            searcher=search,
+            reward_fn=compute_score,
+        )
+
+    def rows(self, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:
+        """The first `n` rows of a split's parquet (verl's RLHFDataset schema)."""
+        import pandas as pd
+
+        frame = pd.read_parquet(self.data_dir / f"{split}.parquet")
+        return frame.head(n).to_dict("records") if n else frame.to_dict("records")
+
+    def new_tree(self, row: dict[str, Any], uid: str) -> RolloutTree:
+        """A tree rooted at the row's prompt, tokenised as the agent loop does (chat template, generation prompt)."""
+        prompt = [dict(m) for m in row["prompt"]]
+        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return RolloutTree(list(ids), self.max_actions, uid=uid)
+
+    def env(self, row: dict[str, Any], temperature: float, uid: str):
+        """The agent loop's `SearchEnvironment` for this row, sampling at `temperature` (0 = greedy)."""
+        from recipe.carl.agent_loop import SearchEnvironment
+
+        params = {"temperature": temperature, "top_p": 1.0, "top_k": -1}
+        truth = row["reward_model"]["ground_truth"]
+        return SearchEnvironment(self.loop, params, uid, row["data_source"], truth, row.get("extra_info"))
+
+    async def rollout(self, row: dict[str, Any], temperature: float, uid: str) -> tuple[RolloutTree, int | None, dict]:
+        """One trajectory; returns the tree, its leaf and the leaf's reward breakdown (`score`, `em`, `f1`, ...)."""
+        tree, env = self.new_tree(row, uid), self.env(row, temperature, uid)
+        leaf = await rollout_from(tree, 0, env)
+        return tree, leaf, env.leaf_info.get(leaf, {}) if leaf is not None else {}
+
+    def evaluate(self, rows: list[dict[str, Any]], temperature: float = 0.0) -> dict[str, float]:
+        """Mean reward breakdown over `rows`, one trajectory each (greedy by default), all rows concurrently."""
+
+        async def run_all():
+            return await asyncio.gather(*[self.rollout(r, temperature, f"eval{i}") for i, r in enumerate(rows)])
+
+        infos = [info for _, _, info in asyncio.run(run_all())]
+        keys = sorted({k for info in infos for k in info})
+        return {k: sum(info.get(k, 0.0) for info in infos) / max(len(infos), 1) for k in keys} | {"n": len(infos)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(prog="python -m recipe.carl.tiny.local_agent", description=__doc__.split("\n")[0])
+    p.add_argument("--policy", required=True, help="model folder (e.g. a run's policy_sft)")
+    p.add_argument("--data", required=True, help="SynthHop data folder (e.g. a run's data)")
+    p.add_argument("--questions", type=int, default=100, help="first N held-out questions")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (verl's validation)")
+    args = p.parse_args(argv)
+    for name in ("policy", "data"):
+        if not Path(getattr(args, name)).is_dir():
+            raise SystemExit(f"error: --{name} {getattr(args, name)} is not a folder")
+    agent = LocalAgent(args.policy, args.data)
+    result = agent.evaluate(agent.rows("test", args.questions), args.temperature)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
