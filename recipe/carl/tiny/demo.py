@@ -54,13 +54,15 @@ class DemoConfig:
     n_train: int = 3000
     n_test: int = 100
     """Held-out questions used by the validation."""
-    sft_steps: int = 2600
+    sft_steps: int = 6000
+    """The shipped start (`SHIPPED_SFT`) is 6000 steps (28 min on 2 cores): 53 % greedy held-out exact match,
+    14 % sampled at T=1 (2600 steps gave 9 % greedy)."""
     sft_time_budget_s: float | None = None
+    """No wall-clock cap by default."""
     sft_lr: float = 3e-3
     sft_batch_size: int = 16
     max_prompt_length: int = 64
     max_response_length: int = 384
-    """No wall-clock cap by default: the shipped start (`SHIPPED_SFT`) is the full 2600 steps."""
     batch_prompts: int = 8
     """Questions per RL step."""
     n0: int = 2
