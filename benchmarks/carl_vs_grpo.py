@@ -20,7 +20,7 @@ Per method: final held-out accuracy (mean and std over seeds), actions generated
 tokens generated and trained (per run, summed over steps), wall seconds, and curves (accuracy against actions
 trained and against tokens generated); plus the criticality study of `benchmarks/criticality.py` on the SFT start.
 
-    python -m benchmarks.carl_vs_grpo --seeds 3 --kb-size 300 --steps 8 --out results.json
+    python -m benchmarks.carl_vs_grpo --seeds 3 --kb-size 300 --steps 10 --out results.json
     python -m benchmarks.carl_vs_grpo --smoke --out smoke.json     # 2 steps, 1 seed, tiny sizes (CI)
 """
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.carl_vs_grpo", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="RL seeds per method (question order, planner)")
     p.add_argument("--kb-size", type=int, default=300, help="SynthHop entities (300 uses the shipped SFT start)")
-    p.add_argument("--steps", type=int, default=8, help="optimiser steps per run")
+    p.add_argument("--steps", type=int, default=10, help="optimiser steps per run (one update per step)")
     p.add_argument("--batch-prompts", type=int, default=4, help="questions per step")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--out", type=Path, default=Path("results.json"))
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seeds, crit_q, crit_k = 1, min(args.criticality_questions, 4), 2
     else:
         base = DemoConfig(n_entities=args.kb_size, steps=args.steps, batch_prompts=args.batch_prompts)
-        base = replace(base, test_freq=max(1, args.steps // 4))
+        base = replace(base, test_freq=max(1, args.steps // 2))
         seeds, crit_q, crit_k = args.seeds, args.criticality_questions, args.criticality_k
     base = replace(base, max_actions=6)
 

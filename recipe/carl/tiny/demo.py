@@ -76,7 +76,9 @@ class DemoConfig:
     """GRPO's trajectories per question; None: the CARL tree's N0 + N."""
     max_actions: int = 6
     lr: float = 1e-4
-    temperature: float = 1.0
+    temperature: float = 0.7
+    """Rollout temperature. Measured from the shipped start (30 CARL steps, lr 1e-4): T=1 drifted the held-out
+    greedy accuracy down (53 % -> 49 %), T=0.7 kept it level (53 % -> 52 %); the paper gives no value."""
     test_freq: int = 5
     topk: int = 2
     timeout_s: int = 1800
@@ -292,7 +294,9 @@ def trainer_overrides(
             f"algorithm.carl.update_set={cfg.update_set}",
             "algorithm.carl.dump_every=1",
             "actor_rollout_ref.rollout.n=1",
-            f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.batch_prompts}",
+            # Mini-batches count rows (rollout.n=1): a step's rows (at most N0 + N per tree) in one update, as GRPO
+            # gets with batch_prompts x rollout.n; batch_prompts alone would take ~5 small updates per step.
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.batch_prompts * leaves}",
         ]
     if cfg.algo == "grpo":
         return common + [
@@ -445,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--steps", type=int, default=None, help="RL steps (default 30; 2 with --tiny; 10 with smollm2)")
     p.add_argument("--lr", type=float, default=None, help="RL learning rate (default 1e-4)")
-    p.add_argument("--temperature", type=float, default=None, help="rollout temperature (default 1.0)")
+    p.add_argument("--temperature", type=float, default=None, help="rollout temperature (default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="data and SFT seed (the shipped SFT start is seed 0)")
     p.add_argument("--rl-seed", type=int, default=0, help="seed of the RL run (question order, planner)")
     p.add_argument("--port", type=int, default=0, help="retriever port (0 = a free one)")
