@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 import recipe.carl.plugin as plugin
-from recipe.carl.settings import check_trainer_config, check_val_agents
+from recipe.carl.settings import check_data_agents, check_trainer_config
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,7 +38,7 @@ def run_carl(config: DictConfig) -> None:
 
     plugin.check_registered()
     check_trainer_config(config)
-    check_val_agents(config)
+    check_data_agents(config)
     _absolute_agent_loop_config(config)
     auto_set_device(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))

@@ -105,36 +105,47 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
     return settings
 
 
-def check_val_agents(config: DictConfig) -> None:
-    """Refuses validation rows that would grow CARL trees (validation scores one trajectory per question).
+def _agents_in(path: str, default: str | None) -> set[str]:
+    """The agent loops a local parquet's rows name (`default` for a file without an `agent_name` column)."""
+    import pyarrow.parquet as pq
 
-    The agent loop cannot see verl's validate flag, so the check is on the data: under `adv_estimator=carl`, rows of
-    `data.val_files` (or `rollout.agent.default_agent_loop` when a file has no `agent_name` column) must not name
-    `carl_agent` or `carl_tree_agent`. Files that do not exist locally are left to verl's own loader.
+    if "agent_name" not in pq.read_schema(path).names:
+        return {default} if default else set()
+    return {str(a) for a in pq.read_table(path, columns=["agent_name"]).column(0).to_pylist()}
+
+
+def _local_parquets(files: Any) -> list[str]:
+    files = [files] if isinstance(files, str) else list(files or [])
+    return [f for f in files if isinstance(f, str) and f.endswith(".parquet") and os.path.isfile(f)]
+
+
+def check_data_agents(config: DictConfig) -> None:
+    """Refuses data rows whose agent loop does not fit the estimator, before any worker starts.
+
+    The agent loop cannot see verl's validate flag, so the check is on the data. Under `adv_estimator=carl`, rows of
+    `data.val_files` must not grow trees (`carl_agent`, `carl_tree_agent`): validation scores one trajectory per
+    question. Under any other estimator, no row may name `carl_tree_agent` (each of `rollout.n` sessions would grow a
+    whole tree; the loop refuses it, but inside a worker). Rows without an `agent_name` column count as
+    `rollout.agent.default_agent_loop`; files that do not exist locally are left to verl's own loader.
 
     Raises:
         CARLConfigError: naming the file, the agent loop and how to fix the rows.
     """
-    import pyarrow.parquet as pq
-
-    if config.algorithm.adv_estimator != ESTIMATOR:
-        return
-    files = config.data.get("val_files") or []
-    files = [files] if isinstance(files, str) else list(files)
     default = config.actor_rollout_ref.rollout.agent.get("default_agent_loop")
-    for path in files:
-        if not (isinstance(path, str) and path.endswith(".parquet") and os.path.isfile(path)):
-            continue
-        names = pq.read_schema(path).names
-        agents = (
-            set(pq.read_table(path, columns=["agent_name"]).column(0).to_pylist())
-            if "agent_name" in names
-            else {default}
-        )
-        trees = sorted(str(a) for a in agents & {AUTO_AGENT, TREE_AGENT})
-        if trees:
+    carl = config.algorithm.adv_estimator == ESTIMATOR
+    for key in ("val_files",) if carl else ("train_files", "val_files"):
+        for path in _local_parquets(config.data.get(key)):
+            bad = sorted(_agents_in(path, default) & ({AUTO_AGENT, TREE_AGENT} if carl else {TREE_AGENT}))
+            if not bad:
+                continue
+            if carl:
+                raise CARLConfigError(
+                    f"data.val_files {path}: rows name agent loop {', '.join(bad)}, which grows a CARL tree under "
+                    f"algorithm.adv_estimator=carl, but validation scores one trajectory per question. Set the file's "
+                    f"agent_name column to {CHAIN_AGENT} (the preprocessing scripts do so for any --split but train)."
+                )
             raise CARLConfigError(
-                f"data.val_files {path}: rows name agent loop {', '.join(trees)}, which grows a CARL tree under "
-                f"algorithm.adv_estimator=carl, but validation scores one trajectory per question. Set the file's "
-                f"agent_name column to {CHAIN_AGENT} (the preprocessing scripts do so for any --split but train)."
+                f"data.{key} {path}: rows name agent loop {TREE_AGENT}, which grows a CARL tree in each of the "
+                f"rollout.n sessions, under algorithm.adv_estimator={config.algorithm.adv_estimator}. Name "
+                f"{AUTO_AGENT} (a tree under carl, one trajectory otherwise) or {CHAIN_AGENT} in the agent_name column."
             )

@@ -17,7 +17,7 @@ from verl.utils.config import validate_config
 
 import recipe.carl.plugin  # noqa: F401
 from carl_core import CARLConfigError
-from recipe.carl.settings import check_trainer_config, check_val_agents, read_settings
+from recipe.carl.settings import check_data_agents, check_trainer_config, read_settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(ROOT / "recipe/carl/config")
@@ -127,14 +127,23 @@ def test_val_rows_must_not_grow_trees(agents, estimator, refused, tmp_path):
     extra = ["actor_rollout_ref.rollout.n=16"] if estimator == "grpo" else []
     cfg = compose_carl([f"data.val_files={val}", f"algorithm.adv_estimator={estimator}", *extra])
     if refused is None:
-        check_val_agents(cfg)
+        check_data_agents(cfg)
     else:
         with pytest.raises(CARLConfigError, match=f"val.parquet: rows name agent loop {refused}.*carl_chain_agent"):
-            check_val_agents(cfg)
+            check_data_agents(cfg)
+
+
+def test_tree_rows_are_refused_under_grpo(tmp_path):
+    train = write_val(tmp_path / "train.parquet", ["carl_tree_agent"])
+    cfg = compose_carl([f"data.train_files={train}", "algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"])
+    with pytest.raises(CARLConfigError, match="data.train_files .*train.parquet: rows name agent loop carl_tree_agent"):
+        check_data_agents(cfg)
+    ok = write_val(tmp_path / "ok.parquet", ["carl_agent"])
+    check_data_agents(compose_carl([f"data.train_files={ok}", "algorithm.adv_estimator=grpo"]))
 
 
 def test_val_check_leaves_missing_files_to_verl():
-    check_val_agents(compose_carl(["data.val_files=[/nonexistent/val.parquet]"]))
+    check_data_agents(compose_carl(["data.val_files=[/nonexistent/val.parquet]"]))
 
 
 def test_yaml_has_a_comment_above_every_key():
