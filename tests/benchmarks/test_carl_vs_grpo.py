@@ -92,6 +92,7 @@ def test_aggregate_and_targets_by_hand():
     assert first_crossing(carl["curve"], 0.9, "actions_trained") is None
     c = compare({"grpo": grpo, "carl": carl, "carl_lite": lite})
     assert c["carl_accuracy_minus_grpo"] == pytest.approx(0.05)
+    assert c["grpo_gain_over_start"] == pytest.approx(0.3 - 0.1)
     assert c["carl_reach_fraction_of_grpo_actions"] == pytest.approx(40 / 200)
     assert c["carl_lite_actions_generated_ratio"] == pytest.approx(11 / 20)
 
