@@ -4,7 +4,7 @@
 
 1. SynthHop: knowledge base, corpus, questions, noisy reference demonstrations (`data/`).
 2. The BM25 retriever server over the corpus (Search-R1 protocol), in this process, on a free port by default.
-3. A word-level tokenizer (`tokenizer/`) and a small Qwen2 policy (`policy_init/`), nothing downloaded.
+3. A word-level tokenizer and a ~1.1M Llama-layout policy (`policy_init/`), nothing downloaded; or SmolLM2-135M.
 4. SFT warm start on the demonstrations, laid out exactly as the agent loop builds trajectories (`policy_sft/`).
 5. RL through `python -m recipe.carl.main_carl +device=cpu`: the CARL tree agent loop and `carl` estimator (or
    verl's GRPO with `--algo grpo`), the CPU rollout backend, verl's FSDP2 trainer. Held-out accuracy is verl's own
