@@ -124,7 +124,8 @@ def check_data_agents(config: DictConfig) -> None:
 
     The agent loop cannot see verl's validate flag, so the check is on the data. Under `adv_estimator=carl`, rows of
     `data.val_files` must not grow trees (`carl_agent`, `carl_tree_agent`): validation scores one trajectory per
-    question. Under any other estimator, no row may name `carl_tree_agent` (each of `rollout.n` sessions would grow a
+    question (checked only when the run validates: `trainer.val_before_train` or `trainer.test_freq > 0`). Under any
+    other estimator, no row may name `carl_tree_agent` (each of `rollout.n` sessions would grow a
     whole tree; the loop refuses it, but inside a worker). Rows without an `agent_name` column count as
     `rollout.agent.default_agent_loop`; files that do not exist locally are left to verl's own loader.
 
@@ -133,7 +134,9 @@ def check_data_agents(config: DictConfig) -> None:
     """
     default = config.actor_rollout_ref.rollout.agent.get("default_agent_loop")
     carl = config.algorithm.adv_estimator == ESTIMATOR
-    for key in ("val_files",) if carl else ("train_files", "val_files"):
+    validates = bool(config.trainer.get("val_before_train", True)) or (config.trainer.get("test_freq", -1) or -1) > 0
+    keys = ("train_files", "val_files") if not carl else ("val_files",) if validates else ()
+    for key in keys:
         for path in _local_parquets(config.data.get(key)):
             bad = sorted(_agents_in(path, default) & ({AUTO_AGENT, TREE_AGENT} if carl else {TREE_AGENT}))
             if not bad:

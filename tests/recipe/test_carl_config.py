@@ -133,6 +133,16 @@ def test_val_rows_must_not_grow_trees(agents, estimator, refused, tmp_path):
             check_data_agents(cfg)
 
 
+def test_val_rows_are_not_checked_when_the_run_never_validates(tmp_path):
+    val = write_val(tmp_path / "val.parquet", ["carl_agent"])
+    cfg = compose_carl([f"data.val_files={val}", "trainer.val_before_train=False", "trainer.test_freq=-1"])
+    check_data_agents(cfg)
+    with pytest.raises(CARLConfigError, match="rows name agent loop carl_agent"):
+        check_data_agents(
+            compose_carl([f"data.val_files={val}", "trainer.val_before_train=False", "trainer.test_freq=5"])
+        )
+
+
 def test_tree_rows_are_refused_under_grpo(tmp_path):
     train = write_val(tmp_path / "train.parquet", ["carl_tree_agent"])
     cfg = compose_carl([f"data.train_files={train}", "algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"])
