@@ -154,6 +154,18 @@ def make_data(run_dir: Path, cfg: DemoConfig) -> Path:
     return data_dir
 
 
+def corpus_search(data_dir: Path, topk: int):
+    """The run's BM25 retriever and `search(query) -> documents`, which answers as the RL runs' retriever does."""
+    from recipe.carl.search.retriever import Retriever, RetrieverConfig
+
+    retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
+
+    def search(query: str) -> list[dict]:
+        return [hit["document"] for hit in retriever.search_documents([query], topk)[0]]
+
+    return retriever, search
+
+
 def read_jsonl_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -171,19 +183,30 @@ def build_tokenizer_for(data_dir: Path, demos: list[dict] | None = None):
     return build_tokenizer(texts)
 
 
-def sft_key(cfg: DemoConfig, tokenizer) -> dict:
-    """What an SFT checkpoint depends on: the data knobs, the SFT budget and the exact vocabulary."""
+def sft_key(cfg: DemoConfig, tokenizer, examples) -> dict:
+    """What an SFT checkpoint depends on: the policy, its seed and SFT settings, the exact vocabulary and the exact
+    training tokens (`examples`: prompts, demonstrated actions and re-fetched observations, with their loss masks).
+
+    Hashing the tokens, not the data knobs, catches every change that alters the SFT data: another `n_test` (it
+    changes which questions are drawn for training), noise, hop mix, `topk`, the chat layout.
+    """
     import hashlib
 
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    data = hashlib.sha256()
+    for example in examples:
+        data.update(json.dumps([example.input_ids, example.loss_mask]).encode())
     return {
         "policy": cfg.policy,
         "seed": cfg.seed,
         "n_entities": cfg.n_entities,
         "n_train": cfg.n_train,
         "sft_steps": cfg.sft_steps,
+        "sft_lr": cfg.sft_lr,
+        "sft_batch_size": cfg.sft_batch_size,
         "topk": cfg.topk,
         "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
+        "data_sha256": data.hexdigest(),
     }
 
 
@@ -200,7 +223,8 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
         tokenizer, model = load_smollm2(run_dir / "policy_init")
     else:
         tokenizer = build_tokenizer_for(data_dir, demos)
-    key = sft_key(cfg, tokenizer)
+    examples = [agent_loop_example(tokenizer, d["messages"], search) for d in demos]
+    key = sft_key(cfg, tokenizer, examples)
     manifest = shipped / "sft_manifest.json" if shipped else None
     if manifest and manifest.exists() and json.loads(manifest.read_text())["key"] == key:
         shutil.copytree(shipped, run_dir / "policy_sft")
@@ -209,7 +233,6 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
     if cfg.policy != "smollm2":
         model = build_tiny_policy(tokenizer, seed=cfg.seed)
         save_policy(model, tokenizer, run_dir / "policy_init")
-    examples = [agent_loop_example(tokenizer, d["messages"], search) for d in demos]
     sft_cfg = SFTConfig(
         max_steps=cfg.sft_steps,
         time_budget_s=cfg.sft_time_budget_s,
@@ -490,15 +513,11 @@ def run_demo(
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
-    from recipe.carl.search.retriever import Retriever, RetrieverConfig
     from recipe.carl.search.server import serve_in_thread
 
     print(f"[1/5] SynthHop data -> {run_dir / 'data'}", flush=True)
     data_dir = make_data(run_dir, cfg)
-    retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
-
-    def search(query: str) -> list[dict]:
-        return [hit["document"] for hit in retriever.search_documents([query], cfg.topk)[0]]
+    retriever, search = corpus_search(data_dir, cfg.topk)
 
     print("[2/5] BM25 retriever", flush=True)
     try:

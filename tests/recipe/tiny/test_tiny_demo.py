@@ -67,16 +67,37 @@ def test_a_retriever_port_in_use_is_named(tmp_path):
             main(["--tiny", "--run-dir", str(tmp_path / "run"), "--port", str(port)])
 
 
-def test_the_shipped_sft_start_matches_the_default_data(tmp_path):
-    # If the data generator or the tokenizer drifts, the demo would silently retrain the SFT start (~18 min):
-    # rebuild it with the command in its manifest instead.
-    from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig, build_tokenizer_for, make_data, sft_key
+def _sft_key_of(cfg, run_dir):
+    from recipe.carl.tiny.demo import build_tokenizer_for, corpus_search, make_data, read_jsonl_rows, sft_key
+    from recipe.carl.tiny.trajectory import agent_loop_example
 
-    cfg = DemoConfig()
-    data_dir = make_data(tmp_path, cfg)
-    key = sft_key(cfg, build_tokenizer_for(data_dir))
+    data_dir = make_data(run_dir, cfg)
+    tokenizer = build_tokenizer_for(data_dir)
+    _, search = corpus_search(data_dir, cfg.topk)
+    demos = read_jsonl_rows(data_dir / "demos.jsonl")
+    return sft_key(cfg, tokenizer, [agent_loop_example(tokenizer, d["messages"], search) for d in demos])
+
+
+def test_the_shipped_sft_start_matches_the_default_data(tmp_path):
+    # If the data generator or the tokenizer drifts, the demo would silently retrain the SFT start (~28 min):
+    # rebuild it with the command in its manifest instead.
+    from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig
+
     manifest = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())
-    assert manifest["key"] == key, f"rebuild with: {manifest['command']}"
+    assert manifest["key"] == _sft_key_of(DemoConfig(), tmp_path), f"rebuild with: {manifest['command']}"
+
+
+def test_the_sft_key_follows_the_training_data_not_only_the_knobs(tmp_path):
+    # Another n_test draws other training questions (the KB and every data knob in the key stay the same): a start
+    # trained on the old ones may have seen the new held-out questions, so it must not fit.
+    from recipe.carl.tiny.demo import DemoConfig
+
+    small = DemoConfig(n_entities=60, n_train=200, n_test=20)
+    key = _sft_key_of(small, tmp_path / "a")
+    assert _sft_key_of(small, tmp_path / "b") == key
+    other = _sft_key_of(DemoConfig(n_entities=60, n_train=200, n_test=21), tmp_path / "c")
+    assert other["data_sha256"] != key["data_sha256"]
+    assert _sft_key_of(DemoConfig(n_entities=60, n_train=200, n_test=20, sft_lr=1e-3), tmp_path / "d") != key
 
 
 @pytest.mark.slow
