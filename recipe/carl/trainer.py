@@ -14,7 +14,6 @@ logs the same per-question budget (`carl/actions_generated_per_question`, `carl/
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -29,7 +28,15 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from carl_core import RolloutTree, compute_budget_stats, compute_tree_stats, score_trees, tree_records, write_jsonl
+from carl_core import (
+    RolloutTree,
+    compute_budget_stats,
+    compute_tree_stats,
+    pack_trees,
+    score_trees,
+    tree_records,
+    write_jsonl,
+)
 from recipe.carl.estimator import gather_row_advantages, is_padding_row
 from recipe.carl.settings import ESTIMATOR, TRAINER_MODE, RecipeSettings, check_trainer_config
 
@@ -76,11 +83,11 @@ def tree_telemetry(
     if not trees:
         return {}, []
     ordered = list(trees.values())
-    carl = dataclasses.replace(settings.carl, update_set="all") if budget_only else settings.carl
-    scored = score_trees(ordered, carl)
+    if budget_only:  # every generated action is trained: no values or advantages needed
+        arrays = pack_trees(ordered)
+        return compute_budget_stats(ordered, arrays.parent >= 0, arrays.offsets, list(questions.values())), []
+    scored = score_trees(ordered, settings.carl)
     budget = compute_budget_stats(ordered, scored.trained, scored.arrays.offsets, list(questions.values()))
-    if budget_only:
-        return budget, []
     stats = {**compute_tree_stats(ordered, scored), **budget}
     stats["carl/trees"] = float(len(ordered))
     stats["carl/leaf_reward_mean"] = float(scored.arrays.reward[scored.arrays.is_leaf].mean())
