@@ -6,6 +6,8 @@ without Ray) and SynthHop's BM25 retriever. Concurrent rollouts share forward pa
 study of `benchmarks/criticality.py` and a quick held-out check of an SFT start in the exact RL layout:
 
     python -m recipe.carl.tiny.local_agent --policy runs/x/policy_sft --data runs/x/data [--questions 100]
+    python -m recipe.carl.tiny.local_agent --policy runs/x/policy_rl --data big --exclude runs/x/data/train.parquet \
+        --questions 0 --temperature 0.7 --samples 4
 """
 
 from __future__ import annotations
@@ -102,11 +104,12 @@ class LocalAgent:
         leaf = await rollout_from(tree, 0, env)
         return tree, leaf, env.leaf_info.get(leaf, {}) if leaf is not None else {}
 
-    def evaluate(self, rows: list[dict[str, Any]], temperature: float = 0.0) -> dict[str, float]:
-        """Mean reward breakdown over `rows`, one trajectory each (greedy by default), all rows concurrently."""
+    def evaluate(self, rows: list[dict[str, Any]], temperature: float = 0.0, samples: int = 1) -> dict[str, float]:
+        """Mean reward breakdown over `rows` x `samples` trajectories (greedy by default), all concurrently."""
+        uids = [(r, f"eval{i}" if samples == 1 else f"eval{i}.{j}") for i, r in enumerate(rows) for j in range(samples)]
 
         async def run_all():
-            return await asyncio.gather(*[self.rollout(r, temperature, f"eval{i}") for i, r in enumerate(rows)])
+            return await asyncio.gather(*[self.rollout(r, temperature, uid) for r, uid in uids])
 
         infos = [info for _, _, info in asyncio.run(run_all())]
         keys = sorted({k for info in infos for k in info})
@@ -117,14 +120,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m recipe.carl.tiny.local_agent", description=__doc__.split("\n")[0])
     p.add_argument("--policy", required=True, help="model folder (e.g. a run's policy_sft)")
     p.add_argument("--data", required=True, help="SynthHop data folder (e.g. a run's data)")
-    p.add_argument("--questions", type=int, default=100, help="first N held-out questions")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (verl's validation)")
+    p.add_argument("--questions", type=int, default=100, help="first N held-out questions (0: all)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--samples", type=int, default=1, help="trajectories per question (with --temperature > 0)")
+    p.add_argument(
+        "--exclude",
+        help="a parquet (e.g. a run's data/train.parquet) whose questions are dropped first: evaluate a larger "
+        "SynthHop test split of the same KB seed without the questions that run trained on",
+    )
     args = p.parse_args(argv)
     for name in ("policy", "data"):
         if not Path(getattr(args, name)).is_dir():
             raise SystemExit(f"error: --{name} {getattr(args, name)} is not a folder")
+    if args.exclude and not Path(args.exclude).is_file():
+        raise SystemExit(f"error: --exclude {args.exclude} is not a file")
+    if args.samples < 1 or args.questions < 0:
+        raise SystemExit(f"error: --samples {args.samples} must be >= 1 and --questions {args.questions} >= 0")
     agent = LocalAgent(args.policy, args.data)
-    result = agent.evaluate(agent.rows("test", args.questions), args.temperature)
+    rows = agent.rows("test")
+    if args.exclude:
+        import pandas as pd
+
+        seen = {e["question"] for e in pd.read_parquet(args.exclude)["extra_info"]}
+        rows = [r for r in rows if r["extra_info"]["question"] not in seen]
+    rows = rows[: args.questions] if args.questions else rows
+    result = agent.evaluate(rows, args.temperature, args.samples)
     print(json.dumps(result))
     return result
 

@@ -20,7 +20,7 @@ class OracleServer:
         self.agent, self.rows, self.wrong = agent, rows, wrong
 
     async def generate(self, request_id, prompt_ids, sampling_params):
-        i = int(request_id.removeprefix("eval"))
+        i = int(request_id.removeprefix("eval").split(".")[0])  # eval{i}, or eval{i}.{j} with several samples
         row, tok = self.rows[i], self.agent.tokenizer
         done = tok.decode(prompt_ids).count("</search>")
         queries = list(row["extra_info"]["oracle_queries"])
@@ -56,6 +56,29 @@ def test_oracle_policy_scores_full_marks_and_a_wrong_one_none(agent):
     assert right["n"] == 6 and right["em"] == 1.0 and right["format"] == 1.0
     assert right["score"] == pytest.approx(1.1)  # F1 + 0.1 format (recipe.carl.search.reward)
     assert wrong["em"] == 0.0 and wrong["score"] == pytest.approx(0.1)
+
+
+def test_several_samples_per_question_are_averaged(agent):
+    rows = agent.rows("test", 3)
+    real = agent.loop.server_manager
+    try:
+        agent.loop.server_manager = OracleServer(agent, rows)
+        result = agent.evaluate(rows, temperature=0.7, samples=2)
+    finally:
+        agent.loop.server_manager = real
+    assert result["n"] == 6 and result["em"] == 1.0
+
+
+def test_cli_exclude_drops_the_questions_of_another_split(tiny_policy_dir, data_dir):
+    base = ["--policy", str(tiny_policy_dir), "--data", str(data_dir), "--questions", "0"]
+    n_test = len(LocalAgent.rows(SimpleNamespace(data_dir=data_dir), "test"))
+    # Train and test questions are disjoint: excluding train keeps every test row; excluding test keeps none.
+    assert main([*base, "--exclude", str(data_dir / "train.parquet")])["n"] == n_test
+    assert main([*base, "--exclude", str(data_dir / "test.parquet")])["n"] == 0
+    with pytest.raises(SystemExit, match="--exclude .* is not a file"):
+        main([*base, "--exclude", str(data_dir / "nope.parquet")])
+    with pytest.raises(SystemExit, match="--samples 0 must be >= 1"):
+        main([*base, "--samples", "0"])
 
 
 def test_random_policy_rollouts_end_in_leaves(agent):
