@@ -10,7 +10,7 @@ import pytest
 from benchmarks.carl_vs_grpo import METHODS, aggregate, compare, first_crossing, main, run_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-KEY = "val-aux/synthhop/em/mean@1"
+KEY = "val-aux/synthhop/em/mean@4"  # the demo validates 4 sampled episodes per question
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> Path:
@@ -64,9 +64,10 @@ def test_run_metrics_needs_validation_and_budget(tmp_path):
         run_metrics(write_metrics(tmp_path / "b", [{"step": 0, KEY: 0.1}]))
 
 
-def run(final, curve_acc, actions, gen=10.0, seed=0):
+def run(final, curve_acc, actions, gen=10.0, seed=0, greedy=None):
     return {
         "final_accuracy": final,
+        "greedy_final_accuracy": greedy,
         "start_accuracy": curve_acc[0],
         "actions_generated_per_question": gen,
         "actions_trained_per_question": gen / 2,
@@ -80,13 +81,17 @@ def run(final, curve_acc, actions, gen=10.0, seed=0):
 
 def test_aggregate_and_targets_by_hand():
     grpo = aggregate(
-        [run(0.4, [0.1, 0.3, 0.4], [0, 100, 200], gen=20.0), run(0.2, [0.1, 0.2, 0.2], [0, 100, 200], 20.0)]
+        [
+            run(0.4, [0.1, 0.3, 0.4], [0, 100, 200], gen=20.0, greedy=0.5),
+            run(0.2, [0.1, 0.2, 0.2], [0, 100, 200], 20.0, greedy=0.3),
+        ]
     )
     assert grpo["final_accuracy"] == pytest.approx(0.3) and grpo["accuracy_std"] == pytest.approx(0.1414213562)
+    assert grpo["greedy_final_accuracy"] == pytest.approx(0.4)
     assert grpo["curve"]["accuracy"] == pytest.approx([0.1, 0.25, 0.3])
     carl = aggregate([run(0.35, [0.1, 0.3, 0.35], [0, 40, 80])])
     lite = aggregate([run(0.3, [0.1, 0.2, 0.3], [0, 30, 60], gen=11.0)])
-    assert carl["accuracy_std"] == 0.0
+    assert carl["accuracy_std"] == 0.0 and carl["greedy_final_accuracy"] is None
     # CARL's curve first reaches GRPO's final 0.3 at the second validation, after 40 actions of GRPO's 200.
     assert first_crossing(carl["curve"], 0.3, "actions_trained") == 40
     assert first_crossing(carl["curve"], 0.9, "actions_trained") is None
@@ -136,6 +141,7 @@ def test_smoke_mode_end_to_end(tmp_path):
         assert m["curve"]["step"] == [0, 2], name
         assert 0 < m["actions_trained_per_question"] <= m["actions_generated_per_question"], name
         assert 0 < m["tokens_trained"] <= m["tokens_generated"], name
+        assert 0.0 <= m["greedy_final_accuracy"] <= 1.0, name
     methods = results["methods"]
     # GRPO and update-all train every action; the critical set is a strict subset whenever a tree has a chain.
     assert methods["grpo"]["actions_trained_per_question"] == methods["grpo"]["actions_generated_per_question"]

@@ -1,9 +1,12 @@
 """The embedded default's entry point (`python -m recipe.carl.tiny.demo`): the CI smoke run and its bad inputs."""
 
 import json
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +38,13 @@ def test_tiny_mode_runs_end_to_end_and_writes_every_output(tiny_run):
         assert (run_dir / name).stat().st_size > 0, name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algo"] == "carl" and summary["curve"]["step"][0] == 0  # validation before training
-    assert "held-out accuracy after RL" in proc.stdout  # the closing table
+    assert summary["accuracy_metric"] == "val-aux/synthhop/em/mean@2"  # tiny mode: 2 sampled episodes per question
+    assert "held-out accuracy, sampled at T=0.7" in proc.stdout and "held-out accuracy, greedy" in proc.stdout
+    # The trained policy is kept as a Hugging Face folder, and the greedy check read both policies.
+    assert (run_dir / "policy_rl" / "model.safetensors").stat().st_size > 0
+    assert 0.0 <= summary["greedy_before"] <= 1.0 and 0.0 <= summary["greedy_after"] <= 1.0
+    command = (run_dir / "command.txt").read_text()
+    assert "val_kwargs.temperature=0.7" in command and "val_kwargs.n=2" in command
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 1 in steps and 2 in steps
 
@@ -56,6 +65,21 @@ def test_a_run_folder_that_holds_a_run_is_refused(tmp_path):
         prepare_run_dir(tmp_path, overwrite=False)
     prepare_run_dir(tmp_path, overwrite=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--steps", "0"], "--steps 0: must be >= 1"),
+        (["--sft-steps", "-3"], "--sft-steps -3: must be >= 1"),
+        (["--lr", "0"], "--lr 0.0: must be > 0"),
+        (["--temperature", "-1"], "--temperature -1.0: must be > 0"),
+    ],
+)
+def test_bad_sizes_name_the_flag_before_anything_is_written(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main([*argv, "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_retriever_port_in_use_is_named(tmp_path):
@@ -98,6 +122,30 @@ def test_the_sft_key_follows_the_training_data_not_only_the_knobs(tmp_path):
     other = _sft_key_of(DemoConfig(n_entities=60, n_train=200, n_test=21), tmp_path / "c")
     assert other["data_sha256"] != key["data_sha256"]
     assert _sft_key_of(DemoConfig(n_entities=60, n_train=200, n_test=20, sft_lr=1e-3), tmp_path / "d") != key
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_trainer_and_its_ray_processes(tmp_path):
+    # A kill (or a job scheduler) must not leave the trainer and Ray running on after the demo is gone.
+    def ray_workers() -> set[str]:  # Ray worker processes are named ray::<actor>, without the run's paths
+        return set(subprocess.run(["pgrep", "-f", "^ray::"], capture_output=True, text=True).stdout.split())
+
+    before = ray_workers()
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "recipe.carl.tiny.demo", "--tiny", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists():  # the trainer is up: it has logged the first validation
+        assert proc.poll() is None and time.time() < deadline, "the demo ended before its trainer started"
+        time.sleep(0.5)
+    ray_dir = re.search(r"_temp_dir=(\S+)", (run_dir / "command.txt").read_text()).group(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    for pattern in (str(run_dir), ray_dir):
+        left = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
+        assert left == "", f"still running after SIGTERM: {left}"
+    time.sleep(2)
+    assert ray_workers() <= before, "Ray workers of the run outlived the demo"
 
 
 @pytest.mark.slow
