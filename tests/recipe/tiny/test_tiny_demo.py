@@ -82,6 +82,23 @@ def test_bad_sizes_name_the_flag_before_anything_is_written(tmp_path, argv, mess
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_release_memory_hands_freed_heap_back_to_the_os():
+    # The SFT's freed activations stay in this process otherwise (7.4 GB -> 0.5 GB measured for SmolLM2's SFT).
+    from recipe.carl.tiny.demo import release_memory
+
+    def rss_mb() -> int:
+        return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
+
+    chunks = [bytearray(64 * 1024) for _ in range(6000)]  # ~375 MB of blocks below glibc's mmap threshold
+    keep = chunks[-1]  # the top block pins the heap, so freeing the rest alone returns nothing
+    del chunks
+    held = rss_mb()
+    release_memory()
+    assert rss_mb() < held - 250
+    assert len(keep) == 64 * 1024
+
+
 def test_a_retriever_port_in_use_is_named(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
