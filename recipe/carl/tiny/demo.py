@@ -439,12 +439,11 @@ def val_accuracy_key(rows: list[dict]) -> str | None:
 
 
 def keep_trained_policy(run_dir: Path, cfg: DemoConfig) -> Path:
-    """The trainer's last Hugging Face checkpoint, copied to `run_dir/policy_rl`."""
+    """The trainer's last Hugging Face checkpoint, moved to `run_dir/policy_rl` (one copy of the weights on disk)."""
     saved = run_dir / "ckpt" / f"global_step_{cfg.steps}" / "actor" / "huggingface"
     if not (saved / "config.json").exists():
         raise SystemExit(f"error: the trainer saved no policy at {saved}; see {run_dir / 'train.log'}")
-    shutil.copytree(saved, run_dir / "policy_rl", dirs_exist_ok=True)
-    return run_dir / "policy_rl"
+    return Path(shutil.move(saved, run_dir / "policy_rl"))
 
 
 def greedy_check(run_dir: Path, data_dir: Path, cfg: DemoConfig) -> dict:
@@ -465,7 +464,7 @@ def greedy_check(run_dir: Path, data_dir: Path, cfg: DemoConfig) -> dict:
     return out
 
 
-def summarize(run_dir: Path, cfg: DemoConfig, sft: dict, wall_s: float, greedy: dict | None = None) -> dict:
+def summarize(run_dir: Path, cfg: DemoConfig, sft: dict, wall_s: float, greedy: dict) -> dict:
     """Learning curve, tree picture and the summary table from the trainer's outputs (and the greedy check)."""
     from recipe.carl.tiny.plots import load_tree_dump, plot_learning_curves, plot_rollout_tree
 
@@ -495,8 +494,8 @@ def summarize(run_dir: Path, cfg: DemoConfig, sft: dict, wall_s: float, greedy: 
         "accuracy_before": acc[0] if acc else None,
         "accuracy_after": acc[-1] if acc else None,
         "accuracy_metric": key,
-        "greedy_before": (greedy or {}).get("before"),
-        "greedy_after": (greedy or {}).get("after"),
+        "greedy_before": greedy["before"],
+        "greedy_after": greedy["after"],
         "policy_rl": str(run_dir / "policy_rl"),
         "curve": {"step": steps, "actions_trained": actions, "accuracy": acc},
         "wall_s": wall_s,
@@ -519,9 +518,7 @@ def summarize(run_dir: Path, cfg: DemoConfig, sft: dict, wall_s: float, greedy: 
 
 def print_table(summary: dict) -> None:
     before, after, temperature = summary["accuracy_before"], summary["accuracy_after"], summary["config"]["temperature"]
-    greedy = "-"
-    if summary.get("greedy_after") is not None:
-        greedy = f"{summary['greedy_before']:.1%} -> {summary['greedy_after']:.1%}"
+    greedy = f"{summary['greedy_before']:.1%} -> {summary['greedy_after']:.1%}"
     rows = [
         ("algorithm", summary["algo"]),
         (

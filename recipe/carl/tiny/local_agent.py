@@ -106,10 +106,10 @@ class LocalAgent:
 
     def evaluate(self, rows: list[dict[str, Any]], temperature: float = 0.0, samples: int = 1) -> dict[str, float]:
         """Mean reward breakdown over `rows` x `samples` trajectories (greedy by default), all concurrently."""
-        uids = [(r, f"eval{i}" if samples == 1 else f"eval{i}.{j}") for i, r in enumerate(rows) for j in range(samples)]
+        jobs = [(r, f"eval{i}" if samples == 1 else f"eval{i}.{j}") for i, r in enumerate(rows) for j in range(samples)]
 
         async def run_all():
-            return await asyncio.gather(*[self.rollout(r, temperature, uid) for r, uid in uids])
+            return await asyncio.gather(*[self.rollout(r, temperature, uid) for r, uid in jobs])
 
         infos = [info for _, _, info in asyncio.run(run_all())]
         keys = sorted({k for info in infos for k in info})
