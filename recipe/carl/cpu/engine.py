@@ -5,7 +5,8 @@ Two layers:
 * :class:`CausalLMEngine` runs one left-padded batch to completion with its own decode loop over a KV cache.
   Each row carries its own sampling parameters (temperature, top-k, top-p, stop tokens, length budget), so any
   set of requests can share one forward pass; rows that finish are dropped from the cache (``reorder_cache``)
-  so the batch shrinks instead of decoding padding.
+  so the batch shrinks instead of decoding padding. The prefill runs in row chunks of at most
+  ``max_num_batched_tokens`` tokens (vLLM's name for the same bound), whose caches are joined for the decode loop.
 * :class:`BatchingScheduler` is the asyncio front: concurrent ``submit()`` calls that arrive while the engine
   is idle (within ``batch_wait_ms``) or busy are grouped into the next batch, which runs in a worker thread so
   the event loop keeps accepting requests. Futures resolve as soon as their row finishes.
@@ -200,6 +201,9 @@ class CausalLMEngine:
         logprobs_mode: ``processed_logprobs`` (vLLM's and verl's default) or ``raw_logprobs``.
         tokenizer: Only needed for requests with stop strings.
         seed: Seed of the shared sampling generator (rows without their own seed).
+        max_num_batched_tokens: Most (padded) tokens per prefill forward pass; larger batches are prefilled in row
+            chunks. The activations of one pass over all rows are the engine's memory peak (0.7 GB for 128 rows of
+            400 tokens with the 4-layer tiny policy, where the joined KV cache is 0.2 GB).
     """
 
     def __init__(
@@ -210,9 +214,13 @@ class CausalLMEngine:
         logprobs_mode: str = "processed_logprobs",
         tokenizer: Any = None,
         seed: int = 0,
+        max_num_batched_tokens: int = 8192,
     ):
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r} is not supported; use one of {LOGPROBS_MODES}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.max_num_batched_tokens = int(max_num_batched_tokens)
         self.model = model
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.pad_token_id = int(pad_token_id)
@@ -271,19 +279,8 @@ class CausalLMEngine:
         }
         active = list(range(n))  # batch row -> request index
 
-        # 3. Prefill; only the last position's logits are needed.
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=getattr(self.model, "config", None))
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :].float()
+        # 3. Prefill in row chunks of at most max_num_batched_tokens; only the last position's logits are needed.
+        cache, logits = self._prefill(input_ids, attention_mask, position_ids)
         next_pos = position_ids[:, -1] + 1
 
         # 4. Decode loop: sample, record, retire finished rows, feed the sampled tokens back.
@@ -336,6 +333,48 @@ class CausalLMEngine:
             )
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        """Prefill `(n, width)` left-padded rows, `max(1, max_num_batched_tokens // width)` rows per forward pass.
+
+        Returns:
+            The KV cache of all `n` rows and the `(n, vocab)` fp32 logits of each row's last position.
+        """
+        from transformers import DynamicCache
+
+        config = getattr(self.model, "config", None)
+        n, width = input_ids.shape
+        rows = max(1, self.max_num_batched_tokens // width)
+        cache, logits = None, []
+        for lo in range(0, n, rows):
+            part = DynamicCache(config=config)
+            out = self.model(
+                input_ids=input_ids[lo : lo + rows],
+                attention_mask=attention_mask[lo : lo + rows],
+                position_ids=position_ids[lo : lo + rows],
+                past_key_values=part,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits.append(out.logits[:, -1, :].float())
+            del out
+            if rows >= n:
+                return part, logits[0]
+            if cache is None:
+                # The first chunk's cache becomes the batch's: each layer's (rows, heads, width, head_dim) keys and
+                # values are widened to all n rows, which later chunks fill in place (no second copy of the cache).
+                cache = part
+                for layer in cache.layers:
+                    for name in ("keys", "values"):
+                        first = getattr(layer, name)
+                        full = first.new_empty((n, *first.shape[1:]))
+                        full[: len(first)] = first
+                        setattr(layer, name, full)
+                continue
+            for layer, chunk in zip(cache.layers, part.layers, strict=True):
+                layer.keys[lo : lo + len(chunk.keys)] = chunk.keys
+                layer.values[lo : lo + len(chunk.values)] = chunk.values
+        return cache, torch.cat(logits)
 
     def _mask_early_stops(self, logits: torch.Tensor, specs: list[SamplingSpec], lengths: list[int]) -> None:
         """Forbid EOS/stop tokens for rows still below ``min_tokens`` (in place)."""

@@ -122,6 +122,7 @@ class HFRolloutServer:
             logprobs_mode=getattr(self.config, "logprobs_mode", None) or "processed_logprobs",
             tokenizer=tokenizer,
             seed=int(getattr(self.config, "seed", 0) or 0) + replica_rank,
+            max_num_batched_tokens=int(getattr(self.config, "max_num_batched_tokens", 0) or 8192),
         )
         max_batch = int(os.environ.get(MAX_BATCH_ENV, "0") or 0) or int(getattr(self.config, "max_num_seqs", 256))
         self.scheduler = BatchingScheduler(

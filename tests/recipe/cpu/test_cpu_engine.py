@@ -157,6 +157,35 @@ def test_rows_finishing_early_are_retired_without_changing_others():
         assert r.token_ids == a.token_ids[:m]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chunked_prefill_matches_one_pass_and_bounds_each_forward(temperature):
+    model, tok = _model_and_tokenizer()
+    prompts = _prompts(7)
+    width = max(len(p) for p in prompts)
+    spec = SamplingSpec(max_tokens=10, temperature=temperature, ignore_eos=True)
+    whole = _engine(max_num_batched_tokens=10**6).generate(prompts, [spec] * 7)
+    widths = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        # 3 rows per prefill pass: chunks of 3, 3 and 1 rows.
+        chunked = _engine(max_num_batched_tokens=3 * width + 1).generate(prompts, [spec] * 7)
+    finally:
+        hook.remove()
+    assert widths[:3] == [(3, width), (3, width), (1, width)] and all(w[1] == 1 for w in widths[3:])
+    for prompt, a, b in zip(prompts, whole, chunked, strict=True):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.log_probs), torch.tensor(b.log_probs), atol=1e-5)
+        ref = _teacher_forced_logprobs(prompt, b.token_ids, max(temperature, 1.0))
+        assert torch.allclose(torch.tensor(b.log_probs), ref, atol=1e-5)
+
+
+def test_max_num_batched_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        _engine(max_num_batched_tokens=0)
+
+
 def test_max_batch_size_splits_batches():
     scheduler = BatchingScheduler(_engine(), max_batch_size=3, batch_wait_ms=20)
     res = asyncio.run(_concurrent(scheduler, _prompts(7), SamplingSpec(max_tokens=3, ignore_eos=True)))

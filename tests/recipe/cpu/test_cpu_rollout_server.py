@@ -73,6 +73,28 @@ def test_concurrent_generate_calls_are_batched():
     assert stats["num_batches"] == 1 and stats["batch_sizes"] == [8]
 
 
+def test_prefill_chunks_follow_max_num_batched_tokens():
+    # verl's default (vLLM's bound on tokens per forward pass), and an explicit setting.
+    assert _server().scheduler.engine.max_num_batched_tokens == 8192
+    server = _server(max_num_batched_tokens=2 * (len(PROMPT) + 1))
+    shapes = []
+    server.model.register_forward_pre_hook(
+        lambda _, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+
+    async def many():
+        params = {**GREEDY, "max_tokens": 2}
+        return await asyncio.gather(
+            *[
+                server.generate(prompt_ids=PROMPT + [65 + i], sampling_params=params, request_id=str(i))
+                for i in range(5)
+            ]
+        )
+
+    asyncio.run(many())
+    assert shapes[:3] == [(2, len(PROMPT) + 1), (2, len(PROMPT) + 1), (1, len(PROMPT) + 1)]
+
+
 def test_update_weights_changes_outputs_and_checksum():
     server = _server()
     before = asyncio.run(server.generate(prompt_ids=PROMPT, sampling_params=GREEDY, request_id="x"))
