@@ -25,6 +25,7 @@ CPU = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "scipy>=1.11",  # benchmarks: Spearman and Brunner-Munzel of the criticality study
+    "wrapt>=1.14",  # post-import hooks: the verl plugin registers each piece when verl imports its registry
 ]
 TEST = ["pytest>=8", "ruff>=0.6"]
 # GPU path: verl's vLLM and FSDP extras (these bring torch==2.11.0 CUDA, vllm and flash-attn).

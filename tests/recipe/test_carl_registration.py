@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,6 +28,44 @@ def test_fresh_process_resolves_carl():
     assert lines[0] == "recipe.carl.estimator compute_carl_advantage"
     assert lines[1] == "recipe.carl.trainer CARLTrainer ['PPOTrainerSync', 'PPOTrainer']"
     assert lines[2] == "['carl_agent', 'carl_chain_agent', 'carl_tree_agent']"
+
+
+LAZY_PROBE = """
+import sys
+import verl
+
+def loaded(*names):
+    return [n for n in names if n in sys.modules]
+
+recipe = ("recipe.carl.estimator", "recipe.carl.trainer", "recipe.carl.agent_loop")
+heavy = ("verl.workers.engine", "verl.workers.rollout", "verl.experimental.agent_loop", "verl.trainer.ppo.v1")
+print(loaded(*recipe, *heavy))
+from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+print(loaded(*recipe), get_adv_estimator_fn("carl").__name__)
+from verl.workers.rollout.replica import get_rollout_replica_class
+print(loaded(*recipe), get_rollout_replica_class("carl_hf").__name__)
+from verl.workers.engine import EngineRegistry
+print(EngineRegistry.get_engine_cls("language_model", "fsdp2").__name__)
+from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+print(loaded(*recipe), "carl_tree_agent" in _agent_loop_registry)
+from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
+print(loaded(*recipe), get_trainer_cls("carl").__name__)
+"""
+
+
+def test_each_registration_waits_for_its_verl_module():
+    """`import verl` loads none of the recipe's registering modules; each arrives with the verl registry it fills."""
+    env = {**os.environ, "CARL_DEVICE": "cpu"}
+    out = subprocess.run([sys.executable, "-c", LAZY_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-6:] == [
+        "[]",
+        "['recipe.carl.estimator'] compute_carl_advantage",
+        "['recipe.carl.estimator'] HFRolloutReplica",
+        "FSDPEngineWithLMHead",
+        "['recipe.carl.estimator', 'recipe.carl.agent_loop'] True",
+        "['recipe.carl.estimator', 'recipe.carl.trainer', 'recipe.carl.agent_loop'] CARLTrainer",
+    ]
 
 
 def test_check_registered_fails_loudly(monkeypatch):

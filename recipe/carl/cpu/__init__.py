@@ -8,8 +8,10 @@ Public entry points:
 * :func:`recipe.carl.cpu.platform.activate` / :func:`recipe.carl.cpu.registry.register_rollout` -- the two halves.
 * ``recipe/carl/config/device/cpu.yaml`` (``+device=cpu``) -- the config overrides a CPU run needs.
 
-Importing this package imports neither torch nor verl; :func:`register` imports only verl's registries and, under
-``CARL_DEVICE=cpu``, its FSDP engine module.
+Importing this package imports neither torch nor verl; :func:`register` imports only verl's platform module (under
+``CARL_DEVICE=cpu``) and hooks the rest onto verl's own imports: the rollout backend is registered once a process
+imports ``verl.workers.rollout``, the CPU engines once it imports ``verl.workers.engine``. Importing those here cost
+every verl process of a CPU run ~150 MB, the router and the reward workers included, which use neither.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ def register() -> bool:
     Returns:
         True if the CPU platform is active in this process.
     """
+    import wrapt
+
     from recipe.carl.cpu.platform import activate
     from recipe.carl.cpu.registry import register_rollout
 
     active = activate()
-    register_rollout()
+    wrapt.register_post_import_hook(lambda _module: register_rollout(), "verl.workers.rollout")
     return active
 
 

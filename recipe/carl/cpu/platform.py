@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import wrapt
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +287,8 @@ def activate() -> bool:
     cls = registry.register(platform=PLATFORM_NAME)(_make_platform_class())
     set_platform(cls())
     _patch_process_group_backend()
-    _register_cpu_engines()
+    # When (and only where) verl's engines are imported: that module alone costs a process ~150 MB.
+    wrapt.register_post_import_hook(lambda _module: _register_cpu_engines(), "verl.workers.engine")
     # CPU runs are where logical-CPU starvation hangs verl silently; fail them with a message instead.
     from recipe.carl.cpu import watchdog
 
