@@ -22,6 +22,7 @@ Nothing here runs unless ``CARL_DEVICE=cpu`` is set, so importing this module on
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -81,6 +82,26 @@ def _noop(*args, **kwargs) -> None:
     return None
 
 
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def empty_host_cache(*args, **kwargs) -> None:
+    """The CPU's ``empty_cache``: hand the heap's free pages back to the OS (glibc's ``malloc_trim``).
+
+    glibc keeps freed memory for reuse, so without this each process of a CPU run holds on to its largest phase so
+    far (the actor's update, a validation's generation) for the rest of the run, next to the other processes' peaks.
+    verl calls ``empty_cache`` around every weight sync. A no-op where the C library is not glibc.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _build_device_module() -> types.ModuleType:
     """Return a ``torch.cpu`` look-alike with the ``torch.cuda`` calls verl 0.9.1 makes via ``get_torch_device()``.
 
@@ -96,7 +117,7 @@ def _build_device_module() -> types.ModuleType:
         current_device=lambda: "cpu",
         set_device=_noop,
         synchronize=_noop,
-        empty_cache=_noop,
+        empty_cache=empty_host_cache,
         ipc_collect=_noop,
         set_per_process_memory_fraction=_noop,
         reset_peak_memory_stats=_noop,
@@ -167,7 +188,7 @@ def _make_platform_class():
             return None
 
         def empty_cache(self) -> None:
-            return None
+            empty_host_cache()
 
         def get_device_capability(self, device_index: int = 0) -> tuple[int | None, int | None]:
             return None, None

@@ -89,16 +89,29 @@ class DemoConfig:
     """Held-out episodes per question at each validation (verl's `val_kwargs.n`), sampled at the rollout temperature:
     the curve is their mean exact match. A greedy check of the start and of the trained policy comes on top."""
     topk: int = 2
+    micro_batch_tokens: int = 4096
+    """Tokens per forward/backward micro-batch of the actor (`ppo_max_token_len_per_gpu`, and the same for its
+    log-probs). Without remove-padding every row is padded to the longest and sdpa's CPU path keeps each layer's
+    attention matrix: at 16384 the tiny policy's update peaked at 2.6 GB instead of 1.0 GB."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (verl's `enable_gradient_checkpointing`): only worth
+    its time for policies whose activations dominate memory (SmolLM2: 30 layers)."""
     timeout_s: int = 1800
 
     def __post_init__(self) -> None:
         flags = {"steps": "--steps", "lr": "--lr", "temperature": "--temperature", "sft_steps": "--sft-steps"}
-        for name in ("steps", "sft_steps", "batch_prompts", "n0", "max_actions", "test_freq", "val_samples"):
+        names = ("steps", "sft_steps", "batch_prompts", "n0", "max_actions", "test_freq", "val_samples")
+        for name in (*names, "micro_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flags.get(name, name)} {getattr(self, name)}: must be >= 1.")
         for name in ("lr", "temperature", "sft_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{flags.get(name, name)} {getattr(self, name)}: must be > 0.")
+        if self.micro_batch_tokens < self.max_prompt_length + self.max_response_length:
+            raise ValueError(
+                f"micro_batch_tokens {self.micro_batch_tokens}: a micro-batch must hold one whole row, "
+                f"max_prompt_length + max_response_length = {self.max_prompt_length + self.max_response_length}."
+            )
 
     @classmethod
     def tiny(cls, algo: str = "carl", seed: int = 0) -> DemoConfig:
@@ -139,6 +152,9 @@ class DemoConfig:
             val_samples=2,
             max_prompt_length=192,
             max_response_length=1024,
+            # A 49k-token vocabulary: the logits of 2048 tokens alone are 0.4 GB per copy.
+            micro_batch_tokens=2048,
+            gradient_checkpointing=True,
             timeout_s=7200,
         )
 
@@ -269,14 +285,12 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
 def release_memory() -> None:
     """Returns freed heap memory to the OS. glibc keeps the SFT's activations otherwise (~15 GB for SmolLM2), and this
     process then holds them while the trainer runs beside it."""
-    import ctypes
     import gc
 
+    from recipe.carl.cpu.platform import empty_host_cache
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    empty_host_cache()
 
 
 def load_smollm2(out: Path):
@@ -320,12 +334,11 @@ def trainer_overrides(
         f"actor_rollout_ref.actor.optim.lr={cfg.lr}",
         "actor_rollout_ref.actor.use_kl_loss=False",
         "actor_rollout_ref.actor.entropy_coeff=0",
-        # Micro-batches of 4096 tokens: without remove-padding every row is padded to the longest, and sdpa's CPU
-        # path keeps each layer's attention matrix; at 16384 the actor's update peaked at 2.6 GB instead of 1.0 GB.
         "actor_rollout_ref.actor.use_dynamic_bsz=True",
-        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4096",
+        f"actor_rollout_ref.actor.ppo_max_token_len_per_gpu={cfg.micro_batch_tokens}",
         "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
-        "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=4096",
+        f"actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu={cfg.micro_batch_tokens}",
+        f"actor_rollout_ref.model.enable_gradient_checkpointing={cfg.gradient_checkpointing}",
         # At most 128 sequences per forward pass of the CPU rollout (verl's default 256), to bound the KV cache of the
         # 100 x 4-episode validations. The measured peak did not move with it (6.4 GB for seed 0 either way).
         "actor_rollout_ref.rollout.max_num_seqs=128",

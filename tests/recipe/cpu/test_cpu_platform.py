@@ -85,6 +85,24 @@ def test_active_with_carl_device_cpu_via_verl_plugin_loading():
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_empty_cache_hands_freed_heap_back_to_the_os():
+    # verl's empty_cache calls (around each weight sync) are the CPU processes' chance to return a phase's memory.
+    device_module = cpu_platform._build_device_module()
+    assert device_module.empty_cache is cpu_platform.empty_host_cache
+
+    def rss_mb() -> int:
+        return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
+
+    chunks = [bytearray(64 * 1024) for _ in range(6000)]  # ~375 MB of blocks below glibc's mmap threshold
+    keep = chunks[-1]  # the top block pins the heap, so freeing the rest alone returns nothing
+    del chunks
+    held = rss_mb()
+    device_module.empty_cache()
+    assert rss_mb() < held - 250
+    assert len(keep) == 64 * 1024
+
+
 def test_gloo_patch_guard_raises_when_symbol_missing(monkeypatch):
     import verl.utils.distributed as dist_mod
 

@@ -95,6 +95,19 @@ def test_prefill_chunks_follow_max_num_batched_tokens():
     assert shapes[:3] == [(2, len(PROMPT) + 1), (2, len(PROMPT) + 1), (1, len(PROMPT) + 1)]
 
 
+def test_sleep_trims_the_heap_and_keeps_serving(monkeypatch):
+    import recipe.carl.cpu.platform as cpu_platform
+
+    calls = []
+    monkeypatch.setattr(cpu_platform, "empty_host_cache", lambda: calls.append(1))
+    server = _server()
+    params = {**GREEDY, "max_tokens": 4}
+    before = asyncio.run(server.generate(prompt_ids=PROMPT, sampling_params=params, request_id="a"))
+    asyncio.run(server.sleep())
+    after = asyncio.run(server.generate(prompt_ids=PROMPT, sampling_params=params, request_id="b"))
+    assert calls == [1] and after.token_ids == before.token_ids
+
+
 def test_update_weights_changes_outputs_and_checksum():
     server = _server()
     before = asyncio.run(server.generate(prompt_ids=PROMPT, sampling_params=GREEDY, request_id="x"))

@@ -82,23 +82,6 @@ def test_bad_sizes_name_the_flag_before_anything_is_written(tmp_path, argv, mess
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
-def test_release_memory_hands_freed_heap_back_to_the_os():
-    # The SFT's freed activations stay in this process otherwise (7.4 GB -> 0.5 GB measured for SmolLM2's SFT).
-    from recipe.carl.tiny.demo import release_memory
-
-    def rss_mb() -> int:
-        return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) // 1024
-
-    chunks = [bytearray(64 * 1024) for _ in range(6000)]  # ~375 MB of blocks below glibc's mmap threshold
-    keep = chunks[-1]  # the top block pins the heap, so freeing the rest alone returns nothing
-    del chunks
-    held = rss_mb()
-    release_memory()
-    assert rss_mb() < held - 250
-    assert len(keep) == 64 * 1024
-
-
 def test_a_retriever_port_in_use_is_named(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,3 +202,20 @@ def test_ablation_knobs_reach_the_trainer(tmp_path):
         tmp_path, tmp_path, tmp_path, tmp_path / "t.yaml", tmp_path / "ray", DemoConfig(algo="grpo", grpo_group=16)
     )
     assert "actor_rollout_ref.rollout.n=16" in grpo and "algorithm.adv_estimator=grpo" in grpo
+
+
+def test_smollm2_recomputes_activations_in_small_micro_batches(tmp_path):
+    from recipe.carl.tiny.demo import DemoConfig, trainer_overrides
+
+    def memory_overrides(cfg):
+        overrides = trainer_overrides(tmp_path, tmp_path, tmp_path, tmp_path / "t.yaml", tmp_path / "ray", cfg)
+        return {o for o in overrides if "max_token_len" in o or "gradient_checkpointing" in o}
+
+    assert memory_overrides(DemoConfig.smollm2()) == {
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=2048",
+        "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=2048",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=True",
+    }
+    assert "actor_rollout_ref.model.enable_gradient_checkpointing=False" in memory_overrides(DemoConfig())
+    with pytest.raises(ValueError, match="micro_batch_tokens 1000: a micro-batch must hold one whole row.* 1216"):
+        DemoConfig(policy="smollm2", max_prompt_length=192, max_response_length=1024, micro_batch_tokens=1000)
