@@ -94,8 +94,9 @@ class DemoConfig:
     log-probs). Without remove-padding every row is padded to the longest and sdpa's CPU path keeps each layer's
     attention matrix: at 16384 the tiny policy's update peaked at 2.6 GB instead of 1.0 GB."""
     gradient_checkpointing: bool = False
-    """Recompute each layer's activations in the backward pass (verl's `enable_gradient_checkpointing`): only worth
-    its time for policies whose activations dominate memory (SmolLM2: 30 layers)."""
+    """Recompute each layer's activations in the backward pass, in the SFT and in verl's actor
+    (`enable_gradient_checkpointing`): only worth its time for policies whose activations dominate memory (SmolLM2:
+    30 layers)."""
     timeout_s: int = 1800
 
     def __post_init__(self) -> None:
@@ -274,7 +275,11 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
         batch_size=cfg.sft_batch_size,
         warmup_steps=min(50, cfg.sft_steps // 10),
     )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     result = train_sft(model, examples, tokenizer.pad_token_id, sft_cfg, progress=True)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     out = Path(save_policy(model, tokenizer, run_dir / "policy_sft"))
     info = {"steps": result.steps, "wall_s": result.wall_s, "final_loss": result.final_loss}
     command = "python -m recipe.carl.tiny.demo " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -219,3 +219,24 @@ def test_smollm2_recomputes_activations_in_small_micro_batches(tmp_path):
     assert "actor_rollout_ref.model.enable_gradient_checkpointing=False" in memory_overrides(DemoConfig())
     with pytest.raises(ValueError, match="micro_batch_tokens 1000: a micro-batch must hold one whole row.* 1216"):
         DemoConfig(policy="smollm2", max_prompt_length=192, max_response_length=1024, micro_batch_tokens=1000)
+
+
+def test_gradient_checkpointing_covers_the_sft_and_is_not_saved(tmp_path, monkeypatch):
+    import recipe.carl.tiny.sft as sft
+    from recipe.carl.tiny.demo import DemoConfig, corpus_search, make_data, sft_warm_start
+
+    seen = []
+
+    def fake_train_sft(model, examples, pad_id, config, progress=True):
+        seen.append(model.is_gradient_checkpointing)
+        return sft.SFTResult(steps=1, wall_s=0.0, final_loss=1.0, tokens=1, action_tokens=1)
+
+    monkeypatch.setattr(sft, "train_sft", fake_train_sft)
+    cfg = DemoConfig(n_entities=60, n_train=50, n_test=5, sft_steps=1, gradient_checkpointing=True)
+    data_dir = make_data(tmp_path, cfg)
+    _, search = corpus_search(data_dir, cfg.topk)
+    model_dir, _ = sft_warm_start(tmp_path, data_dir, search, cfg, shipped=None)
+    from transformers import AutoModelForCausalLM
+
+    assert seen == [True]
+    assert not AutoModelForCausalLM.from_pretrained(model_dir).is_gradient_checkpointing
