@@ -10,8 +10,9 @@ Public entry points:
 
 Importing this package imports neither torch nor verl; :func:`register` imports only verl's platform module (under
 ``CARL_DEVICE=cpu``) and hooks the rest onto verl's own imports: the rollout backend is registered once a process
-imports ``verl.workers.rollout``, the CPU engines once it imports ``verl.workers.engine``. Importing those here cost
-every verl process of a CPU run ~150 MB, the router and the reward workers included, which use neither.
+imports ``verl.workers.rollout``, the CPU engines once it imports ``verl.workers.engine``. Importing those here made
+every process that imports verl load them (~150 MB on top of ``import verl``), the router and the reward workers
+included, which use neither.
 """
 
 from __future__ import annotations
