@@ -281,8 +281,6 @@ def sft_warm_start(run_dir: Path, data_dir: Path, search, cfg: DemoConfig, shipp
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     result = train_sft(model, examples, tokenizer.pad_token_id, sft_cfg, progress=True)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
     out = Path(save_policy(model, tokenizer, run_dir / "policy_sft"))
     info = {"steps": result.steps, "wall_s": result.wall_s, "final_loss": result.final_loss}
     command = "python -m recipe.carl.tiny.demo " + " ".join(shlex.quote(a) for a in sys.argv[1:])

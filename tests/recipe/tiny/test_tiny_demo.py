@@ -221,7 +221,7 @@ def test_smollm2_recomputes_activations_in_small_micro_batches(tmp_path):
         DemoConfig(policy="smollm2", max_prompt_length=192, max_response_length=1024, micro_batch_tokens=1000)
 
 
-def test_gradient_checkpointing_covers_the_sft_and_is_not_saved(tmp_path, monkeypatch):
+def test_gradient_checkpointing_covers_the_sft(tmp_path, monkeypatch):
     import recipe.carl.tiny.sft as sft
     from recipe.carl.tiny.demo import DemoConfig, corpus_search, make_data, sft_warm_start
 
@@ -235,8 +235,5 @@ def test_gradient_checkpointing_covers_the_sft_and_is_not_saved(tmp_path, monkey
     cfg = DemoConfig(n_entities=60, n_train=50, n_test=5, sft_steps=1, gradient_checkpointing=True)
     data_dir = make_data(tmp_path, cfg)
     _, search = corpus_search(data_dir, cfg.topk)
-    model_dir, _ = sft_warm_start(tmp_path, data_dir, search, cfg, shipped=None)
-    from transformers import AutoModelForCausalLM
-
+    sft_warm_start(tmp_path, data_dir, search, cfg, shipped=None)
     assert seen == [True]
-    assert not AutoModelForCausalLM.from_pretrained(model_dir).is_gradient_checkpointing
