@@ -36,8 +36,11 @@ def run_carl(config: DictConfig) -> None:
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
+    from recipe.carl.cpu.vllm_cpu import check_rollout_config
+
     plugin.check_registered()
     check_trainer_config(config)
+    check_rollout_config(config)  # CARL_DEVICE=cpu with rollout.name=vllm: vLLM's CPU build and +device=cpu_vllm
     check_data_agents(config)
     _absolute_agent_loop_config(config)
     auto_set_device(config)

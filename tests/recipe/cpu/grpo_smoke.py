@@ -6,9 +6,15 @@ and a toy dense reward, then launches the trainer under ``CARL_DEVICE=cpu`` with
 process it started. Metrics come from verl's ``file`` logger (one JSON line per step); weight checksums come from
 the ``carl_hf update_weights`` lines the rollout server prints.
 
+Options (all default to the above): ``device="cpu_vllm"`` runs verl's own vLLM rollout (``+device=cpu_vllm``; the
+launcher's Python must have vLLM's CPU build, see ``recipe/carl/cpu/vllm_cpu.py``) and logs every ``generate``
+call of the vLLM server (``SmokeResult.requests``); ``data="synthhop"`` runs on SynthHop data with a live BM25
+retriever and the project's SynthHop reward, with ``model_dir`` (e.g. :data:`SHIPPED_SFT`) as the policy.
+
 CLI (prints one JSON summary line, exit code 0 only if the run exited 0)::
 
     python tests/recipe/cpu/grpo_smoke.py --steps 2 [--no-sync] [--launcher "python -m recipe.carl.main_carl"]
+        [--device cpu_vllm] [--algo carl --data synthhop --model recipe/carl/tiny/checkpoints/sft_seed0]
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ REWARD_FILE = Path(__file__).resolve().parent / "toy_reward.py"
 #: The trainer entry point: the recipe's own main (verl's run_ppo after CARL's config checks).
 DEFAULT_LAUNCHER = f"{shlex.quote(sys.executable)} -m recipe.carl.main_carl"
 TOOL_YAML = REPO / "recipe" / "carl" / "search" / "search_tool.yaml"
+#: The shipped SFT start of the tiny SynthHop policy (its tokenizer, data seed and sizes are in its manifest).
+SHIPPED_SFT = REPO / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
+#: The request log of the vLLM server (recipe.carl.cpu.vllm_cpu.REQUEST_LOG_ENV).
+REQUEST_LOG_ENV = "CARL_VLLM_REQUEST_LOG"
 _CHECKSUM_RE = re.compile(r"carl_hf update_weights #(\d+): .*checksum=([-+0-9.eE]+)")
 
 
@@ -49,6 +59,8 @@ class SmokeResult:
     log_path: str
     metrics: list[dict] = field(default_factory=list)
     checksums: list[float] = field(default_factory=list)
+    requests: list[dict] = field(default_factory=list)
+    """One record per ``generate`` call of the vLLM server (``device="cpu_vllm"`` only; see ``vllm_cpu``)."""
 
     def series(self, key: str) -> list[float]:
         """Return ``key``'s value at every logged step that has it."""
@@ -108,11 +120,63 @@ def algo_overrides(algo: str) -> list[str]:
     raise ValueError(f"algo={algo!r}: use grpo or carl")
 
 
-def build_overrides(model_dir: Path, data: Path, workdir: Path, steps: int, algo: str = "grpo") -> list[str]:
-    """Hydra overrides on top of ``carl_trainer.yaml`` + ``device/cpu.yaml`` (model, data, sizes, logging)."""
+def make_synthhop(workdir: Path, rows: int = 32) -> tuple[Path, Path, Path]:
+    """SynthHop exactly as the shipped SFT start was trained on (seed, entities and sizes of its manifest).
+
+    Returns:
+        ``(data_dir, train_parquet, val_parquet)``: the full data set (``corpus.jsonl`` for the retriever), the first
+        ``rows`` training rows (agent ``carl_agent``), and the held-out rows (agent ``carl_chain_agent``).
+    """
+    import pandas as pd
+
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+
+    key = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())["key"]
+    config = SynthHopConfig(seed=key["seed"], n_entities=key["n_entities"], n_train=key["n_train"], n_test=100)
+    data_dir = workdir / "synthhop"
+    write(build(config), data_dir, overwrite=True, command="tests/recipe/cpu/grpo_smoke.py")
+    train = workdir / "synthhop_train.parquet"
+    pd.read_parquet(data_dir / "train.parquet").head(rows).to_parquet(train)
+    return data_dir, train, data_dir / "test.parquet"
+
+
+def synthhop_overrides(workdir: Path, topk: int = 2) -> list[str]:
+    """What a SynthHop run adds: the tiny policy's lengths and rollout temperature, and a search tool with ``topk``
+    documents per search (the shipped SFT start was trained on 2)."""
+    text = TOOL_YAML.read_text()
+    if "topk: 3" not in text:
+        raise RuntimeError(f"{TOOL_YAML} no longer sets `topk: 3`; update synthhop_overrides")
+    tool_yaml = workdir / "search_tool.yaml"
+    tool_yaml.write_text(text.replace("topk: 3", f"topk: {topk}"))
+    return [
+        "data.max_prompt_length=64",
+        "data.max_response_length=384",
+        "actor_rollout_ref.rollout.temperature=0.7",
+        "actor_rollout_ref.rollout.top_k=-1",
+        f"actor_rollout_ref.rollout.multi_turn.tool_config_path={tool_yaml}",
+    ]
+
+
+def build_overrides(
+    model_dir: Path,
+    data: Path,
+    workdir: Path,
+    steps: int,
+    algo: str = "grpo",
+    val_data: Path | None = None,
+    reward: bool = True,
+) -> list[str]:
+    """Hydra overrides on top of ``carl_trainer.yaml`` + ``device/cpu.yaml`` (model, data, sizes, logging).
+
+    ``val_data`` defaults to ``data``; ``reward=False`` keeps the project's reward instead of the toy one.
+    """
+    toy_reward = [
+        f"reward.custom_reward_function.path={REWARD_FILE}",
+        "reward.custom_reward_function.name=compute_score",
+    ]
     return algo_overrides(algo) + [
         f"data.train_files={data}",
-        f"data.val_files={data}",
+        f"data.val_files={val_data or data}",
         "data.max_prompt_length=64",
         "data.max_response_length=32",
         "data.filter_overlong_prompts=True",
@@ -122,8 +186,7 @@ def build_overrides(model_dir: Path, data: Path, workdir: Path, steps: int, algo
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
         "actor_rollout_ref.actor.use_kl_loss=False",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
-        f"reward.custom_reward_function.path={REWARD_FILE}",
-        "reward.custom_reward_function.name=compute_score",
+        *(toy_reward if reward else []),
         "trainer.logger=[console,file]",
         "trainer.project_name=carl_cpu",
         "trainer.experiment_name=smoke",
@@ -197,6 +260,10 @@ def run_smoke(
     workdir: Path | None = None,
     extra_overrides: list[str] | None = None,
     algo: str = "grpo",
+    device: str = "cpu",
+    data: str = "toy",
+    model_dir: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> SmokeResult:
     """Run the trainer once and collect exit code, wall time, peak memory, metrics and weight checksums.
 
@@ -207,19 +274,48 @@ def run_smoke(
         timeout_s: Hard wall-clock limit; the whole process session is killed after it.
         workdir: Where model, data, logs and the Ray temp dir go (a fresh temp dir by default).
         extra_overrides: More Hydra overrides, appended last.
+        algo: ``grpo`` or ``carl`` (see :func:`algo_overrides`).
+        device: The device config option, ``cpu`` (carl_hf rollout) or ``cpu_vllm`` (verl's vLLM rollout).
+        data: ``toy`` (16 chat rows, toy reward, no retriever) or ``synthhop`` (:func:`make_synthhop`, a live BM25
+            retriever on a free port for the run's duration, the project's SynthHop reward).
+        model_dir: The policy folder; default a fresh tiny random Qwen2 (``recipe.carl.cpu.tiny_model``).
+        extra_env: More environment variables of the trainer.
     """
+    from contextlib import ExitStack
+
     from recipe.carl.cpu.tiny_model import save_tiny_model
 
+    if data not in ("toy", "synthhop"):
+        raise ValueError(f"data={data!r}: use toy or synthhop")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="carl_smoke_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(save_tiny_model(workdir / "model"))
-    data = make_dataset(workdir / "train.parquet")
+    model_dir = Path(model_dir) if model_dir is not None else Path(save_tiny_model(workdir / "model"))
     metrics_path = workdir / "metrics.jsonl"
     log_path = workdir / "train.log"
-    cmd = shlex.split(launcher) + ["--config-path", str(CONFIG_DIR), "--config-name", "carl_trainer", "+device=cpu"]
-    cmd += build_overrides(model_dir, data, workdir, steps, algo) + list(extra_overrides or [])
-
+    request_log = workdir / "vllm_requests.jsonl"
+    cmd = shlex.split(launcher) + [
+        "--config-path",
+        str(CONFIG_DIR),
+        "--config-name",
+        "carl_trainer",
+        f"+device={device}",
+    ]
+    stack = ExitStack()
     env = dict(os.environ)
+    if data == "toy":
+        train = make_dataset(workdir / "train.parquet")
+        cmd += build_overrides(model_dir, train, workdir, steps, algo)
+    else:
+        from recipe.carl.search.retriever import Retriever, RetrieverConfig
+        from recipe.carl.search.server import serve_in_thread
+
+        data_dir, train, val = make_synthhop(workdir)
+        retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
+        env["RETRIEVER_URL"] = stack.enter_context(serve_in_thread(retriever)).rstrip("/") + "/retrieve"
+        cmd += build_overrides(model_dir, train, workdir, steps, algo, val_data=val, reward=False)
+        cmd += synthhop_overrides(workdir)
+    cmd += list(extra_overrides or [])
+
     env.update(
         CARL_DEVICE="cpu",
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
@@ -229,6 +325,10 @@ def run_smoke(
         HYDRA_FULL_ERROR="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    if device == "cpu_vllm":
+        request_log.unlink(missing_ok=True)
+        env[REQUEST_LOG_ENV] = str(request_log)
+    env.update(extra_env or {})
     # Until the recipe's verl.plugins entry point is installed, load the CPU plugin explicitly.
     mods = [m for m in env.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
     if "recipe.carl.cpu.verl_plugin" not in mods:
@@ -244,7 +344,7 @@ def run_smoke(
     peaks = {"rss": 0, "pss": 0, "sys": 0}
     done = threading.Event()
     t0 = time.time()
-    with open(log_path, "wb") as log:
+    with stack, open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         sid = proc.pid
 
@@ -280,6 +380,7 @@ def run_smoke(
                 row = json.loads(line)
                 metrics.append({"step": row["step"], **row["data"]})
     checksums = [float(m.group(2)) for m in _CHECKSUM_RE.finditer(log_path.read_text(errors="replace"))]
+    requests = [json.loads(line) for line in request_log.read_text().splitlines()] if request_log.exists() else []
     return SmokeResult(
         returncode=rc,
         wall_s=wall,
@@ -290,6 +391,7 @@ def run_smoke(
         log_path=str(log_path),
         metrics=metrics,
         checksums=checksums,
+        requests=requests,
     )
 
 
@@ -301,12 +403,27 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--algo", choices=["grpo", "carl"], default="grpo")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--device", choices=["cpu", "cpu_vllm"], default="cpu", help="carl_hf or verl's vLLM rollout")
+    parser.add_argument("--data", choices=["toy", "synthhop"], default="toy")
+    parser.add_argument("--model", type=Path, default=None, help="policy folder (default: a tiny random Qwen2)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
-    res = run_smoke(args.steps, not args.no_sync, args.launcher, args.timeout, args.workdir, args.overrides, args.algo)
+    res = run_smoke(
+        args.steps,
+        not args.no_sync,
+        args.launcher,
+        args.timeout,
+        args.workdir,
+        args.overrides,
+        args.algo,
+        device=args.device,
+        data=args.data,
+        model_dir=args.model,
+    )
     summary = asdict(res)
     keep = ("training/rollout_probs_diff_max", "critic/score/mean", "actor/grad_norm", "timing_s/step")
     summary["metrics"] = [{k: m.get(k) for k in ("step", *keep)} for m in res.metrics]
+    summary["requests"] = len(res.requests)
     print(json.dumps(summary))
     return 0 if res.returncode == 0 else 1
 
