@@ -25,6 +25,7 @@ CLI: ``python -m recipe.carl.cpu.vllm_cpu --check`` (the start-up check; exit 1 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -235,6 +236,7 @@ def _log_requests(server_module: Any) -> None:
 
     Appends one JSON line per call, written by the server actor: ``request_id`` (verl's; the CARL agent loop uses
     one per tree), ``t0``/``t1`` (wall clock when the call entered and left the server), ``prompt_tokens``,
+    ``prompt_sha1`` (a hash of the prompt's token ids: forks of one state send the same prompt),
     ``cached_tokens`` (vLLM's ``RequestOutput.num_cached_tokens``: prompt tokens served from the prefix cache, as
     verl returns it in ``extra_fields``), ``output_tokens``, ``stop_reason``, ``global_steps`` (the weights' step).
     verl keeps none of this per request, and vLLM's own per-request stats are off under verl
@@ -258,6 +260,8 @@ def _log_requests(server_module: Any) -> None:
             "t0": t0,
             "t1": time.time(),
             "prompt_tokens": len(prompt_ids),
+            # Identifies the state a request continues: forks of one state send the same prompt.
+            "prompt_sha1": hashlib.sha1(json.dumps(list(map(int, prompt_ids))).encode()).hexdigest()[:16],
             "cached_tokens": extra.get("num_cached_tokens"),
             "output_tokens": len(output.token_ids),
             "stop_reason": output.stop_reason,

@@ -1,0 +1,142 @@
+"""verl's own vLLM rollout on CPU (vLLM's CPU build), end to end through `python -m recipe.carl.main_carl`:
+2 GRPO steps with weight sync, the negative control without it, and 2 CARL steps of the shipped SFT start of the
+tiny SynthHop policy against a live retriever, with the vLLM server's request log (recipe.carl.cpu.vllm_cpu).
+
+Runs in the vLLM venv (`bash scripts/install_cpu.sh --vllm`; marker `vllm`, skipped elsewhere), one run at a time
+(each starts its own Ray cluster and vLLM server; two at once would also share verl's weight-sync socket path).
+About 11 minutes for the three runs on 2 cores; peak ~7.5 GB (summed PSS).
+"""
+
+import importlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+try:  # tests/recipe/cpu is a package in this repo; keep working if it stops being one
+    from .grpo_smoke import SHIPPED_SFT, run_smoke
+except ImportError:
+    from grpo_smoke import SHIPPED_SFT, run_smoke
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+DIFF_KEY = "training/rollout_probs_diff_max"
+#: CARL run: 2 questions per step, trees of N0 = 2 root rollouts + N = 4 forks handed out 2 at a time (so two
+#: forks of a tree are in the server together), at most 4 actions per trajectory.
+CARL = {"n0": 2, "n_forks": 4, "wave_size": 2, "max_actions": 4}
+
+
+def check_tree_record(record: dict) -> None:
+    """carl_core's dump invariant check, wherever the refactor of issue 17 puts it."""
+    for module in ("carl_core", "carl_core.stats", "tests.core.tree_checks"):
+        try:
+            check = importlib.import_module(module).check_tree_record
+        except (ImportError, AttributeError):
+            continue
+        return check(record)
+    pytest.fail("check_tree_record is in none of carl_core, carl_core.stats, tests.core.tree_checks")
+
+
+@pytest.fixture(scope="module")
+def synced(tmp_path_factory):
+    return run_smoke(steps=2, device="cpu_vllm", workdir=tmp_path_factory.mktemp("vllm_synced"), timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def unsynced(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vllm_unsynced")
+    return run_smoke(steps=2, sync_weights=False, device="cpu_vllm", workdir=workdir, timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def carl(tmp_path_factory):
+    return run_smoke(
+        steps=2,
+        algo="carl",
+        device="cpu_vllm",
+        data="synthhop",
+        model_dir=SHIPPED_SFT,
+        workdir=tmp_path_factory.mktemp("vllm_carl"),
+        timeout_s=720,
+        extra_overrides=[f"algorithm.carl.{key}={value}" for key, value in CARL.items()],
+    )
+
+
+def test_grpo_on_vllm_runs_two_steps(synced):
+    assert synced.returncode == 0 and not synced.timed_out, f"see {synced.log_path}"
+    assert [m["step"] for m in synced.metrics] == [1, 2]
+    assert all(g > 0 for g in synced.series("actor/grad_norm"))
+    # Every generate() went through verl's vLLMHttpServer: 4 prompts x n=2 per step.
+    assert len(synced.requests) == 16 and {r["stop_reason"] for r in synced.requests} == {"completed"}
+
+
+def test_vllm_logprobs_match_the_actor_after_a_weight_sync(synced):
+    # Step 2 samples with the weights synced after step 1's update (bucketed shared-memory transfer,
+    # update_weights_from_ipc, the re-run of process_weights_after_loading, the patched live-weight GEMMs).
+    diffs = synced.series(DIFF_KEY)
+    assert len(diffs) == 2 and diffs[1] <= 1e-4 and diffs[0] <= 1e-4, diffs
+
+
+def test_negative_control_without_weight_sync_diverges(synced, unsynced):
+    assert unsynced.returncode == 0, f"see {unsynced.log_path}"
+    diffs = unsynced.series(DIFF_KEY)
+    # Step 1 matches (the start-up sync loaded the policy); step 2 samples from the weights before the update.
+    assert diffs[0] <= 1e-4
+    assert diffs[1] > 1e-2 and diffs[1] > 100 * synced.series(DIFF_KEY)[1], diffs
+
+
+def test_carl_on_vllm_runs_two_steps_with_the_sft_start(carl):
+    assert carl.returncode == 0 and not carl.timed_out, f"see {carl.log_path}"
+    assert [m["step"] for m in carl.metrics] == [1, 2]
+    leaves = CARL["n0"] + CARL["n_forks"]
+    assert carl.series("carl/leaves_per_tree") == [leaves, leaves] and carl.series("carl/trees") == [2.0, 2.0]
+    assert all(a > 0 for a in carl.series("carl/actions_trained_per_tree"))
+    assert max(carl.series(DIFF_KEY)) <= 1e-4
+
+
+def _dumps(result) -> list[list[dict]]:
+    dumps = sorted((Path(result.log_path).parent / "ckpt" / "carl_trees").glob("step_*.jsonl"))
+    assert [d.name for d in dumps] == ["step_000001.jsonl", "step_000002.jsonl"]
+    return [[json.loads(line) for line in d.read_text().splitlines() if line.strip()] for d in dumps]
+
+
+def test_carl_trees_fork_below_the_root_and_satisfy_the_invariants(carl):
+    for step, records in enumerate(_dumps(carl), start=1):
+        assert len(records) == 2
+        for record in records:
+            check_tree_record(record)
+        nodes = [n for record in records for n in record["nodes"]]
+        fork_depths = [n["depth"] for n in nodes for _ in range(n["forked"])]
+        # The SFT start ends its actions at real </search> stops, so trees grow below the root and forks land there.
+        assert max(fork_depths) > 1, (step, fork_depths)
+        reasons = [n["finish_reason"] for n in nodes if n["num_children"] == 0]
+        assert "answer" in reasons, (step, reasons)
+
+
+def _overlap(a: dict, b: dict) -> float:
+    return min(a["t1"], b["t1"]) - max(a["t0"], b["t0"])
+
+
+def test_vllm_server_overlaps_forks_of_a_tree_and_serves_their_prefix_from_cache(carl):
+    requests = carl.requests
+    by_tree = defaultdict(list)
+    for r in requests:
+        by_tree[r["request_id"]].append(r)
+    assert len(by_tree) == 4  # 2 trees per step, one request id per tree
+    root_len = {tree: min(r["prompt_tokens"] for r in rs) for tree, rs in by_tree.items()}
+    # Forks: requests of one tree for the same non-root state (same prompt), in the server at the same time.
+    concurrent_forks = [
+        (a, b)
+        for tree, rs in by_tree.items()
+        for i, a in enumerate(rs)
+        for b in rs[i + 1 :]
+        if a["prompt_sha1"] == b["prompt_sha1"] and a["prompt_tokens"] > root_len[tree] and _overlap(a, b) > 0
+    ]
+    assert concurrent_forks, "no two forks of one tree were in the vLLM server at the same time"
+    # vLLM's prefix cache (RequestOutput.num_cached_tokens) serves part of the prompts of every CARL step.
+    for step in sorted({r["global_steps"] for r in requests}):
+        rs = [r for r in requests if r["global_steps"] == step]
+        share = sum(r["cached_tokens"] for r in rs) / sum(r["prompt_tokens"] for r in rs)
+        print(f"weights of step {step}: {len(rs)} requests, {100 * share:.1f} % of prompt tokens from the prefix cache")
+        assert share > 0, step
