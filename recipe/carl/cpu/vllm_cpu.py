@@ -25,7 +25,6 @@ CLI: ``python -m recipe.carl.cpu.vllm_cpu --check`` (the start-up check; exit 1 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -234,9 +233,10 @@ def check_gemm_callers(module: Any) -> None:
 def _log_requests(server_module: Any) -> None:
     """DIAGNOSTIC WRAPPER of ``vLLMHttpServer.generate``, only when ``CARL_VLLM_REQUEST_LOG`` names a file.
 
-    Appends one JSON line per call, written by the server actor: ``request_id`` (verl's; the CARL agent loop uses
-    one per tree), ``t0``/``t1`` (wall clock when the call entered and left the server), ``prompt_tokens``,
-    ``prompt_sha1`` (a hash of the prompt's token ids: forks of one state send the same prompt),
+    Appends one JSON line per call, written by the server actor: ``request_id`` (the id vLLM gets: verl's
+    ``LLMServerClient`` routes by the agent loop's id, one per CARL tree, so a tree stays on one server and its
+    prefix cache, but sends vLLM a fresh id per turn), ``t0``/``t1`` (wall clock when the call entered and left the
+    server), ``prompt_tokens``, ``prompt_ids``,
     ``cached_tokens`` (vLLM's ``RequestOutput.num_cached_tokens``: prompt tokens served from the prefix cache, as
     verl returns it in ``extra_fields``), ``output_tokens``, ``stop_reason``, ``global_steps`` (the weights' step).
     verl keeps none of this per request, and vLLM's own per-request stats are off under verl
@@ -253,15 +253,17 @@ def _log_requests(server_module: Any) -> None:
     @functools.wraps(original)
     async def generate(self, prompt_ids, sampling_params, request_id, *args, **kwargs):
         t0 = time.time()
+        ids = [int(t) for t in prompt_ids]
         output = await original(self, prompt_ids, sampling_params, request_id, *args, **kwargs)
         extra = output.extra_fields or {}
         record = {
             "request_id": request_id,
             "t0": t0,
             "t1": time.time(),
-            "prompt_tokens": len(prompt_ids),
-            # Identifies the state a request continues: forks of one state send the same prompt.
-            "prompt_sha1": hashlib.sha1(json.dumps(list(map(int, prompt_ids))).encode()).hexdigest()[:16],
+            "prompt_tokens": len(ids),
+            # The state a request continues: forks of one state send the same prompt, a tree's requests all start
+            # with its root prompt.
+            "prompt_ids": ids,
             "cached_tokens": extra.get("num_cached_tokens"),
             "output_tokens": len(output.token_ids),
             "stop_reason": output.stop_reason,

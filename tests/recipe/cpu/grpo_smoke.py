@@ -289,7 +289,7 @@ def run_smoke(
         raise ValueError(f"data={data!r}: use toy or synthhop")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="carl_smoke_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(model_dir) if model_dir is not None else Path(save_tiny_model(workdir / "model"))
+    model_dir = Path(model_dir).resolve() if model_dir is not None else Path(save_tiny_model(workdir / "model"))
     metrics_path = workdir / "metrics.jsonl"
     log_path = workdir / "train.log"
     request_log = workdir / "vllm_requests.jsonl"

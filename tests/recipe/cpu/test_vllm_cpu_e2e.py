@@ -9,7 +9,6 @@ About 11 minutes for the three runs on 2 cores; peak ~7.5 GB (summed PSS).
 
 import importlib
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -102,39 +101,53 @@ def _dumps(result) -> list[list[dict]]:
 
 
 def test_carl_trees_fork_below_the_root_and_satisfy_the_invariants(carl):
+    fork_depths = []
     for step, records in enumerate(_dumps(carl), start=1):
         assert len(records) == 2
         for record in records:
             check_tree_record(record)
         nodes = [n for record in records for n in record["nodes"]]
-        fork_depths = [n["depth"] for n in nodes for _ in range(n["forked"])]
-        # The SFT start ends its actions at real </search> stops, so trees grow below the root and forks land there.
-        assert max(fork_depths) > 1, (step, fork_depths)
+        depths = [n["depth"] for n in nodes for _ in range(n["forked"])]
+        assert max(depths) >= 1, (step, depths)  # forks below the root in every step
+        fork_depths += depths
+        # The SFT start ends its actions at real </search> and </answer> stops (the run's stop strings), so its
+        # trajectories are several actions deep and most of them answer.
         reasons = [n["finish_reason"] for n in nodes if n["num_children"] == 0]
-        assert "answer" in reasons, (step, reasons)
+        assert reasons.count("answer") >= len(reasons) / 2, (step, reasons)
+        assert max(n["depth"] for n in nodes) >= 2, step
+    # Forks land below the root (depth 0 is the prompt), some two or more actions deep.
+    assert max(fork_depths) > 1, fork_depths
 
 
 def _overlap(a: dict, b: dict) -> float:
     return min(a["t1"], b["t1"]) - max(a["t0"], b["t0"])
 
 
+def concurrent_forks(requests: list[dict]) -> list[tuple[dict, dict]]:
+    """Pairs of requests for the same state below a tree's root, in the vLLM server at the same time.
+
+    verl's client routes a CARL tree's calls by the tree's request id (so they reach one server and its prefix cache)
+    but gives vLLM a fresh id per call, so states are told apart by content: a tree's root prompt is a logged prompt
+    that extends no other, and forks of one state send the same prompt.
+    """
+    prompts = {tuple(r["prompt_ids"]) for r in requests}
+    roots = {p for p in prompts if not any(len(q) < len(p) and p[: len(q)] == q for q in prompts)}
+    pairs = []
+    for i, a in enumerate(requests):
+        for b in requests[i + 1 :]:
+            same = a["prompt_ids"] == b["prompt_ids"] and tuple(a["prompt_ids"]) not in roots
+            if same and _overlap(a, b) > 0:
+                pairs.append((a, b))
+    return pairs
+
+
 def test_vllm_server_overlaps_forks_of_a_tree_and_serves_their_prefix_from_cache(carl):
     requests = carl.requests
-    by_tree = defaultdict(list)
-    for r in requests:
-        by_tree[r["request_id"]].append(r)
-    assert len(by_tree) == 4  # 2 trees per step, one request id per tree
-    root_len = {tree: min(r["prompt_tokens"] for r in rs) for tree, rs in by_tree.items()}
-    # Forks: requests of one tree for the same non-root state (same prompt), in the server at the same time.
-    concurrent_forks = [
-        (a, b)
-        for tree, rs in by_tree.items()
-        for i, a in enumerate(rs)
-        for b in rs[i + 1 :]
-        if a["prompt_sha1"] == b["prompt_sha1"] and a["prompt_tokens"] > root_len[tree] and _overlap(a, b) > 0
-    ]
-    assert concurrent_forks, "no two forks of one tree were in the vLLM server at the same time"
-    # vLLM's prefix cache (RequestOutput.num_cached_tokens) serves part of the prompts of every CARL step.
+    pairs = concurrent_forks(requests)
+    assert pairs, "no two forks of one state were in the vLLM server at the same time"
+    print(f"{len(pairs)} pairs of concurrent forks, e.g. prompt lengths {[a['prompt_tokens'] for a, _ in pairs][:8]}")
+    # vLLM's prefix cache (RequestOutput.num_cached_tokens) serves part of the prompts of every CARL step. With
+    # vLLM's CPU block size of 128 tokens only prompts longer than 128 tokens can hit (GPU: 16).
     for step in sorted({r["global_steps"] for r in requests}):
         rs = [r for r in requests if r["global_steps"] == step]
         share = sum(r["cached_tokens"] for r in rs) / sum(r["prompt_tokens"] for r in rs)
