@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,10 +166,12 @@ def build_overrides(
     algo: str = "grpo",
     val_data: Path | None = None,
     reward: bool = True,
+    ray_dir: Path | None = None,
 ) -> list[str]:
     """Hydra overrides on top of ``carl_trainer.yaml`` + ``device/cpu.yaml`` (model, data, sizes, logging).
 
-    ``val_data`` defaults to ``data``; ``reward=False`` keeps the project's reward instead of the toy one.
+    ``val_data`` defaults to ``data``; ``reward=False`` keeps the project's reward instead of the toy one;
+    ``ray_dir`` (default ``workdir/ray``) is Ray's temp dir, whose socket paths must stay under 108 bytes.
     """
     toy_reward = [
         f"reward.custom_reward_function.path={REWARD_FILE}",
@@ -197,7 +200,7 @@ def build_overrides(
         "trainer.resume_mode=disable",
         f"trainer.default_local_dir={workdir / 'ckpt'}",
         # A private Ray temp dir: lets the cleanup find exactly this run's leftover processes.
-        f"+ray_kwargs.ray_init._temp_dir={workdir / 'ray'}",
+        f"+ray_kwargs.ray_init._temp_dir={ray_dir or workdir / 'ray'}",
     ]
 
 
@@ -293,6 +296,9 @@ def run_smoke(
     metrics_path = workdir / "metrics.jsonl"
     log_path = workdir / "train.log"
     request_log = workdir / "vllm_requests.jsonl"
+    # A short private Ray temp dir: Ray's socket paths (<dir>/session_<date>_<pid>/sockets/plasma_store) must stay
+    # under 108 bytes, which a pytest tmp path such as /tmp/pytest-of-root/pytest-57/vllm_synced0/ray exceeds.
+    ray_dir = Path(tempfile.mkdtemp(prefix="carl-ray-"))
     cmd = shlex.split(launcher) + [
         "--config-path",
         str(CONFIG_DIR),
@@ -304,7 +310,7 @@ def run_smoke(
     env = dict(os.environ)
     if data == "toy":
         train = make_dataset(workdir / "train.parquet")
-        cmd += build_overrides(model_dir, train, workdir, steps, algo)
+        cmd += build_overrides(model_dir, train, workdir, steps, algo, ray_dir=ray_dir)
     else:
         from recipe.carl.search.retriever import Retriever, RetrieverConfig
         from recipe.carl.search.server import serve_in_thread
@@ -312,7 +318,7 @@ def run_smoke(
         data_dir, train, val = make_synthhop(workdir)
         retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
         env["RETRIEVER_URL"] = stack.enter_context(serve_in_thread(retriever)).rstrip("/") + "/retrieve"
-        cmd += build_overrides(model_dir, train, workdir, steps, algo, val_data=val, reward=False)
+        cmd += build_overrides(model_dir, train, workdir, steps, algo, val_data=val, reward=False, ray_dir=ray_dir)
         cmd += synthhop_overrides(workdir)
     cmd += list(extra_overrides or [])
 
@@ -339,7 +345,7 @@ def run_smoke(
     else:
         env["CARL_ROLLOUT_SKIP_WEIGHT_SYNC"] = "1"
 
-    marker = str(workdir / "ray")
+    marker = str(ray_dir)
     baseline = _system_used()
     peaks = {"rss": 0, "pss": 0, "sys": 0}
     done = threading.Event()
@@ -372,6 +378,7 @@ def run_smoke(
             # Ray daemons and workers outlive the driver at times; kill exactly this run's processes.
             time.sleep(1.0)
             _kill(_session_pids(sid, marker))
+            shutil.rmtree(ray_dir, ignore_errors=True)
 
     metrics = []
     if metrics_path.exists():
