@@ -171,8 +171,10 @@ def patch_cpu_gemm_dispatch(utils_module: Any = None) -> None:
     ``layer.weight`` by an empty ``Parameter`` without ``weight_loader``. verl's weight sync
     (``vLLMColocateWorkerExtension.update_weights_from_ipc`` -> ``model.load_weights``) then fails with
     ``AttributeError: 'Parameter' object has no attribute 'weight_loader'``, and even a loaded weight would never
-    reach the prepacked copy; the tied LM head (``UnquantizedEmbeddingMethod``, ``remove_weight=False``) keeps a
-    oneDNN copy too, so its logits would silently use stale weights. The replacement sets
+    reach the prepacked copy (verl's re-run of ``process_weights_after_loading`` finds an empty, 1-D weight and
+    keeps the old copy). The LM head (``UnquantizedEmbeddingMethod``, ``remove_weight=False``) keeps its weight but
+    computes with a prepacked copy too, which is stale after an in-place update until ``process_weights_after_loading``
+    runs again (verl re-runs it after a full sync, not after a LoRA-adapter sync). The replacement sets
     ``layer.cpu_linear = torch.nn.functional.linear`` for 2-D weights and removes nothing: vLLM then multiplies by
     the parameter that ``load_weights`` updates, and verl's re-run of ``process_weights_after_loading`` after each
     sync is a no-op. Other weights (meta, 3-D MoE or conv) go to vLLM's function unchanged. Cost: no oneDNN GEMM.

@@ -160,7 +160,9 @@ def test_linear_and_lm_head_use_the_live_weight_after_the_patch(patched_utils):
         before = method.apply(layer, x)
         torch.testing.assert_close(before, x @ weight.T)
         layer.weight.weight_loader(layer.weight, 2 * weight.detach().clone())  # a weight sync, in place
-        method.process_weights_after_loading(layer)  # verl re-runs it after every sync
+        torch.testing.assert_close(method.apply(layer, x), 2 * before)  # vLLM's own dispatch: a stale copy here
+        method.process_weights_after_loading(layer)  # verl re-runs it after a full sync: still the live weight
+        assert layer.weight is weight
         torch.testing.assert_close(method.apply(layer, x), 2 * before)
 
 
