@@ -238,9 +238,11 @@ def _log_requests(server_module: Any) -> None:
     Appends one JSON line per call, written by the server actor: ``request_id`` (the id vLLM gets: verl's
     ``LLMServerClient`` routes by the agent loop's id, one per CARL tree, so a tree stays on one server and its
     prefix cache, but sends vLLM a fresh id per turn), ``t0``/``t1`` (wall clock when the call entered and left the
-    server), ``prompt_tokens``, ``prompt_ids``,
+    server), ``prompt_tokens``, ``prompt_ids``, ``output_ids``,
     ``cached_tokens`` (vLLM's ``RequestOutput.num_cached_tokens``: prompt tokens served from the prefix cache, as
-    verl returns it in ``extra_fields``), ``output_tokens``, ``stop_reason``, ``global_steps`` (the weights' step).
+    verl returns it in ``extra_fields``), ``stop_reason``, ``global_steps`` (the weights' step). With the prompt and
+    output ids a reader can rebuild which call continued which (a trajectory's next turn extends its last call's
+    prompt and output) and so tell a CARL tree's forks (calls that continue no earlier call) from its chains.
     verl keeps none of this per request, and vLLM's own per-request stats are off under verl
     (``disable_log_stats``) and not keyed by verl's request id. The wrapper changes no argument or result.
     """
@@ -267,7 +269,7 @@ def _log_requests(server_module: Any) -> None:
             # with its root prompt.
             "prompt_ids": ids,
             "cached_tokens": extra.get("num_cached_tokens"),
-            "output_tokens": len(output.token_ids),
+            "output_ids": [int(t) for t in output.token_ids],
             "stop_reason": output.stop_reason,
             "global_steps": extra.get("global_steps"),
         }

@@ -123,29 +123,55 @@ def _overlap(a: dict, b: dict) -> float:
     return min(a["t1"], b["t1"]) - max(a["t0"], b["t0"])
 
 
-def concurrent_forks(requests: list[dict]) -> list[tuple[dict, dict]]:
-    """Pairs of requests for the same state below a tree's root, in the vLLM server at the same time.
+def fork_requests(requests: list[dict], n0: int) -> dict[tuple, list[dict]]:
+    """The fork requests of each tree, rebuilt from the vLLM server's request log: ``{root prompt: [requests]}``.
 
-    verl's client routes a CARL tree's calls by the tree's request id (so they reach one server and its prefix cache)
-    but gives vLLM a fresh id per call, so states are told apart by content: a tree's root prompt is a logged prompt
-    that extends no other, and forks of one state send the same prompt.
+    verl's client keeps a CARL tree on one server by the tree's request id but gives vLLM a fresh id per call, so
+    trees and branches are told apart by content. A tree's root prompt is a logged prompt that extends no other.
+    Going through a tree's calls in start order, a call whose prompt extends an earlier, finished call's prompt and
+    output continues that call's trajectory (each call is continued at most once); the first ``n0`` calls at the root
+    are the N0 root rollouts; every other call starts a new branch: a fork.
     """
     prompts = {tuple(r["prompt_ids"]) for r in requests}
-    roots = {p for p in prompts if not any(len(q) < len(p) and p[: len(q)] == q for q in prompts)}
-    pairs = []
-    for i, a in enumerate(requests):
-        for b in requests[i + 1 :]:
-            same = a["prompt_ids"] == b["prompt_ids"] and tuple(a["prompt_ids"]) not in roots
-            if same and _overlap(a, b) > 0:
-                pairs.append((a, b))
-    return pairs
+    roots = [p for p in prompts if not any(len(q) < len(p) and p[: len(q)] == q for q in prompts)]
+    forks = {}
+    for root in roots:
+        calls = sorted((r for r in requests if tuple(r["prompt_ids"][: len(root)]) == root), key=lambda r: r["t0"])
+        continued, at_root, found = set(), 0, []
+        for i, call in enumerate(calls):
+            if tuple(call["prompt_ids"]) == root:
+                at_root += 1
+                if at_root <= n0:
+                    continue
+            parent = next(
+                (
+                    j
+                    for j, q in enumerate(calls[:i])
+                    if j not in continued
+                    and q["t1"] <= call["t0"]
+                    and call["prompt_ids"][: len(q["prompt_ids"]) + len(q["output_ids"])]
+                    == q["prompt_ids"] + q["output_ids"]
+                ),
+                None,
+            )
+            if parent is None:
+                found.append(call)
+            else:
+                continued.add(parent)
+        forks[root] = found
+    return forks
 
 
 def test_vllm_server_overlaps_forks_of_a_tree_and_serves_their_prefix_from_cache(carl):
     requests = carl.requests
-    pairs = concurrent_forks(requests)
-    assert pairs, "no two forks of one state were in the vLLM server at the same time"
-    print(f"{len(pairs)} pairs of concurrent forks, e.g. prompt lengths {[a['prompt_tokens'] for a, _ in pairs][:8]}")
+    forks = fork_requests(requests, CARL["n0"])
+    # The rebuild is exact: 2 trees per step, N forks each.
+    assert len(forks) == 4 and all(len(f) == CARL["n_forks"] for f in forks.values()), [len(f) for f in forks.values()]
+    pairs = [(a, b) for f in forks.values() for i, a in enumerate(f) for b in f[i + 1 :] if _overlap(a, b) > 0]
+    # wave_size=2: two forks of one tree are in the vLLM server at the same time.
+    assert pairs, "no two forks of one tree were in the vLLM server at the same time"
+    lengths = [(a["prompt_tokens"], b["prompt_tokens"]) for a, b in pairs]
+    print(f"{len(pairs)} pairs of concurrent forks; their prompt lengths: {lengths}")
     # vLLM's prefix cache (RequestOutput.num_cached_tokens) serves part of the prompts of every CARL step. With
     # vLLM's CPU block size of 128 tokens only prompts longer than 128 tokens can hit (GPU: 16).
     for step in sorted({r["global_steps"] for r in requests}):
