@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 
 from recipe.carl.search.retriever import Retriever, RetrieverConfig
+from recipe.carl.search.server import DEFAULT_MAX_BATCH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", type=int, default=3000, help="queries in the large request")
     parser.add_argument("--small-clients", type=int, default=4, help="clients sending small requests beside it")
     parser.add_argument("--topk", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds: 300 docs and few requests (smoke test)")
     parser.add_argument("--work-dir", default=None, help="where the corpus and index go (default: a temp folder)")
     args = parser.parse_args(argv)
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         local = in_process(retriever, queries[: args.single], args.topk)
         print(f"in process, single queries:         {fmt_ms(local)}")
 
-        with server_process(corpus, work, "chunked", "--max-queries", str(args.large)) as (url, startup):
+        batch_flags = ["--max-batch", str(args.max_batch)] if args.max_batch else []
+        with server_process(corpus, work, "chunked", "--max-queries", str(args.large), *batch_flags) as (url, startup):
             print(f"server start-up (index verified and loaded): {startup:.1f} s")
             remote = http_sequential(url, queries[: args.single], args.topk)
             print(f"HTTP, one client, single queries:   {fmt_ms(remote)}")
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             small, large_s, fair_errors = asyncio.run(
                 small_beside_large(url, queries[: args.large], queries[-1000:], args.small_clients, args.topk)
             )
-            print(f"beside a {args.large}-query request ({large_s:.2f} s), chunked batches of 64: small requests "
+            batch = args.max_batch or DEFAULT_MAX_BATCH
+            print(f"beside a {args.large}-query request ({large_s:.2f} s), chunked batches of {batch}: small requests "
                   f"{fmt_ms(small)}")  # fmt: skip
         with server_process(
             corpus, work, "whole", "--max-queries", str(args.large), "--max-batch", str(args.large)
