@@ -90,6 +90,10 @@ def test_misspelt_keys_fail():
         ("algorithm.carl.n0=0", "n0"),
         ("algorithm.carl.selection=greedy", "selection"),
         ("algorithm.carl.dump_every=-1", "dump_every"),
+        ("algorithm.carl.max_action_tokens=0", "max_action_tokens=0 must be an integer >= 1"),
+        ("algorithm.carl.invalid_action=retry", "invalid_action='retry' is unknown: use end"),
+        ("algorithm.carl.thinking=maybe", "thinking='maybe' must be true or false"),
+        ("algorithm.carl.max_search_error_rate=1.5", r"max_search_error_rate=1.5 must be in \[0, 1\]"),
     ],
 )
 def test_bad_settings_name_the_fix(override, match):
@@ -117,7 +121,6 @@ def write_val(path, agent_names):
     [
         (["carl_chain_agent", "carl_chain_agent"], "carl", None),
         (["carl_chain_agent", "carl_agent"], "carl", "carl_agent"),
-        (["carl_tree_agent"], "carl", "carl_tree_agent"),
         ([None], "carl", "carl_agent"),  # no agent_name column: the yaml's default_agent_loop (carl_agent) applies
         (["carl_agent"], "grpo", None),  # one trajectory per question under GRPO
     ],
@@ -141,15 +144,6 @@ def test_val_rows_are_not_checked_when_the_run_never_validates(tmp_path):
         check_data_agents(
             compose_carl([f"data.val_files={val}", "trainer.val_before_train=False", "trainer.test_freq=5"])
         )
-
-
-def test_tree_rows_are_refused_under_grpo(tmp_path):
-    train = write_val(tmp_path / "train.parquet", ["carl_tree_agent"])
-    cfg = compose_carl([f"data.train_files={train}", "algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"])
-    with pytest.raises(CARLConfigError, match="data.train_files .*train.parquet: rows name agent loop carl_tree_agent"):
-        check_data_agents(cfg)
-    ok = write_val(tmp_path / "ok.parquet", ["carl_agent"])
-    check_data_agents(compose_carl([f"data.train_files={ok}", "algorithm.adv_estimator=grpo"]))
 
 
 def test_val_check_leaves_missing_files_to_verl():
