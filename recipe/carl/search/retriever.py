@@ -125,9 +125,6 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
         path: The corpus file. Blank lines are skipped.
 
     Returns:
-        The corpus.
-
-    Returns:
         The corpus, with the sha256 of exactly the bytes that were parsed (hashed in the same pass, so the index
         built from it and the checksum in its manifest cannot disagree).
 
@@ -140,6 +137,8 @@ def load_corpus(path: str | os.PathLike) -> Corpus:
         raise CorpusError(f"corpus file not found: {path} (expected a JSONL file of {{'id', 'contents'}} lines)")
     ids: list[str] = []
     contents: list[str] = []
+    # Hashing line by line in the parsing pass costs what hashing the file alone does (~0.08 s per 100 MB here, against
+    # ~0.5 s to parse it); reading and decoding in large blocks instead measured no faster.
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):

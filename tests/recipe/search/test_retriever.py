@@ -285,6 +285,17 @@ def test_touched_or_moved_identical_corpus_keeps_its_index(corpus_path, tmp_path
     assert top_title(Retriever.from_config(cfg), "capital of Germany") == "Berlin"
 
 
+def test_corpus_hash_is_of_the_file_and_line_numbers_count_blank_lines(make_corpus):
+    lines = [json.dumps({"id": f"d{i}", "contents": f"T{i}\n\u00e9t\u00e9 \u2028 {'x' * i}"}) for i in range(12)]
+    path = make_corpus("lines.jsonl", lines=[*lines[:5], "", *lines[5:]])
+    corpus = load_corpus(path)
+    assert corpus.ids == [f"d{i}" for i in range(12)] and corpus.contents[3] == "T3\n\u00e9t\u00e9 \u2028 xxx"
+    assert corpus.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(path.read_bytes().rstrip(b"\n") + b'\n{"contents": "caf\xe9"}')  # no final newline
+    with pytest.raises(CorpusError, match=r"lines.jsonl:14: not valid UTF-8 .* at byte 17 of the line"):
+        load_corpus(path)
+
+
 def test_non_utf8_corpus_line_is_named(make_corpus):
     path = make_corpus("latin1.jsonl", lines=[json.dumps({"id": "a", "contents": "T\nx"})])
     path.write_bytes(path.read_bytes() + '{"id": "b", "contents": "Caf\u00e9\nx"}\n'.encode("latin-1"))
