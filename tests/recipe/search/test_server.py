@@ -218,3 +218,19 @@ def test_the_old_cli_entry_names_the_new_one():
         timeout=60,
     )
     assert done.returncode == 2 and "python -m recipe.carl.search.server --corpus" in done.stderr
+
+
+def test_the_retrieval_clients_connections_have_tcp_nodelay():
+    """The other side of the ~45 ms stall: RetrievalClient's httpx connections must not use Nagle's algorithm either."""
+
+    async def nodelay_of(url):
+        client = RetrievalClient(url)
+        try:
+            response = await client._client().get(f"{url}/health")  # the client's own pool and settings
+            sock = response.extensions["network_stream"].get_extra_info("socket")
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            await client.aclose()
+
+    with serve_in_thread(search_fn=echo_search) as url:
+        assert asyncio.run(nodelay_of(url)) != 0
