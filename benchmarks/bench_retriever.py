@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from recipe.carl.io import write_jsonl
 from recipe.carl.search.retriever import Retriever, RetrieverConfig
 from recipe.carl.search.server import DEFAULT_MAX_BATCH
 
@@ -52,10 +52,14 @@ def make_corpus(path: Path, num_docs: int, seed: int = 0, vocab: int = 20_000, w
             word += syllables[r]
         vocabulary.append(word)
     ranks = np.minimum(rng.zipf(1.2, size=(num_docs, words)), vocab) - 1
-    with path.open("w", encoding="utf-8") as f:
-        for i, doc in enumerate(ranks):
-            title = " ".join(vocabulary[r] for r in doc[:2]).title()
-            f.write(json.dumps({"id": str(i), "contents": f"{title}\n" + " ".join(vocabulary[r] for r in doc)}) + "\n")
+    docs = (
+        {
+            "id": str(i),
+            "contents": " ".join(vocabulary[r] for r in doc[:2]).title() + "\n" + " ".join(vocabulary[r] for r in doc),
+        }
+        for i, doc in enumerate(ranks)
+    )
+    write_jsonl(path, docs)
     return vocabulary
 
 
