@@ -45,7 +45,6 @@ python3 -m recipe.carl.main_carl \
     data.truncation=error \
     algorithm.adv_estimator=grpo \
     algorithm.carl.max_actions=$MAX_ACTIONS \
-    trainer.v1.trainer_mode=sync \
     actor_rollout_ref.rollout.n=$GROUP_SIZE \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \
