@@ -3,6 +3,7 @@
 Tests marked `vllm` need vLLM's CPU build (they run in the vLLM venv, see tests/conftest.py); the rest fake vLLM.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -190,3 +191,13 @@ def test_hooks_patch_vllm_only_on_the_cpu_device(device):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == ("PATCHED" if device == "cpu" else "ORIGINAL")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the error of a Python without vLLM")
+def test_main_carl_refuses_cpu_vllm_without_vllm_before_any_worker_starts(tmp_path):
+    env = {**os.environ, "CARL_DEVICE": "cpu", "PYTHONPATH": str(REPO), "CARL_RAY_PENDING_TIMEOUT_S": "0"}
+    cmd = [sys.executable, "-m", "recipe.carl.main_carl", "+device=cpu_vllm", "actor_rollout_ref.model.path=/none"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "bash scripts/install_cpu.sh --vllm" in out.stderr, out.stderr[-2000:]
+    assert "ray.init" not in out.stderr and "TaskRunner" not in out.stderr  # refused before Ray started
