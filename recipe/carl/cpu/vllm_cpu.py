@@ -86,7 +86,7 @@ def vllm_python() -> str:
         return str(python)
     raise RuntimeError(
         f"vLLM is not installed in {sys.executable} and there is no vLLM venv at {venv} (set {VLLM_VENV_ENV} to "
-        f"another one). Install it with `{INSTALL_COMMAND}` (a second venv, .venv-vllm, ~3.5 GB)."
+        f"another one). Install it with `{INSTALL_COMMAND}` (a second venv, .venv-vllm, ~3.6 GB)."
     )
 
 
