@@ -7,7 +7,6 @@ whereas an extra key under `actor_rollout_ref.rollout` crashes verl's `RolloutCo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +21,17 @@ TREE_AGENT = "carl_tree_agent"
 AUTO_AGENT = "carl_agent"
 CHAIN_AGENT = "carl_chain_agent"
 
-RECIPE_KEYS = {"dump_every": 0}
+RECIPE_KEYS = {"dump_every": 0, "max_action_tokens": None, "bad_rows": "error"}
 """Keys of `algorithm.carl` that are not `CARLConfig` fields, with their defaults.
 
 dump_every: write the step's trees as JSON lines every this many steps (0 = never).
+max_action_tokens: token budget of one agent turn (reasoning + one <search> or <answer>) for every CARL agent loop;
+    null keeps each agent-loop yaml entry's own `max_action_tokens`. The run scripts set it (MAX_ACTION_TOKENS).
+bad_rows: what the start-up data check (`recipe.carl.preflight`) does with rows it cannot train on: "error" stops the
+    run naming file and row; "skip" trains on the rest from filtered copies (the skipped rows are listed).
 """
+
+BAD_ROWS_MODES = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class RecipeSettings:
 
     carl: CARLConfig
     dump_every: int = 0
+    max_action_tokens: int | None = None
+    bad_rows: str = "error"
 
 
 def _as_dict(block: Any) -> dict[str, Any]:
@@ -59,6 +66,17 @@ def read_settings(config: Any) -> RecipeSettings:
     if not isinstance(recipe["dump_every"], int) or recipe["dump_every"] < 0:
         value = recipe["dump_every"]
         raise CARLConfigError(f"algorithm.carl.dump_every={value!r} must be an integer >= 0 (0 = never).")
+    tokens = recipe["max_action_tokens"]
+    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+        raise CARLConfigError(
+            f"algorithm.carl.max_action_tokens={tokens!r} must be an integer >= 1 (tokens per agent turn), or null to "
+            "keep the agent-loop yaml's value."
+        )
+    if recipe["bad_rows"] not in BAD_ROWS_MODES:
+        raise CARLConfigError(
+            f"algorithm.carl.bad_rows={recipe['bad_rows']!r} is unknown: use error (stop at bad data rows) or skip "
+            "(train on the rest)."
+        )
     return RecipeSettings(carl=CARLConfig.from_dict(values), **recipe)
 
 
@@ -103,52 +121,3 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
     if problems:
         raise CARLConfigError("algorithm.adv_estimator=carl needs: " + "; ".join(problems) + ".")
     return settings
-
-
-def _agents_in(path: str, default: str | None) -> set[str]:
-    """The agent loops a local parquet's rows name (`default` for a file without an `agent_name` column)."""
-    import pyarrow.parquet as pq
-
-    if "agent_name" not in pq.read_schema(path).names:
-        return {default} if default else set()
-    return {str(a) for a in pq.read_table(path, columns=["agent_name"]).column(0).to_pylist()}
-
-
-def _local_parquets(files: Any) -> list[str]:
-    files = [files] if isinstance(files, str) else list(files or [])
-    return [f for f in files if isinstance(f, str) and f.endswith(".parquet") and os.path.isfile(f)]
-
-
-def check_data_agents(config: DictConfig) -> None:
-    """Refuses data rows whose agent loop does not fit the estimator, before any worker starts.
-
-    The agent loop cannot see verl's validate flag, so the check is on the data. Under `adv_estimator=carl`, rows of
-    `data.val_files` must not grow trees (`carl_agent`, `carl_tree_agent`): validation scores one trajectory per
-    question (checked only when the run validates: `trainer.val_before_train` or `trainer.test_freq > 0`). Under any
-    other estimator, no row may name `carl_tree_agent` (each of `rollout.n` sessions would grow a
-    whole tree; the loop refuses it, but inside a worker). Rows without an `agent_name` column count as
-    `rollout.agent.default_agent_loop`; files that do not exist locally are left to verl's own loader.
-
-    Raises:
-        CARLConfigError: naming the file, the agent loop and how to fix the rows.
-    """
-    default = config.actor_rollout_ref.rollout.agent.get("default_agent_loop")
-    carl = config.algorithm.adv_estimator == ESTIMATOR
-    validates = bool(config.trainer.get("val_before_train", True)) or (config.trainer.get("test_freq", -1) or -1) > 0
-    keys = ("train_files", "val_files") if not carl else ("val_files",) if validates else ()
-    for key in keys:
-        for path in _local_parquets(config.data.get(key)):
-            bad = sorted(_agents_in(path, default) & ({AUTO_AGENT, TREE_AGENT} if carl else {TREE_AGENT}))
-            if not bad:
-                continue
-            if carl:
-                raise CARLConfigError(
-                    f"data.val_files {path}: rows name agent loop {', '.join(bad)}, which grows a CARL tree under "
-                    f"algorithm.adv_estimator=carl, but validation scores one trajectory per question. Set the file's "
-                    f"agent_name column to {CHAIN_AGENT} (the preprocessing scripts do so for any --split but train)."
-                )
-            raise CARLConfigError(
-                f"data.{key} {path}: rows name agent loop {TREE_AGENT}, which grows a CARL tree in each of the "
-                f"rollout.n sessions, under algorithm.adv_estimator={config.algorithm.adv_estimator}. Name "
-                f"{AUTO_AGENT} (a tree under carl, one trajectory otherwise) or {CHAIN_AGENT} in the agent_name column."
-            )

@@ -17,7 +17,7 @@ from verl.utils.config import validate_config
 
 import recipe.carl.plugin  # noqa: F401
 from carl_core import CARLConfigError
-from recipe.carl.settings import check_data_agents, check_trainer_config, read_settings
+from recipe.carl.settings import check_trainer_config, read_settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(ROOT / "recipe/carl/config")
@@ -100,60 +100,6 @@ def test_bad_settings_name_the_fix(override, match):
 def test_grpo_needs_no_carl_checks():
     cfg = compose_carl(["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"])
     assert check_trainer_config(cfg).carl.max_actions == 32
-
-
-def write_val(path, agent_names):
-    import pandas as pd
-
-    frame = pd.DataFrame({"data_source": ["x"] * len(agent_names)})
-    if agent_names and agent_names[0] is not None:
-        frame["agent_name"] = agent_names
-    frame.to_parquet(path)
-    return str(path)
-
-
-@pytest.mark.parametrize(
-    ("agents", "estimator", "refused"),
-    [
-        (["carl_chain_agent", "carl_chain_agent"], "carl", None),
-        (["carl_chain_agent", "carl_agent"], "carl", "carl_agent"),
-        (["carl_tree_agent"], "carl", "carl_tree_agent"),
-        ([None], "carl", "carl_agent"),  # no agent_name column: the yaml's default_agent_loop (carl_agent) applies
-        (["carl_agent"], "grpo", None),  # one trajectory per question under GRPO
-    ],
-)
-def test_val_rows_must_not_grow_trees(agents, estimator, refused, tmp_path):
-    val = write_val(tmp_path / "val.parquet", agents)
-    extra = ["actor_rollout_ref.rollout.n=16"] if estimator == "grpo" else []
-    cfg = compose_carl([f"data.val_files={val}", f"algorithm.adv_estimator={estimator}", *extra])
-    if refused is None:
-        check_data_agents(cfg)
-    else:
-        with pytest.raises(CARLConfigError, match=f"val.parquet: rows name agent loop {refused}.*carl_chain_agent"):
-            check_data_agents(cfg)
-
-
-def test_val_rows_are_not_checked_when_the_run_never_validates(tmp_path):
-    val = write_val(tmp_path / "val.parquet", ["carl_agent"])
-    cfg = compose_carl([f"data.val_files={val}", "trainer.val_before_train=False", "trainer.test_freq=-1"])
-    check_data_agents(cfg)
-    with pytest.raises(CARLConfigError, match="rows name agent loop carl_agent"):
-        check_data_agents(
-            compose_carl([f"data.val_files={val}", "trainer.val_before_train=False", "trainer.test_freq=5"])
-        )
-
-
-def test_tree_rows_are_refused_under_grpo(tmp_path):
-    train = write_val(tmp_path / "train.parquet", ["carl_tree_agent"])
-    cfg = compose_carl([f"data.train_files={train}", "algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"])
-    with pytest.raises(CARLConfigError, match="data.train_files .*train.parquet: rows name agent loop carl_tree_agent"):
-        check_data_agents(cfg)
-    ok = write_val(tmp_path / "ok.parquet", ["carl_agent"])
-    check_data_agents(compose_carl([f"data.train_files={ok}", "algorithm.adv_estimator=grpo"]))
-
-
-def test_val_check_leaves_missing_files_to_verl():
-    check_data_agents(compose_carl(["data.val_files=[/nonexistent/val.parquet]"]))
 
 
 def test_yaml_has_a_comment_above_every_key():
