@@ -166,6 +166,19 @@ def build_overrides(model_dir: Path, data: Path, workdir: Path, steps: int, algo
     ]
 
 
+def _logged_steps(path: Path, step: int) -> bool:
+    """True once the metrics file has a complete line of `step` or a later one."""
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] >= step:
+                return True
+        except (ValueError, KeyError, TypeError):  # a line being written
+            continue
+    return False
+
+
 def _session_pids(sid: int, marker: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -228,6 +241,7 @@ def run_smoke(
     cwd: Path | None = None,
     extra_env: dict[str, str] | None = None,
     retriever_url: str | None = None,
+    kill_after_step: int | None = None,
 ) -> SmokeResult:
     """Run the trainer once and collect exit code, wall time, peak memory, metrics and weight checksums.
 
@@ -243,11 +257,22 @@ def run_smoke(
         extra_env: More environment variables of the trainer, set last.
         retriever_url: The trainer's ``RETRIEVER_URL``. None: a CARL run gets a live toy retriever served from this
             process for the duration (main_carl refuses to start against a retriever that does not answer).
+        kill_after_step: SIGKILL the trainer's whole session as soon as the metrics file has this step (a crash).
     """
     if algo == "carl" and retriever_url is None and "RETRIEVER_URL" not in (extra_env or {}):
         with serve_retriever() as (url, _):
             return run_smoke(
-                steps, sync_weights, launcher, timeout_s, workdir, extra_overrides, algo, cwd, extra_env, url
+                steps,
+                sync_weights,
+                launcher,
+                timeout_s,
+                workdir,
+                extra_overrides,
+                algo,
+                cwd,
+                extra_env,
+                url,
+                kill_after_step,
             )
     from recipe.carl.cpu.tiny_model import save_tiny_model
 
@@ -300,6 +325,9 @@ def run_smoke(
                 peaks["rss"] = max(peaks["rss"], sum(m[0] for m in mems))
                 peaks["pss"] = max(peaks["pss"], sum(m[1] for m in mems))
                 peaks["sys"] = max(peaks["sys"], _system_used() - baseline)
+                if kill_after_step is not None and _logged_steps(metrics_path, kill_after_step):
+                    os.killpg(sid, signal.SIGKILL)  # a crash right after that step's metrics line
+                    return
                 done.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -322,9 +350,11 @@ def run_smoke(
     metrics = []
     if metrics_path.exists():
         for line in metrics_path.read_text().splitlines():
-            if line.strip():
+            try:
                 row = json.loads(line)
-                metrics.append({"step": row["step"], **row["data"]})
+            except ValueError:  # blank, or cut short by a kill
+                continue
+            metrics.append({"step": row["step"], **row["data"]})
     checksums = [float(m.group(2)) for m in _CHECKSUM_RE.finditer(log_path.read_text(errors="replace"))]
     return SmokeResult(
         returncode=rc,
