@@ -9,6 +9,8 @@ export LR=${LR:-1e-5}
 # Thinking-aware turn budget: a Qwen3 turn is <think> reasoning </think> plus one <search> or <answer>; the Qwen2.5
 # setting (512 tokens) cuts longer reasoning, and the leaf then ends as `action_too_long`.
 export MAX_ACTION_TOKENS=${MAX_ACTION_TOKENS:-2048}
+# Qwen3 mentions </search> and </answer> while it reasons: those stops inside <think> continue the turn.
+export THINKING=${THINKING:-true}
 # Whole trajectory after the prompt (actions + observations). What binds first: a thinking turn costs ~750-2,000
 # tokens (reasoning ~300-1,000, at most MAX_ACTION_TOKENS, plus an observation of ~450-1,000), so 16,384 tokens hold
 # ~8-20 turns and T_max=10 binds for turns up to ~1,600 tokens; turns of full-length reasoning overflow after 5.

@@ -38,6 +38,8 @@ PPO_MINI_BATCH_ROWS=${PPO_MINI_BATCH_ROWS:-256}
 # One agent turn (reasoning + one <search> or <answer>): algorithm.carl.max_action_tokens; a turn that runs out
 # ends its leaf as `action_too_long`.
 MAX_ACTION_TOKENS=${MAX_ACTION_TOKENS:-512}
+# Thinking models (Qwen3): a </search> or </answer> inside an unclosed <think> block does not end the turn.
+THINKING=${THINKING:-false}
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-2048}
 # Whole trajectory after the prompt: every action AND every observation; a leaf that runs out ends as
 # `context_overflow`.
@@ -78,6 +80,7 @@ python3 -m recipe.carl.main_carl \
     algorithm.carl.max_actions=$MAX_ACTIONS \
     algorithm.carl.wave_size=$WAVE_SIZE \
     algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
+    algorithm.carl.thinking=$THINKING \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \
     actor_rollout_ref.model.enable_gradient_checkpointing=True \

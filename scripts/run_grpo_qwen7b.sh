@@ -34,6 +34,8 @@ PPO_MINI_BATCH_PROMPTS=${PPO_MINI_BATCH_PROMPTS:-16}
 # ---- token budgets (the same as the CARL scripts', so trajectories are comparable) ----
 # One agent turn (reasoning + one <search> or <answer>): algorithm.carl.max_action_tokens.
 MAX_ACTION_TOKENS=${MAX_ACTION_TOKENS:-512}
+# Thinking models (Qwen3): a </search> or </answer> inside an unclosed <think> block does not end the turn.
+THINKING=${THINKING:-false}
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-2048}
 # Whole trajectory after the prompt: every action AND every observation; a trajectory that runs out ends as
 # `context_overflow`.
@@ -64,7 +66,7 @@ python3 -m recipe.carl.main_carl \
     algorithm.adv_estimator=grpo \
     algorithm.carl.max_actions=$MAX_ACTIONS \
     algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
-    trainer.v1.trainer_mode=sync \
+    algorithm.carl.thinking=$THINKING \
     actor_rollout_ref.rollout.n=$GROUP_SIZE \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \

@@ -8,7 +8,7 @@ hook), so a process pays only for the verl modules it uses itself:
   `verl.trainer.ppo.core_algos` (verl's estimator registry) is imported;
 - `trainer.v1.trainer_mode=carl`  -> `recipe.carl.trainer.CARLTrainer`, once `verl.trainer.ppo.v1` (the trainer
   registry) is imported;
-- agent loops `carl_agent` / `carl_tree_agent` / `carl_chain_agent` -> `recipe.carl.agent_loop`, once
+- agent loops `carl_agent` / `carl_chain_agent` -> `recipe.carl.agent_loop`, once
   `verl.experimental.agent_loop` (the agent-loop registry) is imported; the agent-loop yaml registers the same names
   with their constructor arguments in the workers.
 - the `file` metrics logger -> `recipe.carl.metrics_file.ResumingFileLogger` (a resumed run keeps the earlier steps'
@@ -30,7 +30,7 @@ import os
 # wrapt's post-import hooks (PEP 369's API, which the standard library never adopted).
 import wrapt
 
-from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TRAINER_MODE, TREE_AGENT
+from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TRAINER_MODE
 
 CPU_MODULE = "recipe.carl.cpu"
 
@@ -86,9 +86,7 @@ def check_registered() -> None:
         get_trainer_cls(TRAINER_MODE)
     except ValueError:
         missing.append(f"trainer {TRAINER_MODE!r}")
-    missing += [
-        f"agent loop {name!r}" for name in (AUTO_AGENT, TREE_AGENT, CHAIN_AGENT) if name not in _agent_loop_registry
-    ]
+    missing += [f"agent loop {name!r}" for name in (AUTO_AGENT, CHAIN_AGENT) if name not in _agent_loop_registry]
     if missing:
         raise RuntimeError(
             f"verl does not resolve {', '.join(missing)}: the `verl.plugins` entry point did not run. Reinstall the "

@@ -10,7 +10,7 @@ inside a worker, or never. `run` does, in this order:
 2. **Batch** (`check_batch_divisibility`): rows per update must divide among the data-parallel ranks, or verl stops
    at its `mini_batch_size % dp == 0` assert on the first update (e.g. 256 rows on 3 nodes x 6 GPUs).
 3. **Data** (`check_data`): every row of the local parquet files is validated (unknown `agent_name`, empty question,
-   missing ground truth, empty or non-string answers), and the file's agent loops must fit the estimator. Bad rows
+   missing ground truth, empty or non-string answers), and validation rows must not grow CARL trees. Bad rows
    stop the run, named by file and row; with `algorithm.carl.bad_rows=skip` the run trains on filtered copies.
 4. **Worker environment** (`forward_environment`): verl forwards only a fixed list of environment variables to Ray
    workers (`verl.trainer.constants_ppo`); on another node the tool yaml's `${oc.env:RETRIEVER_URL,...}` would fall
@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from carl_core import CARLConfigError
-from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TREE_AGENT, read_settings
+from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 """Where `recipe/` lives: relative recipe paths (the yaml defaults) are also looked up here."""
@@ -330,27 +330,16 @@ def data_files(config: DictConfig) -> list[tuple[str, str]]:
 
 
 def check_agents_fit_estimator(config: DictConfig, report: FileReport) -> None:
-    """Refuses a file whose agent loops do not fit the estimator (a config mismatch: never skipped).
+    """Refuses validation rows that would grow CARL trees (a config mismatch: never skipped).
 
-    Under `adv_estimator=carl`, validation rows must not grow trees (`carl_agent`, `carl_tree_agent`): the agent loop
-    cannot see verl's validate flag, and validation scores one trajectory per question. Under any other estimator,
-    no row may name `carl_tree_agent` (each of `rollout.n` sessions would grow a whole tree).
+    The agent loop cannot see verl's validate flag, so the check is on the data: under `adv_estimator=carl`, rows of
+    `data.val_files` must not name `carl_agent` (a tree under carl); validation scores one trajectory per question.
     """
-    estimator = config.algorithm.adv_estimator
-    carl = estimator == ESTIMATOR
-    if carl and report.key == "data.val_files":
-        bad = sorted(report.agents & {AUTO_AGENT, TREE_AGENT})
-        if bad:
-            raise CARLConfigError(
-                f"data.val_files {report.path}: rows name agent loop {', '.join(bad)}, which grows a CARL tree under "
-                f"algorithm.adv_estimator=carl, but validation scores one trajectory per question. Set the file's "
-                f"agent_name column to {CHAIN_AGENT} (the preprocessing scripts do so for any --split but train)."
-            )
-    if not carl and TREE_AGENT in report.agents:
+    if config.algorithm.adv_estimator == ESTIMATOR and report.key == "data.val_files" and AUTO_AGENT in report.agents:
         raise CARLConfigError(
-            f"{report.key} {report.path}: rows name agent loop {TREE_AGENT}, which grows a CARL tree in each of the "
-            f"rollout.n sessions, under algorithm.adv_estimator={estimator}. Name {AUTO_AGENT} (a tree under carl, "
-            f"one trajectory otherwise) or {CHAIN_AGENT} in the agent_name column."
+            f"data.val_files {report.path}: rows name agent loop {AUTO_AGENT}, which grows a CARL tree under "
+            f"algorithm.adv_estimator=carl, but validation scores one trajectory per question. Set the file's "
+            f"agent_name column to {CHAIN_AGENT} (the preprocessing scripts do so for any --split but train)."
         )
 
 

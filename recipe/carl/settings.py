@@ -8,7 +8,7 @@ whereas an extra key under `actor_rollout_ref.rollout` crashes verl's `RolloutCo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,31 +17,54 @@ from carl_core import CARLConfig, CARLConfigError
 
 ESTIMATOR = "carl"
 TRAINER_MODE = "carl"
-TREE_AGENT = "carl_tree_agent"
 AUTO_AGENT = "carl_agent"
 CHAIN_AGENT = "carl_chain_agent"
-
-RECIPE_KEYS = {"dump_every": 0, "max_action_tokens": None, "bad_rows": "error"}
-"""Keys of `algorithm.carl` that are not `CARLConfig` fields, with their defaults.
-
-dump_every: write the step's trees as JSON lines every this many steps (0 = never).
-max_action_tokens: token budget of one agent turn (reasoning + one <search> or <answer>) for every CARL agent loop;
-    null keeps each agent-loop yaml entry's own `max_action_tokens`. The run scripts set it (MAX_ACTION_TOKENS).
-bad_rows: what the start-up data check (`recipe.carl.preflight`) does with rows it cannot train on: "error" stops the
-    run naming file and row; "skip" trains on the rest from filtered copies (the skipped rows are listed).
-"""
-
-BAD_ROWS_MODES = ("error", "skip")
 
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    """`algorithm.carl` split into the algorithm's config and the recipe's own keys."""
+    """`algorithm.carl` split into the algorithm's config (`carl`) and the recipe's own keys (the other fields)."""
 
     carl: CARLConfig
     dump_every: int = 0
-    max_action_tokens: int | None = None
+    """Write the step's trees as JSON lines every this many steps (0 = never)."""
+    max_action_tokens: int = 512
+    """Token budget of one agent turn (reasoning + one search or answer); the rest of the trajectory's
+    `data.max_response_length` caps it further."""
+    invalid_action: str = "end"
+    """A malformed turn ends its leaf (`end`, the default: the turn's credit then reflects that it failed, and no
+    tokens are spent on a recovery the reward never asked for) or gets Search-R1's feedback observation and the
+    episode goes on (`feedback`)."""
+    thinking: bool = False
+    """Continue a turn whose stop string (`</search>`, `</answer>`) fired inside an unclosed `<think>` block
+    (thinking models such as Qwen3 mention tags while reasoning)."""
+    max_search_error_rate: float = 0.2
+    """Stop the run when more than this share of a training step's searches failed (after the tool's retries);
+    1.0 never stops."""
     bad_rows: str = "error"
+    """What the start-up data check (`recipe.carl.preflight`) does with rows it cannot train on: `error` stops the run
+    naming file and row; `skip` trains on the others from filtered copies (the skipped rows are listed)."""
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise CARLConfigError(f"algorithm.carl.{msg}")
+
+        if not isinstance(self.dump_every, int) or isinstance(self.dump_every, bool) or self.dump_every < 0:
+            fail(f"dump_every={self.dump_every!r} must be an integer >= 0 (0 = never).")
+        if not isinstance(self.max_action_tokens, int) or self.max_action_tokens < 1:
+            fail(f"max_action_tokens={self.max_action_tokens!r} must be an integer >= 1 (e.g. 512; 1024+ for Qwen3).")
+        if self.invalid_action not in ("end", "feedback"):
+            fail(f"invalid_action={self.invalid_action!r} is unknown: use end (the default) or feedback.")
+        if not isinstance(self.thinking, bool):
+            fail(f"thinking={self.thinking!r} must be true or false.")
+        if not isinstance(self.max_search_error_rate, (int, float)) or not 0 <= self.max_search_error_rate <= 1:
+            fail(f"max_search_error_rate={self.max_search_error_rate!r} must be in [0, 1] (1.0 never stops).")
+        if self.bad_rows not in ("error", "skip"):
+            fail(f"bad_rows={self.bad_rows!r} is unknown: use error (stop at bad rows) or skip (train on the rest).")
+
+
+RECIPE_KEYS = {f.name: f.default for f in fields(RecipeSettings) if f.name != "carl"}
+"""Keys of `algorithm.carl` that are not `CARLConfig` fields, with their defaults (see `RecipeSettings`)."""
 
 
 def _as_dict(block: Any) -> dict[str, Any]:
@@ -63,20 +86,6 @@ def read_settings(config: Any) -> RecipeSettings:
     block = config.get("algorithm", {}).get("carl") if _is_trainer_config(config) else config
     values = _as_dict(block)
     recipe = {key: values.pop(key, default) for key, default in RECIPE_KEYS.items()}
-    if not isinstance(recipe["dump_every"], int) or recipe["dump_every"] < 0:
-        value = recipe["dump_every"]
-        raise CARLConfigError(f"algorithm.carl.dump_every={value!r} must be an integer >= 0 (0 = never).")
-    tokens = recipe["max_action_tokens"]
-    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
-        raise CARLConfigError(
-            f"algorithm.carl.max_action_tokens={tokens!r} must be an integer >= 1 (tokens per agent turn), or null to "
-            "keep the agent-loop yaml's value."
-        )
-    if recipe["bad_rows"] not in BAD_ROWS_MODES:
-        raise CARLConfigError(
-            f"algorithm.carl.bad_rows={recipe['bad_rows']!r} is unknown: use error (stop at bad data rows) or skip "
-            "(train on the rest)."
-        )
     return RecipeSettings(carl=CARLConfig.from_dict(values), **recipe)
 
 

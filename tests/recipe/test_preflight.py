@@ -125,7 +125,7 @@ def ground_truth(value):
         ({"prompt": [{"role": "system", "content": "x"}]}, "no user message"),
         ({"prompt": []}, "not a non-empty chat list"),
         ({"extra_info": {"index": 7, "question": ""}}, "empty question .extra_info.question"),
-        ({"agent_name": "carl_tree_agnet"}, "unknown agent_name 'carl_tree_agnet'"),
+        ({"agent_name": "carl_tree_agent"}, "unknown agent_name 'carl_tree_agent'"),  # removed from the recipe
         ({"agent_name": ""}, "empty agent_name"),
     ],
 )
@@ -194,7 +194,7 @@ def test_skip_refuses_a_file_with_no_good_row(tmp_path):
 
 
 def test_unknown_bad_rows_mode_is_refused():
-    with pytest.raises(CARLConfigError, match="bad_rows='ignore'"):
+    with pytest.raises(CARLConfigError, match="algorithm.carl.bad_rows='ignore' is unknown"):
         preflight.read_settings(compose_carl("algorithm.carl.bad_rows=ignore"))
 
 
@@ -213,7 +213,6 @@ def write_agents(path, agent_names):
     [
         (["carl_chain_agent", "carl_chain_agent"], "carl", None),
         (["carl_chain_agent", "carl_agent"], "carl", "carl_agent"),
-        (["carl_tree_agent"], "carl", "carl_tree_agent"),
         ([None], "carl", "carl_agent"),  # no agent_name column: the yaml's default_agent_loop (carl_agent) applies
         (["carl_agent"], "grpo", None),  # one trajectory per question under GRPO
     ],
@@ -238,15 +237,6 @@ def test_val_rows_are_not_checked_when_the_run_never_validates(tmp_path):
         preflight.check_data(
             compose_carl(f"data.val_files={val}", "trainer.val_before_train=False", "trainer.test_freq=5")
         )
-
-
-def test_tree_rows_are_refused_under_grpo(tmp_path):
-    train = write_agents(tmp_path / "train.parquet", ["carl_tree_agent"])
-    cfg = compose_carl(f"data.train_files={train}", "algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16")
-    with pytest.raises(CARLConfigError, match="data.train_files .*train.parquet: rows name agent loop carl_tree_agent"):
-        preflight.check_data(cfg)
-    ok = write_agents(tmp_path / "ok.parquet", ["carl_agent"])
-    preflight.check_data(compose_carl(f"data.train_files={ok}", "algorithm.adv_estimator=grpo"))
 
 
 def test_missing_files_are_left_to_verl():
