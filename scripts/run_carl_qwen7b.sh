@@ -3,6 +3,9 @@
 # Paper setting (arXiv 2512.04949 v3): batch 128, lr 5e-6, T_max=32. Needs a retriever at RETRIEVER_URL.
 # Several nodes (NNODES > 1, Ray started on each): serve the retriever on an address every node reaches and export
 # RETRIEVER_URL=http://<host>:<port>/retrieve; main_carl forwards it to every Ray worker and refuses a loopback URL.
+# A head node started without CPUs (ray start --head --num-cpus=0) also needs
+# +transfer_queue.backend.SimpleStorage.required_node_resource=<a custom resource of the worker nodes>: TransferQueue
+# pins its storage units round-robin to every alive node, the head included.
 set -xeuo pipefail
 
 # ---- paths (override through the environment) ----
