@@ -12,7 +12,7 @@ It fails without main_carl's start-up fixes (issue 13, items 1-3): a relative ya
 node's directory (FileNotFoundError in AgentLoopWorker.__init__), and without RETRIEVER_URL the tool there searches
 127.0.0.1:8000.
 
-Slow (about 3 min on 2 cores); ``pytest -k multinode`` selects it.
+Slow (65-80 s on 2 cores); ``pytest -k multinode`` selects it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ CPU through main_carl, 4 steps with a checkpoint every 2, SIGKILL as soon as ste
 never written), then the same command again: it resumes from step 2, runs steps 3 and 4, and the file must read
 steps 1, 2, 3, 4, each once (step 3 from the resumed run).
 
-Slow (two trainer start-ups, about 3 min on 2 cores); run with ``pytest -m slow tests/recipe/cpu``.
+Slow (two trainer start-ups, about 2.5 min on 2 cores); run with ``pytest -m slow tests/recipe/cpu``.
 """
 
 from pathlib import Path
