@@ -20,6 +20,7 @@ CLI (prints one JSON summary line, exit code 0 only if the run exited 0)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -31,8 +32,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO / "recipe" / "carl" / "config"
@@ -89,6 +92,31 @@ def make_dataset(path: Path, rows: int = 16) -> Path:
     return path
 
 
+def toy_search(queries: list[str], topk: int) -> list[list[dict[str, Any]]]:
+    """A fixed answer for every query: the live retriever of the CARL smoke run (no index, no data)."""
+    return [[{"document": {"id": "0", "contents": "Toy\nA passage about apples."}, "score": 1.0}] for _ in queries]
+
+
+@contextlib.contextmanager
+def serve_retriever(retriever: Any = None) -> Iterator[tuple[str, list[int]]]:
+    """Serves `retriever` (default: `toy_search`) over the Search-R1 protocol in a thread of this process.
+
+    Yields:
+        The `/retrieve` URL and a list that grows by the number of queries of every search request served.
+    """
+    from recipe.carl.search.server import serve_in_thread
+
+    queries: list[int] = []
+    search = retriever.search_documents if retriever is not None else toy_search
+
+    def counted(batch: list[str], topk: int) -> list[list[dict[str, Any]]]:
+        queries.append(len(batch))
+        return search(batch, topk)
+
+    with serve_in_thread(search_fn=counted) as base:
+        yield f"{base.rstrip('/')}/retrieve", queries
+
+
 def algo_overrides(algo: str) -> list[str]:
     """What differs between the GRPO and the CARL smoke runs."""
     if algo == "grpo":
@@ -102,7 +130,7 @@ def algo_overrides(algo: str) -> list[str]:
         ]
     if algo == "carl":
         # CARL's tree agent loop and estimator: 2 prompts, trees of N0 + N = 4 leaves, at most 2 actions per
-        # trajectory; the search tool points at a retriever that is down, so a search yields an error observation.
+        # trajectory; the search tool reads RETRIEVER_URL (run_smoke serves a toy retriever unless given a URL).
         return [
             "algorithm.adv_estimator=carl",
             "algorithm.carl.n0=2",
@@ -204,6 +232,19 @@ def build_overrides(
     ]
 
 
+def _logged_steps(path: Path, step: int) -> bool:
+    """True once the metrics file has a complete line of `step` or a later one."""
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] >= step:
+                return True
+        except (ValueError, KeyError, TypeError):  # a line being written
+            continue
+    return False
+
+
 def _session_pids(sid: int, marker: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -263,10 +304,13 @@ def run_smoke(
     workdir: Path | None = None,
     extra_overrides: list[str] | None = None,
     algo: str = "grpo",
+    cwd: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    retriever_url: str | None = None,
+    kill_after_step: int | None = None,
     device: str = "cpu",
     data: str = "toy",
     model_dir: Path | None = None,
-    extra_env: dict[str, str] | None = None,
 ) -> SmokeResult:
     """Run the trainer once and collect exit code, wall time, peak memory, metrics and weight checksums.
 
@@ -277,19 +321,42 @@ def run_smoke(
         timeout_s: Hard wall-clock limit; the whole process session is killed after it.
         workdir: Where model, data, logs and the Ray temp dir go (a fresh temp dir by default).
         extra_overrides: More Hydra overrides, appended last.
-        algo: ``grpo`` or ``carl`` (see :func:`algo_overrides`).
+        algo: ``grpo`` or ``carl`` (``algo_overrides``).
+        cwd: The trainer's working directory (default: ``workdir``).
+        extra_env: More environment variables of the trainer, set last.
+        retriever_url: The trainer's ``RETRIEVER_URL``. None: a CARL run gets a live retriever served from this
+            process for the duration (main_carl refuses to start against a retriever that does not answer): the toy
+            one, or with ``data="synthhop"`` BM25 over the SynthHop corpus.
+        kill_after_step: SIGKILL the trainer's whole session as soon as the metrics file has this step (a crash).
         device: The device config option, ``cpu`` (carl_hf rollout) or ``cpu_vllm`` (verl's vLLM rollout).
-        data: ``toy`` (16 chat rows, toy reward, no retriever) or ``synthhop`` (:func:`make_synthhop`, a live BM25
-            retriever on a free port for the run's duration, the project's SynthHop reward).
+        data: ``toy`` (16 chat rows, toy reward) or ``synthhop`` (:func:`make_synthhop`, the project's SynthHop
+            reward).
         model_dir: The policy folder; default a fresh tiny random Qwen2 (``recipe.carl.cpu.tiny_model``).
-        extra_env: More environment variables of the trainer.
     """
     from contextlib import ExitStack
 
-    from recipe.carl.cpu.tiny_model import save_tiny_model
-
     if data not in ("toy", "synthhop"):
         raise ValueError(f"data={data!r}: use toy or synthhop")
+    if algo == "carl" and data == "toy" and retriever_url is None and "RETRIEVER_URL" not in (extra_env or {}):
+        with serve_retriever() as (url, _):
+            return run_smoke(
+                steps,
+                sync_weights,
+                launcher,
+                timeout_s,
+                workdir,
+                extra_overrides,
+                algo,
+                cwd,
+                extra_env,
+                url,
+                kill_after_step,
+                device=device,
+                data=data,
+                model_dir=model_dir,
+            )
+    from recipe.carl.cpu.tiny_model import save_tiny_model
+
     workdir = Path(workdir or tempfile.mkdtemp(prefix="carl_smoke_"))
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(model_dir).resolve() if model_dir is not None else Path(save_tiny_model(workdir / "model"))
@@ -313,11 +380,11 @@ def run_smoke(
         cmd += build_overrides(model_dir, train, workdir, steps, algo, ray_dir=ray_dir)
     else:
         from recipe.carl.search.retriever import Retriever, RetrieverConfig
-        from recipe.carl.search.server import serve_in_thread
 
         data_dir, train, val = make_synthhop(workdir)
-        retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
-        env["RETRIEVER_URL"] = stack.enter_context(serve_in_thread(retriever)).rstrip("/") + "/retrieve"
+        if retriever_url is None and "RETRIEVER_URL" not in (extra_env or {}):
+            retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
+            retriever_url, _ = stack.enter_context(serve_retriever(retriever))
         cmd += build_overrides(model_dir, train, workdir, steps, algo, val_data=val, reward=False, ray_dir=ray_dir)
         cmd += synthhop_overrides(workdir)
     cmd += list(extra_overrides or [])
@@ -334,7 +401,6 @@ def run_smoke(
     if device == "cpu_vllm":
         request_log.unlink(missing_ok=True)
         env[REQUEST_LOG_ENV] = str(request_log)
-    env.update(extra_env or {})
     # Until the recipe's verl.plugins entry point is installed, load the CPU plugin explicitly.
     mods = [m for m in env.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
     if "recipe.carl.cpu.verl_plugin" not in mods:
@@ -344,6 +410,9 @@ def run_smoke(
         env.pop("CARL_ROLLOUT_SKIP_WEIGHT_SYNC", None)
     else:
         env["CARL_ROLLOUT_SKIP_WEIGHT_SYNC"] = "1"
+    if retriever_url is not None:
+        env["RETRIEVER_URL"] = retriever_url
+    env.update(extra_env or {})
 
     marker = str(ray_dir)
     baseline = _system_used()
@@ -351,7 +420,9 @@ def run_smoke(
     done = threading.Event()
     t0 = time.time()
     with stack, open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd or workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         sid = proc.pid
 
         def sample() -> None:
@@ -360,6 +431,9 @@ def run_smoke(
                 peaks["rss"] = max(peaks["rss"], sum(m[0] for m in mems))
                 peaks["pss"] = max(peaks["pss"], sum(m[1] for m in mems))
                 peaks["sys"] = max(peaks["sys"], _system_used() - baseline)
+                if kill_after_step is not None and _logged_steps(metrics_path, kill_after_step):
+                    os.killpg(sid, signal.SIGKILL)  # a crash right after that step's metrics line
+                    return
                 done.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -383,9 +457,11 @@ def run_smoke(
     metrics = []
     if metrics_path.exists():
         for line in metrics_path.read_text().splitlines():
-            if line.strip():
+            try:
                 row = json.loads(line)
-                metrics.append({"step": row["step"], **row["data"]})
+            except ValueError:  # blank, or cut short by a kill
+                continue
+            metrics.append({"step": row["step"], **row["data"]})
     checksums = [float(m.group(2)) for m in _CHECKSUM_RE.finditer(log_path.read_text(errors="replace"))]
     requests = [json.loads(line) for line in request_log.read_text().splitlines()] if request_log.exists() else []
     return SmokeResult(
