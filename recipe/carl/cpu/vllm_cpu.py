@@ -10,7 +10,7 @@ What a CPU run of verl's vLLM rollout needs besides ``+device=cpu_vllm`` (``reci
 * **One guarded patch**, :func:`patch_cpu_gemm_dispatch`, installed in every process under ``CARL_DEVICE=cpu`` by
   :func:`install_hooks` (a post-import hook: it runs when a process, here the vLLM worker, imports vLLM's layer
   utilities). Without it the first trainer-to-rollout weight sync fails (see the function).
-* **An opt-in request log** (:data:`REQUEST_LOG_ENV`, diagnostics for the tests and the benchmark): the vLLM server
+* **An opt-in request log** (:data:`REQUEST_LOG_ENV`, diagnostics for the end-to-end tests): the vLLM server
   appends one JSON line per ``generate`` call with its request id, its time in the server, its prompt length and
   vLLM's count of prompt tokens served from the prefix cache (``RequestOutput.num_cached_tokens``).
 * **An opt-in negative control** (:data:`SKIP_SYNC_ENV`, tests only): weights stop reaching vLLM after the first

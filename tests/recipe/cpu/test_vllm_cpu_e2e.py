@@ -175,6 +175,9 @@ def test_vllm_server_overlaps_forks_of_a_tree_and_serves_their_prefix_from_cache
     assert pairs, "no two forks of one tree were in the vLLM server at the same time"
     lengths = [(a["prompt_tokens"], b["prompt_tokens"]) for a, b in pairs]
     print(f"{len(pairs)} pairs of concurrent forks; their prompt lengths: {lengths}")
+    calls = [r for f in forks.values() for r in f]
+    share = sum(r["cached_tokens"] for r in calls) / sum(r["prompt_tokens"] for r in calls)
+    print(f"fork calls: {100 * share:.1f} % of their prompt tokens from the prefix cache")
     # vLLM's prefix cache (RequestOutput.num_cached_tokens) serves part of the prompts of every CARL step. With
     # vLLM's CPU block size of 128 tokens only prompts longer than 128 tokens can hit (GPU: 16).
     for step in sorted({r["global_steps"] for r in requests}):
