@@ -13,10 +13,11 @@ function given the way verl takes one). The inference engine is the one training
 (in-process `AsyncLLM`, sampling parameters mapped as verl's `vLLMHttpServer` maps them), the CPU backend
 (`HFRolloutServer`, in-process, no Ray) on a CPU.
 
-`--model` (and `--baseline`) take a Hugging Face model folder or a verl checkpoint (`.../global_step_N/actor`, or
-`global_step_N`): its `huggingface/` folder when it holds weights (`checkpoint.save_contents` with `hf_model`), else
-the FSDP shards merged once with verl's own merger (`python -m verl.model_merger merge --backend fsdp`) into
-`<actor>/merged_hf` (`--merge-dir` to put it elsewhere), reused while the shards are unchanged.
+`--model` (and `--baseline`) take a Hugging Face model folder (or hub id) or a verl checkpoint
+(`.../global_step_N/actor`, or `global_step_N`): its `huggingface/` folder when it holds weights
+(`checkpoint.save_contents` with `hf_model`), else the FSDP shards merged once with verl's own merger
+(`python -m verl.model_merger merge --backend fsdp`, which writes bf16 weights) into `<actor>/merged_hf` (`--merge-dir`
+to put it elsewhere), reused while the shards are unchanged.
 
 Outputs in `--out`:
 
@@ -67,6 +68,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000/retrieve"
 #: The metrics compared between two models (per question: the mean over its samples).
 COMPARED = ("em", "f1", "format", "reward")
+#: `org/name`: a Hugging Face hub id (when no such local path exists).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 #: Files that hold a model's weights in a Hugging Face folder.
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
@@ -316,6 +319,8 @@ def resolve_model(path: str | Path, merge_dir: str | Path | None = None, flag: s
         "give a Hugging Face model folder (config.json + weights) or a verl checkpoint folder "
         "(<trainer.default_local_dir>/global_step_N/actor)"
     )
+    if not given.exists() and HUB_ID.fullmatch(str(path)):
+        return hub_model(str(path), flag)
     if not given.exists():
         raise EvalError(f"{flag} {given}: no such folder; {what}.")
     if not given.is_dir():
@@ -365,6 +370,26 @@ def resolve_model(path: str | Path, merge_dir: str | Path | None = None, flag: s
             f"{flag} {folder}: cannot write the merged model to {target} ({error}); pass --merge-dir."
         ) from error
     return target
+
+
+def hub_model(repo_id: str, flag: str) -> Path:
+    """A Hugging Face hub id (`Qwen/Qwen2.5-7B-Instruct`): its local snapshot, downloaded once (as verl's trainer does).
+
+    Raises:
+        EvalError: when it is neither cached nor downloadable (offline, no such model), naming the id.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
+    except Exception as error:
+        raise EvalError(
+            f"{flag} {repo_id}: not a local folder, and the Hugging Face hub could not give it "
+            f"({type(error).__name__}: {str(error)[:200]}); download it first (huggingface-cli download {repo_id}) "
+            "or pass a local folder."
+        ) from None
 
 
 def model_label(path: str | Path) -> str:

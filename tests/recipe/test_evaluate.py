@@ -396,3 +396,46 @@ def test_vllm_engine_matches_the_cpu_backend_greedily(data_dir, retriever_url, t
     same = sum(p == q for p, q in zip(preds["hf"], preds["vllm"], strict=True))
     assert same >= 11, (preds, hf["models"], vl["models"])  # fp32 on both; at most one argmax tie may flip
     assert vl["models"]["sft_seed0"]["engine"] == "vllm"
+
+
+def test_a_hub_id_is_taken_from_the_hub_cache(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(SHIPPED))
+    assert evaluate.resolve_model("Qwen/Qwen2.5-7B-Instruct") == SHIPPED
+
+    def offline(repo_id, **kw):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(EvalError, match=r"--model nobody/nothing: not a local folder, and the Hugging Face hub"):
+        evaluate.resolve_model("nobody/nothing")
+
+
+# ------------------------------------------------------------------------------------------------ scripts/eval.sh
+def test_eval_script_passes_the_training_defaults_to_the_cli(tmp_path):
+    """scripts/eval.sh on a GPU node: vLLM, run_carl_qwen7b.sh's budgets, every test file, the baseline, extra flags."""
+    import os
+    import subprocess
+
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    stub.chmod(0o755)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "eval.sh"
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args")}
+    env.update(MODEL_PATH="ckpt/global_step_9/actor", BASELINE_PATH="Qwen/Qwen2.5-7B-Instruct", OUT="o")
+    env.update(TEST_FILES="a.parquet b.parquet", RETRIEVER_URL="http://h:1/retrieve")
+    subprocess.run(["bash", str(script), "--samples", "4"], env=env, check=True, capture_output=True)
+    args = (tmp_path / "args").read_text().split("\n")
+    assert args[:2] == ["-m", "recipe.carl.evaluate"]
+    flags = dict(zip(args[2::1], args[3::1], strict=False))
+    assert flags["--model"] == "ckpt/global_step_9/actor" and flags["--baseline"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert args[args.index("--data") + 1 : args.index("--data") + 3] == ["a.parquet", "b.parquet"]
+    assert flags["--engine"] == "vllm" and flags["--retriever-url"] == "http://h:1/retrieve"
+    assert (flags["--max-actions"], flags["--max-action-tokens"], flags["--topk"]) == ("32", "512", "3")
+    assert (flags["--prompt-length"], flags["--response-length"]) == ("2048", "12288")
+    assert flags["--samples"] == "4"
+    del env["MODEL_PATH"]
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "set MODEL_PATH" in done.stderr
