@@ -308,8 +308,13 @@ def _shard_stamp(actor: Path) -> dict[str, list[int]]:
     }
 
 
-def resolve_model(path: str | Path, merge_dir: str | Path | None = None, flag: str = "--model") -> Path:
+def resolve_model(
+    path: str | Path, merge_dir: str | Path | None = None, flag: str = "--model", fetch: bool = True
+) -> Path:
     """The Hugging Face folder to load for `path` (a model folder, or a verl checkpoint, merged if needed).
+
+    With `fetch=False` only the checks run: a hub id is not downloaded and a checkpoint not merged (the path it would
+    be merged to is returned), so that every cheap check can come before the slow steps.
 
     Raises:
         EvalError: naming the input and what to give instead.
@@ -320,7 +325,7 @@ def resolve_model(path: str | Path, merge_dir: str | Path | None = None, flag: s
         "(<trainer.default_local_dir>/global_step_N/actor)"
     )
     if not given.exists() and HUB_ID.fullmatch(str(path)):
-        return hub_model(str(path), flag)
+        return hub_model(str(path), flag) if fetch else given
     if not given.exists():
         raise EvalError(f"{flag} {given}: no such folder; {what}.")
     if not given.is_dir():
@@ -353,6 +358,8 @@ def resolve_model(path: str | Path, merge_dir: str | Path | None = None, flag: s
             f"{flag} {folder}: the merge folder {target} exists and holds something else (no merged_from.json); "
             "pass --merge-dir with a new or empty folder."
         )
+    if not fetch:
+        return target
     print(f"merging the FSDP checkpoint {folder} into {target} (verl.model_merger)", file=sys.stderr, flush=True)
     try:
         with atomic_dir(target) as tmp:
@@ -870,14 +877,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if (out / "results.json").exists() and not args.overwrite:
         raise EvalError(f"--out {out}: already holds results.json; pass --overwrite, or choose another --out.")
+    # The cheap checks first (inputs, engine, data, retriever, reward), then the slow steps (download, merge).
+    given = {"model": (args.model, args.merge_dir), "baseline": (args.baseline, args.baseline_merge_dir)}
+    given = {role: spec for role, spec in given.items() if spec[0]}
+    for role, (path, merge_dir) in given.items():
+        resolve_model(path, merge_dir, f"--{role}", fetch=False)
     engine = choose_engine(args.engine)
-    models = {"model": resolve_model(args.model, args.merge_dir, "--model")}
-    if args.baseline:
-        models["baseline"] = resolve_model(args.baseline, args.baseline_merge_dir, "--baseline")
     datasets = load_datasets(args.data, args.limit)
     health = check_retriever(args.retriever_url)
     print(f"retriever {args.retriever_url}: {json.dumps(health)}", file=sys.stderr)
     reward_fn = load_reward(args.reward_path, args.reward_name, _json_arg(args.reward_kwargs, "--reward-kwargs"))
+    models = {role: resolve_model(path, merge_dir, f"--{role}") for role, (path, merge_dir) in given.items()}
     options: dict[str, Any] = {"dtype": args.dtype}
     if engine == "vllm":
         options.update(
@@ -921,7 +931,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             write_jsonl(out / _safe(label) / f"{_safe(source)}.jsonl", recs)
     if args.baseline:
         results["comparison"] = compare(records["model"], records["baseline"], seed=args.seed)
-    results["command"] = shlex.join([sys.executable, "-m", "recipe.carl.evaluate", *sys.argv[1:]])
+    results["command"] = shlex.join([sys.executable, "-m", "recipe.carl.evaluate", *args.argv])
     write_json(out / "results.json", results)
     text = markdown(results)
     write_text(out / "results.md", text + "\n")
@@ -1003,7 +1013,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"error: --limit {args.limit}: must be >= 1 (omit it for all questions).")
     if args.topk < 1:

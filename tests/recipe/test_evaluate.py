@@ -323,6 +323,14 @@ def test_fsdp_shards_are_merged_once_with_verls_merger(tmp_path, monkeypatch):
         evaluate.resolve_model(actor, merge_dir=other)
 
 
+def test_cheap_checks_come_before_a_merge(tmp_path, data_dir):
+    """An unreachable retriever is reported before any checkpoint is merged (or model downloaded)."""
+    actor = fake_fsdp_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match="retriever http://127.0.0.1:9/retrieve"):
+        cli(tmp_path, "--engine", "hf", model=str(actor), data=[str(data_dir / "test.parquet")])
+    assert not (actor / "merged_hf").exists()
+
+
 # ---------------------------------------------------------------------------------------------- paired interval
 def slow_percentile_bootstrap(a, b, resamples, confidence=0.95, seed=1):
     """The textbook paired bootstrap, one question at a time: resample questions, difference of the two means."""
@@ -394,6 +402,7 @@ def test_vllm_engine_matches_the_cpu_backend_greedily(data_dir, retriever_url, t
         lines = (tmp_path / name / "sft_seed0" / "synthhop.jsonl").read_text().splitlines()
         preds[name] = [json.loads(x)["samples"][0]["prediction"] for x in lines]
     same = sum(p == q for p, q in zip(preds["hf"], preds["vllm"], strict=True))
+    print(f"vLLM vs the CPU backend, greedy: {same}/12 identical predictions")
     assert same >= 11, (preds, hf["models"], vl["models"])  # fp32 on both; at most one argmax tie may flip
     assert vl["models"]["sft_seed0"]["engine"] == "vllm"
 
