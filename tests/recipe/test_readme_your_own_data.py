@@ -42,6 +42,7 @@ TINY_TRAIN_ENV = {
     "N0": "2",
     "N_FORKS": "2",
     "MAX_ACTIONS": "3",
+    "MAX_ACTION_TOKENS": "32",
     "TOTAL_STEPS": "1",
     "PPO_MINI_BATCH_ROWS": "8",
     "MAX_PROMPT_LENGTH": "256",
@@ -57,7 +58,6 @@ CPU_OVERRIDES = [
     "trainer.save_freq=1",
     "trainer.test_freq=-1",
     "trainer.val_before_train=False",
-    "algorithm.carl.max_action_tokens=32",
 ]
 
 
