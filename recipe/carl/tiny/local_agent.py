@@ -18,11 +18,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from carl_core import RolloutTree, rollout_from
+from recipe.carl.evaluate import EvalSettings, Evaluator
 
 
-class LocalAgent:
+class LocalAgent(Evaluator):
     """A policy folder + a SynthHop data folder, ready to roll out in the agent loop's layout.
+
+    `recipe.carl.evaluate.Evaluator` with the demo's limits, the CPU rollout server in process and SynthHop's BM25
+    index searched in process (the demo's tool serves the same corpus over HTTP during training).
 
     Args:
         policy_dir: a Hugging Face model folder with its tokenizer (chat template included).
@@ -45,28 +48,30 @@ class LocalAgent:
         response_length: int = 384,
         seed: int = 0,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from verl.workers.config import RolloutConfig
+        from transformers import AutoTokenizer
 
-        from recipe.carl.cpu.rollout import HFRolloutServer
+        from recipe.carl.evaluate import HFEngine
         from recipe.carl.search.actions import render_documents
         from recipe.carl.search.retriever import Retriever, RetrieverConfig
         from recipe.carl.search.reward import compute_score
 
         self.data_dir = Path(data_dir)
         self.max_actions = max_actions
-        self.tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(policy_dir)).eval()
-        rollout = RolloutConfig(
-            name="carl_hf", prompt_length=256, response_length=response_length, tensor_model_parallel_size=1, seed=seed
+        settings = EvalSettings(
+            max_actions=max_actions,
+            max_action_tokens=max_action_tokens,
+            prompt_length=256,
+            response_length=response_length,
+            seed=seed,
         )
-        server = HFRolloutServer(rollout, model_config=None, model=model, tokenizer=self.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
         retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(self.data_dir / "corpus.jsonl")))
 
         def search(query: str, tree_id: str) -> str:
             return render_documents(hit["document"] for hit in retriever.search_documents([query], topk)[0])
 
-        self.server, self.search, self.reward_fn = server, search, compute_score
+        # No per-request seeds: the engine's own generator (seeded by `seed`), as verl samples without full determinism.
+        super().__init__(HFEngine(policy_dir, tokenizer, settings), tokenizer, search, compute_score, settings)
         self.max_action_tokens, self.response_length = max_action_tokens, response_length
 
     def rows(self, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:
@@ -75,36 +80,6 @@ class LocalAgent:
 
         frame = pd.read_parquet(self.data_dir / f"{split}.parquet")
         return frame.head(n).to_dict("records") if n else frame.to_dict("records")
-
-    def new_tree(self, row: dict[str, Any], uid: str) -> RolloutTree:
-        """A tree rooted at the row's prompt, tokenised as the agent loop does (chat template, generation prompt)."""
-        prompt = [dict(m) for m in row["prompt"]]
-        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return RolloutTree(list(ids), self.max_actions, uid=uid)
-
-    def env(self, row: dict[str, Any], temperature: float, uid: str):
-        """The agent loop's `SearchEnvironment` for this row, sampling at `temperature` (0 = greedy)."""
-        from recipe.carl.agent_loop import SearchEnvironment
-
-        return SearchEnvironment(
-            generate=self.server.generate,
-            tokenizer=self.tokenizer,
-            search=self.search,
-            reward_fn=self.reward_fn,
-            sampling_params={"temperature": temperature, "top_p": 1.0, "top_k": -1},
-            request_id=uid,
-            data_source=row["data_source"],
-            ground_truth=row["reward_model"]["ground_truth"],
-            extra_info=row.get("extra_info"),
-            max_action_tokens=self.max_action_tokens,
-            response_length=self.response_length,
-        )
-
-    async def rollout(self, row: dict[str, Any], temperature: float, uid: str) -> tuple[RolloutTree, int | None, dict]:
-        """One trajectory; returns the tree, its leaf and the leaf's reward breakdown (`score`, `em`, `f1`, ...)."""
-        tree, env = self.new_tree(row, uid), self.env(row, temperature, uid)
-        leaf = await rollout_from(tree, 0, env)
-        return tree, leaf, env.leaf_info.get(leaf, {}) if leaf is not None else {}
 
     def evaluate(self, rows: list[dict[str, Any]], temperature: float = 0.0, samples: int = 1) -> dict[str, float]:
         """Mean reward breakdown over `rows` x `samples` trajectories (greedy by default), all concurrently."""
