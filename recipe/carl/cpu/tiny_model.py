@@ -47,7 +47,7 @@ def build_tokenizer():
 
 
 def build_tiny_model(
-    vocab_size: int = 320,
+    vocab_size: int | None = None,
     hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -61,7 +61,11 @@ def build_tiny_model(
     """Return a random ``Qwen2ForCausalLM`` (fp32, eval mode) that fits :func:`build_tokenizer`.
 
     Args:
-        vocab_size: Embedding rows; must exceed the tokenizer's 259 ids.
+        vocab_size: Embedding rows; default ``len(tokenizer)`` (259). More rows
+            than tokens make verl's vLLM rollout, which masks logits at or above ``len(tokenizer)``, normalise its
+            log-probs over fewer tokens than the FSDP actor (a 0.05 gap with 320 rows); ``carl_hf`` masks the same
+            way (``engine.CausalLMEngine``'s ``vocab_size``), so both rollouts agree with the actor only when the
+            two sizes are equal.
         hidden_size: Model width.
         num_layers: Decoder layers.
         num_heads: Attention heads.
@@ -75,9 +79,10 @@ def build_tiny_model(
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if vocab_size <= 258:
-        raise ValueError(f"vocab_size={vocab_size} is too small for the 259-token tokenizer; use >= 259")
     tok = build_tokenizer()
+    vocab_size = len(tok) if vocab_size is None else int(vocab_size)
+    if vocab_size < len(tok):
+        raise ValueError(f"vocab_size={vocab_size} is too small for the {len(tok)}-token tokenizer; use >= {len(tok)}")
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

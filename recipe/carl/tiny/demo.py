@@ -40,6 +40,10 @@ SHIPPED_SFT = Path(__file__).resolve().parent / "checkpoints" / "sft_seed0"
 """The committed SFT start (model + tokenizer + `sft_manifest.json` with the command that rebuilt it)."""
 
 
+#: `--rollout` -> the device config option (`recipe/carl/config/device/<name>.yaml`) that selects it.
+ROLLOUT_DEVICES = {"carl_hf": "cpu", "vllm": "cpu_vllm"}
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of one demo run (defaults: the README's command; `tiny()`: the CI smoke mode)."""
@@ -98,8 +102,13 @@ class DemoConfig:
     (`enable_gradient_checkpointing`): only worth its time for policies whose activations dominate memory (SmolLM2:
     30 layers)."""
     timeout_s: int = 1800
+    rollout: str = "carl_hf"
+    """The trainer's inference engine: `carl_hf` (`+device=cpu`) or verl's own vLLM rollout on vLLM's CPU build
+    (`vllm`: `+device=cpu_vllm`, run with the vLLM venv of `scripts/install_cpu.sh --vllm`)."""
 
     def __post_init__(self) -> None:
+        if self.rollout not in ROLLOUT_DEVICES:
+            raise ValueError(f"--rollout {self.rollout}: use one of {sorted(ROLLOUT_DEVICES)}.")
         flags = {"steps": "--steps", "lr": "--lr", "temperature": "--temperature", "sft_steps": "--sft-steps"}
         names = ("steps", "sft_steps", "batch_prompts", "n0", "max_actions", "test_freq", "val_samples")
         for name in (*names, "micro_batch_tokens"):
@@ -410,7 +419,12 @@ def run_trainer(run_dir: Path, overrides: list[str], url: str, ray_dir: Path, cf
     """Runs verl's trainer in its own process session, with a progress bar fed by the metrics file."""
     from tqdm.auto import tqdm
 
-    cmd = [sys.executable, "-m", "recipe.carl.main_carl", "+device=cpu", *overrides]
+    python = sys.executable
+    if cfg.rollout == "vllm":
+        from recipe.carl.cpu.vllm_cpu import vllm_python
+
+        python = vllm_python()  # the trainer (and its Ray workers) in the vLLM venv; the rest of the demo stays here
+    cmd = [python, "-m", "recipe.carl.main_carl", f"+device={ROLLOUT_DEVICES[cfg.rollout]}", *overrides]
     (run_dir / "command.txt").write_text(" ".join(shlex.quote(c) for c in cmd) + "\n")
     env = dict(os.environ)
     env.update(
@@ -581,6 +595,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sft-only", action="store_true", help="stop after the SFT warm start (policy_sft/ in the run)")
     p.add_argument("--no-shipped-sft", action="store_true", help="train the SFT start even if a shipped one fits")
     p.add_argument("--sft-steps", type=int, default=None, help="SFT optimiser steps (default: the shipped start's)")
+    p.add_argument(
+        "--rollout",
+        choices=sorted(ROLLOUT_DEVICES),
+        default=os.environ.get("ROLLOUT", "carl_hf"),
+        help="inference engine of the RL run: carl_hf (default) or vllm (verl's vLLM rollout on vLLM's CPU build; "
+        "install with bash scripts/install_cpu.sh --vllm)",
+    )
     args = p.parse_args(argv)
     if args.tiny and args.policy != "tiny":
         raise SystemExit("error: --tiny is the CI smoke mode of the tiny policy; drop --tiny or --policy.")
@@ -592,10 +613,18 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = DemoConfig(algo=args.algo, seed=args.seed)
     chosen = {"rl_seed": args.rl_seed, "steps": args.steps, "lr": args.lr, "temperature": args.temperature}
     chosen["sft_steps"] = args.sft_steps
+    chosen["rollout"] = args.rollout
     try:
         cfg = DemoConfig(**{**asdict(cfg), **{k: v for k, v in chosen.items() if v is not None}})
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
+    if cfg.rollout == "vllm":  # fail now, not after the data and the SFT start
+        from recipe.carl.cpu.vllm_cpu import vllm_python
+
+        try:
+            vllm_python()
+        except RuntimeError as error:
+            raise SystemExit(f"error: --rollout vllm: {error}") from error
     prepare_run_dir(args.run_dir.resolve(), args.overwrite)
     shipped = None if args.no_shipped_sft else SHIPPED_SFT
     summary = run_demo(cfg, args.run_dir.resolve(), shipped_sft=shipped, port=args.port, sft_only=args.sft_only)

@@ -4,9 +4,9 @@ Two sources, both offline and both written in the Hugging Face layout that verl'
 and :func:`transformers.AutoModelForCausalLM.from_pretrained` read:
 
 * :func:`build_tiny_policy` / ``--kind tiny`` (default): a Llama/Qwen2-style decoder with tied embeddings, hidden
-  128, 4 layers, 4 heads, MLP 512 (about 1.1M parameters with the 359-word SynthHop vocabulary). The SynthHop probe
-  found this to be the size that learns to copy entity names within minutes on 2 cores; anything larger trains at a
-  fraction of the tokens per second.
+  128, 4 layers, 4 heads, MLP 512 (about 1.1M parameters with the SynthHop vocabulary, one embedding row per token).
+  The SynthHop probe found this to be the size that learns to copy entity names within minutes on 2 cores; anything
+  larger trains at a fraction of the tokens per second.
 
 Why ``LlamaForCausalLM`` by default and not ``Qwen2ForCausalLM``: transformers 5.10 lists ``qwen2`` among the
 model types whose saved tokenizer class it distrusts (``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``), so
@@ -107,10 +107,17 @@ def build_tiny_policy(
     """
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs eos_token and pad_token set; use recipe.carl.synthhop's tokenizer.")
+    # One embedding row per token id: verl's vLLM rollout masks the logits of ids >= len(tokenizer), and carl_hf
+    # does the same, so extra rows would make their log-probs disagree with the actor's. With gaps in the ids (max
+    # id + 1 > len(tokenizer)) that mask would also forbid real tokens, so such a tokenizer is refused.
+    if embedding_size(tokenizer) != len(tokenizer):
+        raise ValueError(
+            f"the tokenizer's ids have gaps (max id + 1 = {embedding_size(tokenizer)}, len = {len(tokenizer)}); "
+            "verl's vLLM rollout masks ids >= len(tokenizer). Build it with recipe.carl.synthhop.tokenizer."
+        )
     config_cls, model_cls = ARCHS[config.arch]
     model_config = config_cls(
-        # max id + 1, not len(tokenizer): WordLevel ids may have gaps (probe pitfall 6).
-        vocab_size=embedding_size(tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers,

@@ -6,9 +6,15 @@ and a toy dense reward, then launches the trainer under ``CARL_DEVICE=cpu`` with
 process it started. Metrics come from verl's ``file`` logger (one JSON line per step); weight checksums come from
 the ``carl_hf update_weights`` lines the rollout server prints.
 
+Options (all default to the above): ``device="cpu_vllm"`` runs verl's own vLLM rollout (``+device=cpu_vllm``; the
+launcher's Python must have vLLM's CPU build, see ``recipe/carl/cpu/vllm_cpu.py``) and logs every ``generate``
+call of the vLLM server (``SmokeResult.requests``); ``data="synthhop"`` runs on SynthHop data with a live BM25
+retriever and the project's SynthHop reward, with ``model_dir`` (e.g. :data:`SHIPPED_SFT`) as the policy.
+
 CLI (prints one JSON summary line, exit code 0 only if the run exited 0)::
 
     python tests/recipe/cpu/grpo_smoke.py --steps 2 [--no-sync] [--launcher "python -m recipe.carl.main_carl"]
+        [--device cpu_vllm] [--algo carl --data synthhop --model recipe/carl/tiny/checkpoints/sft_seed0]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +43,10 @@ REWARD_FILE = Path(__file__).resolve().parent / "toy_reward.py"
 #: The trainer entry point: the recipe's own main (verl's run_ppo after CARL's config checks).
 DEFAULT_LAUNCHER = f"{shlex.quote(sys.executable)} -m recipe.carl.main_carl"
 TOOL_YAML = REPO / "recipe" / "carl" / "search" / "search_tool.yaml"
+#: The shipped SFT start of the tiny SynthHop policy (its tokenizer, data seed and sizes are in its manifest).
+SHIPPED_SFT = REPO / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
+#: The request log of the vLLM server (recipe.carl.cpu.vllm_cpu.REQUEST_LOG_ENV).
+REQUEST_LOG_ENV = "CARL_VLLM_REQUEST_LOG"
 _CHECKSUM_RE = re.compile(r"carl_hf update_weights #(\d+): .*checksum=([-+0-9.eE]+)")
 
 
@@ -52,6 +63,8 @@ class SmokeResult:
     log_path: str
     metrics: list[dict] = field(default_factory=list)
     checksums: list[float] = field(default_factory=list)
+    requests: list[dict] = field(default_factory=list)
+    """One record per ``generate`` call of the vLLM server (``device="cpu_vllm"`` only; see ``vllm_cpu``)."""
 
     def series(self, key: str) -> list[float]:
         """Return ``key``'s value at every logged step that has it."""
@@ -136,11 +149,65 @@ def algo_overrides(algo: str) -> list[str]:
     raise ValueError(f"algo={algo!r}: use grpo or carl")
 
 
-def build_overrides(model_dir: Path, data: Path, workdir: Path, steps: int, algo: str = "grpo") -> list[str]:
-    """Hydra overrides on top of ``carl_trainer.yaml`` + ``device/cpu.yaml`` (model, data, sizes, logging)."""
+def make_synthhop(workdir: Path, rows: int = 32) -> tuple[Path, Path, Path]:
+    """SynthHop exactly as the shipped SFT start was trained on (seed, entities and sizes of its manifest).
+
+    Returns:
+        ``(data_dir, train_parquet, val_parquet)``: the full data set (``corpus.jsonl`` for the retriever), the first
+        ``rows`` training rows (agent ``carl_agent``), and the held-out rows (agent ``carl_chain_agent``).
+    """
+    import pandas as pd
+
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+
+    key = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())["key"]
+    config = SynthHopConfig(seed=key["seed"], n_entities=key["n_entities"], n_train=key["n_train"], n_test=100)
+    data_dir = workdir / "synthhop"
+    write(build(config), data_dir, overwrite=True, command="tests/recipe/cpu/grpo_smoke.py")
+    train = workdir / "synthhop_train.parquet"
+    pd.read_parquet(data_dir / "train.parquet").head(rows).to_parquet(train)
+    return data_dir, train, data_dir / "test.parquet"
+
+
+def synthhop_overrides(workdir: Path, topk: int = 2) -> list[str]:
+    """What a SynthHop run adds: the tiny policy's lengths and rollout temperature, and a search tool with ``topk``
+    documents per search (the shipped SFT start was trained on 2)."""
+    text = TOOL_YAML.read_text()
+    if "topk: 3" not in text:
+        raise RuntimeError(f"{TOOL_YAML} no longer sets `topk: 3`; update synthhop_overrides")
+    tool_yaml = workdir / "search_tool.yaml"
+    tool_yaml.write_text(text.replace("topk: 3", f"topk: {topk}"))
+    return [
+        "data.max_prompt_length=64",
+        "data.max_response_length=384",
+        "actor_rollout_ref.rollout.temperature=0.7",
+        "actor_rollout_ref.rollout.top_k=-1",
+        f"actor_rollout_ref.rollout.multi_turn.tool_config_path={tool_yaml}",
+    ]
+
+
+def build_overrides(
+    model_dir: Path,
+    data: Path,
+    workdir: Path,
+    steps: int,
+    algo: str = "grpo",
+    val_data: Path | None = None,
+    reward: bool = True,
+    ray_dir: Path | None = None,
+) -> list[str]:
+    """Hydra overrides on top of ``carl_trainer.yaml`` + ``device/cpu.yaml`` (model, data, sizes, logging).
+
+    ``val_data`` defaults to ``data``; ``reward=False`` keeps the project's reward instead of the toy one;
+    ``ray_dir`` (default ``workdir/ray``) is Ray's temp dir, whose socket paths must stay under 108 bytes.
+    """
+    toy_reward = [
+        f"reward.custom_reward_function.path={REWARD_FILE}",
+        "reward.custom_reward_function.name=compute_score",
+    ]
     return algo_overrides(algo) + [
         f"data.train_files={data}",
-        f"data.val_files={data}",
+        f"data.val_files={val_data or data}",
         "data.max_prompt_length=64",
         "data.max_response_length=32",
         "data.filter_overlong_prompts=True",
@@ -150,8 +217,7 @@ def build_overrides(model_dir: Path, data: Path, workdir: Path, steps: int, algo
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
         "actor_rollout_ref.actor.use_kl_loss=False",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
-        f"reward.custom_reward_function.path={REWARD_FILE}",
-        "reward.custom_reward_function.name=compute_score",
+        *(toy_reward if reward else []),
         "trainer.logger=[console,file]",
         "trainer.project_name=carl_cpu",
         "trainer.experiment_name=smoke",
@@ -162,7 +228,7 @@ def build_overrides(model_dir: Path, data: Path, workdir: Path, steps: int, algo
         "trainer.resume_mode=disable",
         f"trainer.default_local_dir={workdir / 'ckpt'}",
         # A private Ray temp dir: lets the cleanup find exactly this run's leftover processes.
-        f"+ray_kwargs.ray_init._temp_dir={workdir / 'ray'}",
+        f"+ray_kwargs.ray_init._temp_dir={ray_dir or workdir / 'ray'}",
     ]
 
 
@@ -242,6 +308,9 @@ def run_smoke(
     extra_env: dict[str, str] | None = None,
     retriever_url: str | None = None,
     kill_after_step: int | None = None,
+    device: str = "cpu",
+    data: str = "toy",
+    model_dir: Path | None = None,
 ) -> SmokeResult:
     """Run the trainer once and collect exit code, wall time, peak memory, metrics and weight checksums.
 
@@ -255,11 +324,20 @@ def run_smoke(
         algo: ``grpo`` or ``carl`` (``algo_overrides``).
         cwd: The trainer's working directory (default: ``workdir``).
         extra_env: More environment variables of the trainer, set last.
-        retriever_url: The trainer's ``RETRIEVER_URL``. None: a CARL run gets a live toy retriever served from this
-            process for the duration (main_carl refuses to start against a retriever that does not answer).
+        retriever_url: The trainer's ``RETRIEVER_URL``. None: a CARL run gets a live retriever served from this
+            process for the duration (main_carl refuses to start against a retriever that does not answer): the toy
+            one, or with ``data="synthhop"`` BM25 over the SynthHop corpus.
         kill_after_step: SIGKILL the trainer's whole session as soon as the metrics file has this step (a crash).
+        device: The device config option, ``cpu`` (carl_hf rollout) or ``cpu_vllm`` (verl's vLLM rollout).
+        data: ``toy`` (16 chat rows, toy reward) or ``synthhop`` (:func:`make_synthhop`, the project's SynthHop
+            reward).
+        model_dir: The policy folder; default a fresh tiny random Qwen2 (``recipe.carl.cpu.tiny_model``).
     """
-    if algo == "carl" and retriever_url is None and "RETRIEVER_URL" not in (extra_env or {}):
+    from contextlib import ExitStack
+
+    if data not in ("toy", "synthhop"):
+        raise ValueError(f"data={data!r}: use toy or synthhop")
+    if algo == "carl" and data == "toy" and retriever_url is None and "RETRIEVER_URL" not in (extra_env or {}):
         with serve_retriever() as (url, _):
             return run_smoke(
                 steps,
@@ -273,19 +351,44 @@ def run_smoke(
                 extra_env,
                 url,
                 kill_after_step,
+                device=device,
+                data=data,
+                model_dir=model_dir,
             )
     from recipe.carl.cpu.tiny_model import save_tiny_model
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="carl_smoke_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(save_tiny_model(workdir / "model"))
-    data = make_dataset(workdir / "train.parquet")
+    model_dir = Path(model_dir).resolve() if model_dir is not None else Path(save_tiny_model(workdir / "model"))
     metrics_path = workdir / "metrics.jsonl"
     log_path = workdir / "train.log"
-    cmd = shlex.split(launcher) + ["--config-path", str(CONFIG_DIR), "--config-name", "carl_trainer", "+device=cpu"]
-    cmd += build_overrides(model_dir, data, workdir, steps, algo) + list(extra_overrides or [])
-
+    request_log = workdir / "vllm_requests.jsonl"
+    # A short private Ray temp dir: Ray's socket paths (<dir>/session_<date>_<pid>/sockets/plasma_store) must stay
+    # under 108 bytes, which a pytest tmp path such as /tmp/pytest-of-root/pytest-57/vllm_synced0/ray exceeds.
+    ray_dir = Path(tempfile.mkdtemp(prefix="carl-ray-"))
+    cmd = shlex.split(launcher) + [
+        "--config-path",
+        str(CONFIG_DIR),
+        "--config-name",
+        "carl_trainer",
+        f"+device={device}",
+    ]
+    stack = ExitStack()
     env = dict(os.environ)
+    if data == "toy":
+        train = make_dataset(workdir / "train.parquet")
+        cmd += build_overrides(model_dir, train, workdir, steps, algo, ray_dir=ray_dir)
+    else:
+        from recipe.carl.search.retriever import Retriever, RetrieverConfig
+
+        data_dir, train, val = make_synthhop(workdir)
+        if retriever_url is None and "RETRIEVER_URL" not in (extra_env or {}):
+            retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data_dir / "corpus.jsonl")))
+            retriever_url, _ = stack.enter_context(serve_retriever(retriever))
+        cmd += build_overrides(model_dir, train, workdir, steps, algo, val_data=val, reward=False, ray_dir=ray_dir)
+        cmd += synthhop_overrides(workdir)
+    cmd += list(extra_overrides or [])
+
     env.update(
         CARL_DEVICE="cpu",
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
@@ -295,6 +398,9 @@ def run_smoke(
         HYDRA_FULL_ERROR="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    if device == "cpu_vllm":
+        request_log.unlink(missing_ok=True)
+        env[REQUEST_LOG_ENV] = str(request_log)
     # Until the recipe's verl.plugins entry point is installed, load the CPU plugin explicitly.
     mods = [m for m in env.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
     if "recipe.carl.cpu.verl_plugin" not in mods:
@@ -308,12 +414,12 @@ def run_smoke(
         env["RETRIEVER_URL"] = retriever_url
     env.update(extra_env or {})
 
-    marker = str(workdir / "ray")
+    marker = str(ray_dir)
     baseline = _system_used()
     peaks = {"rss": 0, "pss": 0, "sys": 0}
     done = threading.Event()
     t0 = time.time()
-    with open(log_path, "wb") as log:
+    with stack, open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, env=env, cwd=cwd or workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -346,6 +452,7 @@ def run_smoke(
             # Ray daemons and workers outlive the driver at times; kill exactly this run's processes.
             time.sleep(1.0)
             _kill(_session_pids(sid, marker))
+            shutil.rmtree(ray_dir, ignore_errors=True)
 
     metrics = []
     if metrics_path.exists():
@@ -356,6 +463,7 @@ def run_smoke(
                 continue
             metrics.append({"step": row["step"], **row["data"]})
     checksums = [float(m.group(2)) for m in _CHECKSUM_RE.finditer(log_path.read_text(errors="replace"))]
+    requests = [json.loads(line) for line in request_log.read_text().splitlines()] if request_log.exists() else []
     return SmokeResult(
         returncode=rc,
         wall_s=wall,
@@ -366,6 +474,7 @@ def run_smoke(
         log_path=str(log_path),
         metrics=metrics,
         checksums=checksums,
+        requests=requests,
     )
 
 
@@ -377,12 +486,27 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=600)
     parser.add_argument("--algo", choices=["grpo", "carl"], default="grpo")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--device", choices=["cpu", "cpu_vllm"], default="cpu", help="carl_hf or verl's vLLM rollout")
+    parser.add_argument("--data", choices=["toy", "synthhop"], default="toy")
+    parser.add_argument("--model", type=Path, default=None, help="policy folder (default: a tiny random Qwen2)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
-    res = run_smoke(args.steps, not args.no_sync, args.launcher, args.timeout, args.workdir, args.overrides, args.algo)
+    res = run_smoke(
+        args.steps,
+        not args.no_sync,
+        args.launcher,
+        args.timeout,
+        args.workdir,
+        args.overrides,
+        args.algo,
+        device=args.device,
+        data=args.data,
+        model_dir=args.model,
+    )
     summary = asdict(res)
     keep = ("training/rollout_probs_diff_max", "critic/score/mean", "actor/grad_norm", "timing_s/step")
     summary["metrics"] = [{k: m.get(k) for k in ("step", *keep)} for m in res.metrics]
+    summary["requests"] = len(res.requests)
     print(json.dumps(summary))
     return 0 if res.returncode == 0 else 1
 

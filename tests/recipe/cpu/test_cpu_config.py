@@ -41,17 +41,18 @@ def test_sections_convert_to_verl_dataclasses(cfg):
     assert engine.mixed_precision["param_dtype"] == "fp32"
 
 
-def test_every_key_has_a_comment_above():
+@pytest.mark.parametrize("name", ["cpu", "cpu_vllm"])
+def test_every_key_has_a_comment_above(name):
     # verl's rule for its yamls: a comment above each field. A leaf may instead be the first child of a commented
     # parent (e.g. `# why\noverride_config:\n  attn_implementation: sdpa`).
-    lines = (CONFIG_DIR / "device" / "cpu.yaml").read_text().splitlines()
+    lines = (CONFIG_DIR / "device" / f"{name}.yaml").read_text().splitlines()
     for i, line in enumerate(lines):
         stripped = line.strip()
         if not stripped or stripped.startswith("#") or stripped.startswith("-") or stripped.endswith(":"):
             continue  # blank, comment, list item or section header
         above = lines[i - 1].strip()
         parent_commented = above.endswith(":") and lines[i - 2].strip().startswith("#")
-        assert above.startswith("#") or parent_commented, f"device/cpu.yaml line {i + 1} has no comment above: {line!r}"
+        assert above.startswith("#") or parent_commented, f"device/{name}.yaml line {i + 1} has no comment: {line!r}"
 
 
 def test_watchdog_flags_only_old_pending_entries():

@@ -240,3 +240,33 @@ def test_engine_on_cuda_matches_teacher_forcing_and_batches():
             logits = model(torch.tensor([p + r.token_ids], device="cuda")).logits[0, len(p) - 1 : -1].float()
         ref = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(r.token_ids, device="cuda")[:, None])
         assert torch.allclose(torch.tensor(r.log_probs), ref.squeeze(-1).cpu(), atol=1e-4)
+
+
+def test_oov_rows_are_masked_like_verls_vllm_server():
+    """A model with more embedding rows than tokens: ids >= vocab_size are never sampled and every log-prob is
+    normalised over the real ids only (verl's vLLMHttpServer masks logits >= len(tokenizer) the same way)."""
+    _, tok = _model_and_tokenizer()
+    padded = build_tiny_model(vocab_size=len(tok) + 61, embed_std=0.5)
+    with torch.no_grad():  # make the padded rows the most likely tokens, so an unmasked sampler picks them
+        padded.lm_head.weight[len(tok) :] = padded.lm_head.weight[: len(tok)].abs().mean() * 40
+    prompt = _prompts(2)
+    specs = [
+        SamplingSpec(max_tokens=8, temperature=1.0, ignore_eos=True, seed=3),
+        SamplingSpec(max_tokens=8, temperature=0.0, ignore_eos=True),
+    ]
+    eng = CausalLMEngine(padded, [tok.eos_token_id], tok.pad_token_id, vocab_size=len(tok))
+    for res, p in zip(eng.generate(prompt, specs), prompt, strict=True):
+        assert max(res.token_ids) < len(tok), res.token_ids
+        with torch.no_grad():
+            logits = padded(torch.tensor([p + res.token_ids])).logits[0, len(p) - 1 : -1, : len(tok)].float()
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(res.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(res.log_probs), expected, atol=1e-5, rtol=1e-5)
+    unmasked = CausalLMEngine(padded, [tok.eos_token_id], tok.pad_token_id).generate(prompt, specs)
+    assert any(max(r.token_ids) >= len(tok) for r in unmasked)  # the check above can fail
+
+
+def test_tiny_model_vocabulary_equals_the_tokenizers():
+    model, tok = _model_and_tokenizer()
+    assert model.config.vocab_size == len(tok) == model.get_input_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match="too small"):
+        build_tiny_model(vocab_size=len(tok) - 1)

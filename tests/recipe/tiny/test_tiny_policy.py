@@ -21,9 +21,32 @@ from .conftest import TINY_SHAPE
 def test_default_size_is_the_probes_1m_model(data):
     model = build_tiny_policy(data.tokenizer)
     assert model.config.tie_word_embeddings
-    assert model.get_input_embeddings().weight.shape[0] == embedding_size(data.tokenizer)
-    # 1.1M with the 359-word vocabulary; this smaller test vocabulary takes a few rows off.
+    # One row per token: verl's vLLM rollout (and carl_hf) mask the logits of ids >= len(tokenizer).
+    assert model.get_input_embeddings().weight.shape[0] == embedding_size(data.tokenizer) == len(data.tokenizer)
+    # 1.1M with the 369-word vocabulary; this smaller test vocabulary takes a few rows off.
     assert 1.0e6 < count_parameters(model) < 1.2e6
+
+
+def test_shipped_sft_start_has_one_embedding_row_per_token():
+    from recipe.carl.tiny.demo import SHIPPED_SFT
+
+    tok = AutoTokenizer.from_pretrained(SHIPPED_SFT, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_SFT, local_files_only=True)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == len(tok) == embedding_size(tok)
+
+
+def test_tokenizer_with_id_gaps_is_refused(data):
+    class Gapped:  # len() counts the tokens, but the largest id is beyond it
+        eos_token_id, pad_token_id = data.tokenizer.eos_token_id, data.tokenizer.pad_token_id
+
+        def __len__(self):
+            return len(data.tokenizer) - 1
+
+        def get_vocab(self):
+            return data.tokenizer.get_vocab()
+
+    with pytest.raises(ValueError, match="gaps"):
+        build_tiny_policy(Gapped(), TINY_SHAPE)
 
 
 def test_same_seed_same_weights_and_global_rng_untouched(data):

@@ -1,0 +1,21 @@
+"""Suite-wide pytest hooks: tests marked `vllm` skip, with the reason, where vLLM's CPU build is not installed."""
+
+import importlib.util
+import sys
+
+import pytest
+
+VLLM_SKIP_REASON = (
+    f"vLLM is not installed in {sys.executable}: the tests marked `vllm` run in the vLLM venv "
+    "(`bash scripts/install_cpu.sh --vllm`, then `.venv-vllm/bin/python -m pytest -m vllm`; "
+    "`bash scripts/test_cpu.sh` does both)"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason=VLLM_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(skip)
