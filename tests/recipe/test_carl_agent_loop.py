@@ -719,3 +719,26 @@ def test_invalid_action_feedback_keeps_the_episode_going():
     assert feedback.startswith("<information>") and "previous turn had no valid" in feedback
     (ended,) = grow(make_config("algorithm.carl.n0=1", "algorithm.carl.n_forks=0"), Recording(stumbler), sample())
     assert [n.finish_reason for n in ended.tree.nodes] == [None, "invalid:no_action"]
+
+
+def test_validation_metrics_say_why_episodes_ended():
+    """Validation rows (one trajectory each) carry finish reasons and search counts in their reward breakdown, which
+    verl's own validation aggregates into val-aux/<data_source>/finish_<reason>/mean@n metrics."""
+    config = make_config("algorithm.carl.max_search_error_rate=1.0")
+    policies = [
+        lambda d, rng: "<search> q0 </search>" if d < 1 else "<answer> a1 </answer>",  # answers after a search
+        lambda d, rng: "i think a1",  # invalid: no action
+        lambda d, rng: "<search> boom </search>",  # the search fails
+    ]
+    infos = []
+    for policy in policies:
+        (outputs,) = grow(config, ScriptedServer(policy), sample(), mode="chain")
+        infos.append(outputs[-1].extra_fields["reward_extra_info"])
+    reward_extra_infos = {"reward": [i["score"] for i in infos]} | {k: [i[k] for i in infos] for k in infos[0]}
+    trainer = object.__new__(carl_trainer.CARLTrainer)
+    metrics = trainer._val_metrics_update(["nq"] * 3, ["u0", "u1", "u2"], reward_extra_infos, [3, 1, 1])
+    assert metrics["val-aux/nq/finish_answer/mean@1"] == pytest.approx(1 / 3)
+    assert metrics["val-aux/nq/finish_invalid/mean@1"] == pytest.approx(1 / 3)
+    assert metrics["val-aux/nq/finish_tool_error/mean@1"] == pytest.approx(1 / 3)
+    assert metrics["val-aux/nq/search_calls/mean@1"] == pytest.approx(2 / 3)
+    assert metrics["val-aux/nq/search_errors/mean@1"] == pytest.approx(1 / 3)
