@@ -96,6 +96,7 @@ def test_command_txt_reruns_the_same_run(tmp_path, monkeypatch):
     assert words[:3] == [sys.executable, "-m", "recipe.carl.tiny.demo"] and words[-1] == "--overwrite"
     monkeypatch.delenv("ALGO")
     monkeypatch.chdir(REPO)
+    p = cli.parser()  # its --algo default no longer comes from ALGO
     again = p.parse_args(words[3:])
     assert again.run_dir == tmp_path / "rel" / "run" and again.overwrite
     assert cli.config_from(again, p) == cli.config_from(args, p) and cli.config_from(again, p).algo == "grpo"
@@ -164,8 +165,11 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "run_demo", interrupted)
-    with pytest.raises(SystemExit) as exit_:
-        main(["--run-dir", str(tmp_path / "run")])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(["--run-dir", str(tmp_path / "run")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
     assert exit_.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted: the trainer and its Ray session are stopped")

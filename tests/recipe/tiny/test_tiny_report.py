@@ -45,6 +45,7 @@ def test_a_greedy_change_is_paired_over_the_same_questions():
 def test_change_text_says_whether_a_change_exceeds_twice_its_noise():
     assert change_text(-0.05, 0.022, "paired") == "-5.0 ± 2.2 points (paired; more than 2 s.e.)"
     assert change_text(0.013, 0.032, "independent") == "+1.3 ± 3.2 points (independent; within noise)"
+    assert change_text(0.03, 0.02, "paired") == "+3.0 ± 2.0 points (paired; within noise)"  # 1.5 s.e.
 
 
 def test_curve_se_follows_the_validation_size_also_of_older_summaries():
