@@ -95,8 +95,15 @@ def rerun_command(args: argparse.Namespace, argv: list[str]) -> str:
     """`command.txt`: the shell line that re-runs this run into the same folder, as is (with --overwrite)."""
     import shlex
 
-    flags = [a for a in argv if a != "--overwrite"]
-    for name, value in (("--run-dir", args.run_dir.resolve()), ("--algo", args.algo), ("--policy", args.policy)):
-        flags += [name, str(value)]  # explicit: ALGO / POLICY from the environment, a relative folder
+    explicit = {"--run-dir": args.run_dir.resolve(), "--algo": args.algo, "--policy": args.policy}
+    flags, rest = [], iter(argv)
+    for word in rest:  # drop the flags given explicitly below (their value too) and --overwrite, added last
+        name = word.split("=", 1)[0]
+        if name in explicit and "=" not in word:
+            next(rest, None)
+        elif name not in explicit and word != "--overwrite":
+            flags.append(word)
+    for name, value in explicit.items():  # explicit: ALGO / POLICY from the environment, a relative folder
+        flags += [name, str(value)]
     line = shlex.join([sys.executable, "-m", "recipe.carl.tiny.demo", *flags, "--overwrite"])
     return f"cd {shlex.quote(str(REPO))} && {line}\n"

@@ -159,10 +159,10 @@ class TrainerRun:
         """Remaining steps at their median time, plus the validations still to come at the last one's time."""
         step_s = [r["timing_s/step"] for r in rows if "timing_s/step" in r]
         if not step_s:
-            return ", time left: known after the first step"
+            return "time left: known after the first step"
         val_s = [r["timing_s/testing"] for r in rows if "timing_s/testing" in r] or [self.first_validation_s() or 0]
         left = (self.steps - done) * statistics.median(step_s) + val_s[-1] * sum(v > done for v in self.validations)
-        return f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+        return f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left"
 
     def first_validation_s(self) -> float | None:
         """How long the validation before training took (from its marker to the step-0 metrics), if known."""

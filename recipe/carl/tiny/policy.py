@@ -158,15 +158,17 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out:
     Args:
         model: the policy.
         tokenizer: its tokenizer.
-        out: folder, created if missing; existing files of the same names are replaced.
+        out: folder, created if missing; an existing one is replaced.
 
     Returns:
         The folder.
     """
+    from recipe.carl.io import atomic_dir
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with atomic_dir(out) as tmp:  # whole, with public file modes (save_pretrained's safetensors are 0600)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     check_tokenizer_roundtrip(tokenizer, out)
     return out
 

@@ -45,7 +45,7 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> tuple[floa
 
 def change_text(delta: float, se: float, how: str) -> str:
     """`+1.3 ± 3.2 points (paired; within noise)`: a change in points with its se and whether it exceeds 2 se."""
-    verdict = "within noise" if abs(delta) < 2 * se else "more than 2 s.e."
+    verdict = "within noise" if abs(delta) <= 2 * se else "more than 2 s.e."
     return f"{100 * delta:+.1f} ± {100 * se:.1f} points ({how}; {verdict})"
 
 

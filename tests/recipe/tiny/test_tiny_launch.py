@@ -69,9 +69,9 @@ def test_time_left_uses_the_measured_steps_and_validations(tmp_path):
     assert "known after the first step" in run._time_left([{"step": 0}], 0)
     rows = [{"step": s, "timing_s/step": 10.0} for s in range(1, 11)] + [{"step": 10, "timing_s/testing": 40.0}]
     # 20 steps x 10 s + 2 validations x 40 s = 280 s.
-    assert run._time_left(rows, 10) == ", about 5 min left"
+    assert run._time_left(rows, 10) == "about 5 min left"
     assert (
-        run._time_left([*rows, {"step": 29, "timing_s/step": 10.0}], 29) == ", about 50 s left"
+        run._time_left([*rows, {"step": 29, "timing_s/step": 10.0}], 29) == "about 50 s left"
     )  # 1 step + the last validation
 
 
