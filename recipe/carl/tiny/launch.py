@@ -36,8 +36,10 @@ NOISE = (
 """Substrings of log lines that `train.log` leaves out (`train.full.log` keeps them)."""
 
 PHASES = (
-    ("Started a local Ray instance", "starting workers"),
-    ("Using dataset class", "loading data and models"),
+    ("Started a local Ray instance", "starting the trainer"),
+    ("Using dataset class", "loading the data"),
+    ("Before FSDP", "loading the policy"),
+    ("Total steps:", "starting the rollout workers"),
     ("Continuous Token builder", "validating the start"),
     ("Initial validation metrics", "first RL step"),
 )
