@@ -78,8 +78,12 @@ def config_from(args: argparse.Namespace, p: argparse.ArgumentParser) -> DemoCon
     """The run's `DemoConfig` from the parsed flags; a bad combination is a parser error naming the flags."""
     if args.tiny and args.policy != "tiny":
         p.error("--tiny is the CI smoke mode of the tiny policy; drop --tiny or --policy smollm2.")
-    base = {"tiny": DemoConfig.tiny, "smollm2": DemoConfig.smollm2}.get("tiny" if args.tiny else args.policy)
-    cfg = base(args.algo, args.seed) if base else DemoConfig(algo=args.algo, seed=args.seed)
+    if args.tiny:
+        cfg = DemoConfig.tiny(args.algo, args.seed)
+    elif args.policy == "smollm2":
+        cfg = DemoConfig.smollm2(args.algo, args.seed)
+    else:
+        cfg = DemoConfig(algo=args.algo, seed=args.seed)
     chosen = {"steps": args.steps, "test_freq": args.test_freq, "lr": args.lr, "temperature": args.temperature,
               "sft_steps": args.sft_steps}  # fmt: skip
     cfg = replace(cfg, rl_seed=args.rl_seed, **{k: v for k, v in chosen.items() if v is not None})

@@ -153,6 +153,18 @@ def test_a_run_folder_that_holds_a_run_is_refused_and_a_file_is_not_a_folder(tmp
     assert proc.returncode == 2 and "is a file; give a folder" in proc.stderr
 
 
+def test_the_flags_choose_the_default_run_the_smoke_mode_or_smollm2(tmp_path):
+    p = cli.parser()
+
+    def config(*argv):
+        return cli.config_from(p.parse_args([*argv, "--run-dir", str(tmp_path / "run")]), p)
+
+    assert config() == DemoConfig()  # 30 steps, 100 held-out questions: the README's run
+    assert config("--tiny") == DemoConfig.tiny()
+    assert config("--policy", "smollm2", "--algo", "grpo") == DemoConfig.smollm2("grpo")
+    assert config("--steps", "7", "--rl-seed", "3", "--test-freq", "5") == DemoConfig(steps=7, rl_seed=3, test_freq=5)
+
+
 def test_every_flag_has_help():
     p = cli.parser()
     missing = [a.option_strings for a in p._actions if not a.help and a.option_strings != ["-h", "--help"]]
