@@ -202,7 +202,8 @@ def run_demo(
         cmd = [sys.executable, "-m", "recipe.carl.main_carl", "+demo=tiny_cpu", device, *overrides]
         ray_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="carl-"))  # short: Ray's sockets < 108 bytes
         env = {**launch.trainer_env(run_dir, f"{url.rstrip('/')}/retrieve", REPO), "RAY_TMPDIR": ray_dir}
-        trainer = launch.TrainerRun(cmd, env, run_dir, cfg.steps, cfg.validations(), cfg.timeout_s)
+        sessions = cfg.batch_prompts * (1 if cfg.algo == "carl" else cfg.grpo_group or cfg.n0 + cfg.n_forks)
+        trainer = launch.TrainerRun(cmd, env, run_dir, cfg.steps, cfg.validations(), cfg.timeout_s, sessions)
         if trainer.run(cwd=REPO) != 0:
             print("\n".join(trainer.tail[-15:]), file=sys.stderr)
             raise SystemExit(f"error: the trainer exited with {trainer.proc.returncode}; see {run_dir / 'train.log'}")

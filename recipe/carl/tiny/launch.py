@@ -86,11 +86,15 @@ class TrainerRun:
         steps: the run's RL steps.
         validations: the steps after which the trainer validates (0 = before training).
         timeout_s: the trainer's time budget.
+        sessions_per_step: rollout sessions of one training step (trees, or GRPO trajectories): more sessions since
+            the last step's metrics mean the trainer is validating (verl logs one line per session, see `NOISE`).
     """
 
-    def __init__(self, cmd, env, run_dir: Path, steps: int, validations: list[int], timeout_s: float):
+    def __init__(self, cmd, env, run_dir: Path, steps: int, validations: list[int], timeout_s: float,
+                 sessions_per_step: int = 1):  # fmt: skip
         self.cmd, self.env, self.run_dir = cmd, env, run_dir
         self.steps, self.validations, self.timeout_s = steps, validations, timeout_s
+        self.sessions_per_step, self.sessions, self.sessions_at_step = sessions_per_step, 0, 0
         self.phase = "starting Ray"
         self.marks: dict[str, float] = {}  # phase -> when it began (time.time())
         self.tail: list[str] = []  # the last lines of train.log, for error messages
@@ -111,6 +115,8 @@ class TrainerRun:
             while self.proc.poll() is None:
                 rows = read_metrics(self.run_dir / "metrics.jsonl")
                 done = max((r["step"] for r in rows), default=0) if rows else 0
+                if done > bar.n:
+                    self.sessions_at_step = self.sessions
                 bar.update(max(0, min(done, self.steps) - bar.n))
                 bar.set_description_str(self._phase(rows, done), refresh=False)
                 bar.set_postfix_str(self._time_left(rows, done), refresh=True)
@@ -136,6 +142,7 @@ class TrainerRun:
             for raw in self.proc.stdout:
                 full.write(raw)
                 line = raw.decode(errors="replace")
+                self.sessions += NOISE[0] in line
                 for k, (marker, phase) in enumerate(pending):  # in order; a marker that never comes is skipped
                     if marker in line:
                         self.phase = phase
@@ -153,8 +160,8 @@ class TrainerRun:
             return self.phase
         if done >= self.steps:
             return "saving the policy, stopping Ray"
-        if done in self.validations and not any(r["step"] == done and "timing_s/step" in r for r in rows):
-            return f"validating after step {done}"
+        if done + 1 in self.validations and self.sessions - self.sessions_at_step > self.sessions_per_step:
+            return f"validating after step {done + 1}"
         return f"RL step {done + 1}"
 
     def _time_left(self, rows: list[dict], done: int) -> str:

@@ -72,6 +72,17 @@ def test_is_noise_matches_the_two_warnings_only():
     assert not is_noise("(TaskRunnerV1 pid=605) Traceback (most recent call last):")
 
 
+def test_the_phase_after_the_first_step_is_the_step_or_its_validation(tmp_path):
+    run = TrainerRun(["true"], {}, tmp_path, steps=30, validations=[0, 10, 20, 30], timeout_s=60, sessions_per_step=16)
+    assert run._phase([], 0) == "starting Ray"
+    run.sessions_at_step, run.sessions = 100, 116  # step 10's 16 trees
+    assert run._phase([], 9) == "RL step 10"
+    run.sessions = 117  # one more session after them: the validation after step 10
+    assert run._phase([], 9) == "validating after step 10"
+    assert run._phase([], 8) == "RL step 9"  # no validation after step 9
+    assert run._phase([], 30) == "saving the policy, stopping Ray"
+
+
 def test_time_left_uses_the_measured_steps_and_validations(tmp_path):
     run = TrainerRun(["true"], {}, tmp_path, steps=30, validations=[0, 10, 20, 30], timeout_s=60)
     assert "known after the first step" in run._time_left([{"step": 0}], 0)
