@@ -370,7 +370,7 @@ def warm_start(run_dir: Path, data_dir: Path, search, cfg, shipped: Path | None)
     """
     import shutil
 
-    from recipe.carl.io import write_json
+    from recipe.carl.io import atomic_dir, write_json
     from recipe.carl.tiny.policy import build_tiny_policy, load_smollm2, save_policy
     from recipe.carl.tiny.trajectory import agent_loop_example
 
@@ -384,7 +384,8 @@ def warm_start(run_dir: Path, data_dir: Path, search, cfg, shipped: Path | None)
     out = run_dir / "policy_sft"
     manifest = json.loads((shipped / "sft_manifest.json").read_text()) if shipped else None
     if manifest and manifest["key"] == key:
-        shutil.copytree(shipped, out)
+        with atomic_dir(out) as tmp:  # public modes, whatever the checkout's
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
         return out, {**manifest["result"], "shipped": str(shipped)}
     torch.manual_seed(cfg.seed)
     if cfg.policy != "smollm2":

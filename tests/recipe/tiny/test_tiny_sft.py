@@ -1,6 +1,7 @@
 """SFT trains exactly the action tokens, and a few steps lower the loss."""
 
 import json
+import os
 import random
 from dataclasses import replace
 
@@ -184,8 +185,12 @@ def test_warm_start_reuses_a_start_whose_key_fits_and_trains_otherwise(tmp_path,
     assert manifest["command"].startswith("python -m recipe.carl.tiny.demo")
     # The folder it wrote fits the same run: reused, not trained again.
     write(build(SynthHopConfig(seed=0, n_entities=60, n_train=50, n_test=5)), tmp_path / "b" / "data")
+    os.chmod(out / "model.safetensors", 0o600)  # a checkout's modes are not the run's
     out_b, info_b = sft.warm_start(tmp_path / "b", tmp_path / "b" / "data", search, cfg, shipped=out)
     assert len(seen) == 1 and info_b["shipped"] == str(out) and (out_b / "model.safetensors").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out_b.iterdir()} == {0o666 & ~umask}
     # Another SFT setting does not fit: trained.
     sft.warm_start(tmp_path / "c", tmp_path / "b" / "data", search, replace(cfg, sft_lr=1e-4), shipped=out)
     assert len(seen) == 2
