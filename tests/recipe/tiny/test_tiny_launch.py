@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -153,8 +155,8 @@ RAY_DRIVER = textwrap.dedent(
 @pytest.mark.slow
 def test_stop_ends_the_trainers_ray_session(tmp_path):
     # The trainer is a Ray driver; SIGTERM must end its session's processes (GCS, raylet, workers), not only it.
-    ray_tmp = tmp_path / "r"
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="carl-t-", dir="/tmp"))  # short: Ray's socket paths < 108 bytes
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
     run = TrainerRun([sys.executable, "-c", RAY_DRIVER], env, tmp_path, 1, [0], 120)
     run.proc = subprocess.Popen(run.cmd, env=env, stdout=subprocess.PIPE, start_new_session=True)
     line = run.proc.stdout.readline().decode()
@@ -172,6 +174,7 @@ def test_stop_ends_the_trainers_ray_session(tmp_path):
         time.sleep(0.5)
     assert not Path(f"/proc/{actor}").exists(), "the Ray actor outlived the stop"
     assert session_processes() == "", "Ray session processes outlived the stop"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_the_kept_policy_is_readable_by_others(tmp_path):
