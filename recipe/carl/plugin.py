@@ -11,6 +11,8 @@ hook), so a process pays only for the verl modules it uses itself:
 - agent loops `carl_agent` / `carl_chain_agent` -> `recipe.carl.agent_loop`, once
   `verl.experimental.agent_loop` (the agent-loop registry) is imported; the agent-loop yaml registers the same names
   with their constructor arguments in the workers.
+- the `file` metrics logger -> `recipe.carl.metrics_file.ResumingFileLogger` (a resumed run keeps the earlier steps'
+  lines), once `verl.utils.tracking` is imported.
 
 Importing all three eagerly made `import verl` cost 542 instead of 364 MB PSS. Most verl processes import these
 modules anyway; the router and the reward workers do not, and are ~60 MB smaller each in a CPU run.
@@ -37,6 +39,8 @@ REGISTRATIONS = {
     "verl.trainer.ppo.core_algos": "recipe.carl.estimator",
     "verl.trainer.ppo.v1": "recipe.carl.trainer",
     "verl.experimental.agent_loop": "recipe.carl.agent_loop",
+    # Not a registry: verl's `file` logger truncates its metrics file on resume; this makes it resumable.
+    "verl.utils.tracking": "recipe.carl.metrics_file",
 }
 
 

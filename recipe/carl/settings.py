@@ -7,7 +7,6 @@ whereas an extra key under `actor_rollout_ref.rollout` crashes verl's `RolloutCo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -42,6 +41,9 @@ class RecipeSettings:
     max_search_error_rate: float = 0.2
     """Stop the run when more than this share of a training step's searches failed (after the tool's retries);
     1.0 never stops."""
+    bad_rows: str = "error"
+    """What the start-up data check (`recipe.carl.preflight`) does with rows it cannot train on: `error` stops the run
+    naming file and row; `skip` trains on the others from filtered copies (the skipped rows are listed)."""
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -57,6 +59,8 @@ class RecipeSettings:
             fail(f"thinking={self.thinking!r} must be true or false.")
         if not isinstance(self.max_search_error_rate, (int, float)) or not 0 <= self.max_search_error_rate <= 1:
             fail(f"max_search_error_rate={self.max_search_error_rate!r} must be in [0, 1] (1.0 never stops).")
+        if self.bad_rows not in ("error", "skip"):
+            fail(f"bad_rows={self.bad_rows!r} is unknown: use error (stop at bad rows) or skip (train on the rest).")
 
 
 RECIPE_KEYS = {f.name: f.default for f in fields(RecipeSettings) if f.name != "carl"}
@@ -126,42 +130,3 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
     if problems:
         raise CARLConfigError("algorithm.adv_estimator=carl needs: " + "; ".join(problems) + ".")
     return settings
-
-
-def _agents_in(path: str, default: str | None) -> set[str]:
-    """The agent loops a local parquet's rows name (`default` for a file without an `agent_name` column)."""
-    import pyarrow.parquet as pq
-
-    if "agent_name" not in pq.read_schema(path).names:
-        return {default} if default else set()
-    return {str(a) for a in pq.read_table(path, columns=["agent_name"]).column(0).to_pylist()}
-
-
-def _local_parquets(files: Any) -> list[str]:
-    files = [files] if isinstance(files, str) else list(files or [])
-    return [f for f in files if isinstance(f, str) and f.endswith(".parquet") and os.path.isfile(f)]
-
-
-def check_data_agents(config: DictConfig) -> None:
-    """Refuses validation rows that would grow CARL trees, before any worker starts.
-
-    The agent loop cannot see verl's validate flag, so the check is on the data. Under `adv_estimator=carl`, rows of
-    `data.val_files` must not name `carl_agent` (a tree under carl): validation scores one trajectory per question
-    (checked only when the run validates: `trainer.val_before_train` or `trainer.test_freq > 0`). Rows without an
-    `agent_name` column count as `rollout.agent.default_agent_loop`; files that do not exist locally are left to
-    verl's own loader.
-
-    Raises:
-        CARLConfigError: naming the file, the agent loop and how to fix the rows.
-    """
-    if config.algorithm.adv_estimator != ESTIMATOR:
-        return
-    default = config.actor_rollout_ref.rollout.agent.get("default_agent_loop")
-    validates = bool(config.trainer.get("val_before_train", True)) or (config.trainer.get("test_freq", -1) or -1) > 0
-    for path in _local_parquets(config.data.get("val_files")) if validates else []:
-        if AUTO_AGENT in _agents_in(path, default):
-            raise CARLConfigError(
-                f"data.val_files {path}: rows name agent loop {AUTO_AGENT}, which grows a CARL tree under "
-                f"algorithm.adv_estimator=carl, but validation scores one trajectory per question. Set the file's "
-                f"agent_name column to {CHAIN_AGENT} (the preprocessing scripts do so for any --split but train)."
-            )
