@@ -61,7 +61,7 @@ SMOKE_SIZES: dict[str, dict[str, Any]] = {
 
 def run_metrics(run_dir: Path) -> dict[str, Any]:
     """One run's numbers from the trainer's metrics file (`carl/*` budget keys, verl's validation)."""
-    from recipe.carl.tiny.demo import read_metrics, val_accuracy_key
+    from recipe.carl.tiny.report import read_metrics, val_accuracy_key
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     key = val_accuracy_key(rows)

