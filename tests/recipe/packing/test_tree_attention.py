@@ -4,12 +4,14 @@ per-path ones (fp32, 1e-5), with sdpa and eager masks, padded and remove-padding
 from __future__ import annotations
 
 import functools
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from carl_core import CARLConfig
+from carl_core import CARLConfig, RolloutTree
 from carl_core.packing import pack_tree
 from recipe.carl.cpu.tiny_model import build_tiny_model
 from recipe.carl.packing.attention import (
@@ -19,6 +21,8 @@ from recipe.carl.packing.attention import (
     to_model_layout,
 )
 from tests.core.conftest import random_tree
+
+SFT_POLICY = Path(__file__).resolve().parents[3] / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,7 +45,7 @@ def _path_logprob(model, tree, node: int, observation: bool) -> torch.Tensor:
     start = len(ids) - n_obs - (0 if observation else len(action.token_ids))
     count = n_obs if observation else len(action.token_ids)
     x = torch.tensor([ids])
-    logp = torch.log_softmax(model(input_ids=x).logits[0].float(), -1)
+    logp = torch.log_softmax(model(input_ids=x).logits[0], -1)
     return logp[start - 1 : start - 1 + count].gather(-1, x[0, start : start + count, None]).squeeze(-1)
 
 
@@ -65,7 +69,7 @@ def _packed_logprobs(model, rows, attn: str, packed_layout: bool, extra_plain: l
     span_end, source = to_model_layout(ends, preds, width, packed=packed_layout)
     mask = build_attention_mask(span_end, attn)
     with logits_from_predecessors(model, lambda: source):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     logp = torch.log_softmax(logits, -1)
     labels = torch.roll(ids, -1, dims=1)
     token_logp = logp.gather(-1, labels[..., None]).squeeze(-1)
@@ -173,3 +177,33 @@ def test_flex_attention_block_mask_equals_dense_mask():
         flex = _packed_logprobs(_model("flex_attention"), rows, "flex_attention", packed_layout=True)
     for a, b in zip(dense, flex, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+DEMO_TREES = Path(__file__).with_name("demo_trees.jsonl")
+"""4 trees the demo's shipped SFT policy grew on SynthHop training questions in the agent loop's environment
+(N0 = 2, N = 6, T = 0.7): `python benchmarks/bench_packing.py --workloads demo --dump-demo-trees <file>`."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_real_demo_trees_logprobs_equal_per_path_logprobs(dtype):
+    """fp32: trained tokens within 1e-5 (+1e-6 relative), the untrained ones (observations, down to log-probs of -30)
+    within 2e-5 relative: fp32 rounding alone moves them by up to 2.4e-5 between a per-path row computed alone and
+    in a padded batch. fp64: every token to 1e-10, so what differs in fp32 is rounding, not the layout."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(SFT_POLICY), attn_implementation="sdpa").eval().to(dtype)
+    trees = [RolloutTree.from_dict(json.loads(line)) for line in DEMO_TREES.read_text().splitlines()]
+    for tree in trees:
+        # Eq. 13: an action is trained when its source state was forked
+        trained = [n.parent is not None and len(tree.nodes[n.parent].children) > 1 for n in tree.nodes]
+        (row,) = pack_tree(tree, trained, max_response_tokens=4096)
+        with torch.no_grad():
+            (got,) = _packed_logprobs(model, [row], "sdpa", packed_layout=False)
+            got, expected = got[len(row.prompt_ids) - 1 : -1], _expected(model, tree, row)
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+        else:
+            on = torch.tensor(row.response_mask, dtype=torch.bool)
+            assert on.sum() > 0
+            torch.testing.assert_close(got[on], expected[on], atol=1e-5, rtol=1e-6)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=2e-5)
