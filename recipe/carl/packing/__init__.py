@@ -25,6 +25,28 @@ TREE_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations that take a tree mask (see `recipe.carl.packing.attention`)."""
 
 
+def packing_budget(config: Any, prompt_length: int) -> int:
+    """Response tokens one packed row may hold: a whole row must fit one micro-batch.
+
+    With dynamic batch sizes (`use_dynamic_bsz`) that is the smallest per-GPU token budget of the passes that run
+    the row (actor update, old log-probs, reference) minus the prompt; without, `data.max_response_length` (a
+    micro-batch then counts rows, and a row longer than verl's usual rows would cost more memory than configured).
+
+    Args:
+        config: the trainer config.
+        prompt_length: tokens of the tree's prompt.
+    """
+    arr = config.actor_rollout_ref
+    if not arr.actor.get("use_dynamic_bsz", False):
+        return int(config.data.max_response_length)
+    limits = [
+        arr.actor.get("ppo_max_token_len_per_gpu"),
+        arr.rollout.get("log_prob_max_token_len_per_gpu"),
+        arr.ref.get("log_prob_max_token_len_per_gpu"),
+    ]
+    return min(int(n) for n in limits if n) - prompt_length
+
+
 def check_packing_config(config: Any, packing: str) -> list[str]:
     """The verl settings that tree-packed rows cannot run with, as fixes (empty when all is well).
 

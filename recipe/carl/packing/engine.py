@@ -9,15 +9,18 @@ micro-batch without such rows goes straight to verl's `forward_step`.
 Rows verl adds to fill a batch (`_balance_batch`: 128 EOS tokens, response_mask 0) copy another row's
 `extra_fields`; their runs do not fit their length and they train nothing, so they run as ordinary causal rows.
 
-Registration (`register_engine`, run when a process imports `verl.workers.engine`): verl registers its FSDP engines
-per device (`cuda`, `npu`; the CPU platform adds `cpu`); `EngineRegistry.get_engine_cls` tries the key
-(device, vendor) before the device alone, so registering this class for the process's own (device, vendor) makes
-verl build it for `actor` and `ref` with no patch of verl. Not supported with packed rows, each refused by name:
-Ulysses sequence parallelism, fused LM-head kernels, 3-D (mRoPE) position ids, flash-attn.
+Registration (`register_engine`; `recipe.carl.packing.register` runs it when a process imports `verl.workers.engine`):
+verl registers its FSDP engines per device (`cuda`, `npu`; the CPU platform adds `cpu`); `EngineRegistry.get_engine_cls`
+tries the key (device, vendor) before the device alone, so registering this class for the process's own
+(device, vendor) makes verl build it for `actor` and `ref` with no patch of verl.
+
+Not supported with packed rows, each refused by name: Ulysses sequence parallelism, fused LM-head kernels, 3-D
+(mRoPE) position ids, flash-attn, per-sequence loss aggregations.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -26,7 +29,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-from recipe.carl.packing import RUNS_KEY
+from recipe.carl.packing import PACKED_LOSS_AGG_MODES, RUNS_KEY
 from recipe.carl.packing.attention import build_attention_mask, layout_rows, logits_from_predecessors, to_model_layout
 
 
@@ -42,9 +45,9 @@ def packed_runs(micro_batch: Any) -> list[Any] | None:
     runs = [e.get(RUNS_KEY) if isinstance(e, dict) else None for e in extra]
     if all(r is None for r in runs):
         return None
-    lengths = micro_batch["input_ids"].offsets().diff().tolist()
-    mask = micro_batch["response_mask"]
-    trained = [int(m.sum()) for m in (mask.unbind() if mask.is_nested else mask)]
+    ids, mask = micro_batch["input_ids"], micro_batch["response_mask"]
+    lengths = ids.offsets().diff().tolist() if ids.is_nested else [ids.shape[-1]] * ids.shape[0]
+    trained = [int(m.sum()) for m in mask.unbind()]
     for i, (row_runs, n) in enumerate(zip(runs, lengths, strict=True)):
         if row_runs is not None and sum(int(r[0]) for r in row_runs) != n:
             if trained[i] == 0:  # a padding row with another row's extra_fields
@@ -55,6 +58,21 @@ def packed_runs(micro_batch: Any) -> list[Any] | None:
                 "something changed the row after the agent loop laid it out (truncation?)."
             )
     return runs if any(r is not None for r in runs) else None
+
+
+def check_loss_aggregation(loss_function: Any) -> None:
+    """Refuses verl's per-sequence loss aggregations for packed rows (they weigh a token by the row it is in).
+
+    Raises:
+        ValueError: naming the mode and the setting, when `loss_function` is verl's loss bound to such a config.
+    """
+    config = loss_function.keywords.get("config") if isinstance(loss_function, functools.partial) else None
+    mode = getattr(config, "loss_agg_mode", None)
+    if mode is not None and mode not in PACKED_LOSS_AGG_MODES:
+        raise ValueError(
+            f"actor_rollout_ref.actor.loss_agg_mode={mode} averages per row, and tree-packed rows group tokens "
+            f"differently from per-path rows: use one of {PACKED_LOSS_AGG_MODES} or algorithm.carl.packing=path."
+        )
 
 
 class TreePackedFSDPEngine(FSDPEngineWithLMHead):
@@ -101,6 +119,7 @@ class TreePackedFSDPEngine(FSDPEngineWithLMHead):
     def forward_step(self, micro_batch: Any, loss_function, forward_only):
         if packed_runs(micro_batch) is None:
             return super().forward_step(micro_batch, loss_function, forward_only)
+        check_loss_aggregation(loss_function)
         try:
             with logits_from_predecessors(self._hf_model(), lambda: self._carl_source):
                 return super().forward_step(micro_batch, loss_function, forward_only)
@@ -128,6 +147,3 @@ def register_engine() -> type[TreePackedFSDPEngine]:
         ):
             raise
     return TreePackedFSDPEngine
-
-
-register_engine()
