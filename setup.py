@@ -27,7 +27,7 @@ CPU = [
     "scipy>=1.11",  # benchmarks: Spearman and Brunner-Munzel of the criticality study
     "wrapt>=1.14",  # post-import hooks: the verl plugin registers each piece when verl imports its registry
 ]
-TEST = ["pytest>=8", "ruff>=0.6"]
+TEST = ["pytest>=8", "ruff>=0.6", "mypy>=1.10"]
 # GPU path: verl's vLLM and FSDP extras (these bring torch==2.11.0 CUDA, vllm and flash-attn).
 GPU = ["verl[verl-core,vllm,fsdp]==0.9.1", *CPU]
 # Dense retrieval with a real encoder (faiss itself is in CPU: the dense index code is tested on CPU).

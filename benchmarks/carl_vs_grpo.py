@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -38,6 +37,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+from recipe.carl.io import atomic_path, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,18 +181,11 @@ def plot_curves(methods: dict[str, dict[str, Any]], out_dir: Path) -> list[str]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / f"accuracy_vs_{axis}.png"
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=120)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
-        os.replace(tmp, path)
         paths.append(str(path))
     return paths
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def commit() -> str | None:

@@ -1,31 +1,22 @@
-"""Progressive forking (Alg. 1, "uncertainty-guided progressive forking") as a planner that does not generate.
-
-The planner only decides *where* the next rollouts start; a driver (`grow_tree`) asks an environment for one action
-at a time and appends it to the tree, so the same planner runs under a test double, the CPU rollout backend, or
-verl's vLLM servers::
+"""Progressive forking (Alg. 1) as a planner that decides where rollouts start, and the driver that grows a tree.
 
     wave 0:  N0 rollouts from the root                  next_wave -> [0, 0, ..., 0]      (N0 times)
     wave i:  k fork points chosen by the rule           next_wave -> [s_1, ..., s_k]     (k = wave_size)
              each rollout samples a new action at s_j and continues to a terminal state
     done:    N forks handed out                         next_wave -> []
 
-Rules (`CARLConfig.selection`):
-- `density` (the paper): the non-terminal state with the largest h_hat / n_hat, i.e. the lowest action density
-  d(s) = n(s) / H(s) (Eq. 12). Ties go to the lowest node id (the earliest state), never to chance.
-- `random` (ablation #2): a state drawn uniformly from the non-terminal states (with the planner's seeded rng).
-- `entropy`: the state with the largest h_hat, ignoring n_hat.
-
-Waves: with k > 1, the k picks are made one after another against *virtual* counts (each pick adds 1 to its state's
-n_hat for the rest of the wave), so that a wave spreads over the k best states instead of piling onto one; h_hat is
-left unchanged because the new actions' entropies are not known yet. k = 1 is Alg. 1 exactly. The N0 root rollouts
-form a single wave whatever k is: they all start at the root, so running them together changes nothing.
+Rules (`CARLConfig.selection`): `density` (the paper) picks the non-terminal state with the largest h_hat / n_hat,
+the lowest action density d(s) = n(s) / H(s) (Eq. 12), ties to the lowest node id; `random` (ablation #2) draws
+uniformly with the planner's seeded rng; `entropy` takes the largest h_hat. With k > 1 the picks of a wave are made
+against *virtual* counts (each pick adds 1 to its state's n_hat for the rest of the wave) so a wave spreads over the
+k best states; k = 1 is Alg. 1 exactly. The N0 root rollouts are always one wave.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,7 +24,7 @@ import torch
 
 from carl_core.config import CARLConfig
 from carl_core.entropy import compute_state_entropy
-from carl_core.tree import RolloutTree, pack_trees
+from carl_core.tree import RolloutTree
 
 
 def compute_fork_points(
@@ -110,8 +101,9 @@ class ForkPlanner:
             forkable = self.forkable(tree)
             if k <= 0 or not forkable.any():
                 return []
-            arrays = pack_trees([tree], validate=False)
-            h_hat, n_hat = compute_state_entropy(arrays.parent, arrays.action_entropy, len(tree.nodes))
+            parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes])
+            entropy = torch.tensor([n.action.entropy if n.action else 0.0 for n in tree.nodes], dtype=torch.float64)
+            h_hat, n_hat = compute_state_entropy(parent, entropy)
             wave = compute_fork_points(h_hat, n_hat, forkable, k, self.config.selection, self.rng)
             self.forks_started += k
             tree.fork_points.extend(wave)
@@ -159,7 +151,7 @@ async def rollout_from(tree: RolloutTree, start: int, env: Environment) -> int |
         step = await env.step(tree, node)
         if len(step.token_ids) == 0:
             reason = step.finish_reason or "no_action"
-            if tree.nodes[node].children:
+            if tree.nodes[node].children or tree.nodes[node].terminal:  # a sibling rollout got here first
                 tree.aborted.append({"start": start, "node": node, "reason": reason})
                 return None
             tree.terminate(node, reason)
@@ -187,27 +179,3 @@ async def grow_tree(tree: RolloutTree, planner: ForkPlanner, env: Environment) -
     while wave := planner.next_wave(tree):
         await asyncio.gather(*(rollout_from(tree, start, env) for start in wave))
     return tree
-
-
-class SyncEnvironment:
-    """Adapts two plain callables to `Environment`, for simulations and tests."""
-
-    def __init__(self, step: Callable[[RolloutTree, int], Step], score: Callable[[RolloutTree, int], float]) -> None:
-        self._step, self._score = step, score
-
-    async def step(self, tree: RolloutTree, node_id: int) -> Step:
-        return self._step(tree, node_id)
-
-    async def score(self, tree: RolloutTree, leaf_id: int) -> float:
-        return self._score(tree, leaf_id)
-
-
-def grow_tree_sync(
-    tree: RolloutTree,
-    config: CARLConfig,
-    step: Callable[[RolloutTree, int], Step],
-    score: Callable[[RolloutTree, int], float],
-    rng: random.Random | None = None,
-) -> RolloutTree:
-    """`grow_tree` for synchronous step/score functions (no event loop needed by the caller)."""
-    return asyncio.run(grow_tree(tree, ForkPlanner(config, rng), SyncEnvironment(step, score)))

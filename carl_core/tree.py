@@ -1,4 +1,4 @@
-"""The rollout tree: states are nodes, actions are edges (paper §3; Alg. 1's T).
+"""The rollout tree: states are nodes, actions are edges (paper §3; Alg. 1's T), and its compact description.
 
 A node is a state: the token prefix (prompt, then every action and observation on the way down). The edge into a
 node is the action that produced it, stored on the node it enters::
@@ -9,8 +9,10 @@ node is the action that produced it, stored on the node it enters::
      │           └── a3 ──> s3 (leaf, reward R3)     s1 has two children: a2 and a3 are critical (Eq. 13)
      └── a4 ──> s4 (leaf, reward R4)
 
-Tool output (`observation_ids`) belongs to the next state and is never trained. Nodes are plain dataclasses linked by
-integer ids, so a tree serialises to JSON and travels through verl's `non_tensor_batch` as a dict.
+Tool output (`observation_ids`) belongs to the next state and is never trained. `RolloutTree` is what a rollout
+grows; `describe_tree` reduces it to what the update needs (per node: parent, leaf reward, action entropy, ...),
+a small dict of lists that travels with the training rows, and `pack_descriptions` turns a batch of descriptions
+into the node-level tensors (`TreeArrays`) of the vectorised `compute_*` functions.
 """
 
 from __future__ import annotations
@@ -33,20 +35,15 @@ class TreeError(ValueError):
 class Action:
     """One agent turn (think + tool call or answer): the edge from a state to the next one."""
 
-    token_ids: list[int]
-    """Sampled tokens of the action (these, and only these, can be trained)."""
-    log_probs: list[float]
-    """log pi(a_j | prefix) of each sampled token, as the inference engine returned it."""
-    observation_ids: list[int] = field(default_factory=list)
-    """Tokens the environment appended after the action (tool output, chat-template glue); never trained."""
-    entropy: float = float("nan")
-    """h(a), Eq. 8: length-normalised negative log-probability; filled from `log_probs` when not given."""
-    info: dict[str, Any] = field(default_factory=dict)
-    """Free-form metadata (action kind, tool status, text) kept in dumps; never read by the algorithm."""
+    token_ids: list[int]  # sampled tokens of the action (these, and only these, can be trained)
+    log_probs: list[float]  # log pi(a_j | prefix) of each sampled token, as the inference engine returned it
+    observation_ids: list[int] = field(default_factory=list)  # tool output appended after it; never trained
+    entropy: float = float("nan")  # h(a), Eq. 8; computed from `log_probs` when not given
+    info: dict[str, Any] = field(default_factory=dict)  # metadata (kind, query, text) that `describe_tree` can copy
 
     def __post_init__(self) -> None:
         if math.isnan(self.entropy):
-            self.entropy = action_entropy(self.log_probs) if self.token_ids else float("nan")
+            self.entropy = action_entropy(self.log_probs)
 
 
 @dataclass
@@ -55,16 +52,12 @@ class Node:
 
     id: int
     parent: int | None
-    depth: int
-    """Number of actions between the root and this state."""
-    action: Action | None = None
-    """The action that enters this node (None for the root)."""
+    depth: int  # actions between the root and this state
+    action: Action | None = None  # the action that enters this node (None for the root)
     children: list[int] = field(default_factory=list)
     terminal: bool = False
-    finish_reason: str | None = None
-    """Why a leaf ended: e.g. `answer`, `max_actions`, `invalid_action`, `tool_error`, `context_overflow`."""
-    reward: float | None = None
-    """Outcome reward R; set on leaves only."""
+    finish_reason: str | None = None  # why a leaf ended: `answer`, `max_actions`, `invalid:<reason>`, `tool_error`
+    reward: float | None = None  # outcome reward R, on leaves only
 
 
 class RolloutTree:
@@ -77,12 +70,9 @@ class RolloutTree:
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.max_actions = max_actions
         self.nodes: list[Node] = [Node(id=0, parent=None, depth=0)]
-        self.fork_points: list[int] = []
-        """States handed out as fork points, in order (Alg. 1, line 6), for telemetry."""
-        self.aborted: list[dict[str, Any]] = []
-        """Rollouts that ended without a leaf (their start state already had children), with the reason."""
+        self.fork_points: list[int] = []  # states handed out as fork points, in order (Alg. 1, line 6)
+        self.aborted: list[dict[str, Any]] = []  # rollouts that ended without a leaf (at an expanded state)
 
-    # ----------------------------------------------------------------------------------------------- growing
     @property
     def root(self) -> Node:
         return self.nodes[0]
@@ -150,7 +140,6 @@ class RolloutTree:
             raise TreeError(f"reward of leaf {node_id} is {reward}; rewards must be finite numbers.")
         node.reward = float(reward)
 
-    # ----------------------------------------------------------------------------------------------- reading
     def _node(self, node_id: int) -> Node:
         if not 0 <= node_id < len(self.nodes):
             raise TreeError(f"node {node_id} does not exist (the tree has {len(self.nodes)} nodes).")
@@ -175,158 +164,118 @@ class RolloutTree:
             ids += action.token_ids + action.observation_ids
         return ids
 
-    def state_entropy(self, node_id: int) -> tuple[float, int]:
-        """(h_hat, n_hat) of a state: the mean entropy of the actions sampled from it and their count (Alg. 1)."""
-        children = self._node(node_id).children
-        if not children:
-            return float("nan"), 0
-        ents = [self.nodes[c].action.entropy for c in children]  # type: ignore[union-attr]
-        return sum(ents) / len(ents), len(ents)
-
     def validate(self) -> None:
         """Raises `TreeError` naming the first structural problem: what Alg. 2 needs to back values up."""
-        n = len(self.nodes)
         for i, node in enumerate(self.nodes):
-            if node.id != i:
-                raise TreeError(f"node at position {i} has id {node.id}; ids must be 0..{n - 1} in order.")
-            if (node.parent is None) != (i == 0):
-                raise TreeError(f"node {i}: only node 0 is the root (parent null); found parent={node.parent}.")
-            if node.parent is not None and not 0 <= node.parent < n:
-                raise TreeError(f"node {i} has parent {node.parent}, which does not exist.")
-        reaches_root = [False] * n  # every node must reach the root: no cycle
-        reaches_root[0] = True
-        for node in self.nodes:
-            seen, cur = [], node
-            while not reaches_root[cur.id]:
-                if cur.id in seen:
-                    raise TreeError(f"cycle through node {cur.id}: parent links must lead to the root.")
-                seen.append(cur.id)
-                cur = self.nodes[cur.parent]  # type: ignore[index]
-            for nid in seen:
-                reaches_root[nid] = True
-        kids_of: dict[int, list[int]] = {i: [] for i in range(n)}
-        for node in self.nodes:
-            if node.parent is not None:
-                kids_of[node.parent].append(node.id)
-        for node in self.nodes:
-            kids = kids_of[node.id]
-            if sorted(kids) != sorted(node.children):
-                raise TreeError(f"node {node.id} lists children {node.children} but parents say {kids}.")
+            if node.id != i or (node.parent is None) != (i == 0) or (node.parent is not None and node.parent >= i):
+                raise TreeError(
+                    f"node {i} (id {node.id}, parent {node.parent}): ids must be 0..n-1 in order, "
+                    "the root is node 0 and every parent precedes its children."
+                )
+            kids = [c for c in node.children if self.nodes[c].parent == i]
+            if len(kids) != len(node.children):
+                raise TreeError(f"node {i} lists children {node.children} whose parent links disagree.")
             if node.parent is not None:
                 if node.action is None or not node.action.token_ids:
-                    raise TreeError(f"node {node.id} has an empty action: every edge needs sampled tokens.")
-                if node.depth != self.nodes[node.parent].depth + 1:
-                    raise TreeError(f"node {node.id} has depth {node.depth}, parent depth + 1 expected.")
-            if node.terminal and node.children:
-                raise TreeError(f"node {node.id} is terminal but has children {node.children}.")
-            if not node.terminal and not node.children:
-                raise TreeError(f"node {node.id} is neither terminal nor expanded: an unfinished trajectory.")
-            if node.reward is not None and not node.terminal:
-                raise TreeError(f"inner node {node.id} carries reward {node.reward}: rewards belong to leaves only.")
-            if node.terminal and node.reward is None:
-                raise TreeError(f"leaf {node.id} ({node.finish_reason}) has no reward.")
-        if not any(node.terminal for node in self.nodes):
-            raise TreeError("the tree has no leaves: at least one finished trajectory is needed.")
+                    raise TreeError(f"node {i} has an empty action: every edge needs sampled tokens.")
+                if node.depth != self.nodes[node.parent].depth + 1 or i not in self.nodes[node.parent].children:
+                    raise TreeError(f"node {i} is not a proper child of node {node.parent}.")
+            if node.terminal == bool(node.children):
+                what = "is terminal but has children" if node.terminal else "is neither terminal nor expanded"
+                raise TreeError(f"node {i} {what}: every trajectory must end in exactly one leaf.")
+            if node.terminal != (node.reward is not None):
+                what = f"leaf {i} ({node.finish_reason}) has no reward" if node.terminal else f"inner node {i} has one"
+                raise TreeError(f"{what}: rewards belong to leaves, and every leaf needs one.")
 
-    # ----------------------------------------------------------------------------------------------- JSON
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "uid": self.uid,
-            "prompt_ids": self.prompt_ids,
-            "max_actions": self.max_actions,
-            "fork_points": self.fork_points,
-            "aborted": self.aborted,
-            "nodes": [
-                {
-                    "id": n.id,
-                    "parent": n.parent,
-                    "depth": n.depth,
-                    "children": n.children,
-                    "terminal": n.terminal,
-                    "finish_reason": n.finish_reason,
-                    "reward": n.reward,
-                    "action": None
-                    if n.action is None
-                    else {
-                        "token_ids": n.action.token_ids,
-                        "log_probs": n.action.log_probs,
-                        "observation_ids": n.action.observation_ids,
-                        "entropy": n.action.entropy,
-                        "info": n.action.info,
-                    },
-                }
-                for n in self.nodes
-            ],
-        }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RolloutTree:
-        """Inverse of `to_dict`; the result is validated."""
-        tree = cls(data["prompt_ids"], data["max_actions"], data.get("uid", ""))
-        tree.fork_points = list(data.get("fork_points", []))
-        tree.aborted = list(data.get("aborted", []))
-        tree.nodes = []
-        for d in data["nodes"]:
-            action = None if d["action"] is None else Action(**d["action"])
-            tree.nodes.append(
-                Node(
-                    d["id"],
-                    d["parent"],
-                    d["depth"],
-                    action,
-                    list(d["children"]),
-                    d["terminal"],
-                    d["finish_reason"],
-                    d["reward"],
-                )
-            )
-        tree.validate()
-        return tree
+def describe_tree(tree: RolloutTree, info_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The tree as the update needs it: one entry per node in each list, plus the fork points.
+
+    Keys: `uid`; `parent` (-1 at the root); `reward` (leaf reward, None on inner nodes); `entropy` (h of the
+    entering action, None at the root); `tokens` (its number of tokens); `finish` (finish reason of leaves, None
+    elsewhere); `forks` (fork points in pick order); `aborted` (rollouts that ended without a leaf); and, per key of
+    `info_keys`, the value of that key in each node's `Action.info` (None at the root or where missing).
+    """
+    tree.validate()
+    nodes = tree.nodes
+    return {
+        "uid": tree.uid,
+        "parent": [-1 if n.parent is None else n.parent for n in nodes],
+        "reward": [n.reward for n in nodes],
+        "entropy": [None if n.action is None else n.action.entropy for n in nodes],
+        "tokens": [0 if n.action is None else len(n.action.token_ids) for n in nodes],
+        "finish": [n.finish_reason for n in nodes],
+        "forks": list(tree.fork_points),
+        "aborted": len(tree.aborted),
+        **{key: [None if n.action is None else n.action.info.get(key) for n in nodes] for key in info_keys},
+    }
 
 
 @dataclass
 class TreeArrays:
-    """A batch of trees flattened to node-level tensors (nodes of tree b follow those of tree b-1).
+    """A batch of trees as node-level tensors (nodes of tree b follow those of tree b-1).
 
-    All tensors have shape (num_nodes,). `parent` is -1 for roots; children always have a larger global id than
-    their parent, so a pass over ids in order is a top-down pass.
+    All tensors have shape (num_nodes,). `parent` is -1 at roots; a parent always has a smaller global id than its
+    children, so a pass over ids in order is a top-down pass.
     """
 
     parent: torch.Tensor
     depth: torch.Tensor
     is_leaf: torch.Tensor
-    reward: torch.Tensor
-    """Leaf reward, 0 on inner nodes."""
+    reward: torch.Tensor  # leaf reward (float64), 0 on inner nodes
     tree_index: torch.Tensor
-    """Which tree (0..num_trees-1) each node belongs to."""
-    action_entropy: torch.Tensor
-    """h(a) of the entering action, NaN at roots."""
-    offsets: list[int]
-    """Global id of each tree's root."""
+    action_entropy: torch.Tensor  # h(a) of the entering action (float64), NaN at roots
+    num_tokens: torch.Tensor  # tokens of the entering action, 0 at roots
+    forked: torch.Tensor  # how often each state was handed out as a fork point
+    offsets: list[int]  # global id of each tree's root
+    finish: list[str | None]  # finish reason of each node (leaves only)
+    aborted: int = 0  # rollouts of the batch that ended without a leaf
+
+    @property
+    def num_trees(self) -> int:
+        return len(self.offsets)
 
 
-def pack_trees(trees: Sequence[RolloutTree], validate: bool = True) -> TreeArrays:
-    """Concatenates trees into node-level tensors for the vectorised `compute_*` functions."""
-    parent, depth, is_leaf, reward, tree_index, ent, offsets = [], [], [], [], [], [], []
-    base = 0
-    for b, tree in enumerate(trees):
-        if validate:
-            tree.validate()
-        offsets.append(base)
-        for node in tree.nodes:
-            parent.append(-1 if node.parent is None else node.parent + base)
-            depth.append(node.depth)
-            is_leaf.append(node.terminal)
-            reward.append(node.reward if node.terminal and node.reward is not None else 0.0)
-            tree_index.append(b)
-            ent.append(float("nan") if node.action is None else node.action.entropy)
-        base += len(tree.nodes)
+def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
+    """Concatenates `describe_tree` outputs into `TreeArrays`, checking the structure Alg. 2 relies on."""
+    parent: list[int] = []
+    offsets: list[int] = []
+    for b, d in enumerate(descriptions):
+        offsets.append(len(parent))
+        n = len(d["parent"])
+        if not n or d["parent"][0] != -1 or any(not 0 <= p < i for i, p in enumerate(d["parent"][1:], start=1)):
+            raise TreeError(f"tree {d.get('uid', b)!r}: parents must be -1 for node 0, else an earlier node.")
+        for key in ("reward", "entropy", "tokens", "finish"):
+            if len(d[key]) != n:
+                raise TreeError(f"tree {d.get('uid', b)!r}: {len(d[key])} values of {key!r} for {n} nodes.")
+        parent += [p + offsets[-1] if p >= 0 else -1 for p in d["parent"]]
+    parent_t = torch.tensor(parent, dtype=torch.long)
+    depth = [0] * len(parent)
+    for i, p in enumerate(parent):  # parents precede children: one pass in id order
+        depth[i] = depth[p] + 1 if p >= 0 else 0
+    reward = [r for d in descriptions for r in d["reward"]]
+    entropy = [math.nan if h is None else h for d in descriptions for h in d["entropy"]]
+    forked = torch.zeros_like(parent_t)
+    for base, d in zip(offsets, descriptions, strict=True):
+        for s in d["forks"]:
+            forked[base + s] += 1
     return TreeArrays(
-        parent=torch.tensor(parent, dtype=torch.long),
+        parent=parent_t,
         depth=torch.tensor(depth, dtype=torch.long),
-        is_leaf=torch.tensor(is_leaf, dtype=torch.bool),
-        reward=torch.tensor(reward, dtype=torch.float64),
-        tree_index=torch.tensor(tree_index, dtype=torch.long),
-        action_entropy=torch.tensor(ent, dtype=torch.float64),
+        is_leaf=torch.tensor([r is not None for r in reward], dtype=torch.bool),
+        reward=torch.tensor([0.0 if r is None else r for r in reward], dtype=torch.float64),
+        tree_index=torch.repeat_interleave(
+            torch.arange(len(descriptions)), torch.tensor([len(d["parent"]) for d in descriptions], dtype=torch.long)
+        ),
+        action_entropy=torch.tensor(entropy, dtype=torch.float64),
+        num_tokens=torch.tensor([t for d in descriptions for t in d["tokens"]], dtype=torch.long),
+        forked=forked,
         offsets=offsets,
+        finish=[f for d in descriptions for f in d["finish"]],
+        aborted=sum(int(d.get("aborted", 0)) for d in descriptions),
     )
+
+
+def pack_trees(trees: Sequence[RolloutTree]) -> TreeArrays:
+    """`pack_descriptions` of finished trees (each is validated)."""
+    return pack_descriptions([describe_tree(t) for t in trees])

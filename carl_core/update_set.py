@@ -31,18 +31,27 @@ from carl_core.tree import RolloutTree, TreeArrays, pack_trees
 from carl_core.values import compute_edge_advantages, compute_node_values, depth_levels
 
 
-def compute_critical_mask(parent: torch.Tensor) -> torch.Tensor:
-    """Marks the actions whose source state has more than one child (Eq. 13).
+def compute_trained_mask(parent: torch.Tensor, update_set: str = "critical") -> torch.Tensor:
+    """Which actions are trained (D_upd): structural, it depends on child counts only, never on values.
+
+    Math (Eq. 13):
+        critical:  trained(u -> v) = |child(u)| > 1
+        all, all_inherit, outcome_only:  every action is trained
 
     Args:
         parent: parent id of each node, -1 for roots [shape: (num_nodes,)].
+        update_set: "critical" | "all_inherit" | "all" | "outcome_only".
 
     Returns:
-        True on nodes whose entering action is critical [shape: (num_nodes,)], False at roots.
+        True on nodes whose entering action is trained [shape: (num_nodes,)], False at roots.
     """
     has_parent = parent >= 0
-    num_children = torch.bincount(parent[has_parent], minlength=parent.numel())
-    return has_parent & (num_children[parent.clamp(min=0)] > 1)
+    if update_set == "critical":
+        num_children = torch.bincount(parent[has_parent], minlength=parent.numel())
+        return has_parent & (num_children[parent.clamp(min=0)] > 1)
+    if update_set in ("all", "all_inherit", "outcome_only"):
+        return has_parent
+    raise ValueError(f"update_set={update_set!r} is unknown: use critical, all_inherit, all or outcome_only.")
 
 
 def compute_outcome_advantages(
@@ -114,12 +123,13 @@ def compute_update_advantages(
         never trained and untrained actions carry advantage 0.
     """
     has_parent = parent >= 0
+    trained = compute_trained_mask(parent, update_set)
     edge_adv = compute_edge_advantages(parent, node_value)
-    critical = compute_critical_mask(parent)
+    critical = compute_trained_mask(parent, "critical")
     if update_set == "critical":
-        return torch.where(critical, edge_adv, torch.zeros_like(edge_adv)), critical
+        return torch.where(critical, edge_adv, torch.zeros_like(edge_adv)), trained
     if update_set == "all":
-        return edge_adv, has_parent.clone()
+        return edge_adv, trained
     if update_set == "all_inherit":
         adv = torch.where(critical, edge_adv, torch.zeros_like(edge_adv))
         # Top-down (shallowest level first): a non-critical action copies its predecessor's (final) advantage.
@@ -127,12 +137,12 @@ def compute_update_advantages(
             inherit = level[has_parent[level] & ~critical[level]]
             if inherit.numel():
                 adv[inherit] = adv[parent[inherit]]
-        return adv, has_parent.clone()
+        return adv, trained
     if update_set == "outcome_only":
         if is_leaf is None or leaf_reward is None or tree_index is None:
             raise ValueError("update_set='outcome_only' needs is_leaf, leaf_reward and tree_index.")
-        return compute_outcome_advantages(parent, is_leaf, leaf_reward, tree_index, depth, eps), has_parent.clone()
-    raise ValueError(f"update_set={update_set!r} is unknown: use critical, all_inherit, all or outcome_only.")
+        return compute_outcome_advantages(parent, is_leaf, leaf_reward, tree_index, depth, eps), trained
+    raise AssertionError(update_set)  # compute_trained_mask refused any other name
 
 
 @dataclass
@@ -150,9 +160,14 @@ class ScoredTrees:
     """Whether the entering action is in D_upd [shape: (num_nodes,)]."""
 
 
-def score_trees(trees: Sequence[RolloutTree], config: CARLConfig, validate: bool = True) -> ScoredTrees:
-    """Values, edge advantages and the update set of a batch of finished trees (Alg. 2 + Eq. 13)."""
-    arrays = pack_trees(trees, validate=validate)
+def score_trees(trees: TreeArrays | Sequence[RolloutTree], config: CARLConfig) -> ScoredTrees:
+    """Values, edge advantages and the update set of a batch of finished trees (Alg. 2 + Eq. 13).
+
+    Args:
+        trees: the batch as `TreeArrays` (from `pack_descriptions`), or finished `RolloutTree`s (packed here).
+        config: `value_aggregation`, `update_set` and `outcome_eps` are used.
+    """
+    arrays = trees if isinstance(trees, TreeArrays) else pack_trees(trees)
     value = compute_node_values(arrays.parent, arrays.reward, arrays.is_leaf, arrays.depth, config.value_aggregation)
     advantage, trained = compute_update_advantages(
         arrays.parent,

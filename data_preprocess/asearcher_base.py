@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, default_split="train")
     args = parser.parse_args(argv)
-    records = load_hub_records(HUB_NAME, HUB_SPLIT) if args.hub else read_records(args.input)
+    records = load_hub_records(HUB_NAME, HUB_SPLIT) if args.hub else read_records(args.input, keep_bad=True)
     return run(records, lambda ex, i: make_row(ex, args.split, i, agent_name=args.agent_name), args, "asearcher")
 
 

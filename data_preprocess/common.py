@@ -17,18 +17,29 @@ column               content
 ===================  ============================================================================================
 
 The prompt asks for Search-R1's tag protocol (``recipe/carl/search/actions.py`` explains the choice).
+
+Input files (``read_records``): ``.jsonl``, ``.json`` (a list of records), ``.parquet`` or ``.csv`` (with a header).
+A JSONL or CSV line that is not valid UTF-8 or (JSONL) not valid JSON is a bad row like any other: named by file and
+line, and skipped and counted with ``--skip-bad``. Output parquet files are written whole (``recipe.carl.io``) with
+the usual public mode (0644 under the usual umask).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import logging
 import os
+import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from recipe.carl.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +74,14 @@ class RowError(ValueError):
     """A source row cannot be converted; the message names the row."""
 
 
+@dataclass(frozen=True)
+class BadRecord:
+    """A line of an input file that could not be read as a record (``read_records(..., keep_bad=True)``)."""
+
+    message: str
+    """Names the file, the line and what is wrong, e.g. ``data.jsonl:7: not valid JSON (Expecting value)``."""
+
+
 def build_prompt(question: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
     """The chat prompt for one question: a system message and the instruction + question as the user message."""
     return [
@@ -88,6 +107,36 @@ def clean_question(question: Any, *, add_question_mark: bool = False) -> str:
     if add_question_mark and question and not question.endswith("?"):
         question += "?"
     return question
+
+
+#: A question that opens with a question word (optionally after a preposition: "in which year ...").
+_INTERROGATIVE = re.compile(
+    r"^(?:(?:in|on|at|from|by|for|to|of|with|during|after|before|since|under|about|into|according to)\s+)?"
+    r"(?:who|whom|whose|what|which|when|where|why|how|is|are|was|were|am|do|does|did|can|could|will|would|shall"
+    r"|should|may|might|must|has|have|had)(?:\b|n't|'s|'re)",
+    re.IGNORECASE,
+)
+QUESTION_MARK_MODES = ("auto", "always", "never")
+
+
+def end_question(question: str, mode: str = "auto") -> str:
+    """Ends a cleaned question with "?" according to ``mode``.
+
+    Search-R1 appends "?" to every question that lacks one (its NQ and HotpotQA questions are lowercase, unpunctuated
+    questions: "who wrote hamlet"); that rule is ``always``, which the seven Search-R1 test sets keep. Applied to any
+    data it turns "Name the capital of France." into "Name the capital of France.?", so ``auto`` gives Search-R1's
+    result only where it makes sense: "?" is added when the text has no final punctuation (. ? !) and opens with a
+    question word ("who wrote hamlet" -> "who wrote hamlet?"); imperatives and statements stay as written.
+    ``never`` keeps every question as written.
+    """
+    if mode not in QUESTION_MARK_MODES:
+        raise ValueError(f"question mark mode must be one of {', '.join(QUESTION_MARK_MODES)}, got {mode!r}")
+    if not question or mode == "never" or question.endswith("?"):
+        return question
+    if mode == "always":
+        return question + "?"
+    ends_punctuated = question.rstrip("\"')\u201d\u2019")[-1:] in (".", "!", "?")
+    return question if ends_punctuated or not _INTERROGATIVE.match(question) else question + "?"
 
 
 def as_answer_list(value: Any) -> list[str]:
@@ -183,8 +232,60 @@ def validate_row(row: Mapping[str, Any], idx: int | str) -> None:
         raise RowError(f"row {idx}: agent_name must be a non-empty string")
 
 
-def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yields source records from a .jsonl, .json (a list) or .parquet file."""
+def _decode_line(raw: bytes, path: Path, line_no: int) -> str | BadRecord:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRecord(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)")
+
+
+def _jsonl_records(path: Path) -> Iterator[Any]:
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, line_no)
+            if isinstance(line, BadRecord):
+                yield line
+            elif line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield BadRecord(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _csv_records(path: Path) -> Iterator[Any]:
+    # Decoded with surrogateescape, so a bad byte marks only the row that holds it (csv rows may span lines inside
+    # quotes, so each row is checked after parsing).
+    with path.open("rb") as f:
+        text = f.read().decode("utf-8", errors="surrogateescape")
+    if text.startswith("\ufeff"):  # a UTF-8 byte-order mark, as spreadsheet programs write it
+        text = text[1:]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        return
+    for row in reader:
+        values = [*row.values(), *row.keys()]
+        if any(isinstance(v, str) and re.search("[\udc80-\udcff]", v) for v in values):
+            yield BadRecord(f"{path}:{reader.line_num}: not valid UTF-8")
+        elif None in row:  # more cells than the header has columns
+            cells = len(row) - 1 + len(row[None])
+            yield BadRecord(f"{path}:{reader.line_num}: {cells} cells, the header has {len(reader.fieldnames)}")
+        else:
+            yield row
+
+
+def read_records(path: str | os.PathLike, *, keep_bad: bool = False) -> Iterator[Any]:
+    """Yields source records from a .jsonl, .json (a list), .parquet or .csv (with a header row) file.
+
+    Args:
+        path: The input file.
+        keep_bad: Yield a ``BadRecord`` for a JSONL/CSV line that cannot be read (not UTF-8, not JSON), so that
+            ``convert`` can skip and count it with ``--skip-bad``; otherwise raise at that line.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Unsupported format.
+        RowError: A line (or a whole .json file) cannot be read; the message names the file and the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
@@ -194,25 +295,30 @@ def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
 
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
             yield from batch.to_pylist()
-    elif suffix == ".jsonl":
-        import json
-
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise RowError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
-    elif suffix == ".json":
-        import json
-
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise RowError(f"{path}: a .json input must hold a list of records")
-        yield from data
+        return
+    if suffix == ".json":
+        data = path.read_bytes()
+        try:
+            records = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise RowError(f"{path}:{line}: not valid UTF-8 ({e.reason}); the whole .json file is unreadable") from e
+        except json.JSONDecodeError as e:
+            raise RowError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the whole .json file is unreadable") from e
+        if not isinstance(records, list):
+            raise RowError(f"{path}: a .json input must hold a list of records, got {type(records).__name__}")
+        yield from records
+        return
+    if suffix == ".jsonl":
+        lines = _jsonl_records(path)
+    elif suffix == ".csv":
+        lines = _csv_records(path)
     else:
-        raise ValueError(f"unsupported input format {suffix!r} for {path}: use .jsonl, .json or .parquet")
+        raise ValueError(f"unsupported input format {suffix!r} for {path}: use .jsonl, .json, .parquet or .csv")
+    for record in lines:
+        if isinstance(record, BadRecord) and not keep_bad:
+            raise RowError(record.message)
+        yield record
 
 
 def load_hub_records(name: str, split: str, config: str | None = None) -> Iterator[dict[str, Any]]:
@@ -223,29 +329,33 @@ def load_hub_records(name: str, split: str, config: str | None = None) -> Iterat
 
 
 def convert(
-    records: Iterable[Mapping[str, Any]],
+    records: Iterable[Mapping[str, Any] | BadRecord],
     make_row: Callable[[Mapping[str, Any], int], dict[str, Any]],
     *,
     skip_bad: bool = False,
     limit: int | None = None,
     progress: bool = True,
     desc: str = "rows",
+    source: str | os.PathLike | None = None,
+    skipped_reasons: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Runs ``make_row(example, idx)`` over the records.
 
     Args:
-        records: Source records.
+        records: Source records; a ``BadRecord`` (an unreadable line) counts as a bad row.
         make_row: Converts one record; raises RowError/TypeError/KeyError/ValueError for a bad one.
         skip_bad: Skip and count bad rows instead of stopping at the first.
         limit: Stop after this many source records.
         progress: Show a tqdm bar.
         desc: Bar label.
+        source: The input file, named in the messages of bad rows ("<file>: row 3: ...").
+        skipped_reasons: If given, receives the message of every skipped row.
 
     Returns:
         The rows and the number of skipped records.
 
     Raises:
-        RowError: For the first bad record when ``skip_bad`` is False; the message names the record.
+        RowError: For the first bad record when ``skip_bad`` is False; the message names the file and the record.
     """
     from tqdm import tqdm
 
@@ -254,18 +364,25 @@ def convert(
         if limit is not None and idx >= limit:
             break
         try:
+            if isinstance(example, BadRecord):
+                raise RowError(example.message)  # already names the file and the line
             rows.append(make_row(example, idx))
         except (RowError, TypeError, KeyError, ValueError) as e:
+            message = str(e)
+            if not isinstance(example, BadRecord):
+                message = message if message.startswith(f"row {idx}") else f"row {idx}: {message}"
+                message = f"{source}: {message}" if source is not None else message
             if not skip_bad:
-                message = str(e) if str(e).startswith(f"row {idx}") else f"row {idx}: {e}"
                 raise RowError(f"{message} (pass --skip-bad to skip such rows)") from e
             skipped += 1
-            logger.debug("skipping row %d: %s", idx, e)
+            if skipped_reasons is not None:
+                skipped_reasons.append(message)
+            logger.debug("skipping %s", message)
     return rows, skipped
 
 
 def write_parquet_atomic(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Writes rows to parquet through a temporary file in the same directory and ``os.replace``.
+    """Writes rows to parquet whole (``recipe.carl.io.atomic_path``), with the usual public file mode.
 
     The output either is complete or does not exist: an error or Ctrl-C mid-write removes the temporary file and
     leaves any previous output untouched.
@@ -275,22 +392,19 @@ def write_parquet_atomic(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     path = Path(path)
     if not rows:
         raise ValueError(f"no rows to write to {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pd.DataFrame(list(rows)).to_parquet(tmp_name, index=False)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        pd.DataFrame(list(rows)).to_parquet(tmp, index=False)
     return path
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, default_split: str) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="local .jsonl, .json or .parquet file")
-    source.add_argument("--hub", action="store_true", help="load from the Hugging Face hub (needs network)")
+def add_common_args(parser: argparse.ArgumentParser, *, default_split: str, hub: bool = True) -> None:
+    """The flags every preprocessing script shares; ``hub=False`` for a script that reads only local files."""
+    if hub:
+        source = parser.add_mutually_exclusive_group(required=True)
+        source.add_argument("--input", help="local .jsonl, .json, .parquet or .csv file")
+        source.add_argument("--hub", action="store_true", help="load from the Hugging Face hub (needs network)")
+    else:
+        parser.add_argument("--input", required=True, help="local .jsonl, .json, .parquet or .csv file")
     parser.add_argument("--output", required=True, help="output .parquet path")
     parser.add_argument("--split", default=default_split, help=f"split name (default: {default_split})")
     parser.add_argument(
@@ -310,13 +424,24 @@ def run(
     desc: str,
 ) -> int:
     """Converts and writes; prints a one-line summary. Returns the exit code (2 on a bad row or input)."""
+    reasons: list[str] = []
     try:
         rows, skipped = convert(
-            records, make_row, skip_bad=args.skip_bad, limit=args.limit, progress=not args.no_progress, desc=desc
+            records,
+            make_row,
+            skip_bad=args.skip_bad,
+            limit=args.limit,
+            progress=not args.no_progress,
+            desc=desc,
+            source=getattr(args, "input", None),
+            skipped_reasons=reasons,
         )
         out = write_parquet_atomic(rows, args.output)
     except (RowError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if reasons:
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        print(f"skipped: {reasons[0]}{more}", file=sys.stderr)
     print(f"wrote {len(rows)} rows to {out} (skipped {skipped} bad rows)")
     return 0

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hub:
         records = load_hub_records(HUB_NAME, args.hub_split or HUB_SPLITS[args.dataset], config=args.dataset)
     else:
-        records = read_records(args.input)
+        records = read_records(args.input, keep_bad=True)
     make = lambda ex, i: make_row(ex, args.split, i, dataset=args.dataset, agent_name=args.agent_name)  # noqa: E731
     return run(records, make, args, args.dataset)
 

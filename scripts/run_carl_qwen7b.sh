@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # CARL (N0=8, N=16) on Qwen2.5-7B-Instruct: 1 node x 8 GPUs, FSDP actor, vLLM async rollout, 100 steps.
 # Paper setting (arXiv 2512.04949 v3): batch 128, lr 5e-6, T_max=32. Needs a retriever at RETRIEVER_URL.
+# Several nodes (NNODES > 1, Ray started on each): serve the retriever on an address every node reaches and export
+# RETRIEVER_URL=http://<host>:<port>/retrieve; main_carl forwards it to every Ray worker and refuses a loopback URL.
+# A head node started without CPUs (ray start --head --num-cpus=0) also needs
+# +transfer_queue.backend.SimpleStorage.required_node_resource=<a custom resource of the worker nodes>: TransferQueue
+# pins its storage units round-robin to every alive node, the head included.
 set -xeuo pipefail
 
 # ---- paths (override through the environment) ----
@@ -15,6 +20,7 @@ CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/carl}
 # ---- cluster ----
 NNODES=${NNODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+SP_SIZE=${SP_SIZE:-1}  # Ulysses sequence parallelism of the actor (data-parallel ranks = GPUs / SP_SIZE)
 
 # ---- CARL (algorithm.carl) ----
 N0=${N0:-8}
@@ -28,13 +34,41 @@ LR=${LR:-5e-6}
 TOTAL_STEPS=${TOTAL_STEPS:-100}
 # Rows per optimizer step. A tree gives at most N0 + N = 24 rows (one per leaf path with a new critical action), so
 # a step has at most 128 * 24 = 3072 rows, i.e. up to 12 updates of 256 rows, as GRPO (16 prompts x 16 = 256).
+# The rows of an update are split over the data-parallel ranks: they must divide (checked below, before Ray starts).
 PPO_MINI_BATCH_ROWS=${PPO_MINI_BATCH_ROWS:-256}
+
+# ---- token budgets ----
+# One agent turn (reasoning + one <search> or <answer>): algorithm.carl.max_action_tokens; a turn that runs out
+# ends its leaf as `action_too_long`.
+MAX_ACTION_TOKENS=${MAX_ACTION_TOKENS:-512}
+# Thinking models (Qwen3): a </search> or </answer> inside an unclosed <think> block does not end the turn.
+THINKING=${THINKING:-false}
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-2048}
-# Whole trajectory after the prompt (actions + observations); a leaf that runs out ends as `context_overflow`.
+# Whole trajectory after the prompt: every action AND every observation; a leaf that runs out ends as
+# `context_overflow`.
 MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-12288}
+# What binds first: context, not T_max. A turn costs its action (Qwen2.5: ~100-300 tokens, at most
+# MAX_ACTION_TOKENS) plus an observation (3 passages, ~450 tokens, at most max_obs_chars=4000 characters ~ 1,000
+# tokens): ~550-1,500 tokens, so 12,288 tokens hold ~8-22 turns and a trajectory overflows long before T_max=32.
+# The paper's trajectories average 6-7 actions (Table 2: 115 actions per 16 GRPO trajectories at T_max=32), so the
+# budget trims the longest ones only. MAX_RESPONSE_LENGTH=24576 would let T_max=32 bind at ~750 tokens per turn
+# (not run on GPUs: rows twice as long).
+OBS_TOKENS=1000  # an observation's upper end, for the count below
+set +x
+echo "token budget: T_max=$MAX_ACTIONS turns; $(( MAX_RESPONSE_LENGTH / (MAX_ACTION_TOKENS + OBS_TOKENS) )) turns" \
+    "of full-length actions and observations fit in MAX_RESPONSE_LENGTH=$MAX_RESPONSE_LENGTH"
+set -x
 # Tokens per GPU in one forward pass with dynamic batch size (>= one full sequence).
-MAX_TOKENS_PER_GPU=$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))
+MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))}
+if (( MAX_TOKENS_PER_GPU < MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH )); then
+    echo "error: MAX_TOKENS_PER_GPU=$MAX_TOKENS_PER_GPU must hold one whole row:" \
+        "MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH = $(( MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH ))" >&2
+    exit 2
+fi
 EXPERIMENT=${EXPERIMENT:-carl_n0${N0}_qwen2.5_7b}
+
+source "$(dirname "$0")/check_batch.sh"
+check_mini_batch "$PPO_MINI_BATCH_ROWS" 1 "$NNODES" "$GPUS_PER_NODE" "$SP_SIZE"
 
 python3 -m recipe.carl.main_carl \
     data.train_files="$TRAIN_FILE" \
@@ -48,6 +82,8 @@ python3 -m recipe.carl.main_carl \
     algorithm.carl.n_forks=$N_FORKS \
     algorithm.carl.max_actions=$MAX_ACTIONS \
     algorithm.carl.wave_size=$WAVE_SIZE \
+    algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
+    algorithm.carl.thinking=$THINKING \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \
     actor_rollout_ref.model.enable_gradient_checkpointing=True \
@@ -56,6 +92,7 @@ python3 -m recipe.carl.main_carl \
     actor_rollout_ref.actor.ppo_mini_batch_size=$PPO_MINI_BATCH_ROWS \
     actor_rollout_ref.actor.use_dynamic_bsz=True \
     actor_rollout_ref.actor.ppo_max_token_len_per_gpu=$MAX_TOKENS_PER_GPU \
+    actor_rollout_ref.actor.ulysses_sequence_parallel_size=$SP_SIZE \
     actor_rollout_ref.actor.use_kl_loss=False \
     actor_rollout_ref.actor.entropy_coeff=0 \
     actor_rollout_ref.actor.fsdp_config.param_offload=False \

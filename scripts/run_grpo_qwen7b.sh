@@ -16,6 +16,7 @@ CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/carl}
 # ---- cluster ----
 NNODES=${NNODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+SP_SIZE=${SP_SIZE:-1}  # Ulysses sequence parallelism of the actor (data-parallel ranks = GPUs / SP_SIZE)
 
 # ---- GRPO ----
 GROUP_SIZE=${GROUP_SIZE:-16}  # chains per prompt (the paper's matched budget: N = 16 terminal states)
@@ -27,13 +28,32 @@ LR=${LR:-5e-6}
 TOTAL_STEPS=${TOTAL_STEPS:-100}
 # Prompts per optimizer step: 16 prompts x 16 chains = 256 rows, the same rows per update as the CARL scripts, so a
 # step of 2048 chains is 8 updates.
+# The rows of an update (prompts x GROUP_SIZE) are split over the data-parallel ranks: they must divide (checked below).
 PPO_MINI_BATCH_PROMPTS=${PPO_MINI_BATCH_PROMPTS:-16}
+
+# ---- token budgets (the same as the CARL scripts', so trajectories are comparable) ----
+# One agent turn (reasoning + one <search> or <answer>): algorithm.carl.max_action_tokens.
+MAX_ACTION_TOKENS=${MAX_ACTION_TOKENS:-512}
+# Thinking models (Qwen3): a </search> or </answer> inside an unclosed <think> block does not end the turn.
+THINKING=${THINKING:-false}
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-2048}
-# Whole trajectory after the prompt (actions + observations); a leaf that runs out ends as `context_overflow`.
+# Whole trajectory after the prompt: every action AND every observation; a trajectory that runs out ends as
+# `context_overflow`.
 MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-12288}
+# What binds first: context, not T_max. A turn costs ~550-1,500 tokens (action ~100-300, at most MAX_ACTION_TOKENS,
+# plus an observation of ~450-1,000), so 12,288 tokens hold ~8-22 turns, fewer than T_max=32 (see
+# run_carl_qwen7b.sh; the paper's trajectories average 6-7 actions).
+OBS_TOKENS=1000  # an observation's upper end, for the count below
+set +x
+echo "token budget: T_max=$MAX_ACTIONS turns; $(( MAX_RESPONSE_LENGTH / (MAX_ACTION_TOKENS + OBS_TOKENS) )) turns" \
+    "of full-length actions and observations fit in MAX_RESPONSE_LENGTH=$MAX_RESPONSE_LENGTH"
+set -x
 # Tokens per GPU in one forward pass with dynamic batch size (>= one full sequence).
-MAX_TOKENS_PER_GPU=$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))
+MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))}
 EXPERIMENT=${EXPERIMENT:-grpo_qwen2.5_7b}
+
+source "$(dirname "$0")/check_batch.sh"
+check_mini_batch "$PPO_MINI_BATCH_PROMPTS" "$GROUP_SIZE" "$NNODES" "$GPUS_PER_NODE" "$SP_SIZE"
 
 python3 -m recipe.carl.main_carl \
     data.train_files="$TRAIN_FILE" \
@@ -45,7 +65,8 @@ python3 -m recipe.carl.main_carl \
     data.truncation=error \
     algorithm.adv_estimator=grpo \
     algorithm.carl.max_actions=$MAX_ACTIONS \
-    trainer.v1.trainer_mode=sync \
+    algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
+    algorithm.carl.thinking=$THINKING \
     actor_rollout_ref.rollout.n=$GROUP_SIZE \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \
@@ -55,6 +76,7 @@ python3 -m recipe.carl.main_carl \
     actor_rollout_ref.actor.ppo_mini_batch_size=$PPO_MINI_BATCH_PROMPTS \
     actor_rollout_ref.actor.use_dynamic_bsz=True \
     actor_rollout_ref.actor.ppo_max_token_len_per_gpu=$MAX_TOKENS_PER_GPU \
+    actor_rollout_ref.actor.ulysses_sequence_parallel_size=$SP_SIZE \
     actor_rollout_ref.actor.use_kl_loss=False \
     actor_rollout_ref.actor.entropy_coeff=0 \
     actor_rollout_ref.actor.fsdp_config.param_offload=False \

@@ -1,29 +1,33 @@
-"""CARL's tree rollout (Alg. 1) as a verl agent loop: one `run()` grows, scores and flattens one prompt's tree.
+"""CARL's tree rollout (Alg. 1) as a verl agent loop: one `run()` grows one prompt's tree and lays out its rows.
 
 Registered as `carl_agent` (training rows: a tree under `algorithm.adv_estimator=carl`, one trajectory per session
-under GRPO or any other estimator, so one parquet serves every method), `carl_tree_agent` (always a tree) and
-`carl_chain_agent` (one trajectory: validation rows) through `recipe/carl/config/carl_agent_loop.yaml` and, by the
-plugin, through verl's `register`.
+under GRPO or any other estimator, so one parquet serves every method) and `carl_chain_agent` (one trajectory:
+validation rows and evaluation), through `recipe/carl/config/carl_agent_loop.yaml` and, by the plugin, `register`.
 
 One `run()`::
 
-    prompt ──> RolloutTree ──grow_tree (N0 root rollouts, then N forks in waves of k)──> scored tree
-           ──flatten_trees──> rows ──> list[AgentLoopOutput]   (verl stores them as `{uid}_{session}_{i}`)
+    prompt ──> RolloutTree ──grow_tree (N0 root rollouts, then N forks in waves of k)──> finished tree
+           ──compute_trained_mask (structural, Eq. 13) + layout_rows──> rows ──> list[AgentLoopOutput]
 
-`SearchEnvironment.step` is one agent turn: generate from the state's prefix through `LLMServerClient.generate`
-(one request id per tree, so a server's prefix cache sees every fork of the tree), stop at `</search>`,
-`</answer>` or EOS, parse the turn, run the search and append the `<information>...</information>` observation.
-A leaf ends on an answer, at T_max, or with a recorded reason: `prompt_too_long`, `context_overflow` (no room left
-in `rollout.response_length`), `action_too_long` (the turn used its whole token budget without an action),
-`invalid:<reason>` (a malformed action, see `recipe.carl.search.actions`), `tool_error`, `empty_generation`.
+No values or advantages are computed here: the registered `carl` estimator scores every tree of the batch at once
+(`recipe/carl/estimator.py`). What each row carries in `extra_fields`:
 
-What each row carries (`extra_fields`):
+- `carl_token_nodes`: runs `[[node, count], ...]` over the response: the node whose action each token belongs to
+  (-1 on observations); the estimator puts that action's advantage on its tokens;
+- `carl_leaf`: the leaf whose path the row follows (its reward and reward breakdown are in the description);
+- `carl_tree`: on the tree's first row only, `carl_core.describe_tree` (per node: parent, leaf reward, action
+  entropy, tokens, finish reason) plus the per-leaf reward breakdown and the tree's search counts; on steps whose
+  trees are dumped (`algorithm.carl.dump_every`), also the question and each action's text;
+- `reward_extra_info`: the leaf's reward breakdown, finish-reason flags and search counts (verl requires it on the
+  last output once a score is set, and aggregates it into `val-aux/*` metrics during validation).
 
-- `carl_advantages`: per response token, A(e) of the action it belongs to if the row trains it, else 0;
-- `carl_leaf_reward`: the reward of the leaf whose path the row follows (verl overwrites `reward_score` of every
-  output but the last with the last one's, so the CARL trainer restores `rm_scores` from this);
-- `carl_tree`: the whole tree (`RolloutTree.to_dict`) on the tree's first row only, `None` elsewhere;
-- `reward_extra_info`: the leaf's reward breakdown (verl requires it on the last output once a score is set).
+`SearchEnvironment.step` is one agent turn: generate from the state's prefix (one request id per tree, so a server's
+prefix cache sees every fork of the tree), stop at `</search>`, `</answer>` or EOS, parse the turn, run the search
+and append the `<information>...</information>` observation. A leaf ends on an answer, at T_max, or with a recorded
+reason: `prompt_too_long`, `context_overflow` (no room left in `rollout.response_length`), `action_too_long` (the turn
+used its whole budget without an action), `invalid:<reason>` (a malformed action, see `recipe.carl.search.actions`),
+`tool_error` (the search failed after the tool's retries: the failure never becomes an observation that is
+trained on), `empty_generation`.
 """
 
 from __future__ import annotations
@@ -34,47 +38,88 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
 from verl.trainer.ppo.reward import get_custom_reward_fn
 
-from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, flatten_trees, grow_tree, score_trees
-from recipe.carl.search.actions import STOP_STRINGS, parse_action, render_observation
+from carl_core import (
+    CARLConfig,
+    ForkPlanner,
+    RolloutTree,
+    Step,
+    TrainingRow,
+    compute_trained_mask,
+    describe_tree,
+    grow_tree,
+    layout_rows,
+)
+from recipe.carl.search.actions import INVALID_ACTION_FEEDBACK, STOP_STRINGS, parse_action, render_observation
 from recipe.carl.search.reward import compute_score as default_compute_score
-from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TREE_AGENT, read_settings
+from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
 
 logger = logging.getLogger(__name__)
 
-Searcher = Callable[[str, str], Any]
-"""`(query, tree_id) -> observation content` (a rendered string or a list of documents); may be async. `tree_id`
-lets a backend cache per tree (forks of one tree repeat its queries)."""
+#: Finish reasons reported as `finish_<category>` flags in every leaf's reward breakdown (`invalid:*` -> invalid).
+FINISH_CATEGORIES = (
+    "answer",
+    "max_actions",
+    "invalid",
+    "action_too_long",
+    "context_overflow",
+    "tool_error",
+    "prompt_too_long",
+    "empty_generation",
+)
+
+Generate = Callable[..., Awaitable[Any]]
+"""`generate(request_id=, prompt_ids=, sampling_params=) -> TokenOutput` (verl's `LLMServerClient.generate`, or the
+CPU server's): `token_ids`, `log_probs` of the sampled tokens, `extra_fields`."""
 
 
-def _tool_searcher(tool: Any) -> Searcher:
-    """Adapts a verl tool named `search` (a `BaseTool`, or a `FunctionTool` with `.call`) to a `Searcher`."""
-    schema = getattr(tool, "tool_schema", None)
-    props = getattr(getattr(getattr(schema, "function", None), "parameters", None), "properties", None) or {}
-    arg = "query_list" if "query_list" in props else "query"
+class SearchError(RuntimeError):
+    """A search that failed after the tool's own retries; its leaf ends as `tool_error`."""
 
-    async def search(query: str, tree_id: str) -> Any:
-        params = {arg: [query] if arg == "query_list" else query}
-        if hasattr(tool, "call"):  # FunctionTool
-            result = tool.call(params)
+
+class ToolSearcher:
+    """A verl tool named `search` (a `BaseTool`, or a `FunctionTool` with `.call`) as `search(query, tree_id)`.
+
+    A `BaseTool` reports failures in its metrics (`search/ok` = 0, as `CarlSearchTool` does) rather than raising;
+    they are raised here as `SearchError`, so a failed search ends its leaf instead of being trained on.
+    """
+
+    def __init__(self, tool: Any) -> None:
+        self.tool = tool
+        schema = getattr(tool, "tool_schema", None)
+        props = getattr(getattr(getattr(schema, "function", None), "parameters", None), "properties", None) or {}
+        self.arg = "query_list" if "query_list" in props else "query"
+
+    async def __call__(self, query: str, tree_id: str) -> Any:
+        params = {self.arg: [query] if self.arg == "query_list" else query}
+        if hasattr(self.tool, "call"):  # FunctionTool
+            result = self.tool.call(params)
             result = await result if inspect.isawaitable(result) else result
             return getattr(result, "text", result)
-        instance_id, _ = await tool.create(create_kwargs={"tree_id": tree_id})
+        instance_id, _ = await self.tool.create(create_kwargs={"tree_id": tree_id})
         try:
-            response, _, _ = await tool.execute(instance_id, params)
+            response, _, metrics = await self.tool.execute(instance_id, params)
         finally:
-            await tool.release(instance_id)
+            await self.tool.release(instance_id)
+        if isinstance(metrics, dict) and metrics.get("search/ok", 1.0) == 0:
+            raise SearchError(response.text or "the search tool reported a failure")
         return response.text or ""
 
-    return search
+    def release(self, tree_id: str) -> None:
+        """Frees the tool's per-tree search cache once the tree is finished."""
+        drop = getattr(self.tool, "drop_tree", None)
+        if callable(drop):
+            drop(tree_id)
 
 
-def resolve_searcher(search: Any, tools: Any) -> Searcher:
+def resolve_searcher(search: Any, tools: Any) -> Callable[[str, str], Any]:
     """The search backend: the `search` constructor argument, else the verl tool named `search`.
 
     Raises:
@@ -88,28 +133,70 @@ def resolve_searcher(search: Any, tools: Any) -> Searcher:
         raise ValueError(f"search={search!r} is neither callable nor has a .search(query) method.")
     for tool in getattr(tools, "tools", tools) or []:
         if getattr(tool, "name", None) == "search":
-            return _tool_searcher(tool)
+            return ToolSearcher(tool)
     raise ValueError(
         "the CARL agent loop has no search backend: set actor_rollout_ref.rollout.multi_turn.tool_config_path to "
         "a tool yaml with a tool named `search`, or give the agent-loop yaml entry a `search:` object."
     )
 
 
+@dataclasses.dataclass
+class SearchStats:
+    """Searches of one tree: how many ran, how many failed, and their summed latency."""
+
+    calls: int = 0
+    errors: int = 0
+    latency_s: float = 0.0
+    last_error: str = ""
+
+
 class SearchEnvironment:
-    """carl_core's `Environment` for a Search-R1-style agent served by verl's LLM servers."""
+    """carl_core's `Environment` for a Search-R1-style agent: one agent turn per `step`, the reward per leaf.
+
+    Args:
+        generate: the inference engine (see `Generate`).
+        tokenizer: decodes turns and encodes observations.
+        search: `search(query, tree_id) -> observation text or documents` (may be async; raises on failure).
+        reward_fn: `reward_fn(data_source=, solution_str=, ground_truth=, extra_info=)` -> float or dict with a
+            "score" (may be async).
+        sampling_params: the engine's sampling parameters (temperature, top_p, ...).
+        request_id: one id for all turns of a tree (prefix caching; the search cache key).
+        data_source, ground_truth, extra_info: the row's, for the reward.
+        max_action_tokens: token budget of one agent turn.
+        response_length: token budget of a whole trajectory after the prompt (actions and observations).
+        invalid_action: "end" (the leaf ends as `invalid:<reason>`) or "feedback" (Search-R1's behaviour: an
+            observation that says how to act, and the episode goes on).
+        thinking: a stop string inside an unclosed `<think>` block does not end the turn: generation continues
+            (for thinking models such as Qwen3, which may mention tags while reasoning).
+        seed: when given, every request gets its own seed derived from it and the state (verl's full determinism
+            otherwise gives every request of a replica the same seed, so all rollouts of a tree would coincide).
+    """
 
     def __init__(
         self,
-        loop: CarlTreeAgentLoop,
+        *,
+        generate: Generate,
+        tokenizer: Any,
+        search: Callable[[str, str], Any],
+        reward_fn: Callable[..., Any],
         sampling_params: dict[str, Any],
         request_id: str,
         data_source: str,
         ground_truth: Any,
         extra_info: Any,
+        max_action_tokens: int,
+        response_length: int,
+        invalid_action: str = "end",
+        thinking: bool = False,
+        seed: int | None = None,
     ) -> None:
-        self.loop = loop
+        if invalid_action not in ("end", "feedback"):
+            raise ValueError(f"invalid_action={invalid_action!r} is unknown: use 'end' or 'feedback'.")
+        self.generate, self.tokenizer, self.search, self.reward_fn = generate, tokenizer, search, reward_fn
         self.request_id = request_id
         self.data_source, self.ground_truth, self.extra_info = data_source, ground_truth, extra_info
+        self.max_action_tokens, self.response_length = int(max_action_tokens), int(response_length)
+        self.invalid_action, self.thinking, self.seed = invalid_action, thinking, seed
         # One turn ends right after its action; the closing tag must stay in the tokens the policy is trained on.
         self.sampling_params = {
             **sampling_params,
@@ -120,61 +207,89 @@ class SearchEnvironment:
         self.leaf_info: dict[int, dict[str, float]] = {}
         self.global_steps: list[int] = []
         self.timing = {"generate": 0.0, "tool": 0.0, "score": 0.0}
+        self.searches = SearchStats()
+        self._visits: dict[int, int] = {}
+
+    async def _sample(self, tree: RolloutTree, node_id: int, prefix: list[int], budget: int) -> tuple[list, list]:
+        """One turn's tokens and log-probs; with `thinking`, continues past stop strings inside `<think>`."""
+        tokens: list[int] = []
+        log_probs: list[float] = []
+        visit = self._visits[node_id] = self._visits.get(node_id, 0) + 1  # the k-th action sampled at this state
+        while budget - len(tokens) >= 1:
+            params = {**self.sampling_params, "max_tokens": budget - len(tokens)}
+            if self.seed is not None:
+                key = f"{self.seed}:{self.request_id}:{node_id}:{visit}:{len(tokens)}"
+                params["seed"] = zlib.crc32(key.encode())
+            start = time.perf_counter()
+            output = await self.generate(request_id=self.request_id, prompt_ids=prefix + tokens, sampling_params=params)
+            self.timing["generate"] += time.perf_counter() - start
+            steps = [(output.extra_fields or {}).get(k) for k in ("min_global_steps", "max_global_steps")]
+            self.global_steps += [s for s in steps if s is not None]
+            new = list(output.token_ids)
+            if new and (output.log_probs is None or len(output.log_probs) != len(new)):
+                raise ValueError(
+                    "the LLM server returned no per-token log-probs; CARL needs them for the state entropy "
+                    "(keep actor_rollout_ref.rollout.calculate_log_probs=true and a server that honours logprobs)."
+                )
+            tokens += new
+            log_probs += [min(float(lp), 0.0) for lp in output.log_probs or []]
+            if not (new and self.thinking and self._inside_think(tokens)):
+                break
+        return tokens, log_probs
+
+    def _inside_think(self, tokens: list[int]) -> bool:
+        """The turn stopped at an action tag that sits inside a `<think>` block not closed yet."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(text.rstrip().endswith(s) for s in STOP_STRINGS) and text.rfind("<think>") > text.rfind("</think>")
 
     async def step(self, tree: RolloutTree, node_id: int) -> Step:
         prefix = tree.prefix_ids(node_id)
-        used = len(prefix) - len(tree.prompt_ids)
-        max_tokens = min(self.loop.max_action_tokens, self.loop.response_length - used)
+        max_tokens = min(self.max_action_tokens, self.response_length - (len(prefix) - len(tree.prompt_ids)))
         if max_tokens < 1:
             return Step((), (), finish_reason="context_overflow")
-        start = time.perf_counter()
-        output = await self.loop.server_manager.generate(
-            request_id=self.request_id,
-            prompt_ids=prefix,
-            sampling_params={**self.sampling_params, "max_tokens": max_tokens},
-        )
-        self.timing["generate"] += time.perf_counter() - start
-        steps = [output.extra_fields.get(k) for k in ("min_global_steps", "max_global_steps")]
-        self.global_steps += [s for s in steps if s is not None]
-        tokens = list(output.token_ids)
+        tokens, log_probs = await self._sample(tree, node_id, prefix, max_tokens)
         if not tokens:
             return Step((), (), finish_reason="empty_generation")
-        if output.log_probs is None or len(output.log_probs) != len(tokens):
-            raise ValueError(
-                "the LLM server returned no per-token log-probs; CARL needs them for the state entropy "
-                "(keep actor_rollout_ref.rollout.calculate_log_probs=true and a server that honours logprobs)."
-            )
-        log_probs = [min(float(lp), 0.0) for lp in output.log_probs]
-        text = self.loop.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         action = parse_action(text)
-        info: dict[str, Any] = {"kind": action.kind}
+        info: dict[str, Any] = {"kind": action.kind, "text": text}
+        last = tree.nodes[node_id].depth + 1 >= tree.max_actions  # the T_max-th action ends the trajectory
         if action.kind == "answer":
             return Step(tokens, log_probs, done=True, finish_reason="answer", info={**info, "answer": action.answer})
         if action.kind == "invalid":
-            reason = "action_too_long" if len(tokens) >= max_tokens else f"invalid:{action.reason}"
-            return Step(tokens, log_probs, done=True, finish_reason=reason, info={**info, "reason": action.reason})
+            info["reason"] = action.reason
+            if len(tokens) >= max_tokens:
+                return Step(tokens, log_probs, done=True, finish_reason="action_too_long", info=info)
+            if self.invalid_action == "end" or last:
+                return Step(tokens, log_probs, done=True, finish_reason=f"invalid:{action.reason}", info=info)
+            feedback = self.tokenizer.encode(render_observation(INVALID_ACTION_FEEDBACK), add_special_tokens=False)
+            return Step(tokens, log_probs, observation_ids=feedback, info=info)
         info["query"] = action.query
-        if tree.nodes[node_id].depth + 1 >= tree.max_actions:
-            return Step(tokens, log_probs, info=info)  # the T_max-th action ends the trajectory: no search needed
+        if last:
+            return Step(tokens, log_probs, info=info)  # no observation follows the last action: no search needed
         start = time.perf_counter()
+        self.searches.calls += 1
         try:
-            result = self.loop.searcher(action.query, self.request_id)
+            result = self.search(action.query, self.request_id)
             content = await result if inspect.isawaitable(result) else result
             observation = render_observation(content)
-        except Exception as error:  # a failing tool ends this leaf only; the step goes on
+        except Exception as error:  # a failing search ends this leaf only; the step goes on
             logger.warning("search failed for %r: %s", action.query, error)
-            info["error"] = f"{type(error).__name__}: {error}"
+            self.searches.errors += 1
+            info["error"] = self.searches.last_error = f"{type(error).__name__}: {error}"[:300]
             return Step(tokens, log_probs, done=True, finish_reason="tool_error", info=info)
         finally:
+            self.searches.latency_s += time.perf_counter() - start
             self.timing["tool"] += time.perf_counter() - start
-        obs_ids = self.loop.tokenizer.encode(observation, add_special_tokens=False)
+        info["searched"] = True
+        obs_ids = self.tokenizer.encode(observation, add_special_tokens=False)
         return Step(tokens, log_probs, observation_ids=obs_ids, info=info)
 
     async def score(self, tree: RolloutTree, leaf_id: int) -> float:
         start = time.perf_counter()
         response = tree.prefix_ids(leaf_id)[len(tree.prompt_ids) :]
-        solution = self.loop.tokenizer.decode(response, skip_special_tokens=True)
-        result = self.loop.reward_fn(
+        solution = self.tokenizer.decode(response, skip_special_tokens=True)
+        result = self.reward_fn(
             data_source=self.data_source,
             solution_str=solution,
             ground_truth=self.ground_truth,
@@ -182,22 +297,27 @@ class SearchEnvironment:
         )
         result = await result if inspect.isawaitable(result) else result
         info = dict(result) if isinstance(result, dict) else {"score": result}
-        self.leaf_info[leaf_id] = {k: float(v) for k, v in info.items() if isinstance(v, (int, float))}
+        breakdown = {k: float(v) for k, v in info.items() if isinstance(v, (int, float))}
+        reason = (tree.nodes[leaf_id].finish_reason or "").split(":")[0]
+        breakdown.update({f"finish_{c}": float(reason == c) for c in FINISH_CATEGORIES})
+        path = [tree.nodes[v].action for v in tree.path(leaf_id)[1:]]
+        breakdown["search_calls"] = float(sum(bool(a and (a.info.get("searched") or "error" in a.info)) for a in path))
+        breakdown["search_errors"] = float(sum(bool(a and "error" in a.info) for a in path))
+        self.leaf_info[leaf_id] = breakdown
         self.timing["score"] += time.perf_counter() - start
         return float(info["score"])
 
 
-class CarlTreeAgentLoop(AgentLoopBase):
-    """Grows one CARL tree per prompt and returns one `AgentLoopOutput` per training row.
+class CarlAgentLoop(AgentLoopBase):
+    """Grows one CARL tree per prompt (or one trajectory) and returns one `AgentLoopOutput` per training row.
 
     Args (besides verl's `AgentLoopBase` ones; set them in the agent-loop yaml):
-        mode: "auto" (`carl_agent`, what training rows name: "tree" under `algorithm.adv_estimator=carl`, "chain"
-            under any other estimator), "tree" (CARL: `algorithm.carl` as given; refused under another estimator,
-            which would get `rollout.n` whole trees per prompt) or "chain" (one trajectory, every action trained:
-            the GRPO baseline with `rollout.n` sessions, and validation).
-        max_action_tokens: token budget of one agent turn (also capped by what is left of `rollout.response_length`).
-        search: the search backend (`Searcher` or object with `.search`); default: the verl tool named `search`.
+        mode: "auto" (`carl_agent`: a tree under `algorithm.adv_estimator=carl`, one trajectory under any other
+            estimator) or "chain" (`carl_chain_agent`: one trajectory, every action trained: validation).
+        search: the search backend (`search(query, tree_id)` or an object with `.search`); default: the verl tool
+            named `search`.
         tools: verl's loaded tools (passed by the agent-loop worker).
+    Per-turn token budget, invalid-action behaviour and thinking come from `algorithm.carl` (`recipe.carl.settings`).
     """
 
     def __init__(
@@ -210,8 +330,7 @@ class CarlTreeAgentLoop(AgentLoopBase):
         data_config,
         hf_model_type: str | None = None,
         *,
-        mode: str = "tree",
-        max_action_tokens: int = 512,
+        mode: str = "auto",
         search: Any = None,
         tools: Any = None,
         **kwargs,
@@ -219,141 +338,135 @@ class CarlTreeAgentLoop(AgentLoopBase):
         super().__init__(
             trainer_config, server_manager, tokenizer, processor, dataset_cls, data_config, hf_model_type, **kwargs
         )
-        mode = resolve_mode(mode, self.config.algorithm.adv_estimator)
-        carl = read_settings(self.config).carl
-        # A chain is a tree with one rollout and no fork; "all" trains each of its actions (mask 1).
-        self.carl: CARLConfig = carl if mode == "tree" else dataclasses.replace(carl, n0=1, n_forks=0, update_set="all")
-        self.mode = mode
-        self.max_action_tokens = int(max_action_tokens)
+        if mode not in ("auto", "chain"):
+            raise ValueError(f"mode={mode!r} is unknown: use 'auto' (follows algorithm.adv_estimator) or 'chain'.")
+        self.mode = "tree" if mode == "auto" and self.config.algorithm.adv_estimator == ESTIMATOR else "chain"
+        self.settings = read_settings(self.config)
+        carl = self.settings.carl
+        # A chain is a tree with one rollout and no fork; "all" trains each of its actions.
+        self.carl: CARLConfig = carl if self.mode == "tree" else dataclasses.replace(carl, n0=1, n_forks=0)
+        self.update_set = self.carl.update_set if self.mode == "tree" else "all"
         self.prompt_length = int(self.rollout_config.prompt_length)
         self.response_length = int(self.rollout_config.response_length)
         self.searcher = resolve_searcher(search, tools)
         self.reward_fn = get_custom_reward_fn(self.config) or default_compute_score
+
+    def environment(
+        self, sampling_params: dict[str, Any], request_id: str, kwargs: dict[str, Any]
+    ) -> SearchEnvironment:
+        reward_model = kwargs.get("reward_model") or {}
+        deterministic = bool(getattr(self.rollout_config, "full_determinism", False))
+        return SearchEnvironment(
+            generate=self.server_manager.generate,
+            tokenizer=self.tokenizer,
+            search=self.searcher,
+            reward_fn=self.reward_fn,
+            sampling_params=sampling_params,
+            request_id=request_id,
+            data_source=kwargs.get("data_source", ""),
+            ground_truth=reward_model.get("ground_truth"),
+            extra_info=kwargs.get("extra_info"),
+            max_action_tokens=self.settings.max_action_tokens,
+            response_length=self.response_length,
+            invalid_action=self.settings.invalid_action,
+            thinking=self.settings.thinking,
+            seed=int(getattr(self.rollout_config, "seed", 0) or 0) if deterministic else None,
+        )
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> list[AgentLoopOutput]:
         messages = list(kwargs["raw_prompt"])
         prompt_ids = await self.loop.run_in_executor(
             None, lambda: self.continuous_token_builder.build_initial_tokens(messages)
         )
-        reward_model = kwargs.get("reward_model") or {}
-        env = SearchEnvironment(
-            self,
-            sampling_params,
-            request_id=uuid.uuid4().hex,
-            data_source=kwargs.get("data_source", ""),
-            ground_truth=reward_model.get("ground_truth"),
-            extra_info=kwargs.get("extra_info"),
-        )
         uid = f"{kwargs.get('uid', '')}_{kwargs.get('session_id', 0)}"
+        # Deterministic per row (not the random uid), so full determinism reproduces across runs.
+        key = f"{kwargs.get('index', '')}:{kwargs.get('session_id', 0)}:{kwargs.get('global_steps', 0)}"
+        request_id = uuid.uuid4().hex if not getattr(self.rollout_config, "full_determinism", False) else key
+        env = self.environment(sampling_params, request_id, kwargs)
         tree = RolloutTree(prompt_ids, self.carl.max_actions, uid=uid)
-        if len(prompt_ids) > self.prompt_length:
-            # verl would left-truncate the prompt (losing the instructions); CARL ends the tree at its root instead.
-            logger.warning("prompt of %d tokens > rollout.prompt_length=%d", len(prompt_ids), self.prompt_length)
-            tree.terminate(tree.root.id, "prompt_too_long")
-            tree.set_reward(tree.root.id, await env.score(tree, tree.root.id))
-        else:
-            # One generator per tree: with `selection: random` the trees of a batch must not draw the same forks.
-            await grow_tree(tree, ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}")), env)
-        return self._outputs(tree, env, kwargs)
+        try:
+            if len(prompt_ids) > self.prompt_length:
+                # verl would left-truncate the prompt (losing the instructions); CARL ends the tree at its root.
+                logger.warning("prompt of %d tokens > rollout.prompt_length=%d", len(prompt_ids), self.prompt_length)
+                tree.terminate(tree.root.id, "prompt_too_long")
+                tree.set_reward(tree.root.id, await env.score(tree, tree.root.id))
+            else:
+                # One generator per tree: with `selection: random` the trees of a batch must not draw the same forks.
+                await grow_tree(tree, ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}")), env)
+        finally:
+            release = getattr(self.searcher, "release", None)
+            if callable(release):
+                release(request_id)
+        return self.outputs(tree, env, kwargs)
 
-    def _outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
-        """One `AgentLoopOutput` per `flatten_trees` row; a tree without any action gives one all-masked row."""
-        scored = score_trees([tree], self.carl)
-        rows = flatten_trees([tree], scored)
-        steps = env.global_steps or [int(kwargs.get("global_steps", 0) or 0)]
+    def outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
+        """One `AgentLoopOutput` per `layout_rows` row; a tree without any action gives one all-masked row."""
+        parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes])
+        rows = layout_rows(tree, compute_trained_mask(parent, self.update_set).tolist())
+        if not rows:  # e.g. prompt_too_long: one row of one masked token, so verl still sees the tree
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            prompt = tree.prompt_ids[-self.prompt_length :]
+            rows = [TrainingRow(tree.leaves()[0], prompt, [pad], [0], [0.0], [[-1, 1]])]
+        step = int(kwargs.get("global_steps", 0) or 0)
+        dumped = self.mode == "tree" and self.settings.dump_every > 0 and step % self.settings.dump_every == 0
+        description = describe_tree(tree, info_keys=("text",) if dumped else ())
+        description["reward_info"] = [env.leaf_info.get(i) for i in range(len(tree.nodes))]
+        description["search"] = dataclasses.asdict(env.searches)
+        if dumped:
+            description["question"] = (kwargs.get("extra_info") or {}).get("question") or tree_question(kwargs)
+        steps = env.global_steps or [step]
+        common = {"min_global_steps": min(steps), "max_global_steps": max(steps), "carl_mode": self.mode}
         metrics = AgentLoopMetrics(
             generate_sequences=env.timing["generate"], tool_calls=env.timing["tool"], compute_score=env.timing["score"]
         )
-        common = {"min_global_steps": min(steps), "max_global_steps": max(steps), "carl_mode": self.mode}
         outputs = []
         for i, row in enumerate(rows):
-            reward = tree.nodes[row.leaf].reward
-            num_actions = len(tree.path(row.leaf)) - 1
             outputs.append(
                 AgentLoopOutput(
                     prompt_ids=row.prompt_ids,
                     response_ids=row.response_ids,
                     response_mask=row.response_mask,
                     response_logprobs=row.rollout_log_probs,
-                    reward_score=reward,
-                    num_turns=2 * num_actions + 1,
+                    reward_score=tree.nodes[row.leaf].reward,
+                    num_turns=2 * tree.nodes[row.leaf].depth + 1,
                     metrics=metrics,
                     extra_fields={
                         **common,
-                        "carl_advantages": row.advantages,
+                        "carl_tree_id": tree.uid,
+                        "carl_token_nodes": row.token_nodes,
                         "carl_leaf": row.leaf,
-                        "carl_leaf_reward": reward,
-                        "carl_tree": tree.to_dict() if i == 0 else None,
+                        "carl_tree": description if i == 0 else None,
                         "reward_extra_info": env.leaf_info.get(row.leaf, {}),
-                    },
-                )
-            )
-        if not outputs:  # no action was generated (e.g. prompt_too_long): one row that trains nothing
-            leaf = tree.leaves()[0]
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            outputs.append(
-                AgentLoopOutput(
-                    prompt_ids=tree.prompt_ids[-self.prompt_length :],
-                    response_ids=[pad],
-                    response_mask=[0],
-                    response_logprobs=[0.0],
-                    reward_score=tree.nodes[leaf].reward,
-                    num_turns=1,
-                    metrics=metrics,
-                    extra_fields={
-                        **common,
-                        "carl_advantages": [0.0],
-                        "carl_leaf": leaf,
-                        "carl_leaf_reward": tree.nodes[leaf].reward,
-                        "carl_tree": tree.to_dict(),
-                        "reward_extra_info": env.leaf_info.get(leaf, {}),
                     },
                 )
             )
         return outputs
 
 
-def resolve_mode(mode: str, adv_estimator: str) -> str:
-    """The agent loop's mode under `algorithm.adv_estimator`: "auto" follows the estimator.
-
-    Raises:
-        ValueError: for an unknown mode, or a tree under a non-CARL estimator (it would train on rollout.n trees).
-    """
-    if mode not in ("auto", "tree", "chain"):
-        raise ValueError(
-            f"mode={mode!r} is unknown: use 'auto' (follows algorithm.adv_estimator), 'tree' (CARL) or 'chain' "
-            "(GRPO baseline, validation)."
-        )
-    if mode == "auto":
-        return "tree" if adv_estimator == ESTIMATOR else "chain"
-    if mode == "tree" and adv_estimator != ESTIMATOR:
-        raise ValueError(
-            f"agent loop {TREE_AGENT} grows CARL trees, but algorithm.adv_estimator={adv_estimator}: the data rows' "
-            f"agent_name column selects it. Name {AUTO_AGENT} in the training rows (the preprocessing default: a tree "
-            f"under carl, one trajectory under any other estimator) or {CHAIN_AGENT}."
-        )
-    return mode
+def tree_question(kwargs: dict[str, Any]) -> str:
+    """The last user message of the row's prompt (for dumps when `extra_info.question` is missing)."""
+    users = [m.get("content", "") for m in kwargs.get("raw_prompt") or [] if m.get("role") == "user"]
+    return str(users[-1]) if users else ""
 
 
 @register(AUTO_AGENT)
-class CarlAgentLoop(CarlTreeAgentLoop):
-    """`carl_agent`: a CARL tree under `algorithm.adv_estimator=carl`, one trajectory under any other estimator."""
-
-    def __init__(self, *args, mode: str = "auto", **kwargs):
-        super().__init__(*args, mode=mode, **kwargs)
-
-
-@register(TREE_AGENT)
-class _RegisteredTreeLoop(CarlTreeAgentLoop):
-    """`carl_tree_agent` with default arguments (the agent-loop yaml registers the same name with its own)."""
+class _AutoAgentLoop(CarlAgentLoop):
+    """`carl_agent` with default arguments (the agent-loop yaml registers the same name with its own)."""
 
 
 @register(CHAIN_AGENT)
-class CarlChainAgentLoop(CarlTreeAgentLoop):
-    """`carl_chain_agent`: one trajectory per session, every action trained (GRPO baseline, validation)."""
+class CarlChainAgentLoop(CarlAgentLoop):
+    """`carl_chain_agent`: one trajectory per session, every action trained (validation, evaluation)."""
 
     def __init__(self, *args, mode: str = "chain", **kwargs):
         super().__init__(*args, mode=mode, **kwargs)
 
 
-__all__ = ["CarlAgentLoop", "CarlChainAgentLoop", "CarlTreeAgentLoop", "SearchEnvironment", "resolve_searcher"]
+__all__ = [
+    "CarlAgentLoop",
+    "CarlChainAgentLoop",
+    "SearchEnvironment",
+    "SearchError",
+    "ToolSearcher",
+    "resolve_searcher",
+]

@@ -1,32 +1,20 @@
 """Entry point: `python -m recipe.carl.main_carl [hydra overrides]` (config: `recipe/carl/config/carl_trainer.yaml`).
 
 Validates `algorithm.carl` once, checks that verl resolves every `carl` name in this process (the `verl.plugins`
-entry point fails silently otherwise), then hands over to verl's own `run_ppo` with its V1 TaskRunner: the trainer
+entry point fails silently otherwise), runs the start-up checks of `recipe.carl.preflight` (paths, batch, data,
+worker environment, retriever), then hands over to verl's own `run_ppo` with its V1 TaskRunner: the trainer
 (`trainer.v1.trainer_mode=carl`), estimator and agent loops are found through verl's registries in every Ray process,
 because each of them imports verl and so the plugin.
 """
 
 from __future__ import annotations
 
-import os
-
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import recipe.carl.plugin as plugin
-from recipe.carl.settings import check_data_agents, check_trainer_config
-
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _absolute_agent_loop_config(config: DictConfig) -> None:
-    """Makes a project-relative agent-loop yaml path absolute, so workers started elsewhere still find it."""
-    path = config.actor_rollout_ref.rollout.agent.agent_loop_config_path
-    if path and not os.path.isabs(path) and not os.path.exists(path):
-        candidate = os.path.join(PROJECT_ROOT, path)
-        if os.path.exists(candidate):
-            with open_dict(config):
-                config.actor_rollout_ref.rollout.agent.agent_loop_config_path = candidate
+from recipe.carl import preflight
+from recipe.carl.settings import check_trainer_config
 
 
 def run_carl(config: DictConfig) -> None:
@@ -38,10 +26,9 @@ def run_carl(config: DictConfig) -> None:
 
     plugin.check_registered()
     check_trainer_config(config)
-    check_data_agents(config)
-    _absolute_agent_loop_config(config)
     auto_set_device(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    preflight.run(config)
     run_ppo(config, task_runner_class=TaskRunnerV1)
 
 

@@ -8,11 +8,13 @@ hook), so a process pays only for the verl modules it uses itself:
   `verl.trainer.ppo.core_algos` (verl's estimator registry) is imported;
 - `trainer.v1.trainer_mode=carl`  -> `recipe.carl.trainer.CARLTrainer`, once `verl.trainer.ppo.v1` (the trainer
   registry) is imported;
-- agent loops `carl_agent` / `carl_tree_agent` / `carl_chain_agent` -> `recipe.carl.agent_loop`, once
+- agent loops `carl_agent` / `carl_chain_agent` -> `recipe.carl.agent_loop`, once
   `verl.experimental.agent_loop` (the agent-loop registry) is imported; the agent-loop yaml registers the same names
   with their constructor arguments in the workers;
 - the actor's and reference's FSDP engine -> `recipe.carl.packing.engine.TreePackedFSDPEngine` (verl's engine plus
-  tree attention for tree-packed rows, `algorithm.carl.packing=tree`), once `verl.workers.engine` is imported.
+  tree attention for tree-packed rows, `algorithm.carl.packing=tree`), once `verl.workers.engine` is imported;
+- the `file` metrics logger -> `recipe.carl.metrics_file.ResumingFileLogger` (a resumed run keeps the earlier steps'
+  lines), once `verl.utils.tracking` is imported.
 
 Importing all three eagerly made `import verl` cost 542 instead of 364 MB PSS. Most verl processes import these
 modules anyway; the router and the reward workers do not, and are ~60 MB smaller each in a CPU run.
@@ -30,7 +32,7 @@ import os
 # wrapt's post-import hooks (PEP 369's API, which the standard library never adopted).
 import wrapt
 
-from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TRAINER_MODE, TREE_AGENT
+from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TRAINER_MODE
 
 CPU_MODULE = "recipe.carl.cpu"
 
@@ -40,6 +42,8 @@ REGISTRATIONS = {
     "verl.trainer.ppo.v1": "recipe.carl.trainer",
     "verl.experimental.agent_loop": "recipe.carl.agent_loop",
     "verl.workers.engine": "recipe.carl.packing.register",
+    # Not a registry: verl's `file` logger truncates its metrics file on resume; this makes it resumable.
+    "verl.utils.tracking": "recipe.carl.metrics_file",
 }
 
 
@@ -85,9 +89,7 @@ def check_registered() -> None:
         get_trainer_cls(TRAINER_MODE)
     except ValueError:
         missing.append(f"trainer {TRAINER_MODE!r}")
-    missing += [
-        f"agent loop {name!r}" for name in (AUTO_AGENT, TREE_AGENT, CHAIN_AGENT) if name not in _agent_loop_registry
-    ]
+    missing += [f"agent loop {name!r}" for name in (AUTO_AGENT, CHAIN_AGENT) if name not in _agent_loop_registry]
     if missing:
         raise RuntimeError(
             f"verl does not resolve {', '.join(missing)}: the `verl.plugins` entry point did not run. Reinstall the "

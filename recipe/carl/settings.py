@@ -7,9 +7,8 @@ whereas an extra key under `actor_rollout_ref.rollout` crashes verl's `RolloutCo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,23 +17,54 @@ from carl_core import CARLConfig, CARLConfigError
 
 ESTIMATOR = "carl"
 TRAINER_MODE = "carl"
-TREE_AGENT = "carl_tree_agent"
 AUTO_AGENT = "carl_agent"
 CHAIN_AGENT = "carl_chain_agent"
-
-RECIPE_KEYS = {"dump_every": 0}
-"""Keys of `algorithm.carl` that are not `CARLConfig` fields, with their defaults.
-
-dump_every: write the step's trees as JSON lines every this many steps (0 = never).
-"""
 
 
 @dataclass(frozen=True)
 class RecipeSettings:
-    """`algorithm.carl` split into the algorithm's config and the recipe's own keys."""
+    """`algorithm.carl` split into the algorithm's config (`carl`) and the recipe's own keys (the other fields)."""
 
     carl: CARLConfig
     dump_every: int = 0
+    """Write the step's trees as JSON lines every this many steps (0 = never)."""
+    max_action_tokens: int = 512
+    """Token budget of one agent turn (reasoning + one search or answer); the rest of the trajectory's
+    `data.max_response_length` caps it further."""
+    invalid_action: str = "end"
+    """A malformed turn ends its leaf (`end`, the default: the turn's credit then reflects that it failed, and no
+    tokens are spent on a recovery the reward never asked for) or gets Search-R1's feedback observation and the
+    episode goes on (`feedback`)."""
+    thinking: bool = False
+    """Continue a turn whose stop string (`</search>`, `</answer>`) fired inside an unclosed `<think>` block
+    (thinking models such as Qwen3 mention tags while reasoning)."""
+    max_search_error_rate: float = 0.2
+    """Stop the run when more than this share of a training step's searches failed (after the tool's retries);
+    1.0 never stops."""
+    bad_rows: str = "error"
+    """What the start-up data check (`recipe.carl.preflight`) does with rows it cannot train on: `error` stops the run
+    naming file and row; `skip` trains on the others from filtered copies (the skipped rows are listed)."""
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise CARLConfigError(f"algorithm.carl.{msg}")
+
+        if not isinstance(self.dump_every, int) or isinstance(self.dump_every, bool) or self.dump_every < 0:
+            fail(f"dump_every={self.dump_every!r} must be an integer >= 0 (0 = never).")
+        if not isinstance(self.max_action_tokens, int) or self.max_action_tokens < 1:
+            fail(f"max_action_tokens={self.max_action_tokens!r} must be an integer >= 1 (e.g. 512; 1024+ for Qwen3).")
+        if self.invalid_action not in ("end", "feedback"):
+            fail(f"invalid_action={self.invalid_action!r} is unknown: use end (the default) or feedback.")
+        if not isinstance(self.thinking, bool):
+            fail(f"thinking={self.thinking!r} must be true or false.")
+        if not isinstance(self.max_search_error_rate, (int, float)) or not 0 <= self.max_search_error_rate <= 1:
+            fail(f"max_search_error_rate={self.max_search_error_rate!r} must be in [0, 1] (1.0 never stops).")
+        if self.bad_rows not in ("error", "skip"):
+            fail(f"bad_rows={self.bad_rows!r} is unknown: use error (stop at bad rows) or skip (train on the rest).")
+
+
+RECIPE_KEYS = {f.name: f.default for f in fields(RecipeSettings) if f.name != "carl"}
+"""Keys of `algorithm.carl` that are not `CARLConfig` fields, with their defaults (see `RecipeSettings`)."""
 
 
 def _as_dict(block: Any) -> dict[str, Any]:
@@ -56,9 +86,6 @@ def read_settings(config: Any) -> RecipeSettings:
     block = config.get("algorithm", {}).get("carl") if _is_trainer_config(config) else config
     values = _as_dict(block)
     recipe = {key: values.pop(key, default) for key, default in RECIPE_KEYS.items()}
-    if not isinstance(recipe["dump_every"], int) or recipe["dump_every"] < 0:
-        value = recipe["dump_every"]
-        raise CARLConfigError(f"algorithm.carl.dump_every={value!r} must be an integer >= 0 (0 = never).")
     return RecipeSettings(carl=CARLConfig.from_dict(values), **recipe)
 
 
@@ -103,52 +130,3 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
     if problems:
         raise CARLConfigError("algorithm.adv_estimator=carl needs: " + "; ".join(problems) + ".")
     return settings
-
-
-def _agents_in(path: str, default: str | None) -> set[str]:
-    """The agent loops a local parquet's rows name (`default` for a file without an `agent_name` column)."""
-    import pyarrow.parquet as pq
-
-    if "agent_name" not in pq.read_schema(path).names:
-        return {default} if default else set()
-    return {str(a) for a in pq.read_table(path, columns=["agent_name"]).column(0).to_pylist()}
-
-
-def _local_parquets(files: Any) -> list[str]:
-    files = [files] if isinstance(files, str) else list(files or [])
-    return [f for f in files if isinstance(f, str) and f.endswith(".parquet") and os.path.isfile(f)]
-
-
-def check_data_agents(config: DictConfig) -> None:
-    """Refuses data rows whose agent loop does not fit the estimator, before any worker starts.
-
-    The agent loop cannot see verl's validate flag, so the check is on the data. Under `adv_estimator=carl`, rows of
-    `data.val_files` must not grow trees (`carl_agent`, `carl_tree_agent`): validation scores one trajectory per
-    question (checked only when the run validates: `trainer.val_before_train` or `trainer.test_freq > 0`). Under any
-    other estimator, no row may name `carl_tree_agent` (each of `rollout.n` sessions would grow a
-    whole tree; the loop refuses it, but inside a worker). Rows without an `agent_name` column count as
-    `rollout.agent.default_agent_loop`; files that do not exist locally are left to verl's own loader.
-
-    Raises:
-        CARLConfigError: naming the file, the agent loop and how to fix the rows.
-    """
-    default = config.actor_rollout_ref.rollout.agent.get("default_agent_loop")
-    carl = config.algorithm.adv_estimator == ESTIMATOR
-    validates = bool(config.trainer.get("val_before_train", True)) or (config.trainer.get("test_freq", -1) or -1) > 0
-    keys = ("train_files", "val_files") if not carl else ("val_files",) if validates else ()
-    for key in keys:
-        for path in _local_parquets(config.data.get(key)):
-            bad = sorted(_agents_in(path, default) & ({AUTO_AGENT, TREE_AGENT} if carl else {TREE_AGENT}))
-            if not bad:
-                continue
-            if carl:
-                raise CARLConfigError(
-                    f"data.val_files {path}: rows name agent loop {', '.join(bad)}, which grows a CARL tree under "
-                    f"algorithm.adv_estimator=carl, but validation scores one trajectory per question. Set the file's "
-                    f"agent_name column to {CHAIN_AGENT} (the preprocessing scripts do so for any --split but train)."
-                )
-            raise CARLConfigError(
-                f"data.{key} {path}: rows name agent loop {TREE_AGENT}, which grows a CARL tree in each of the "
-                f"rollout.n sessions, under algorithm.adv_estimator={config.algorithm.adv_estimator}. Name "
-                f"{AUTO_AGENT} (a tree under carl, one trajectory otherwise) or {CHAIN_AGENT} in the agent_name column."
-            )

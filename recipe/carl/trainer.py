@@ -1,15 +1,20 @@
-"""The CARL trainer: verl's V1 sync trainer with one method changed (`_compute_advantage`).
+"""The CARL trainer: verl's V1 sync trainer with its advantage step handing the batch's trees to the estimator.
 
-Selected with `trainer.v1.trainer_mode=carl`. verl's `fit()` and `_step_once()` run unchanged; in the advantage step
-this trainer additionally reads each row's `extra_fields` (written by `recipe.carl.agent_loop`) and
+Selected with `trainer.v1.trainer_mode=carl` (the recipe's yaml, for CARL and its baselines alike). verl's `fit()`
+and `_step_once()` run unchanged; changed lines are tagged `# CARL:`.
 
-1. hands the rows' tree advantages to the registered `carl` estimator (verl itself passes estimators only rewards);
-2. restores each row's own leaf reward in `rm_scores`: verl's list post-processing copies the *last* output's score
-   onto every output of a `run()`, so without this `critic/score/*` would report one leaf per tree;
-3. logs the batch's tree statistics under `carl/...` and dumps the trees as JSON lines every `dump_every` steps.
-
-With any other `algorithm.adv_estimator` (the GRPO baseline) the advantages are verl's exactly; the trainer only
-logs the same per-question budget (`carl/actions_generated_per_question`, `carl/tokens_trained`, ...).
+- `__init__`: the run takes verl's sync code paths. verl compares `trainer_mode == "sync"` as a string (replay
+  buffer, generation batch size, TransferQueue persistence, resume), so the mode is set back to `sync` once verl
+  has picked this class.
+- `_balance_batch`: verl pads a batch with deep copies of its first row; a row that carries no tree description is
+  put first where one exists.
+- `_compute_advantage` under `algorithm.adv_estimator=carl`: builds the batch's `CarlBatch` from the rows'
+  `extra_fields` and calls the registered `carl` estimator (verl passes estimators only rewards); gives each row
+  its own leaf reward (`rm_scores`) and reward breakdown (`reward_extra_info`) back, which verl's list
+  post-processing overwrote with the last output's; logs `carl/*` and `search/*` and dumps the trees, all from the
+  estimator's one result. Under any other estimator (the GRPO baseline) the advantages are verl's exactly, and the
+  same per-question budget and search metrics are logged.
+- A step whose share of failed searches exceeds `algorithm.carl.max_search_error_rate` stops the run.
 """
 
 from __future__ import annotations
@@ -22,139 +27,143 @@ from typing import Any
 import numpy as np
 import torch
 import transfer_queue as tq
-from tensordict import TensorDict
+from omegaconf import open_dict
+from tensordict import NonTensorStack, TensorDict
 from verl.trainer.ppo import core_algos
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from carl_core import (
-    RolloutTree,
-    compute_budget_stats,
-    compute_tree_stats,
-    pack_trees,
-    score_trees,
-    tree_records,
-    write_jsonl,
-)
-from recipe.carl.estimator import gather_row_advantages, is_padding_row
+from carl_core import compute_budget_stats, compute_tree_stats, tree_records
+from recipe.carl.estimator import CarlBatch, carl_batch_from_rows, is_tree_row
+from recipe.carl.io import write_jsonl
 from recipe.carl.settings import ESTIMATOR, TRAINER_MODE, RecipeSettings, check_trainer_config
 
 logger = logging.getLogger(__name__)
 
 
-def leaf_reward_scores(extra_fields: Sequence[Any], uids: Sequence[str], response_mask: torch.Tensor) -> torch.Tensor:
-    """verl's `rm_scores` layout with each row's own leaf reward on its last response token.
+class SearchFailureError(RuntimeError):
+    """Too many of a step's searches failed: the retriever is down, wrong or overloaded."""
+
+
+def search_metrics(batch: CarlBatch, settings: RecipeSettings, config: Any, step: int) -> dict[str, float]:
+    """`search/*` of the step's trees; raises `SearchFailureError` above `max_search_error_rate`."""
+    stats = [d.get("search") or {} for d in batch.descriptions]
+    calls, errors = sum(s.get("calls", 0) for s in stats), sum(s.get("errors", 0) for s in stats)
+    if not calls:
+        return {}
+    rate = errors / calls
+    if rate > settings.max_search_error_rate:
+        last = next((s["last_error"] for s in stats if s.get("last_error")), "")
+        tool = config.actor_rollout_ref.rollout.multi_turn.get("tool_config_path")
+        raise SearchFailureError(
+            f"{errors} of {calls} searches failed in step {step} (error rate {rate:.0%} > "
+            f"algorithm.carl.max_search_error_rate={settings.max_search_error_rate}); last error: {last}. Check the "
+            f"retriever named by the tool yaml {tool} (RETRIEVER_URL={os.environ.get('RETRIEVER_URL', 'unset')}); "
+            "set algorithm.carl.max_search_error_rate=1.0 to train through failures."
+        )
+    latency = sum(s.get("latency_s", 0.0) for s in stats)
+    return {
+        "search/calls": float(calls),
+        "search/errors": float(errors),
+        "search/error_rate": rate,
+        "search/latency_mean_s": latency / calls,
+    }
+
+
+def leaf_reward_scores(batch: CarlBatch, response_mask: torch.Tensor) -> torch.Tensor:
+    """verl's `rm_scores` layout with each row's own leaf reward on its last response token (0 outside trees).
 
     Args:
-        extra_fields: each row's `extra_fields` [len: bs].
-        uids: each row's uid [len: bs].
+        batch: the rows' trees.
         response_mask: [shape: (bs, response_length)], only its shape is used.
-
-    Returns:
-        Scores [shape: (bs, response_length)]; all zero on verl's padding rows.
     """
     scores = torch.zeros(response_mask.shape, dtype=torch.float32)
-    for i, (uid, extra) in enumerate(zip(uids, extra_fields, strict=True)):
-        if not is_padding_row(uid, extra):
-            scores[i, len(extra["carl_advantages"]) - 1] = float(extra["carl_leaf_reward"])
+    for i, (leaf, length) in enumerate(zip(batch.row_leaf, batch.row_length, strict=True)):
+        if leaf >= 0:
+            scores[i, length - 1] = float(batch.arrays.reward[leaf])
     return scores
 
 
-def tree_telemetry(
-    extra_fields: Sequence[Any], uids: Sequence[str], settings: RecipeSettings, budget_only: bool = False
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Rebuilds the batch's trees from the rows that carry them and computes `carl/...` stats and dump records.
-
-    Each tree travels once, in the `carl_tree` field of its first row; verl's padding rows copy another row's
-    `extra_fields`, so trees are taken from real rows only and de-duplicated by tree uid (`{uid}_{session}`).
-    With `budget_only` (GRPO and other estimators: one-leaf trees, every action trained) only the per-question
-    budget (`compute_budget_stats`) is returned, and no dump records.
-    """
-    trees: dict[str, RolloutTree] = {}
-    questions: dict[str, str] = {}
-    for uid, extra in zip(uids, extra_fields, strict=True):
-        if is_padding_row(uid, extra) or extra.get("carl_tree") is None:
-            continue
-        tree_dict = extra["carl_tree"]
-        if tree_dict["uid"] not in trees:
-            trees[tree_dict["uid"]] = RolloutTree.from_dict(tree_dict)
-            questions[tree_dict["uid"]] = uid
-    if not trees:
-        return {}, []
-    ordered = list(trees.values())
-    if budget_only:  # every generated action is trained: no values or advantages needed
-        arrays = pack_trees(ordered)
-        return compute_budget_stats(ordered, arrays.parent >= 0, arrays.offsets, list(questions.values())), []
-    scored = score_trees(ordered, settings.carl)
-    budget = compute_budget_stats(ordered, scored.trained, scored.arrays.offsets, list(questions.values()))
-    stats = {**compute_tree_stats(ordered, scored), **budget}
-    stats["carl/trees"] = float(len(ordered))
-    stats["carl/leaf_reward_mean"] = float(scored.arrays.reward[scored.arrays.is_leaf].mean())
-    return stats, tree_records(ordered, scored, settings.carl)
+def restored_reward_info(batch: CarlBatch, extra_fields: Sequence[Any]) -> list[Any]:
+    """Each row's `extra_fields` with the reward breakdown of its own leaf (verl copied the last row's)."""
+    out = []
+    for extra, leaf in zip(extra_fields, batch.row_leaf, strict=True):
+        if leaf >= 0:
+            b = int(batch.arrays.tree_index[leaf])
+            info = batch.descriptions[b]["reward_info"][leaf - batch.arrays.offsets[b]]
+            extra = {**extra, "reward_extra_info": info or {}}
+        out.append(extra)
+    return out
 
 
 @register_trainer(TRAINER_MODE)
 class CARLTrainer(PPOTrainerSync):
-    """`PPOTrainerSync` whose advantage step feeds the tree metadata to the `carl` estimator."""
+    """`PPOTrainerSync` whose advantage step feeds the batch's trees to the `carl` estimator."""
 
     def __init__(self, config):
-        super().__init__(config)
         self.carl_settings = check_trainer_config(config)  # CARL: fail at start, with a fix-it message
+        with open_dict(config):
+            config.trainer.v1.trainer_mode = "sync"  # CARL: verl's sync code paths (it compares the name)
+        super().__init__(config)
+
+    def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+        # CARL: verl pads with deep copies of the batch's first row; a run's rows after its first carry no tree.
+        first = next((i for i, key in enumerate(batch.keys) if not key.endswith("_0")), None)
+        if first:
+            batch.reorder([first, *(i for i in range(len(batch)) if i != first)])
+        return super()._balance_batch(batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
 
     def _compute_advantage(self, batch, metrics: dict):
-        if self.config.algorithm.adv_estimator != ESTIMATOR:  # CARL: baselines (GRPO, ...) take verl's path
+        carl = self.config.algorithm.adv_estimator == ESTIMATOR
+        if not carl:  # CARL: baselines (GRPO, ...) take verl's path, then log the same budget
             batch = super()._compute_advantage(batch, metrics)
-            self._log_budget(batch, metrics)
-            return batch
-        # CARL: verl reads rollout_log_probs/old_log_probs/values here for KL-in-reward, rollout correction and
-        # GAE, none of which CARL uses (check_trainer_config rejects them); it never reads extra_fields.
         fields = ["uid", "response_mask", "extra_fields"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        uids = [str(u) for u in data.pop("uid").tolist()]
+        extra_fields = list(data.pop("extra_fields").tolist())
         nested_mask = data["response_mask"]
-        if not nested_mask.is_nested:  # CARL: equal-length rows can come back stacked; verl's writer wants jagged
+        if not nested_mask.is_nested:  # equal-length rows can come back stacked; verl's writer wants jagged
             nested_mask = torch.nested.as_nested_tensor(list(nested_mask), layout=torch.jagged)
-        uids = [str(u) for u in data.pop("uid").tolist()]  # CARL
-        extra_fields = list(data.pop("extra_fields").tolist())  # CARL: tree metadata from the agent loop
         response_mask = data.to_padded_tensor()["response_mask"]
+        if not any(is_tree_row(u, e) for u, e in zip(uids, extra_fields, strict=True)):
+            return batch  # rows of other agent loops: nothing to log
+        trees = carl_batch_from_rows(extra_fields, uids, response_mask.shape[1])
+        metrics.update(search_metrics(trees, self.carl_settings, self.config, self.global_steps))
+        if not carl:
+            metrics.update(compute_budget_stats(trees.arrays, trees.arrays.parent >= 0, trees.questions))
+            return batch
 
-        rm_scores = leaf_reward_scores(extra_fields, uids, response_mask)  # CARL: undo verl's score copy
-        estimator = core_algos.get_adv_estimator_fn(ESTIMATOR)  # CARL: the registered estimator, with trees
+        estimator = core_algos.get_adv_estimator_fn(ESTIMATOR)  # CARL: the registered estimator, with the trees
         advantages, returns = estimator(
-            token_level_rewards=rm_scores,
+            token_level_rewards=torch.zeros_like(response_mask, dtype=torch.float32),
             response_mask=response_mask,
             config=self.config.algorithm,
             index=np.array(uids, dtype=object),
-            carl_advantages=gather_row_advantages(extra_fields, uids, response_mask),
+            carl_batch=trees,
         )
-        stats, records = tree_telemetry(extra_fields, uids, self.carl_settings)  # CARL: telemetry
-        metrics.update(stats)
-        self._dump_trees(records)
+        scored = trees.scored
+        assert scored is not None
+        metrics.update(compute_tree_stats(trees.arrays, scored))
+        metrics.update(compute_budget_stats(trees.arrays, scored.trained, trees.questions))
+        self._dump_trees(trees)
 
-        output = {
+        rm_scores = leaf_reward_scores(trees, response_mask)  # CARL: undo verl's copy of the last row's score
+        output: dict[str, Any] = {
             name: response_to_nested(value, nested_mask)
             for name, value in {"advantages": advantages, "returns": returns, "rm_scores": rm_scores}.items()
         }
+        output["extra_fields"] = NonTensorStack(*restored_reward_info(trees, extra_fields))
         return tq.kv_batch_put(
             keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
         )
 
-    def _log_budget(self, batch, metrics: dict) -> None:
-        """Baselines: the same per-question action and token counts as CARL logs (for `benchmarks/carl_vs_grpo`).
-
-        Rows from other agent loops carry no `carl_tree`; they log nothing.
-        """
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["uid", "extra_fields"])
-        uids = [str(u) for u in data.pop("uid").tolist()]
-        extra_fields = [e if isinstance(e, dict) else {} for e in data.pop("extra_fields").tolist()]
-        stats, _ = tree_telemetry(extra_fields, uids, self.carl_settings, budget_only=True)
-        metrics.update(stats)
-
-    def _dump_trees(self, records: list[dict[str, Any]]) -> None:
+    def _dump_trees(self, trees: CarlBatch) -> None:
         """Writes the step's trees to `{trainer.default_local_dir}/carl_trees/step_XXXXXX.jsonl`."""
         every = self.carl_settings.dump_every
-        if not records or every <= 0 or self.global_steps % every:
+        if every <= 0 or self.global_steps % every or trees.scored is None:
             return
+        records = tree_records(trees.arrays, trees.scored, self.carl_settings.carl, trees.descriptions)
         path = os.path.join(self.config.trainer.default_local_dir, "carl_trees", f"step_{self.global_steps:06d}.jsonl")
-        write_jsonl(records, path)
+        write_jsonl(path, records)
         logger.info("CARL: wrote %d trees to %s", len(records), path)

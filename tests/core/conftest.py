@@ -7,7 +7,9 @@ import random
 
 import pytest
 
-from carl_core import CARLConfig, RolloutTree, Step, grow_tree_sync
+from carl_core import CARLConfig, RolloutTree, Step
+
+from .support import grow_tree_sync
 
 
 def build_tree(

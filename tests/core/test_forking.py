@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
-from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, compute_fork_points, grow_tree_sync
+from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, compute_fork_points
 
 from .conftest import build_tree
+from .support import grow_tree_sync
 
 
 def test_density_picks_largest_h_over_n_and_breaks_ties_by_id():

@@ -1,11 +1,12 @@
 """Invariants of Alg. 2 / Eq. 13 / Eq. 15 on many random trees grown by the real planner."""
 
+import copy
 import random
 
 import pytest
 import torch
 
-from carl_core import CARLConfig, RolloutTree, compute_tree_stats, score_trees
+from carl_core import CARLConfig, compute_tree_stats, score_trees
 
 from .conftest import random_tree
 
@@ -36,7 +37,7 @@ def test_eq15_bounds_for_carl_lite(seed):
     assert n + 1 <= d_upd <= 2 * n
     if len(set(tree.fork_points)) == n:  # every fork landed on a state without siblings
         assert d_upd == 2 * n
-    assert compute_tree_stats([tree], s)["carl/actions_trained_per_tree"] == d_upd
+    assert compute_tree_stats(s.arrays, s)["carl/actions_trained_per_tree"] == d_upd
 
 
 def test_real_count_is_reported_beyond_eq15_for_carl():
@@ -47,7 +48,7 @@ def test_real_count_is_reported_beyond_eq15_for_carl():
     s = score_trees([tree], config)
     real = sum(len(n.children) for n in tree.nodes if len(n.children) > 1)
     assert int(s.trained.sum()) == real >= 8
-    assert compute_tree_stats([tree], s)["carl/actions_trained_per_tree"] == real
+    assert compute_tree_stats(s.arrays, s)["carl/actions_trained_per_tree"] == real
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -55,7 +56,7 @@ def test_observation_tokens_change_no_advantage(seed):
     rng = random.Random(seed)
     config = CARLConfig(n0=2, n_forks=6, max_actions=4)
     tree = random_tree(rng, config)
-    other = RolloutTree.from_dict(tree.to_dict())
+    other = copy.deepcopy(tree)
     for node in other.nodes[1:]:
         node.action.observation_ids = [7] * rng.randint(0, 9)
     a, b = score_trees([tree], config), score_trees([other], config)

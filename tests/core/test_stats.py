@@ -6,24 +6,22 @@ import random
 
 import pytest
 
-from carl_core import (
-    CARLConfig,
-    check_tree_record,
-    compute_budget_stats,
-    compute_tree_stats,
-    read_jsonl,
-    score_trees,
-    tree_records,
-    write_jsonl,
-)
+from carl_core import CARLConfig, compute_budget_stats, compute_tree_stats, describe_tree, pack_trees, score_trees
+from carl_core import tree_records as records_of
+from recipe.carl.io import read_jsonl, write_jsonl
 
 from .conftest import random_tree
+from .support import check_tree_record
+
+
+def tree_records(trees, scored, config):
+    return records_of(scored.arrays, scored, config, [describe_tree(t) for t in trees])
 
 
 def test_stats_of_the_fig_tree(fig_tree):
     fig_tree.fork_points = [1, 0]
     s = score_trees([fig_tree], CARLConfig())
-    st = compute_tree_stats([fig_tree], s)
+    st = compute_tree_stats(s.arrays, s)
     assert st["carl/actions_generated_per_tree"] == 6 and st["carl/actions_trained_per_tree"] == 4
     assert st["carl/leaves_per_tree"] == 3 and st["carl/fork_depth_mean"] == 0.5
     # Every action has 2 tokens: 4 of 6 actions trained.
@@ -37,16 +35,16 @@ def test_budget_per_question(fig_tree):
     """Two questions: q0 has the fig tree (6 actions of 2 tokens, 4 trained), q1 two copies of it."""
     trees = [fig_tree, copy.deepcopy(fig_tree), copy.deepcopy(fig_tree)]
     s = score_trees(trees, CARLConfig())
-    st = compute_budget_stats(trees, s.trained, s.arrays.offsets, ["q0", "q1", "q1"])
+    st = compute_budget_stats(s.arrays, s.trained, ["q0", "q1", "q1"])
     assert st["carl/questions"] == 2
     assert st["carl/actions_generated_per_question"] == 18 / 2
     assert st["carl/actions_trained_per_question"] == 12 / 2
     assert (st["carl/tokens_generated"], st["carl/tokens_trained"]) == (36, 24)
     everything = score_trees(trees, CARLConfig(update_set="all"))  # GRPO's count: every action is trained
-    st = compute_budget_stats(trees, everything.trained, everything.arrays.offsets, ["q0", "q1", "q1"])
+    st = compute_budget_stats(everything.arrays, everything.trained, ["q0", "q1", "q1"])
     assert st["carl/actions_trained_per_question"] == st["carl/actions_generated_per_question"] == 9
-    with pytest.raises(ValueError, match="one question and offset per tree"):
-        compute_budget_stats(trees, s.trained, s.arrays.offsets, ["q0"])
+    with pytest.raises(ValueError, match="one question per tree"):
+        compute_budget_stats(pack_trees(trees), s.trained, ["q0"])
 
 
 def test_dump_format_round_trip_and_invariants(tmp_path, fig_tree):
@@ -54,7 +52,7 @@ def test_dump_format_round_trip_and_invariants(tmp_path, fig_tree):
     s = score_trees([fig_tree], config)
     recs = tree_records([fig_tree], s, config)
     path = tmp_path / "dumps" / "step_1.jsonl"
-    write_jsonl(recs, path)
+    write_jsonl(path, recs)
     back = read_jsonl(path)
     assert back == json.loads(json.dumps(recs))
     rec = back[0]
@@ -95,12 +93,12 @@ def test_random_trees_pass_the_check(seed):
 
 def test_interrupted_write_leaves_old_file_intact(tmp_path):
     path = tmp_path / "d.jsonl"
-    write_jsonl([{"a": 1}], path)
+    write_jsonl(path, [{"a": 1}])
 
     def records():
         yield {"a": 2}
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_jsonl(records(), path)
+        write_jsonl(path, records())
     assert read_jsonl(path) == [{"a": 1}] and len(list(tmp_path.iterdir())) == 1

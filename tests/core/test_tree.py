@@ -1,11 +1,21 @@
-"""The rollout tree: growing, JSON round trip, and bad input named clearly."""
+"""The rollout tree: growing, its compact description, and bad input named clearly."""
 
-import json
+import copy
 import math
 
 import pytest
+import torch
 
-from carl_core import CARLConfig, CARLConfigError, RolloutTree, TreeError, pack_trees
+from carl_core import (
+    CARLConfig,
+    CARLConfigError,
+    RolloutTree,
+    TreeError,
+    compute_state_entropy,
+    describe_tree,
+    pack_descriptions,
+    pack_trees,
+)
 
 from .conftest import build_tree
 
@@ -14,17 +24,31 @@ def test_prefix_path_and_state_entropy(fig_tree):
     assert fig_tree.path(5) == [0, 1, 4, 5]
     assert fig_tree.prefix_ids(4) == [1, 2, 3, 100, 101, 901, 951, 400, 401, 904, 954]
     # State 1 has children 2 and 4, each with log-probs (-0.5, -1.0): h = 0.75 each.
-    assert fig_tree.state_entropy(1) == (pytest.approx(0.75), 2)
+    a = pack_trees([fig_tree])
+    h_hat, n_hat = compute_state_entropy(a.parent, a.action_entropy)
+    assert (float(h_hat[1]), int(n_hat[1])) == (pytest.approx(0.75), 2)
     assert fig_tree.leaves() == [3, 5, 6]
 
 
-def test_json_round_trip(fig_tree):
+def test_description_packs_to_the_same_arrays(fig_tree):
     fig_tree.fork_points = [1, 0]
-    data = json.loads(json.dumps(fig_tree.to_dict()))
-    back = RolloutTree.from_dict(data)
-    assert back.to_dict() == fig_tree.to_dict()
-    a, b = pack_trees([fig_tree]), pack_trees([back])
-    assert a.parent.tolist() == b.parent.tolist() and a.reward.tolist() == b.reward.tolist()
+    d = describe_tree(fig_tree)
+    assert d["parent"] == [-1, 0, 1, 2, 1, 4, 0]
+    assert d["reward"] == [None, None, None, 1.0, None, 0.0, 1.0]
+    assert d["tokens"] == [0, 2, 2, 2, 2, 2, 2] and d["finish"][3] == "answer" and d["forks"] == [1, 0]
+    a = pack_descriptions([d, d])
+    assert a.parent.tolist() == [-1, 0, 1, 2, 1, 4, 0, -1, 7, 8, 9, 8, 11, 7]
+    assert a.depth.tolist()[:7] == [0, 1, 2, 3, 2, 3, 1] and a.offsets == [0, 7]
+    assert a.forked.tolist()[:7] == [1, 1, 0, 0, 0, 0, 0] and a.tree_index.tolist() == [0] * 7 + [1] * 7
+    assert torch.isnan(a.action_entropy[0]) and a.action_entropy[1] == pytest.approx(0.75)
+
+
+def test_a_broken_description_is_named(fig_tree):
+    d = describe_tree(fig_tree)
+    with pytest.raises(TreeError, match="tree 't': parents must be -1 for node 0"):
+        pack_descriptions([{**d, "parent": [-1, 0, 3, 2, 1, 4, 0]}])
+    with pytest.raises(TreeError, match="6 values of 'reward' for 7 nodes"):
+        pack_descriptions([{**d, "reward": d["reward"][:6]}])
 
 
 def test_tree_without_leaves_is_named():
@@ -36,10 +60,9 @@ def test_tree_without_leaves_is_named():
 def test_reward_on_inner_node_is_refused(fig_tree):
     with pytest.raises(TreeError, match="inner node 1"):
         fig_tree.set_reward(1, 1.0)
-    data = fig_tree.to_dict()
-    data["nodes"][1]["reward"] = 0.5
-    with pytest.raises(TreeError, match="inner node 1 carries reward"):
-        RolloutTree.from_dict(data)
+    fig_tree.nodes[1].reward = 0.5
+    with pytest.raises(TreeError, match="inner node 1 has one"):
+        fig_tree.validate()
 
 
 @pytest.mark.parametrize("lps", [[float("nan")], [float("inf")], [0.5]])
@@ -54,18 +77,17 @@ def test_empty_action_and_length_mismatch_are_refused():
         tree.add_action(0, [], [])
     with pytest.raises(TreeError, match="2 tokens but 1 log-probs"):
         tree.add_action(0, [5, 6], [-1.0])
-    data = build_tree([(0, [-1.0], 1.0)]).to_dict()
-    data["nodes"][1]["action"]["token_ids"] = []
-    data["nodes"][1]["action"]["log_probs"] = []
+    tree = build_tree([(0, [-1.0], 1.0)])
+    tree.nodes[1].action.token_ids = []
     with pytest.raises(TreeError, match="empty action"):
-        RolloutTree.from_dict(data)
+        tree.validate()
 
 
 def test_cycle_is_named(fig_tree):
-    data = fig_tree.to_dict()
-    data["nodes"][1]["parent"] = 2  # 1 -> 2 -> 1
-    with pytest.raises(TreeError, match="cycle"):
-        RolloutTree.from_dict(data)
+    broken = copy.deepcopy(fig_tree)
+    broken.nodes[1].parent = 2  # 1 -> 2 -> 1
+    with pytest.raises(TreeError, match=r"node 0 lists children \[1, 6\] whose parent links disagree"):
+        broken.validate()
 
 
 def test_no_action_after_a_leaf_and_rewards_must_be_finite(fig_tree):

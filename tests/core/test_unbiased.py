@@ -11,7 +11,9 @@ import math
 import random
 import statistics
 
-from carl_core import CARLConfig, RolloutTree, Step, compute_node_values, grow_tree_sync, pack_trees
+from carl_core import CARLConfig, RolloutTree, Step, compute_node_values, pack_trees
+
+from .support import grow_tree_sync
 
 EXPECTED = 0.625
 

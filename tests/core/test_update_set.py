@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from carl_core import CARLConfig, compute_critical_mask, score_trees
+from carl_core import CARLConfig, compute_trained_mask, score_trees
 
 from .conftest import build_tree
 
@@ -59,4 +59,8 @@ def test_outcome_only_single_leaf_keeps_reward_like_verl_grpo():
 def test_critical_mask_from_parents_only():
     # Star with three children and one chain: 0 -> {1, 2, 3}, 3 -> 4.
     parent = torch.tensor([-1, 0, 0, 0, 3])
-    assert compute_critical_mask(parent).tolist() == [False, True, True, True, False]
+    assert compute_trained_mask(parent, "critical").tolist() == [False, True, True, True, False]
+    for ablation in ("all", "all_inherit", "outcome_only"):  # every action is trained; the root never is
+        assert compute_trained_mask(parent, ablation).tolist() == [False, True, True, True, True]
+    with pytest.raises(ValueError, match="update_set='crit' is unknown"):
+        compute_trained_mask(parent, "crit")

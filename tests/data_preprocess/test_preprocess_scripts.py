@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +208,47 @@ def test_bad_json_input_line_is_named(tmp_path, capsys):
     source.write_text(json.dumps(FLASHRAG[0]) + "\n{oops\n")
     assert qa_test_sets.main(["--dataset", "nq", "--input", str(source), "--output", str(tmp_path / "o.parquet")]) == 2
     assert "in.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["qa_test_sets", "search_r1_nq_hotpotqa", "asearcher_base"])
+def test_skip_bad_skips_malformed_json_and_non_utf8_lines(tmp_path, capsys, script):
+    # Valid for every script: a question, golden_answers (FlashRAG, Search-R1) and answer (ASearcher).
+    good = [{"question": f"who is number {i}", "golden_answers": [str(i)], "answer": str(i)} for i in range(3)]
+    lines = [json.dumps(good[0]).encode(), b"{oops", json.dumps(good[1]).encode(),
+             '{"question": "caf\u00e9", "answer": "x"}'.encode("latin-1"), json.dumps(good[2]).encode()]  # fmt: skip
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.parquet"
+    module = {"qa_test_sets": qa_test_sets, "search_r1_nq_hotpotqa": search_r1_nq_hotpotqa}.get(script, asearcher_base)
+    extra = ["--dataset", "nq"] if script == "qa_test_sets" else []
+    base = [*extra, "--input", str(source), "--output", str(out), "--no-progress"]
+
+    assert module.main(base) == 2
+    assert f"{source}:2: not valid JSON" in capsys.readouterr().err and not out.exists()
+
+    assert module.main([*base, "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "wrote 3 rows" in captured.out and "skipped 2 bad rows" in captured.out
+    assert f"skipped: {source}:2: not valid JSON" in captured.err and "(and 1 more)" in captured.err
+    assert list(pd.read_parquet(out)["extra_info"].map(lambda e: e["index"])) == [0, 2, 4]
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(json.dumps(FLASHRAG[0]).encode() + b"\n" + '{"question": "caf\u00e9"}\n'.encode("latin-1"))
+    assert qa_test_sets.main(["--dataset", "nq", "--input", str(source), "--output", str(tmp_path / "o.parquet")]) == 2
+    assert f"{source}:2: not valid UTF-8 (invalid continuation byte" in capsys.readouterr().err
+
+
+def test_output_is_readable_by_others(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = common.write_parquet_atomic(
+            [qa_test_sets.make_row(FLASHRAG[0], "test", 0, dataset="nq")], tmp_path / "o.parquet"
+        )
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
 
 
 # --------------------------------------------------------------------------------------------------- atomic write

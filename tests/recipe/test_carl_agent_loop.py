@@ -1,6 +1,6 @@
 """The CARL agent loop against a scripted policy server and a fake search tool, then through verl's own code.
 
-Path checked: `CarlTreeAgentLoop.run` -> verl's `AgentLoopWorkerTQ._agent_loop_postprocess` (the real method,
+Path checked: `CarlAgentLoop.run` -> verl's `AgentLoopWorkerTQ._agent_loop_postprocess` (the real method,
 with TransferQueue replaced by a dict) -> verl's `_balance_batch` padding template -> `CARLTrainer._compute_advantage`
 (the real method) -> the registered `carl` estimator. No GPU, no vLLM, no Ray.
 """
@@ -27,13 +27,21 @@ from verl.workers.rollout.replica import TokenOutput
 
 import recipe.carl.agent_loop as carl_agent_loop
 import recipe.carl.trainer as carl_trainer
-from carl_core import ForkPlanner, RolloutTree, check_tree_record, score_trees, tree_records
-from recipe.carl.agent_loop import CarlTreeAgentLoop
+from carl_core import ForkPlanner, RolloutTree, compute_state_entropy, describe_tree, score_trees
+from carl_core import tree_records as records_of
+from recipe.carl.agent_loop import CarlAgentLoop
 from recipe.carl.settings import read_settings
+from tests.core.support import check_tree_record
+
+
+def tree_records(trees, scored, carl):
+    return records_of(scored.arrays, scored, carl, [describe_tree(t) for t in trees])
+
 
 CONFIG_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "../../recipe/carl/config"))
-WORDS = "who what is the capital of answer q0 q1 q2 q3 boom a0 a1 a2 a3 doc says blah i think".split()
-TAGS = ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>"]
+WORDS = "who what is the capital of answer q0 q1 q2 q3 boom a0 a1 a2 a3 doc says blah i think maybe ok".split()
+WORDS += "your previous turn had no valid action . to search , write one query as finish the final".split()
+TAGS = ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>", "<think>", "</think>"]
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}{{ '<|' + m['role'] + '|> ' + m['content'] + '\\n' }}{%- endfor -%}"
@@ -130,13 +138,30 @@ def make_config(*overrides: str):
                 "algorithm.carl.n0=2",
                 "algorithm.carl.n_forks=5",
                 "algorithm.carl.max_actions=4",
+                "algorithm.carl.max_action_tokens=16",
                 *overrides,
             ],
         )
 
 
-def make_loop(config, server, mode="tree", tool=None, **kwargs) -> CarlTreeAgentLoop:
-    return CarlTreeAgentLoop(
+class RecordingLoop(CarlAgentLoop):
+    """The agent loop, keeping each finished tree (the rows carry only its description)."""
+
+    trees: list[RolloutTree] = []
+
+    def outputs(self, tree, env, kwargs):
+        RecordingLoop.trees.append(tree)
+        return super().outputs(tree, env, kwargs)
+
+
+class Outputs(list):
+    """One `run()`'s outputs, with the tree it grew."""
+
+    tree: RolloutTree
+
+
+def make_loop(config, server, mode="auto", tool=None, **kwargs) -> CarlAgentLoop:
+    return RecordingLoop(
         DictConfigWrap(config),
         server,
         TOKENIZER,
@@ -144,7 +169,6 @@ def make_loop(config, server, mode="tree", tool=None, **kwargs) -> CarlTreeAgent
         None,
         DictConfigWrap(config.data),
         mode=mode,
-        max_action_tokens=kwargs.pop("max_action_tokens", 16),
         tools=ToolListWrap([tool or FakeSearchTool()]),
         **kwargs,
     )
@@ -156,9 +180,10 @@ def sample(uid="t0", question="what is the capital of q0"):
         "uid": uid,
         "session_id": 0,
         "global_steps": 3,
+        "index": 7,
         "data_source": "nq",
         "reward_model": {"ground_truth": {"target": ["a1"]}},
-        "extra_info": {},
+        "extra_info": {"question": question},
     }
 
 
@@ -167,8 +192,14 @@ async def run_loop(loop_factory, *samples):
     return [await loop.run({"temperature": 1.0, "top_p": 1.0, "top_k": -1}, **s) for s in samples]
 
 
-def grow(config, server, *samples, mode="tree", tool=None, **kwargs):
-    return asyncio.run(run_loop(lambda: make_loop(config, server, mode, tool, **kwargs), *samples))
+def grow(config, server, *samples, mode="auto", tool=None, **kwargs) -> list[Outputs]:
+    RecordingLoop.trees = []
+    results = asyncio.run(run_loop(lambda: make_loop(config, server, mode, tool, **kwargs), *samples))
+    out = []
+    for outputs, tree in zip(results, RecordingLoop.trees, strict=True):
+        out.append(Outputs(outputs))
+        out[-1].tree = tree
+    return out
 
 
 def verl_postprocess(outputs, monkeypatch, kwargs) -> list[dict]:
@@ -192,7 +223,7 @@ class FakeTQ:
 
     def __init__(self, rows):
         self.rows = {r["key"]: r for r in rows}
-        self.written: dict[str, torch.Tensor] = {}
+        self.written: dict = {}
 
     def kv_batch_get(self, keys, partition_id, select_fields):
         return list_of_dict_to_tensordict([{f: self.rows[k][f] for f in select_fields} for k in keys])
@@ -203,6 +234,23 @@ class FakeTQ:
         return keys
 
 
+WRITTEN: dict = {}
+"""What the last `trainer_advantage` wrote back to TransferQueue."""
+
+
+class Batch:
+    """The part of verl's `KVBatchMeta` the trainer hook reads."""
+
+    def __init__(self, keys):
+        self.keys, self.partition_id = list(keys), "train"
+
+    def __len__(self):
+        return len(self.keys)
+
+    def reorder(self, order):
+        self.keys = [self.keys[i] for i in order]
+
+
 def trainer_advantage(rows, config, monkeypatch, step=1):
     """Runs the real `CARLTrainer._compute_advantage` on stored rows; returns (advantages, rm_scores, metrics)."""
     fake = FakeTQ(rows)
@@ -210,16 +258,12 @@ def trainer_advantage(rows, config, monkeypatch, step=1):
     trainer = object.__new__(carl_trainer.CARLTrainer)
     trainer.config, trainer.carl_settings, trainer.global_steps = config, read_settings(config), step
     metrics: dict = {}
-
-    class Batch:
-        keys = [r["key"] for r in rows]
-        partition_id = "train"
-
-        def __len__(self):
-            return len(self.keys)
-
-    trainer._compute_advantage(Batch(), metrics)
+    WRITTEN.clear()
+    fake.written = WRITTEN
+    trainer._compute_advantage(Batch(r["key"] for r in rows), metrics)
     pad = lambda t: t.to_padded_tensor(0.0) if t.is_nested else t  # noqa: E731
+    if "advantages" not in fake.written:
+        return None, None, metrics
     return pad(fake.written["advantages"]), pad(fake.written["rm_scores"]), metrics
 
 
@@ -242,14 +286,17 @@ def test_tree_shape_forks_and_budget(monkeypatch):
             wave = super().next_wave(tree)
             if before and wave:  # a fork wave: the pick must be the largest h_hat / n_hat (ties: lowest id)
                 cands = [n.id for n in tree.nodes if n.children and not n.terminal and n.depth < tree.max_actions]
-                density = {c: tree.state_entropy(c)[0] / tree.state_entropy(c)[1] for c in cands}
+                parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes])
+                ent = torch.tensor([n.action.entropy if n.action else 0.0 for n in tree.nodes], dtype=torch.float64)
+                h_hat, n_hat = compute_state_entropy(parent, ent)
+                density = {c: float(h_hat[c] / n_hat[c]) for c in cands}
                 best = max(density.values())
                 picks.append((wave[0], min(c for c in cands if density[c] >= best - 1e-12)))
             return wave
 
     monkeypatch.setattr(carl_agent_loop, "ForkPlanner", RecordingPlanner)
     (outputs,) = grow(config, server, sample())
-    tree = RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"])
+    tree = outputs.tree
     carl = read_settings(config).carl
     assert len(tree.leaves()) == carl.n0 + carl.n_forks
     assert len(picks) == carl.n_forks and all(chosen == best for chosen, best in picks)
@@ -260,10 +307,24 @@ def test_tree_shape_forks_and_budget(monkeypatch):
     for call in server.calls:
         params = call["params"]
         assert "</search>" in params["stop"] and "</answer>" in params["stop"]
-        assert params["include_stop_str_in_output"] and params["logprobs"]
+        assert params["include_stop_str_in_output"] and params["logprobs"] and "seed" not in params
         used = len(call["prompt_ids"]) - len(tree.prompt_ids)
         assert 1 <= params["max_tokens"] <= min(16, 256 - used)
     check_tree_record(tree_records([tree], score_trees([tree], carl), carl)[0])
+    # The description on the first row is the tree's, and no row carries token ids or log-probs beyond verl's own.
+    assert outputs[0].extra_fields["carl_tree"]["parent"] == describe_tree(tree)["parent"]
+    assert all(o.extra_fields["carl_tree"] is None for o in outputs[1:])
+    for o in outputs:
+        assert set(o.extra_fields) == {
+            "min_global_steps",
+            "max_global_steps",
+            "carl_mode",
+            "carl_tree_id",
+            "carl_token_nodes",
+            "carl_leaf",
+            "carl_tree",
+            "reward_extra_info",
+        }
 
 
 def test_max_actions_ends_leaves():
@@ -271,7 +332,7 @@ def test_max_actions_ends_leaves():
     tool = FakeSearchTool()
     always_search = ScriptedServer(lambda d, rng: f"<search> q{rng.randrange(4)} </search>")
     (outputs,) = grow(config, always_search, sample(), tool=tool)
-    tree = RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"])
+    tree = outputs.tree
     assert {tree.nodes[leaf].finish_reason for leaf in tree.leaves()} == {"max_actions"}
     assert {tree.nodes[leaf].depth for leaf in tree.leaves()} == {3}
     # the T_max-th action is not executed: the search tool ran only for actions at depth < T_max
@@ -287,7 +348,7 @@ def test_wave_runs_concurrently():
 
 # ----------------------------------------------------------------------------------------------------- rows
 def check_rows(rows, trees, carl, advantages):
-    """Item 2: every trained action once, with its edge advantage on all its tokens; observations never trained."""
+    """Every trained action once, with its edge advantage on all its tokens; observations never trained."""
     scored = score_trees(trees, carl)
     seen = {}
     for i, row in enumerate(rows):
@@ -329,25 +390,33 @@ def test_rows_through_verl_postprocess_and_trainer(monkeypatch):
     rows = []
     for s, o in zip(samples, outs, strict=True):
         rows += verl_postprocess(o, monkeypatch, dict(s))
-    trees = [RolloutTree.from_dict(o[0].extra_fields["carl_tree"]) for o in outs]
-    # verl's reward trap: every stored row carries the last output's score ...
+    trees = [o.tree for o in outs]
+    # verl's reward trap: every stored row carries the last output's score and reward breakdown ...
     for s, o in zip(samples, outs, strict=True):
         mine = [r for r in rows if r["uid"] == s["uid"]]
         assert {round(float(r["rm_scores"].sum()), 5) for r in mine} == {round(o[-1].reward_score, 5)}
+        assert all(r["extra_fields"]["reward_extra_info"] == o[-1].extra_fields["reward_extra_info"] for r in mine)
     rows.append(padding_row(rows))
     advantages, rm_scores, metrics = trainer_advantage(rows, config, monkeypatch)
     carl = read_settings(config).carl
     check_rows(rows, trees, carl, advantages)
-    # ... and the CARL trainer gives each row its own leaf reward back, on its last token.
+    # ... and the CARL trainer gives each row its own leaf reward back, on its last token, and its own breakdown.
+    restored = list(WRITTEN["extra_fields"])
     for i, row in enumerate(rows[:-1]):
         tree = trees[[t.uid for t in trees].index(f"{row['uid']}_0")]
-        assert rm_scores[i].sum() == pytest.approx(tree.nodes[row["extra_fields"]["carl_leaf"]].reward)
-        assert rm_scores[i, len(row["responses"]) - 1] != 0 or tree.nodes[row["extra_fields"]["carl_leaf"]].reward == 0
+        leaf = tree.nodes[row["extra_fields"]["carl_leaf"]]
+        assert rm_scores[i].sum() == pytest.approx(leaf.reward)
+        assert rm_scores[i, len(row["responses"]) - 1] == pytest.approx(leaf.reward)
+        assert restored[i]["reward_extra_info"]["score"] == pytest.approx(leaf.reward)
     assert rm_scores[-1].abs().sum() == 0
     assert metrics["carl/trees"] == 2.0  # the padding row's copied tree is not counted twice
     assert metrics["carl/leaves_per_tree"] == carl.n0 + carl.n_forks
     trained = score_trees(trees, carl).trained.sum()
     assert metrics["carl/actions_trained_per_tree"] == pytest.approx(float(trained) / 2)
+    assert metrics["search/calls"] == sum(
+        1 for t in trees for n in t.nodes if n.action and n.action.info.get("searched")
+    )
+    assert metrics["search/errors"] == 0 and metrics["search/error_rate"] == 0
     assert torch.isfinite(advantages).all()
 
 
@@ -357,14 +426,16 @@ def test_equal_rewards_give_zero_advantages(monkeypatch):
     (outputs,) = grow(config, ScriptedServer(always_wrong), sample())
     rows = verl_postprocess(outputs, monkeypatch, sample())
     rows.append(padding_row(rows))
-    advantages, _, _ = trainer_advantage(rows, config, monkeypatch)
+    advantages, _, metrics = trainer_advantage(rows, config, monkeypatch)
     assert torch.isfinite(advantages).all() and advantages.abs().max() == 0
     assert sum(int(r["response_mask"].sum()) for r in rows) > 0  # critical actions are still trained (with A = 0)
+    assert metrics["carl/degenerate_tree_fraction"] == 1.0 and metrics["carl/zero_advantage_fraction"] == 1.0
 
 
-def test_dump_every(monkeypatch, tmp_path):
+def test_dump_every_with_questions_and_action_texts(monkeypatch, tmp_path):
     config = make_config(f"trainer.default_local_dir={tmp_path}", "algorithm.carl.dump_every=2")
-    (outputs,) = grow(config, ScriptedServer(searching_policy), sample())
+    (outputs,) = grow(config, ScriptedServer(searching_policy), {**sample(), "global_steps": 2})
+    assert outputs[0].extra_fields["carl_tree"]["question"] == "what is the capital of q0"
     rows = verl_postprocess(outputs, monkeypatch, sample())
     trainer_advantage(rows, config, monkeypatch, step=1)
     assert not (tmp_path / "carl_trees").exists()
@@ -373,14 +444,22 @@ def test_dump_every(monkeypatch, tmp_path):
     assert len(dumped) == 1
     import json
 
-    check_tree_record(json.loads(dumped[0]))
+    record = json.loads(dumped[0])
+    check_tree_record(record)
+    assert record["question"] == "what is the capital of q0"
+    texts = [n["text"] for n in record["nodes"]]
+    assert texts[0] is None and all(t and ("</search>" in t or "</answer>" in t) for t in texts[1:])
+    assert [n["finish_reason"] for n in record["nodes"]] == [n.finish_reason for n in outputs.tree.nodes]
+    # On other steps the description carries no text: the payload stays small.
+    (plain,) = grow(config, ScriptedServer(searching_policy), sample())
+    assert "text" not in plain[0].extra_fields["carl_tree"] and "question" not in plain[0].extra_fields["carl_tree"]
 
 
 def test_chain_agent_is_one_trajectory(monkeypatch):
     config = make_config("algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4")
     (outputs,) = grow(config, ScriptedServer(searching_policy), sample(), mode="chain")
     assert len(outputs) == 1
-    tree = RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"])
+    tree = outputs.tree
     assert len(tree.leaves()) == 1
     actions = [n.action for n in tree.nodes if n.action is not None]
     assert sum(outputs[0].response_mask) == sum(len(a.token_ids) for a in actions)
@@ -394,42 +473,41 @@ def test_auto_agent_follows_the_estimator(estimator, leaves):
     extra = ["actor_rollout_ref.rollout.n=4"] if estimator != "carl" else []
     config = make_config(f"algorithm.adv_estimator={estimator}", *extra)
     (outputs,) = grow(config, ScriptedServer(searching_policy), sample(), mode="auto")
-    tree = RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"])
-    assert len(tree.leaves()) == leaves
+    assert len(outputs.tree.leaves()) == leaves
 
 
 def test_grpo_budget_counts_every_session(monkeypatch):
-    """Under GRPO the trainer logs the per-question budget over all rollout.n chains of a question."""
+    """Under GRPO the CARL trainer keeps verl's advantages and logs the per-question budget of all chains."""
     config = make_config("algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4")
     samples = [{**sample(uid=q), "session_id": i} for q in ("q0", "q1") for i in range(4)]
     results = grow(config, ScriptedServer(searching_policy), *samples, mode="auto")
     pairs = zip(results, samples, strict=True)
     rows = [row for outputs, s in pairs for row in verl_postprocess(outputs, monkeypatch, s)]
-    stats, records = carl_trainer.tree_telemetry(
-        [r["extra_fields"] for r in rows], [r["uid"] for r in rows], read_settings(config), budget_only=True
-    )
-    chains = [RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"]) for outputs in results]
+    verl_math = []
+    monkeypatch.setattr(carl_trainer.PPOTrainerSync, "_compute_advantage", lambda self, b, m: verl_math.append(b) or b)
+    advantages, _, stats = trainer_advantage(rows, config, monkeypatch)
+    assert len(verl_math) == 1 and advantages is None  # verl's own GRPO path ran; nothing of CARL was written
+    chains = [outputs.tree for outputs in results]
     actions = [sum(n.action is not None for n in t.nodes) for t in chains]
     tokens = sum(len(n.action.token_ids) for t in chains for n in t.nodes if n.action is not None)
-    assert records == [] and stats["carl/questions"] == 2
+    assert stats["carl/questions"] == 2 and "carl/trees" not in stats
     assert (
         stats["carl/actions_generated_per_question"] == stats["carl/actions_trained_per_question"] == sum(actions) / 2
     )
     assert stats["carl/tokens_generated"] == stats["carl/tokens_trained"] == tokens
+    assert stats["search/calls"] > 0
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
-def test_tree_agent_under_grpo_is_refused():
-    """A tree per session under GRPO would train on rollout.n whole trees per prompt: refuse it, naming the fix."""
-    config = make_config("algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4")
-    with pytest.raises(ValueError, match="carl_tree_agent.*adv_estimator=grpo.*carl_agent"):
-        grow(config, ScriptedServer(searching_policy), sample(), mode="tree")
-    with pytest.raises(ValueError, match="mode='forest' is unknown"):
-        grow(config, ScriptedServer(searching_policy), sample(), mode="forest")
+def test_unknown_mode_is_refused():
+    config = make_config()
+    for mode in ("forest", "tree"):
+        with pytest.raises(ValueError, match=f"mode='{mode}' is unknown: use 'auto'"):
+            grow(config, ScriptedServer(searching_policy), sample(), mode=mode)
 
 
 def reasons(outputs):
-    tree = RolloutTree.from_dict(outputs[0].extra_fields["carl_tree"])
+    tree = outputs.tree
     return {tree.nodes[leaf].finish_reason for leaf in tree.leaves()}, tree
 
 
@@ -440,6 +518,7 @@ def test_prompt_too_long(monkeypatch):
     found, tree = reasons(outputs)
     assert found == {"prompt_too_long"} and not server.calls
     assert len(outputs) == 1 and sum(outputs[0].response_mask) == 0
+    assert outputs[0].extra_fields["reward_extra_info"]["finish_prompt_too_long"] == 1.0
     rows = verl_postprocess(outputs, monkeypatch, sample())
     advantages, _, _ = trainer_advantage(rows, config, monkeypatch)
     assert advantages.abs().sum() == 0
@@ -456,14 +535,38 @@ def test_prompt_too_long(monkeypatch):
     ],
 )
 def test_bad_turns_end_leaves_cleanly(policy, expected, monkeypatch):
-    config = make_config()
+    config = make_config("algorithm.carl.max_search_error_rate=1.0")  # train through search failures here
     (outputs,) = grow(config, ScriptedServer(policy), sample())
     found, tree = reasons(outputs)
     assert found == expected
     assert len(tree.leaves()) == 7  # every rollout still ends in a leaf: N0 + N
+    category = next(iter(expected)).split(":")[0]
+    assert all(o.extra_fields["reward_extra_info"][f"finish_{category}"] == 1.0 for o in outputs)
     rows = verl_postprocess(outputs, monkeypatch, sample())
     advantages, _, _ = trainer_advantage(rows, config, monkeypatch)
     assert torch.isfinite(advantages).all()
+
+
+def test_empty_generation_ends_the_trajectory_at_its_state(monkeypatch):
+    """The engine returns no token: the state becomes a leaf; concurrent rollouts that find it a leaf are aborted."""
+    (outputs,) = grow(make_config(), ScriptedServer(lambda d, rng: ""), sample())
+    found, tree = reasons(outputs)
+    assert found == {"empty_generation"} and tree.leaves() == [0]
+    assert len(tree.aborted) == 1 and tree.aborted[0]["reason"] == "empty_generation"  # the second root rollout
+    assert outputs[0].extra_fields["reward_extra_info"]["finish_empty_generation"] == 1.0
+    rows = verl_postprocess(outputs, monkeypatch, sample())
+    advantages, _, metrics = trainer_advantage(rows, make_config(), monkeypatch)
+    assert advantages.abs().sum() == 0 and metrics["carl/aborted_rollouts"] == 1
+
+
+def test_missing_log_probs_are_a_clear_error():
+    class NoLogProbs(ScriptedServer):
+        async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+            out = await super().generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+            return TokenOutput(token_ids=out.token_ids, log_probs=None, stop_reason="completed", extra_fields={})
+
+    with pytest.raises(ValueError, match="no per-token log-probs.*calculate_log_probs=true"):
+        grow(make_config(), NoLogProbs(searching_policy), sample())
 
 
 def test_context_overflow(monkeypatch):
@@ -479,7 +582,7 @@ def test_no_search_backend_is_a_clear_error():
     config = make_config()
 
     async def build():
-        return CarlTreeAgentLoop(DictConfigWrap(config), None, TOKENIZER, None, None, DictConfigWrap(config.data))
+        return CarlAgentLoop(DictConfigWrap(config), None, TOKENIZER, None, None, DictConfigWrap(config.data))
 
     with pytest.raises(ValueError, match="tool_config_path"):
         asyncio.run(build())
@@ -487,6 +590,155 @@ def test_no_search_backend_is_a_clear_error():
 
 def test_padding_rows_copy_extra_fields():
     """Guards the assumption the trainer relies on: verl pads with a copy of a real row's extra_fields."""
-    src = {"extra_fields": {"carl_advantages": [1.0]}, "uid": "x", "responses": torch.ones(3, dtype=torch.long)}
+    src = {"extra_fields": {"carl_token_nodes": [[1, 1]]}, "uid": "x", "responses": torch.ones(3, dtype=torch.long)}
     row, _ = construct_minimal_padding_template(src, {}, 2)
     assert row["extra_fields"] == src["extra_fields"] and row["response_mask"].sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------- issue 13
+def dead_search_tool():
+    """The recipe's real search tool pointed at a port where nothing listens (one attempt, no backoff)."""
+    import socket
+
+    from recipe.carl.search.search_tool import CarlSearchTool
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: connections are refused
+    return CarlSearchTool({"retrieval_service_url": f"http://127.0.0.1:{port}/retrieve", "max_retries": 0})
+
+
+def test_a_failed_search_ends_its_leaf_and_stops_the_run(monkeypatch):
+    """The real tool never raises; its failure must still end the leaf (no 'Search failed' observation is trained
+    on), be counted in search/*, and stop the run above algorithm.carl.max_search_error_rate."""
+    config = make_config()
+    always_search = ScriptedServer(lambda d, rng: f"<search> q{rng.randrange(3)} </search>")
+    (outputs,) = grow(config, always_search, sample(), tool=dead_search_tool())
+    found, tree = reasons(outputs)
+    assert found == {"tool_error"}
+    for node in tree.nodes[1:]:
+        assert node.action.observation_ids == [] and "retrieval service is unavailable" in node.action.info["error"]
+    assert all(o.extra_fields["reward_extra_info"]["search_errors"] == 1.0 for o in outputs)
+    rows = verl_postprocess(outputs, monkeypatch, sample())
+    with pytest.raises(carl_trainer.SearchFailureError, match=r"7 of 7 searches failed in step 1 .*error rate 100%"):
+        trainer_advantage(rows, config, monkeypatch)
+    assert "advantages" not in WRITTEN  # the step stopped before anything was trained
+    _, _, metrics = trainer_advantage(rows, make_config("algorithm.carl.max_search_error_rate=1.0"), monkeypatch)
+    assert (metrics["search/calls"], metrics["search/errors"], metrics["search/error_rate"]) == (7, 7, 1.0)
+    assert metrics["search/latency_mean_s"] > 0
+
+
+def test_the_search_cache_of_a_tree_is_dropped_when_its_run_ends():
+    tool = FakeSearchTool()
+    dropped = []
+    tool.drop_tree = dropped.append
+    server = ScriptedServer(searching_policy)
+    grow(make_config(), server, sample(), sample("t1"), tool=tool)
+    assert len(dropped) == 2 and set(dropped) == {c["request_id"] for c in server.calls}
+
+
+def test_full_determinism_gives_every_request_its_own_reproducible_seed():
+    """verl seeds every request of a replica alike under full_determinism (setdefault): the loop must not let it."""
+    config = make_config("actor_rollout_ref.rollout.full_determinism=True")
+    runs = []
+    for _ in range(2):
+        server = ScriptedServer(searching_policy)
+        grow(config, server, sample())
+        runs.append([(len(c["prompt_ids"]), c["params"]["seed"]) for c in server.calls])
+    seeds = [seed for _, seed in runs[0]]
+    assert len(set(seeds)) == len(seeds)  # no two requests share a seed: root rollouts and forks differ
+    assert runs[0] == runs[1]  # and the same run reproduces them (no random uid in the seed)
+
+
+def test_trainer_runs_verls_sync_paths():
+    """trainer.v1.trainer_mode=carl selects the CARL trainer, which must run verl's sync code, as GRPO's does."""
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
+    config = make_config("data.train_batch_size=8")
+    trainer = carl_trainer.CARLTrainer(config)
+    assert trainer.trainer_mode == "sync" and config.trainer.v1.trainer_mode == "sync"
+    assert type(trainer.replay_buffer) is ReplayBuffer
+    assert trainer.replay_buffer.gen_batch_size == 8  # not 1: prompts are fetched as one batch
+
+
+def test_padding_template_is_a_row_without_a_tree(monkeypatch):
+    seen = []
+    monkeypatch.setattr(carl_trainer.PPOTrainerSync, "_balance_batch", lambda self, b, m, **kw: seen.append(b) or b)
+    trainer = object.__new__(carl_trainer.CARLTrainer)
+    batch = trainer._balance_batch(Batch(["a_0_0", "a_0_1", "b_0_0", "b_0_1"]), {})
+    assert batch.keys[0] == "a_0_1" and sorted(batch.keys) == ["a_0_0", "a_0_1", "b_0_0", "b_0_1"]
+    assert trainer._balance_batch(Batch(["a_0_0", "b_0_0"]), {}).keys == ["a_0_0", "b_0_0"]  # none to choose
+
+
+def test_a_stop_inside_a_think_block_does_not_end_the_turn():
+    """Qwen3-style thinking (algorithm.carl.thinking=true): a stop inside an unclosed <think> continues the turn."""
+
+    def thinker(depth, rng):
+        return "<think> maybe <search> q0 </search>" if depth == 0 else "<answer> a1 </answer>"
+
+    class Continuing(ScriptedServer):
+        async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+            text = TOKENIZER.decode(prompt_ids)
+            if text.rstrip().endswith("</search>") and text.rfind("<think>") > text.rfind("</think>"):
+                ids = TOKENIZER.encode("ok </think> <search> q1 </search>", add_special_tokens=False)
+                self.calls.append({"prompt_ids": list(prompt_ids), "params": dict(sampling_params)})
+                return TokenOutput(token_ids=ids, log_probs=[-0.3] * len(ids), stop_reason="completed")
+            return await super().generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+
+    config = make_config("algorithm.carl.thinking=true", "algorithm.carl.n0=1", "algorithm.carl.n_forks=0")
+    tool = FakeSearchTool()
+    (outputs,) = grow(config, Continuing(thinker), sample(), tool=tool)
+    first = outputs.tree.nodes[1].action
+    assert TOKENIZER.decode(first.token_ids) == "<think> maybe <search> q0 </search> ok </think> <search> q1 </search>"
+    assert tool.queries == ["q1"]  # the search outside the think block ran, the one inside did not
+    assert len(first.log_probs) == len(first.token_ids)
+    # Without thinking, the same policy searches the mentioned query.
+    tool = FakeSearchTool()
+    plain = make_config("algorithm.carl.n0=1", "algorithm.carl.n_forks=0")
+    grow(plain, Continuing(thinker), sample(), tool=tool)
+    assert tool.queries == ["q0"]
+
+
+def test_invalid_action_feedback_keeps_the_episode_going():
+    """algorithm.carl.invalid_action=feedback: Search-R1's behaviour, a feedback observation instead of a leaf."""
+
+    def stumbler(depth, rng):
+        return "i think" if "valid" not in depth_text[-1] else "<answer> a1 </answer>"
+
+    class Recording(ScriptedServer):
+        async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+            depth_text.append(TOKENIZER.decode(prompt_ids))
+            return await super().generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+
+    depth_text: list[str] = []
+    config = make_config("algorithm.carl.invalid_action=feedback", "algorithm.carl.n0=1", "algorithm.carl.n_forks=0")
+    (outputs,) = grow(config, Recording(stumbler), sample())
+    tree = outputs.tree
+    assert [n.finish_reason for n in tree.nodes] == [None, None, "answer"]
+    feedback = TOKENIZER.decode(tree.nodes[1].action.observation_ids)
+    assert feedback.startswith("<information>") and "previous turn had no valid" in feedback
+    (ended,) = grow(make_config("algorithm.carl.n0=1", "algorithm.carl.n_forks=0"), Recording(stumbler), sample())
+    assert [n.finish_reason for n in ended.tree.nodes] == [None, "invalid:no_action"]
+
+
+def test_validation_metrics_say_why_episodes_ended():
+    """Validation rows (one trajectory each) carry finish reasons and search counts in their reward breakdown, which
+    verl's own validation aggregates into val-aux/<data_source>/finish_<reason>/mean@n metrics."""
+    config = make_config("algorithm.carl.max_search_error_rate=1.0")
+    policies = [
+        lambda d, rng: "<search> q0 </search>" if d < 1 else "<answer> a1 </answer>",  # answers after a search
+        lambda d, rng: "i think a1",  # invalid: no action
+        lambda d, rng: "<search> boom </search>",  # the search fails
+    ]
+    infos = []
+    for policy in policies:
+        (outputs,) = grow(config, ScriptedServer(policy), sample(), mode="chain")
+        infos.append(outputs[-1].extra_fields["reward_extra_info"])
+    reward_extra_infos = {"reward": [i["score"] for i in infos]} | {k: [i[k] for i in infos] for k in infos[0]}
+    trainer = object.__new__(carl_trainer.CARLTrainer)
+    metrics = trainer._val_metrics_update(["nq"] * 3, ["u0", "u1", "u2"], reward_extra_infos, [3, 1, 1])
+    assert metrics["val-aux/nq/finish_answer/mean@1"] == pytest.approx(1 / 3)
+    assert metrics["val-aux/nq/finish_invalid/mean@1"] == pytest.approx(1 / 3)
+    assert metrics["val-aux/nq/finish_tool_error/mean@1"] == pytest.approx(1 / 3)
+    assert metrics["val-aux/nq/search_calls/mean@1"] == pytest.approx(2 / 3)
+    assert metrics["val-aux/nq/search_errors/mean@1"] == pytest.approx(1 / 3)

@@ -17,22 +17,28 @@ from verl.utils.config import validate_config
 
 import recipe.carl.plugin  # noqa: F401
 from carl_core import CARLConfigError
-from recipe.carl.settings import check_data_agents, check_trainer_config, read_settings
+from recipe.carl import preflight
+from recipe.carl.settings import check_trainer_config, read_settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(ROOT / "recipe/carl/config")
 SCRIPTS = sorted((ROOT / "scripts").glob("run_*qwen*.sh"))
 
 
-def script_overrides(script: pathlib.Path, tmp_path: pathlib.Path) -> list[str]:
-    """Runs the script with `python3` replaced by a recorder, so shell defaults and arithmetic are evaluated."""
+def run_script(script: pathlib.Path, tmp_path: pathlib.Path, **env_vars: str) -> subprocess.CompletedProcess:
+    """Runs the script with `python3` replaced by a recorder (`tmp_path/args`), so shell defaults and arithmetic are
+    evaluated."""
     shim = tmp_path / "python3"
     shim.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$CARL_ARGS_OUT"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "args"
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CARL_ARGS_OUT": str(out), "HOME": "/home/x"}
-    subprocess.run(["bash", str(script)], check=True, env=env, cwd=ROOT, capture_output=True)
-    args = out.read_text().split("\0")[:-1]
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CARL_ARGS_OUT": str(tmp_path / "args")}
+    env.update(HOME="/home/x", **env_vars)
+    return subprocess.run(["bash", str(script)], env=env, cwd=ROOT, capture_output=True, text=True)
+
+
+def script_overrides(script: pathlib.Path, tmp_path: pathlib.Path, **env_vars: str) -> list[str]:
+    run_script(script, tmp_path, **env_vars).check_returncode()
+    args = (tmp_path / "args").read_text().split("\0")[:-1]
     assert args[:2] == ["-m", "recipe.carl.main_carl"], args[:2]
     return args[2:]
 
@@ -63,12 +69,36 @@ def test_script_overrides_compose(script, tmp_path):
         assert cfg.algorithm.adv_estimator == "carl" and cfg.actor_rollout_ref.rollout.n == 1
         assert settings.carl.n_forks == 16
         assert settings.carl.n0 == (1 if "lite" in script.name else 8)
-        assert cfg.trainer.v1.trainer_mode == "carl"
+    # CARL and its baseline run the same trainer (verl's sync paths) and so log the same budget metrics.
+    assert cfg.trainer.v1.trainer_mode == "carl"
     qwen3 = "qwen3" in script.name
     assert settings.carl.max_actions == (10 if qwen3 else 32)
+    # Thinking-aware per-turn budget for Qwen3; the whole-trajectory budget leaves room for T_max typical turns.
+    assert settings.max_action_tokens == (2048 if qwen3 else 512)
+    assert settings.thinking is qwen3  # a stop string inside <think> continues the turn
+    assert cfg.data.max_response_length == (16384 if qwen3 else 12288)
+    prompt_and_response = cfg.data.max_prompt_length + cfg.data.max_response_length
+    assert cfg.actor_rollout_ref.actor.ppo_max_token_len_per_gpu >= prompt_and_response
+    preflight.check_batch_divisibility(cfg)
     assert cfg.data.train_batch_size == (64 if qwen3 else 128)
     assert cfg.actor_rollout_ref.actor.optim.lr == (1e-5 if qwen3 else 5e-6)
     assert cfg.trainer.total_training_steps == 100
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_stop_on_gpu_counts_that_cannot_split_an_update(script, tmp_path):
+    """3 nodes x 6 GPUs: the script stops before Ray, with preflight's message (the same advice as main_carl)."""
+    result = run_script(script, tmp_path, NNODES="3", GPUS_PER_NODE="6")
+    assert result.returncode == 2 and not (tmp_path / "args").exists()
+    grpo = "grpo" in script.name
+    expected = preflight.batch_message(16 if grpo else 256, 16 if grpo else 1, 18, 3, 6)
+    assert f"error: {expected}" in " ".join(result.stderr.split()), result.stderr[-800:]
+
+
+@pytest.mark.parametrize(("script", "tokens"), [("run_carl_qwen3_4b.sh", "4096"), ("run_grpo_qwen7b.sh", "1024")])
+def test_scripts_pass_the_per_turn_budget(script, tokens, tmp_path):
+    overrides = script_overrides(ROOT / "scripts" / script, tmp_path, MAX_ACTION_TOKENS=tokens)
+    assert read_settings(compose_carl(overrides)).max_action_tokens == int(tokens)
 
 
 def test_misspelt_keys_fail():
@@ -90,6 +120,10 @@ def test_misspelt_keys_fail():
         ("algorithm.carl.n0=0", "n0"),
         ("algorithm.carl.selection=greedy", "selection"),
         ("algorithm.carl.dump_every=-1", "dump_every"),
+        ("algorithm.carl.max_action_tokens=0", "max_action_tokens=0 must be an integer >= 1"),
+        ("algorithm.carl.invalid_action=retry", "invalid_action='retry' is unknown: use end"),
+        ("algorithm.carl.thinking=maybe", "thinking='maybe' must be true or false"),
+        ("algorithm.carl.max_search_error_rate=1.5", r"max_search_error_rate=1.5 must be in \[0, 1\]"),
     ],
 )
 def test_bad_settings_name_the_fix(override, match):
@@ -100,60 +134,6 @@ def test_bad_settings_name_the_fix(override, match):
 def test_grpo_needs_no_carl_checks():
     cfg = compose_carl(["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"])
     assert check_trainer_config(cfg).carl.max_actions == 32
-
-
-def write_val(path, agent_names):
-    import pandas as pd
-
-    frame = pd.DataFrame({"data_source": ["x"] * len(agent_names)})
-    if agent_names and agent_names[0] is not None:
-        frame["agent_name"] = agent_names
-    frame.to_parquet(path)
-    return str(path)
-
-
-@pytest.mark.parametrize(
-    ("agents", "estimator", "refused"),
-    [
-        (["carl_chain_agent", "carl_chain_agent"], "carl", None),
-        (["carl_chain_agent", "carl_agent"], "carl", "carl_agent"),
-        (["carl_tree_agent"], "carl", "carl_tree_agent"),
-        ([None], "carl", "carl_agent"),  # no agent_name column: the yaml's default_agent_loop (carl_agent) applies
-        (["carl_agent"], "grpo", None),  # one trajectory per question under GRPO
-    ],
-)
-def test_val_rows_must_not_grow_trees(agents, estimator, refused, tmp_path):
-    val = write_val(tmp_path / "val.parquet", agents)
-    extra = ["actor_rollout_ref.rollout.n=16"] if estimator == "grpo" else []
-    cfg = compose_carl([f"data.val_files={val}", f"algorithm.adv_estimator={estimator}", *extra])
-    if refused is None:
-        check_data_agents(cfg)
-    else:
-        with pytest.raises(CARLConfigError, match=f"val.parquet: rows name agent loop {refused}.*carl_chain_agent"):
-            check_data_agents(cfg)
-
-
-def test_val_rows_are_not_checked_when_the_run_never_validates(tmp_path):
-    val = write_val(tmp_path / "val.parquet", ["carl_agent"])
-    cfg = compose_carl([f"data.val_files={val}", "trainer.val_before_train=False", "trainer.test_freq=-1"])
-    check_data_agents(cfg)
-    with pytest.raises(CARLConfigError, match="rows name agent loop carl_agent"):
-        check_data_agents(
-            compose_carl([f"data.val_files={val}", "trainer.val_before_train=False", "trainer.test_freq=5"])
-        )
-
-
-def test_tree_rows_are_refused_under_grpo(tmp_path):
-    train = write_val(tmp_path / "train.parquet", ["carl_tree_agent"])
-    cfg = compose_carl([f"data.train_files={train}", "algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"])
-    with pytest.raises(CARLConfigError, match="data.train_files .*train.parquet: rows name agent loop carl_tree_agent"):
-        check_data_agents(cfg)
-    ok = write_val(tmp_path / "ok.parquet", ["carl_agent"])
-    check_data_agents(compose_carl([f"data.train_files={ok}", "algorithm.adv_estimator=grpo"]))
-
-
-def test_val_check_leaves_missing_files_to_verl():
-    check_data_agents(compose_carl(["data.val_files=[/nonexistent/val.parquet]"]))
 
 
 def test_yaml_has_a_comment_above_every_key():

@@ -27,7 +27,7 @@ def test_fresh_process_resolves_carl():
     lines = out.stdout.strip().splitlines()[-3:]
     assert lines[0] == "recipe.carl.estimator compute_carl_advantage"
     assert lines[1] == "recipe.carl.trainer CARLTrainer ['PPOTrainerSync', 'PPOTrainer']"
-    assert lines[2] == "['carl_agent', 'carl_chain_agent', 'carl_tree_agent']"
+    assert lines[2] == "['carl_agent', 'carl_chain_agent']"
 
 
 LAZY_PROBE = """
@@ -47,7 +47,7 @@ print(loaded(*recipe), get_rollout_replica_class("carl_hf").__name__)
 from verl.workers.engine import EngineRegistry
 print(EngineRegistry.get_engine_cls("language_model", "fsdp2").__name__)
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
-print(loaded(*recipe), "carl_tree_agent" in _agent_loop_registry)
+print(loaded(*recipe), "carl_agent" in _agent_loop_registry)
 from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
 print(loaded(*recipe), get_trainer_cls("carl").__name__)
 """
@@ -94,14 +94,48 @@ def test_estimator_through_verl_compute_advantage():
         compute_advantage(data, adv_estimator="carl", config={})
 
 
-def test_estimator_masks_and_rejects_nan():
+def test_estimator_scores_the_batch_of_trees_by_hand():
+    """Two rows of the fig tree (tests/core/conftest.py) through `carl_batch_from_rows` and the estimator.
+
+    V = [0.75, 0.5, 1, 1, 0, 0, 1]; trained (critical) actions 1, 2, 4, 6 with A = -0.25, 0.5, -0.5, 0.25.
+    """
     import torch
 
-    from recipe.carl.estimator import compute_carl_advantage
+    from carl_core import describe_tree
+    from recipe.carl.estimator import carl_batch_from_rows, compute_carl_advantage
+    from tests.core.conftest import build_tree
 
-    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
-    carl = torch.tensor([[0.5, 0.5, float("nan")], [1.0, 1.0, 1.0]])
-    adv, ret = compute_carl_advantage(torch.zeros(2, 3), mask, carl_advantages=carl)
-    assert adv.tolist() == [[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]] and torch.equal(adv, ret)
+    lp = [-0.5, -1.0]
+    tree = build_tree([(0, lp, None), (1, lp, None), (2, lp, 1.0), (1, lp, None), (4, lp, 0.0), (0, lp, 1.0)])
+    extra = [  # rows for leaves 3 and 5 (layout_rows' rows 1 and 2), then a padding row copying the first
+        {"carl_tree_id": "t", "carl_leaf": 3, "carl_token_nodes": [[1, 2], [-1, 2], [2, 2]], "carl_tree": None},
+        {"carl_tree_id": "t", "carl_leaf": 5, "carl_token_nodes": [[1, 2], [-1, 2], [4, 2]], "carl_tree": None},
+    ]
+    extra[0]["carl_tree"] = describe_tree(tree)
+    extra.append(dict(extra[0]))
+    batch = carl_batch_from_rows(extra, ["q", "q", "pad1"], width=6)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1], [0] * 6])
+    config = {"carl": {"n0": 1}}
+    adv, ret = compute_carl_advantage(torch.zeros(3, 6), mask, config=config, carl_batch=batch)
+    assert adv.tolist() == [[-0.25, -0.25, 0, 0, 0.5, 0.5], [0, 0, 0, 0, -0.5, -0.5], [0.0] * 6]
+    assert torch.equal(adv, ret) and batch.scored.node_value.tolist() == [0.75, 0.5, 1, 1, 0, 0, 1]
+    assert batch.row_leaf == [3, 5, -1] and batch.row_length == [6, 6, 0]
+
+
+def test_estimator_refuses_bad_batches():
+    import torch
+
+    from carl_core import describe_tree
+    from recipe.carl.estimator import carl_batch_from_rows, compute_carl_advantage
+    from tests.core.conftest import build_tree
+
+    tree = build_tree([(0, [-1.0], 1.0), (0, [-1.0], 0.0)])
+    row = {"carl_tree_id": "t", "carl_leaf": 1, "carl_token_nodes": [[1, 1]], "carl_tree": describe_tree(tree)}
+    with pytest.raises(ValueError, match="trainer_mode=carl"):
+        compute_carl_advantage(torch.zeros(1, 1), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="tree 'other', whose description .* is not in the batch"):
+        carl_batch_from_rows([row, {**row, "carl_tree_id": "other", "carl_tree": None}], ["q", "q"], width=1)
+    nan = {**row, "carl_tree": {**row["carl_tree"], "reward": [None, float("nan"), 0.0]}}
+    batch = carl_batch_from_rows([nan], ["q"], width=1)
     with pytest.raises(ValueError, match="non-finite"):
-        compute_carl_advantage(torch.zeros(1, 2), torch.ones(1, 2), carl_advantages=torch.tensor([[float("nan"), 0]]))
+        compute_carl_advantage(torch.zeros(1, 1), torch.ones(1, 1), config={"carl": {}}, carl_batch=batch)

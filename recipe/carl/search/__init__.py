@@ -7,5 +7,6 @@ Modules (import them directly; this package imports nothing heavy on its own):
 * ``reward``: ``compute_score`` (format + answer F1, EM) for verl's ``reward.custom_reward_function``.
 * ``client``: ``RetrievalClient.search`` (async, retries, per-tree ``SearchCache``), no verl needed.
 * ``search_tool``: ``CarlSearchTool``, the same client as a verl ``BaseTool``.
-* ``retriever`` / ``server``: the BM25/dense retrieval server (``python -m recipe.carl.search.retriever``).
+* ``retriever``: corpus, BM25/dense indexes and their verified cache; ``server``: the HTTP server and its CLI
+  (``python -m recipe.carl.search.server``). ``server`` imports ``retriever``, never the other way round.
 """

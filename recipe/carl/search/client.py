@@ -176,6 +176,7 @@ class RetrievalClient:
 
     def _client(self) -> httpx.AsyncClient:
         # An httpx.AsyncClient belongs to the event loop it first ran on; verl may call tools from several loops.
+        # Its connections (anyio over asyncio) get TCP_NODELAY, which small requests need (tests/recipe/search).
         loop = asyncio.get_running_loop()
         if self._http is None or self._http_loop is not loop:
             self._http = httpx.AsyncClient(timeout=self.timeout)

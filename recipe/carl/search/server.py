@@ -1,4 +1,4 @@
-"""HTTP front end for ``Retriever``: Search-R1's ``/retrieve`` protocol on FastAPI, with request batching.
+"""The retrieval server: Search-R1's ``/retrieve`` protocol on FastAPI over a ``Retriever``, and its CLI.
 
 Protocol (the same as Search-R1's ``retrieval_server.py``, so its clients and verl's v0.7.1 SearchTool work)::
 
@@ -6,42 +6,101 @@ Protocol (the same as Search-R1's ``retrieval_server.py``, so its clients and ve
       -> {"result": [[{"document": {"id": "...", "contents": "Title\\ntext"}, "score": 12.3}, ...], ...]}
     with "return_scores": false (Search-R1's default) each entry is the bare document:
       -> {"result": [[{"id": "...", "contents": "Title\\ntext"}, ...], ...]}
-    GET /health -> {"status": "ok", "backend": "bm25", "num_docs": 10033, "default_topk": 3}
+    GET /health -> {"status": "ok", "backend": "bm25", "num_docs": 10033, "default_topk": 3,
+                    "max_queries": 1024, "max_query_chars": 8192}
 
-``topk`` may be omitted or null (the server's ``--topk`` is used). Searching is CPU work, so it never runs on the event
-loop: concurrent requests are queued, gathered for up to ``batch_wait_ms`` (at most ``max_batch`` queries), searched
-together in one worker thread, and answered individually. Batching matters for the dense backend, whose encoder is
-much faster on a batch; for BM25 it mostly keeps the event loop free for health checks while searches run.
+``topk`` may be omitted or null (the server's ``--topk`` is used).
+
+Limits (each names itself and its flag in the error):
+
+* a request with more than ``--max-queries`` queries gets HTTP 413; a query longer than ``--max-query-chars``
+  characters gets HTTP 422. Both bound the work one request can ask for; neither bounds the body's bytes (put a
+  reverse proxy in front of a server that faces untrusted clients).
+
+Scheduling: searching is CPU work, so it never runs on the event loop. Requests are queued; a scheduler takes at most
+``--max-batch`` queries at a time, shared fairly between the waiting requests (a request with few queries goes whole,
+the rest of the batch is split equally among the larger ones), searches them in one worker thread and hands each
+request its rows when all of its queries are done. A request with 3,000 queries is therefore searched in chunks that
+interleave with everyone else's, and a small request waits for at most about one batch, not for the whole large
+request (``benchmarks/bench_retriever.py`` measures it). Batching matters for the dense backend, whose encoder is much
+faster on a batch; ``--batch-wait-ms`` makes an idle server wait that long for company (default 0: under load
+batches form by themselves while the previous one runs).
+
+Failures are per query: when a batch raises, its queries are searched one by one, and only the requests whose own
+queries fail get HTTP 500 (naming the query); the others are answered normally.
+
+Latency: the listening socket is created with ``IPPROTO_TCP``, so asyncio sets ``TCP_NODELAY`` on every accepted
+connection (it skips sockets whose ``proto`` is 0). Without it a small search over a reused connection took ~45 ms
+(Nagle's algorithm against the client's delayed ACK) instead of ~3 ms. httpx sets ``TCP_NODELAY`` on the client side.
+
+CLI::
+
+    python -m recipe.carl.search.server --corpus data/wiki.jsonl --port 8000
+    python -m recipe.carl.search.server --corpus data/wiki.jsonl --backend dense \\
+        --encoder intfloat/e5-base-v2 --query-prefix "query: " --doc-prefix "passage: " --index-type ivf --fp16
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from recipe.carl.search.retriever import Retriever
+from recipe.carl.io import write_text
+from recipe.carl.search.retriever import Retriever, RetrieverConfig, RetrieverError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PortInUseError", "RetrieveRequest", "bind_socket", "create_app", "serve", "serve_in_thread"]
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_QUERIES",
+    "DEFAULT_MAX_QUERY_CHARS",
+    "PortInUseError",
+    "QueryFailedError",
+    "RetrieveRequest",
+    "bind_socket",
+    "build_arg_parser",
+    "config_from_args",
+    "create_app",
+    "main",
+    "serve",
+    "serve_in_thread",
+]
 
 SearchFn = Callable[[Sequence[str], int], list[list[dict[str, Any]]]]
+
+#: Most queries in one request (HTTP 413 above). Rollouts send one query per request; evaluation may batch.
+DEFAULT_MAX_QUERIES = 1024
+#: Longest query in characters (HTTP 422 above). A 512-token action is ~2-3k characters.
+DEFAULT_MAX_QUERY_CHARS = 8192
+#: Most queries searched together: bounds how long a small request waits behind a large one.
+DEFAULT_MAX_BATCH = 64
 
 
 class PortInUseError(OSError):
     """The requested port is taken; the message names it."""
+
+
+class QueryFailedError(RuntimeError):
+    """One query of a request failed; ``index`` is its position in the request."""
+
+    def __init__(self, index: int, query: str, error: BaseException):
+        super().__init__(f"search failed for query {index} ({query!r:.80}): {type(error).__name__}: {error}")
+        self.index = index
 
 
 class RetrieveRequest(BaseModel):
@@ -52,55 +111,129 @@ class RetrieveRequest(BaseModel):
     return_scores: bool = False
 
 
-@dataclass
-class _Pending:
+@dataclass(eq=False)
+class _Job:
+    """One request's queries, the next one to schedule, and its rows as they come back."""
+
     queries: list[str]
     topk: int
     future: asyncio.Future
+    next: int = 0
+    done: int = 0
+    rows: list[list[dict[str, Any]] | None] = field(default_factory=list)
+
+    @property
+    def unscheduled(self) -> int:
+        return len(self.queries) - self.next
 
 
-class _Batcher:
-    """Gathers concurrent requests into one search call that runs in a worker thread."""
+class _Scheduler:
+    """Searches the queries of concurrent requests in fair batches of at most ``max_batch``, one batch at a time."""
 
     def __init__(self, search_fn: SearchFn, max_batch: int, wait_s: float):
+        if max_batch < 1:
+            raise ValueError(f"max_batch (--max-batch) must be >= 1, got {max_batch}")
         self.search_fn = search_fn
         self.max_batch = max_batch
         self.wait_s = wait_s
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.active: list[_Job] = []  # jobs with unscheduled queries, in arrival order
+        self.wakeup: asyncio.Event | None = None
 
     async def submit(self, queries: list[str], topk: int) -> list[list[dict[str, Any]]]:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(queries, topk, future))
-        return await future
+        job = _Job(queries, topk, asyncio.get_running_loop().create_future(), rows=[None] * len(queries))
+        self.active.append(job)
+        assert self.wakeup is not None, "the scheduler runs inside the app's lifespan"
+        self.wakeup.set()
+        return await job.future
+
+    def take(self) -> list[tuple[_Job, int, int]]:
+        """The next batch as (job, start, end) slices: small jobs whole, the rest sharing what is left equally."""
+        self.active = [job for job in self.active if not job.future.done()]  # cancelled or failed: drop the rest
+        if not self.active:
+            return []
+        capacity = self.max_batch
+        if len(self.active) >= capacity:  # more requests than room: one query each, oldest first
+            shares = {id(job): 1 for job in self.active[:capacity]}
+        else:
+            shares = {}
+            left = len(self.active)
+            for job in sorted(self.active, key=lambda j: j.unscheduled):  # stable: arrival order among equals
+                share = min(job.unscheduled, capacity // left)
+                shares[id(job)] = share
+                capacity -= share
+                left -= 1
+        parts = []
+        for job in self.active:
+            share = shares.get(id(job), 0)
+            if share:
+                parts.append((job, job.next, job.next + share))
+                job.next += share
+        self.active = [job for job in self.active if job.unscheduled]
+        return parts
 
     async def run(self) -> None:
+        assert self.wakeup is not None
         while True:
-            batch = [await self.queue.get()]
-            if self.wait_s > 0:
-                await asyncio.sleep(self.wait_s)
-            size = len(batch[0].queries)
-            while size < self.max_batch and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                size += len(batch[-1].queries)
-            await self._process(batch)
+            if not self.active:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                if self.wait_s > 0:
+                    await asyncio.sleep(self.wait_s)
+            parts = self.take()
+            if parts:
+                await self._process(parts)
 
-    async def _process(self, batch: list[_Pending]) -> None:
-        queries = [q for item in batch for q in item.queries]
+    async def _search(self, queries: list[str], topk: int) -> list[list[dict[str, Any]]]:
+        rows = await asyncio.to_thread(self.search_fn, queries, topk)
+        if len(rows) != len(queries):
+            raise RuntimeError(f"search returned {len(rows)} result lists for {len(queries)} queries")
+        return rows
+
+    async def _process(self, parts: list[tuple[_Job, int, int]]) -> None:
+        queries = [q for job, start, end in parts for q in job.queries[start:end]]
         # One search at the largest topk serves every request: a smaller topk is a prefix of the same ranking.
-        topk = max(item.topk for item in batch)
+        topk = max(job.topk for job, _, _ in parts)
         try:
-            results = await asyncio.to_thread(self.search_fn, queries, topk)
-        except Exception as e:  # forwarded to each waiting request, which turns it into an HTTP 500
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
+            rows = await self._search(queries, topk)
+        except Exception as e:
+            if len(parts) == 1 and parts[0][2] - parts[0][1] == 1:
+                job, start, _ = parts[0]
+                self._fail(job, start, e)
+                return
+            # Isolate the failure: search one query at a time, so only the requests that own a failing query fail.
+            logger.warning(
+                "a batch of %d queries failed (%s: %s); retrying them one by one", len(queries), type(e).__name__, e
+            )
+            for job, start, end in parts:
+                for i in range(start, end):
+                    if job.future.done():
+                        break
+                    try:
+                        (row,) = await self._search([job.queries[i]], topk)
+                    except Exception as query_error:
+                        self._fail(job, i, query_error)
+                        break
+                    self._deliver(job, i, [row])
             return
-        start = 0
-        for item in batch:
-            rows = [row[: item.topk] for row in results[start : start + len(item.queries)]]
-            start += len(item.queries)
-            if not item.future.done():  # the client may have disconnected and cancelled it
-                item.future.set_result(rows)
+        offset = 0
+        for job, start, end in parts:
+            self._deliver(job, start, rows[offset : offset + end - start])
+            offset += end - start
+
+    @staticmethod
+    def _deliver(job: _Job, start: int, rows: list[list[dict[str, Any]]]) -> None:
+        if job.future.done():  # the client went away, or another of its queries failed
+            return
+        job.rows[start : start + len(rows)] = [row[: job.topk] for row in rows]
+        job.done += len(rows)
+        if job.done == len(job.queries):
+            job.future.set_result(job.rows)
+
+    @staticmethod
+    def _fail(job: _Job, index: int, error: BaseException) -> None:
+        logger.error("query %d of a request failed: %s: %s", index, type(error).__name__, error)
+        if not job.future.done():
+            job.future.set_exception(QueryFailedError(index, job.queries[index], error))
 
 
 def create_app(
@@ -108,8 +241,10 @@ def create_app(
     *,
     search_fn: SearchFn | None = None,
     default_topk: int = 3,
-    max_batch: int = 256,
-    batch_wait_ms: float = 2.0,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    batch_wait_ms: float = 0.0,
+    max_queries: int = DEFAULT_MAX_QUERIES,
+    max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
     info: dict[str, Any] | None = None,
 ) -> FastAPI:
     """Builds the FastAPI app.
@@ -119,8 +254,10 @@ def create_app(
         search_fn: Instead of a retriever, any function ``(queries, topk) -> per-query lists of
             {"document", "score"}`` (used by tests to inject slow or failing searches).
         default_topk: topk for requests that do not give one.
-        max_batch: Most queries gathered into one search call.
-        batch_wait_ms: How long the batcher waits for more requests after the first one.
+        max_batch: Most queries searched together (see the module docstring: it bounds a small request's wait).
+        batch_wait_ms: How long an idle server waits for more requests before searching.
+        max_queries: Most queries in one request; more get HTTP 413.
+        max_query_chars: Longest query in characters; longer get HTTP 422.
         info: Extra fields for ``GET /health``.
 
     Returns:
@@ -128,18 +265,21 @@ def create_app(
     """
     if (retriever is None) == (search_fn is None):
         raise ValueError("pass exactly one of retriever or search_fn")
+    if max_queries < 1 or max_query_chars < 1:
+        raise ValueError(f"max_queries and max_query_chars must be >= 1, got {max_queries}, {max_query_chars}")
     fn: SearchFn = search_fn or retriever.search_documents  # type: ignore[union-attr]
     health: dict[str, Any] = {"status": "ok", "default_topk": default_topk}
     if retriever is not None:
         health.update(backend=retriever.config.backend, num_docs=retriever.num_docs)
+    health.update(max_queries=max_queries, max_query_chars=max_query_chars)
     health.update(info or {})
-    batcher = _Batcher(fn, max_batch=max_batch, wait_s=batch_wait_ms / 1000)
+    scheduler = _Scheduler(fn, max_batch=max_batch, wait_s=batch_wait_ms / 1000)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        # The batcher's queue and task must belong to the server's own event loop, hence created here.
-        batcher.queue = asyncio.Queue()
-        task = asyncio.create_task(batcher.run())
+        # The scheduler's event and task must belong to the server's own event loop, hence created here.
+        scheduler.wakeup = asyncio.Event()
+        task = asyncio.create_task(scheduler.run())
         try:
             yield
         finally:
@@ -154,17 +294,34 @@ def create_app(
         return health
 
     @app.post("/retrieve")
-    async def retrieve(request: RetrieveRequest) -> dict[str, Any]:
-        if not request.queries:
-            return {"result": []}
+    async def retrieve(request: RetrieveRequest) -> JSONResponse:
+        queries = request.queries
+        if len(queries) > max_queries:
+            raise HTTPException(
+                status_code=413,
+                detail=f"{len(queries)} queries in one request; this server takes at most {max_queries} "
+                "(--max-queries): split the request",
+            )
+        for i, query in enumerate(queries):
+            if len(query) > max_query_chars:
+                raise HTTPException(
+                    status_code=422,
+                    detail=f"query {i} has {len(query)} characters; this server takes at most {max_query_chars} "
+                    "(--max-query-chars): shorten the query",
+                )
+        if not queries:
+            return JSONResponse({"result": []})
         try:
-            rows = await batcher.submit(request.queries, request.topk or default_topk)
+            rows = await scheduler.submit(queries, request.topk or default_topk)
+        except QueryFailedError as e:
+            raise HTTPException(status_code=500, detail=str(e)) from e
         except Exception as e:
-            logger.exception("search failed for %d queries", len(request.queries))
+            logger.exception("search failed for %d queries", len(queries))
             raise HTTPException(status_code=500, detail=f"search failed: {type(e).__name__}: {e}") from e
-        if request.return_scores:
-            return {"result": rows}
-        return {"result": [[hit["document"] for hit in row] for row in rows]}
+        if not request.return_scores:
+            rows = [[hit["document"] for hit in row] for row in rows]
+        # A JSONResponse is sent as is; returning the dict would walk every hit through jsonable_encoder first.
+        return JSONResponse({"result": rows})
 
     return app
 
@@ -172,11 +329,14 @@ def create_app(
 def bind_socket(host: str, port: int) -> socket.socket:
     """Binds a listening-ready TCP socket; port 0 asks the OS for a free one.
 
+    The socket is created with ``IPPROTO_TCP``: asyncio sets ``TCP_NODELAY`` only on sockets whose ``proto`` says TCP,
+    and accepted connections inherit it from this one.
+
     Raises:
         PortInUseError: The port is taken; the message names it and suggests ``--port 0``.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # SO_REUSEADDR only skips TIME_WAIT after a restart; a port another process listens on still fails below.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -214,7 +374,7 @@ def serve(
     bound_port = sock.getsockname()[1]
     server = _make_server(create_app(retriever, **app_kwargs), log_level)
     if port_file:
-        Path(port_file).write_text(f"{bound_port}\n", encoding="utf-8")
+        write_text(port_file, f"{bound_port}\n")
     print(f"retriever listening on http://{host}:{bound_port}/retrieve", flush=True)
     try:
         server.run(sockets=[sock])
@@ -264,3 +424,114 @@ def serve_in_thread(
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    defaults = RetrieverConfig(corpus_path="")
+    p = argparse.ArgumentParser(
+        prog="python -m recipe.carl.search.server",
+        description="Serve a local corpus over Search-R1's /retrieve protocol (BM25 or dense).",
+    )
+    p.add_argument("--corpus", required=True, help="JSONL corpus, one {'id', 'contents': 'Title\\ntext'} per line")
+    p.add_argument("--backend", choices=["bm25", "dense"], default=defaults.backend)
+    p.add_argument("--index-dir", default=None, help="index cache directory (default: <corpus>.<backend>_index)")
+    p.add_argument("--encoder", default=None, help="dense (required): sentence-transformers model, or hash[:dim]")
+    p.add_argument("--index-type", choices=["flat", "ivf"], default=defaults.index_type)
+    p.add_argument("--fp16", action="store_true", help="dense: store vectors as float16 (half the memory)")
+    p.add_argument("--nlist", type=int, default=None, help="dense ivf: number of cells (default 4*sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=defaults.nprobe, help="dense ivf: cells searched per query")
+    p.add_argument("--query-prefix", default="", help='dense: query prefix, e.g. "query: " for e5')
+    p.add_argument("--doc-prefix", default="", help='dense: passage prefix, e.g. "passage: " for e5')
+    p.add_argument("--encode-batch-size", type=int, default=defaults.encode_batch_size)
+    p.add_argument("--device", default=None, help="dense: encoder device (cuda, cpu)")
+    p.add_argument(
+        "--hash-corpus", action="store_true", help="no effect (kept for old scripts): the corpus is always hashed"
+    )
+    p.add_argument("--on-stale", choices=["rebuild", "error"], default=defaults.on_stale)
+    p.add_argument("--rebuild", action="store_true", help="rebuild the index even if the cache matches")
+    p.add_argument(
+        "--no-verify-index",
+        action="store_true",
+        help="skip the sha256 check of the index files at start-up (sizes and a probe search still run); "
+        "for a trusted index of tens of GB, where hashing takes ~1 s per 1.6 GB",
+    )
+    p.add_argument("--build-only", action="store_true", help="build or check the index, then exit")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed, and see --port-file)")
+    p.add_argument("--port-file", default=None, help="write the bound port here once the server listens")
+    p.add_argument("--topk", type=int, default=3, help="default topk when a request does not give one")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="most queries searched together; a small request waits for at most about one such batch",
+    )
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="how long an idle server gathers requests")
+    p.add_argument("--max-queries", type=int, default=DEFAULT_MAX_QUERIES, help="most queries per request (413)")
+    p.add_argument(
+        "--max-query-chars", type=int, default=DEFAULT_MAX_QUERY_CHARS, help="longest query in characters (422)"
+    )
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RetrieverConfig:
+    return RetrieverConfig(
+        corpus_path=args.corpus,
+        backend=args.backend,
+        index_dir=args.index_dir,
+        encoder=args.encoder,
+        index_type=args.index_type,
+        fp16=args.fp16,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        query_prefix=args.query_prefix,
+        doc_prefix=args.doc_prefix,
+        encode_batch_size=args.encode_batch_size,
+        device=args.device,
+        hash_corpus=args.hash_corpus,
+        on_stale=args.on_stale,
+        rebuild=args.rebuild,
+        verify_index=not args.no_verify_index,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code (2 for a start-up error, printed without a traceback)."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    for flag in ("max_batch", "max_queries", "max_query_chars", "topk"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        retriever = Retriever.from_config(config_from_args(args))
+        logger.info("retriever ready: %s", json.dumps(asdict(retriever.config), default=str))
+        if args.build_only:
+            print(f"index ready: {retriever.config.resolved_index_dir()} ({retriever.num_docs} documents)")
+            return 0
+        serve(
+            retriever,
+            host=args.host,
+            port=args.port,
+            default_topk=args.topk,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            max_queries=args.max_queries,
+            max_query_chars=args.max_query_chars,
+            port_file=args.port_file,
+            log_level=args.log_level,
+        )
+    except (RetrieverError, PortInUseError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,18 +6,17 @@ Actions and observations use the Search-R1 tags, spaced so that a whitespace tok
     <information> [ Uldal ] Uldal is headquartered in Drein . ... [ Ostfen ] Ostfen ... </information>
     <answer> Kalbor </answer>
 
-The real agent loop parses actions with the search recipe's parser; the parser here is private and minimal, for
-unit use, the reference agent and tests.
+Actions are parsed by the search package's ``parse_action`` (the same parser as the CARL agent loop) and documents are
+found by its BM25 index (``BM25Backend``, the same as the retrieval server's), so SynthHop's reference agent acts in
+the environment the policy is trained in.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-import bm25s
-import Stemmer
-from bm25s.tokenization import Tokenizer
+from recipe.carl.search.actions import parse_action
+from recipe.carl.search.retriever import BM25Backend
 
 SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -25,9 +24,6 @@ INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
 
 SYSTEM_PROMPT = "Search with <search> entity relation </search> and answer with <answer> entity </answer> ."
 """System instruction of every prompt; short because every prompt token costs compute in a 1M-parameter policy."""
-
-# One action, nothing else around it (generation stops at the closing tag).
-_ACTION_RE = re.compile(r"\s*<(search|answer)>\s*(.*?)\s*</\1>\s*", re.DOTALL)
 
 
 def format_search(query: str) -> str:
@@ -38,14 +34,6 @@ def format_search(query: str) -> str:
 def format_answer(answer: str) -> str:
     """The action text of a final answer."""
     return f"{ANSWER_OPEN} {answer} {ANSWER_CLOSE}"
-
-
-def _parse_action(text: str) -> tuple[str, str]:
-    """Return ``(kind, argument)``; kind is "search", "answer" or "invalid" (then the argument is "")."""
-    m = _ACTION_RE.fullmatch(text)
-    if m is None or not m.group(2) or "<" in m.group(2):
-        return "invalid", ""
-    return m.group(1), " ".join(m.group(2).split())
 
 
 def is_success(prediction: str | None, answer: str) -> bool:
@@ -63,7 +51,10 @@ class Hit:
 
 
 class LocalSearch:
-    """In-process bm25s search over a SynthHop corpus.
+    """In-process BM25 search over a SynthHop corpus (the search package's ``BM25Backend``, built in memory).
+
+    Unlike the retrieval server, an observation is filled to ``top_k`` documents even when some match no query term
+    (score 0): the seed-0 data and the shipped SFT start keyed on its tokens were made that way.
 
     Args:
         corpus: ``[{"id", "contents": "Title\\ntext"}]`` as written by :meth:`KnowledgeBase.corpus`.
@@ -80,13 +71,9 @@ class LocalSearch:
         if not all("\n" in d["contents"] for d in corpus):
             raise ValueError('every corpus document needs "contents" of the form "Title\\ntext"')
         self.titles, self.texts = zip(*(d["contents"].split("\n", 1) for d in corpus), strict=True)
-        # English stemming and stopwords as in the probe; names are stemmer fixed points (see kb._is_search_safe).
-        self._tokenizer = Tokenizer(stemmer=Stemmer.Stemmer("english"), stopwords="en")
-        self._bm25 = bm25s.BM25()
-        # The title is indexed with the text, as FlashRAG indexes "contents": one more occurrence of the name.
-        docs = [f"{title} {text}" for title, text in zip(self.titles, self.texts, strict=True)]
-        ids = self._tokenizer.tokenize(docs, return_as="ids", show_progress=False)
-        self._bm25.index(ids, show_progress=False)
+        # English stemming and stopwords; names are stemmer fixed points (see kb._is_search_safe). The title is
+        # indexed with the text, as FlashRAG indexes "contents": one more occurrence of the name.
+        self._bm25 = BM25Backend.from_texts([d["contents"] for d in corpus])
         # The same queries recur across demonstrations and rollouts; the corpus is fixed, so results are cacheable.
         self._cache: dict[tuple[str, int], list[Hit]] = {}
 
@@ -95,11 +82,8 @@ class LocalSearch:
         k = min(top_k or self.top_k, len(self.titles))
         key = (query, k)
         if key not in self._cache:
-            q = self._tokenizer.tokenize([query], update_vocab=False, return_as="ids", show_progress=False)
-            docs, scores = self._bm25.retrieve(q, k=k, show_progress=False)
-            self._cache[key] = [
-                Hit(self.titles[i], self.texts[i], float(s)) for i, s in zip(docs[0], scores[0], strict=True)
-            ]
+            hits = self._bm25.search([query], k, keep_unmatched=True)[0]
+            self._cache[key] = [Hit(self.titles[i], self.texts[i], score) for i, score in hits]
         return self._cache[key]
 
     def observation(self, query: str) -> str:
@@ -152,11 +136,15 @@ class SynthHopEnv:
         self.answer, self.turns, self.done = answer, 0, False
 
     def step(self, action: str) -> StepResult:
-        """Apply one action text and return its result."""
+        """Apply one action text and return its result. The text is read by the search package's ``parse_action``
+        (text before the tag and ``<think>`` blocks are allowed, as in the agent loop); the query or answer is
+        whitespace-normalised."""
         if self.done:
             raise RuntimeError("episode is over; call reset() first")
         self.turns += 1
-        kind, arg = _parse_action(action)
+        parsed = parse_action(action)
+        kind = parsed.kind
+        arg = " ".join((parsed.query or parsed.answer or "").split())
         out_of_turns = self.turns >= self.max_turns
         if kind == "search":
             self.done = out_of_turns

@@ -12,7 +12,8 @@ Output folder:
 - ``tokenizer/``: word-level ``PreTrainedTokenizerFast`` (``AutoTokenizer.from_pretrained`` loads it).
 - ``manifest.json``: the exact command, seed, knobs, counts and measured reference-agent success.
 
-Every file is written to a temporary name and moved into place, so an interrupted run leaves no half file.
+Every file is written to a temporary name and moved into place (``recipe.carl.io``), so an interrupted run leaves no
+half file, and files get the usual public modes (0644 under the usual umask).
 """
 
 from __future__ import annotations
@@ -21,17 +22,16 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 from transformers import PreTrainedTokenizerFast
+
+from recipe.carl.io import atomic_dir, atomic_path, write_jsonl, write_text
 
 from .agent import Demo, ReferenceAgent, make_demos, success_rate
 from .env import SYSTEM_PROMPT, LocalSearch, SynthHopEnv
@@ -182,47 +182,6 @@ def make_row(question: Question, split: str, index: int) -> dict:
     }
 
 
-def _umask_mode(mode: int) -> int:
-    # mkstemp/mkdtemp create private (0600/0700) entries; published files get the usual umask-based mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    # Write beside the target (same file system) and rename, so readers never see a partial file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_jsonl(rows: list[dict]) -> Callable[[Path], None]:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-    return write
-
-
-def _write_tokenizer(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, _umask_mode(0o777))
-        if path.exists():  # os.replace cannot replace a non-empty folder
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse a non-empty output folder unless ``overwrite``; create it otherwise."""
     path = Path(out)
@@ -250,18 +209,20 @@ def write(data: SynthHopData, out: str | os.PathLike, overwrite: bool = False, c
     """
     out = check_out_dir(out, overwrite)
     corpus = data.kb.corpus()
-    _atomic(out / "corpus.jsonl", _write_jsonl(corpus))
+    write_jsonl(out / "corpus.jsonl", corpus)
     for split, questions in (("train", data.train), ("test", data.test)):
         frame = pd.DataFrame([make_row(q, split, i) for i, q in enumerate(questions)])
-        _atomic(out / f"{split}.parquet", lambda tmp, frame=frame: frame.to_parquet(tmp, index=False))
+        with atomic_path(out / f"{split}.parquet") as tmp:
+            frame.to_parquet(tmp, index=False)
     tok = data.tokenizer
     # The turns are in "messages" already; "text" is the same episode rendered by the chat template, for SFT.
     demo_rows = [
         {"index": i, **d.to_dict(), "text": tok.apply_chat_template(d.to_messages(), tokenize=False)}
         for i, d in enumerate(data.demos)
     ]
-    _atomic(out / "demos.jsonl", _write_jsonl(demo_rows))
-    _write_tokenizer(tok, out / "tokenizer")
+    write_jsonl(out / "demos.jsonl", demo_rows)
+    with atomic_dir(out / "tokenizer") as tmp:
+        tok.save_pretrained(tmp)
 
     doc_words = [len(d["contents"].split()) - 1 for d in corpus]  # minus the title line
     manifest = {
@@ -286,7 +247,7 @@ def write(data: SynthHopData, out: str | os.PathLike, overwrite: bool = False, c
             ["corpus.jsonl", "train.parquet", "test.parquet", "demos.jsonl", "tokenizer/", "manifest.json"]
         ),
     }
-    _atomic(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from carl_core import RolloutTree, rollout_from
@@ -67,15 +66,8 @@ class LocalAgent:
         def search(query: str, tree_id: str) -> str:
             return render_documents(hit["document"] for hit in retriever.search_documents([query], topk)[0])
 
-        # What SearchEnvironment reads of its agent loop (see recipe.carl.agent_loop.CarlTreeAgentLoop).
-        self.loop = SimpleNamespace(
-            server_manager=server,
-            tokenizer=self.tokenizer,
-            max_action_tokens=max_action_tokens,
-            response_length=response_length,
-            searcher=search,
-            reward_fn=compute_score,
-        )
+        self.server, self.search, self.reward_fn = server, search, compute_score
+        self.max_action_tokens, self.response_length = max_action_tokens, response_length
 
     def rows(self, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:
         """The first `n` rows of a split's parquet (verl's RLHFDataset schema)."""
@@ -94,9 +86,19 @@ class LocalAgent:
         """The agent loop's `SearchEnvironment` for this row, sampling at `temperature` (0 = greedy)."""
         from recipe.carl.agent_loop import SearchEnvironment
 
-        params = {"temperature": temperature, "top_p": 1.0, "top_k": -1}
-        truth = row["reward_model"]["ground_truth"]
-        return SearchEnvironment(self.loop, params, uid, row["data_source"], truth, row.get("extra_info"))
+        return SearchEnvironment(
+            generate=self.server.generate,
+            tokenizer=self.tokenizer,
+            search=self.search,
+            reward_fn=self.reward_fn,
+            sampling_params={"temperature": temperature, "top_p": 1.0, "top_k": -1},
+            request_id=uid,
+            data_source=row["data_source"],
+            ground_truth=row["reward_model"]["ground_truth"],
+            extra_info=row.get("extra_info"),
+            max_action_tokens=self.max_action_tokens,
+            response_length=self.response_length,
+        )
 
     async def rollout(self, row: dict[str, Any], temperature: float, uid: str) -> tuple[RolloutTree, int | None, dict]:
         """One trajectory; returns the tree, its leaf and the leaf's reward breakdown (`score`, `em`, `f1`, ...)."""

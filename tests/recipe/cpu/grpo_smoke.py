@@ -14,6 +14,7 @@ CLI (prints one JSON summary line, exit code 0 only if the run exited 0)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -24,8 +25,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO / "recipe" / "carl" / "config"
@@ -76,6 +79,31 @@ def make_dataset(path: Path, rows: int = 16) -> Path:
     return path
 
 
+def toy_search(queries: list[str], topk: int) -> list[list[dict[str, Any]]]:
+    """A fixed answer for every query: the live retriever of the CARL smoke run (no index, no data)."""
+    return [[{"document": {"id": "0", "contents": "Toy\nA passage about apples."}, "score": 1.0}] for _ in queries]
+
+
+@contextlib.contextmanager
+def serve_retriever(retriever: Any = None) -> Iterator[tuple[str, list[int]]]:
+    """Serves `retriever` (default: `toy_search`) over the Search-R1 protocol in a thread of this process.
+
+    Yields:
+        The `/retrieve` URL and a list that grows by the number of queries of every search request served.
+    """
+    from recipe.carl.search.server import serve_in_thread
+
+    queries: list[int] = []
+    search = retriever.search_documents if retriever is not None else toy_search
+
+    def counted(batch: list[str], topk: int) -> list[list[dict[str, Any]]]:
+        queries.append(len(batch))
+        return search(batch, topk)
+
+    with serve_in_thread(search_fn=counted) as base:
+        yield f"{base.rstrip('/')}/retrieve", queries
+
+
 def algo_overrides(algo: str) -> list[str]:
     """What differs between the GRPO and the CARL smoke runs."""
     if algo == "grpo":
@@ -89,7 +117,7 @@ def algo_overrides(algo: str) -> list[str]:
         ]
     if algo == "carl":
         # CARL's tree agent loop and estimator: 2 prompts, trees of N0 + N = 4 leaves, at most 2 actions per
-        # trajectory; the search tool points at a retriever that is down, so a search yields an error observation.
+        # trajectory; the search tool reads RETRIEVER_URL (run_smoke serves a toy retriever unless given a URL).
         return [
             "algorithm.adv_estimator=carl",
             "algorithm.carl.n0=2",
@@ -136,6 +164,19 @@ def build_overrides(model_dir: Path, data: Path, workdir: Path, steps: int, algo
         # A private Ray temp dir: lets the cleanup find exactly this run's leftover processes.
         f"+ray_kwargs.ray_init._temp_dir={workdir / 'ray'}",
     ]
+
+
+def _logged_steps(path: Path, step: int) -> bool:
+    """True once the metrics file has a complete line of `step` or a later one."""
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] >= step:
+                return True
+        except (ValueError, KeyError, TypeError):  # a line being written
+            continue
+    return False
 
 
 def _session_pids(sid: int, marker: str) -> list[int]:
@@ -197,6 +238,10 @@ def run_smoke(
     workdir: Path | None = None,
     extra_overrides: list[str] | None = None,
     algo: str = "grpo",
+    cwd: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    retriever_url: str | None = None,
+    kill_after_step: int | None = None,
 ) -> SmokeResult:
     """Run the trainer once and collect exit code, wall time, peak memory, metrics and weight checksums.
 
@@ -207,7 +252,28 @@ def run_smoke(
         timeout_s: Hard wall-clock limit; the whole process session is killed after it.
         workdir: Where model, data, logs and the Ray temp dir go (a fresh temp dir by default).
         extra_overrides: More Hydra overrides, appended last.
+        algo: ``grpo`` or ``carl`` (``algo_overrides``).
+        cwd: The trainer's working directory (default: ``workdir``).
+        extra_env: More environment variables of the trainer, set last.
+        retriever_url: The trainer's ``RETRIEVER_URL``. None: a CARL run gets a live toy retriever served from this
+            process for the duration (main_carl refuses to start against a retriever that does not answer).
+        kill_after_step: SIGKILL the trainer's whole session as soon as the metrics file has this step (a crash).
     """
+    if algo == "carl" and retriever_url is None and "RETRIEVER_URL" not in (extra_env or {}):
+        with serve_retriever() as (url, _):
+            return run_smoke(
+                steps,
+                sync_weights,
+                launcher,
+                timeout_s,
+                workdir,
+                extra_overrides,
+                algo,
+                cwd,
+                extra_env,
+                url,
+                kill_after_step,
+            )
     from recipe.carl.cpu.tiny_model import save_tiny_model
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="carl_smoke_"))
@@ -238,6 +304,9 @@ def run_smoke(
         env.pop("CARL_ROLLOUT_SKIP_WEIGHT_SYNC", None)
     else:
         env["CARL_ROLLOUT_SKIP_WEIGHT_SYNC"] = "1"
+    if retriever_url is not None:
+        env["RETRIEVER_URL"] = retriever_url
+    env.update(extra_env or {})
 
     marker = str(workdir / "ray")
     baseline = _system_used()
@@ -245,7 +314,9 @@ def run_smoke(
     done = threading.Event()
     t0 = time.time()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd or workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         sid = proc.pid
 
         def sample() -> None:
@@ -254,6 +325,9 @@ def run_smoke(
                 peaks["rss"] = max(peaks["rss"], sum(m[0] for m in mems))
                 peaks["pss"] = max(peaks["pss"], sum(m[1] for m in mems))
                 peaks["sys"] = max(peaks["sys"], _system_used() - baseline)
+                if kill_after_step is not None and _logged_steps(metrics_path, kill_after_step):
+                    os.killpg(sid, signal.SIGKILL)  # a crash right after that step's metrics line
+                    return
                 done.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -276,9 +350,11 @@ def run_smoke(
     metrics = []
     if metrics_path.exists():
         for line in metrics_path.read_text().splitlines():
-            if line.strip():
+            try:
                 row = json.loads(line)
-                metrics.append({"step": row["step"], **row["data"]})
+            except ValueError:  # blank, or cut short by a kill
+                continue
+            metrics.append({"step": row["step"], **row["data"]})
     checksums = [float(m.group(2)) for m in _CHECKSUM_RE.finditer(log_path.read_text(errors="replace"))]
     return SmokeResult(
         returncode=rc,

@@ -73,7 +73,8 @@ def test_carl_runs_two_steps_through_the_tree_agent_and_estimator(carl):
 
 
 def test_carl_tree_dumps_satisfy_the_invariants(carl):
-    from carl_core import check_tree_record, read_jsonl
+    from recipe.carl.io import read_jsonl
+    from tests.core.support import check_tree_record
 
     dumps = sorted((Path(carl.log_path).parent / "ckpt" / "carl_trees").glob("step_*.jsonl"))
     assert [d.name for d in dumps] == ["step_000001.jsonl", "step_000002.jsonl"]

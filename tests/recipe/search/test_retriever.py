@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from recipe.carl.search import retriever as retriever_mod
+from recipe.carl.search import server as server_mod
 from recipe.carl.search.retriever import (
     MANIFEST_NAME,
     BM25Backend,
@@ -175,8 +177,130 @@ def test_corrupt_index_files_give_a_clear_error(corpus_path, backend):
     for path in cfg.resolved_index_dir().iterdir():
         if path.name != MANIFEST_NAME:
             path.write_bytes(b"garbage")
-    with pytest.raises(CorruptIndexError, match=f"cannot load the {backend} index.*--rebuild"):
+    with pytest.raises(CorruptIndexError, match=r"index file .* has 7 bytes, the manifest says \d+.*--rebuild"):
         Retriever.from_config(cfg)
+    cfg.verify_index = False  # sizes are checked even then
+    with pytest.raises(CorruptIndexError, match="has 7 bytes"):
+        Retriever.from_config(cfg)
+
+
+def overwrite_middle(path: Path, n: int = 16) -> None:
+    """Same-size garbage: ``n`` bytes in the middle of the file become 0xFF."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + n] = b"\xff" * len(data[middle : middle + n])
+    path.write_bytes(bytes(data))
+
+
+def edit_keeping_size_and_mtime(path: Path, old: str, new: str) -> None:
+    assert len(old) == len(new)
+    stat = path.stat()
+    path.write_text(path.read_text().replace(old, new))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+
+def test_manifest_records_checksums_of_the_corpus_and_every_index_file(corpus_path):
+    cfg = RetrieverConfig(corpus_path=str(corpus_path))
+    Retriever.from_config(cfg)
+    index_dir = cfg.resolved_index_dir()
+    manifest = json.loads((index_dir / MANIFEST_NAME).read_text())
+    assert manifest["corpus"]["sha256"] == hashlib.sha256(corpus_path.read_bytes()).hexdigest()
+    names = sorted(p.name for p in index_dir.iterdir() if p.name != MANIFEST_NAME)
+    assert sorted(manifest["files"]) == names and "data.csc.index.npy" in names
+    for name, entry in manifest["files"].items():
+        data = (index_dir / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("backend", ["bm25", "dense"])
+def test_same_size_garbage_in_an_index_file_is_refused_at_start_up(corpus_path, backend):
+    cfg = RetrieverConfig(corpus_path=str(corpus_path), backend=backend, encoder="hash:32")
+    Retriever.from_config(cfg)
+    for path in sorted(cfg.resolved_index_dir().iterdir()):
+        if path.name == MANIFEST_NAME:
+            continue
+        original = path.read_bytes()
+        overwrite_middle(path)
+        with pytest.raises(CorruptIndexError, match=f"index file .*{path.name} does not match the sha256.*--rebuild"):
+            Retriever.from_config(cfg)
+        path.write_bytes(original)
+    cfg.rebuild = True  # the fix the message names
+    overwrite_middle(next(p for p in cfg.resolved_index_dir().iterdir() if p.name != MANIFEST_NAME))
+    assert top_title(Retriever.from_config(cfg), "capital of Germany") == "Berlin"
+
+
+def test_unverified_index_that_finds_nothing_fails_the_start_up_probe(corpus_path):
+    cfg = RetrieverConfig(corpus_path=str(corpus_path), verify_index=False)
+    Retriever.from_config(cfg)
+    indptr = cfg.resolved_index_dir() / "indptr.csc.index.npy"
+    data = indptr.read_bytes()
+    indptr.write_bytes(data[:128] + b"\xff" * (len(data) - 128))  # loads, then every search finds nothing
+    with pytest.raises(CorruptIndexError, match="finds nothing for words of its own first document.*--rebuild"):
+        Retriever.from_config(cfg)
+
+
+def test_index_that_loads_but_cannot_search_fails_the_start_up_probe(corpus_path, monkeypatch):
+    cfg = RetrieverConfig(corpus_path=str(corpus_path))
+    Retriever.from_config(cfg)
+
+    def broken(self, queries, topk, **kwargs):
+        raise IndexError("index 4294967295 is out of bounds")
+
+    monkeypatch.setattr(BM25Backend, "search", broken)
+    with pytest.raises(CorruptIndexError, match="loads but cannot search .*out of bounds.*--rebuild"):
+        Retriever.from_config(cfg)
+
+
+@pytest.mark.parametrize("hash_corpus_at_load", [False, True])
+def test_same_size_corpus_edit_with_the_old_mtime_is_not_served_stale(corpus_path, hash_corpus_at_load):
+    # Built without --hash-corpus; loaded with or without it: the edit is seen either way.
+    Retriever.from_config(RetrieverConfig(corpus_path=str(corpus_path)))
+    edit_keeping_size_and_mtime(corpus_path, "capital of Germany", "capital of Hungary")
+    strict = RetrieverConfig(corpus_path=str(corpus_path), hash_corpus=hash_corpus_at_load, on_stale="error")
+    with pytest.raises(StaleIndexError, match="stale: corpus file changed.*--rebuild"):
+        Retriever.from_config(strict)
+    rebuilt = Retriever.from_config(RetrieverConfig(corpus_path=str(corpus_path), hash_corpus=hash_corpus_at_load))
+    assert top_title(rebuilt, "capital of Hungary") == "Berlin"
+
+
+def test_a_version_1_cache_without_checksums_is_stale(corpus_path):
+    cfg = RetrieverConfig(corpus_path=str(corpus_path), on_stale="error")
+    Retriever.from_config(cfg)
+    manifest_path = cfg.resolved_index_dir() / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["corpus"]["sha256"], manifest["files"]
+    manifest_path.write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(StaleIndexError, match="manifest version 1 != 2 .*cannot be verified.*--rebuild"):
+        Retriever.from_config(cfg)
+
+
+def test_touched_or_moved_identical_corpus_keeps_its_index(corpus_path, tmp_path, monkeypatch):
+    index_dir = str(tmp_path / "index")
+    Retriever.from_config(RetrieverConfig(corpus_path=str(corpus_path), index_dir=index_dir))
+    moved = corpus_path.rename(tmp_path / "moved.jsonl")
+    os.utime(moved, (time.time() + 100, time.time() + 100))
+    monkeypatch.setattr(BM25Backend, "build", lambda *a, **k: pytest.fail("rebuilt an unchanged corpus"))
+    cfg = RetrieverConfig(corpus_path=str(moved), index_dir=index_dir, on_stale="error")
+    assert top_title(Retriever.from_config(cfg), "capital of Germany") == "Berlin"
+
+
+def test_corpus_hash_is_of_the_file_and_line_numbers_count_blank_lines(make_corpus):
+    lines = [json.dumps({"id": f"d{i}", "contents": f"T{i}\n\u00e9t\u00e9 \u2028 {'x' * i}"}) for i in range(12)]
+    path = make_corpus("lines.jsonl", lines=[*lines[:5], "", *lines[5:]])
+    corpus = load_corpus(path)
+    assert corpus.ids == [f"d{i}" for i in range(12)] and corpus.contents[3] == "T3\n\u00e9t\u00e9 \u2028 xxx"
+    assert corpus.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_bytes(path.read_bytes().rstrip(b"\n") + b'\n{"contents": "caf\xe9"}')  # no final newline
+    with pytest.raises(CorpusError, match=r"lines.jsonl:14: not valid UTF-8 .* at byte 17 of the line"):
+        load_corpus(path)
+
+
+def test_non_utf8_corpus_line_is_named(make_corpus):
+    path = make_corpus("latin1.jsonl", lines=[json.dumps({"id": "a", "contents": "T\nx"})])
+    path.write_bytes(path.read_bytes() + '{"id": "b", "contents": "Caf\u00e9\nx"}\n'.encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"latin1.jsonl:2: not valid UTF-8 .*re-encode"):
+        load_corpus(path)
 
 
 def test_directory_without_manifest_is_not_overwritten_silently(corpus_path):
@@ -245,7 +369,8 @@ def test_missing_sentence_transformers_is_a_clear_error(corpus_path, monkeypatch
 def test_server_speaks_search_r1_protocol(bm25_retriever):
     with serve_in_thread(bm25_retriever, default_topk=2) as url:
         health = httpx.get(f"{url}/health").json()
-        assert health == {"status": "ok", "default_topk": 2, "backend": "bm25", "num_docs": 36}
+        assert health == {"status": "ok", "default_topk": 2, "backend": "bm25", "num_docs": 36,
+                          "max_queries": 1024, "max_query_chars": 8192}  # fmt: skip
 
         scored = httpx.post(
             f"{url}/retrieve", json={"queries": ["capital of Germany"], "topk": 1, "return_scores": True}
@@ -339,10 +464,10 @@ def test_port_in_use_is_named_and_port_zero_picks_a_free_one():
 
 
 def test_cli_build_only_and_start_up_errors(corpus_path, tmp_path, capsys):
-    assert retriever_mod.main(["--corpus", str(corpus_path), "--build-only", "--log-level", "warning"]) == 0
+    assert server_mod.main(["--corpus", str(corpus_path), "--build-only", "--log-level", "warning"]) == 0
     assert "index ready" in capsys.readouterr().out
 
-    assert retriever_mod.main(["--corpus", str(tmp_path / "missing.jsonl")]) == 2
+    assert server_mod.main(["--corpus", str(tmp_path / "missing.jsonl")]) == 2
     assert "corpus file not found" in capsys.readouterr().err
 
     holder = socket.socket()
@@ -350,7 +475,7 @@ def test_cli_build_only_and_start_up_errors(corpus_path, tmp_path, capsys):
     holder.listen()
     port = holder.getsockname()[1]
     try:
-        assert retriever_mod.main(["--corpus", str(corpus_path), "--port", str(port), "--log-level", "warning"]) == 2
+        assert server_mod.main(["--corpus", str(corpus_path), "--port", str(port), "--log-level", "warning"]) == 2
     finally:
         holder.close()
     assert f"port {port}" in capsys.readouterr().err
@@ -358,7 +483,7 @@ def test_cli_build_only_and_start_up_errors(corpus_path, tmp_path, capsys):
 
 def test_cli_serves_over_http_in_a_subprocess(corpus_path, tmp_path):
     port_file = tmp_path / "port"
-    cmd = [sys.executable, "-m", "recipe.carl.search.retriever", "--corpus", str(corpus_path), "--port", "0",
+    cmd = [sys.executable, "-m", "recipe.carl.search.server", "--corpus", str(corpus_path), "--port", "0",
            "--port-file", str(port_file), "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -395,3 +520,45 @@ def test_launch_script_builds_and_checks_the_corpus(corpus_path, tmp_path):
     env["CORPUS"] = str(tmp_path / "missing.jsonl")
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "corpus file not found" in done.stderr
+
+
+def fake_python(folder: Path, body: str) -> Path:
+    """An executable ``folder/python3`` shell script (a stand-in for an environment's interpreter)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "python3"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def launch(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    script = REPO_ROOT / "scripts" / "launch_retriever.sh"
+    return subprocess.run(["bash", str(script), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_launch_script_uses_the_python_on_path_and_the_callers_relative_paths(corpus_path, tmp_path):
+    # No PYTHON, no CARL_VENV, no .venv in the repository: the active interpreter (first python3 on PATH) serves.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "CARL_VENV")}
+    bin_dir = tmp_path / "active_env" / "bin"
+    fake_python(bin_dir, f'exec {sys.executable} "$@"')
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    env["CORPUS"] = corpus_path.name  # relative to the caller's directory, not the repository's
+    done = launch(["--build-only", "--log-level", "warning"], env, cwd=corpus_path.parent)
+    assert done.returncode == 0, done.stderr
+    assert f"index ready: {corpus_path}.bm25_index (36 documents)" in done.stdout
+
+
+def test_launch_script_uses_carl_venv_and_names_a_python_without_the_packages(corpus_path, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["CORPUS"] = str(corpus_path)
+    env["CARL_VENV"] = str(tmp_path / "venv")
+    fake_python(tmp_path / "venv" / "bin", f'exec {sys.executable} "$@"').rename(tmp_path / "venv" / "bin" / "python")
+    done = launch(["--build-only"], env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    env.pop("CARL_VENV")
+    env["PYTHON"] = str(fake_python(tmp_path / "bare", "exit 1"))  # an interpreter without fastapi, bm25s, ...
+    done = launch([], env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"python '{tmp_path}/bare/python3' cannot import the retriever's packages" in done.stderr
+    assert "set PYTHON=/path/to/python" in done.stderr

@@ -2,8 +2,8 @@
 
 import pytest
 
+from recipe.carl.search.actions import parse_action
 from recipe.carl.synthhop.agent import Demo, ReferenceAgent, make_demos, read_fact, success_rate
-from recipe.carl.synthhop.env import _parse_action
 
 
 def test_oracle_agent_always_succeeds_with_one_search_per_hop(kb, env, splits):
@@ -36,7 +36,7 @@ def test_demo_messages_alternate_and_round_trip(kb, env, splits):
         assert messages[1]["content"] == d.question
         for m in messages[2:]:
             if m["role"] == "assistant":
-                assert _parse_action(m["content"])[0] in ("search", "answer")
+                assert parse_action(m["content"]).kind in ("search", "answer")
             else:
                 assert m["role"] == "tool" and m["content"].startswith("<information>")
         assert Demo.from_dict(d.to_dict()) == d

@@ -1,8 +1,10 @@
-"""Environment: the private action parser, observations, BM25 retrieval and episode termination."""
+"""Environment: actions through the search package's parser, observations, BM25 retrieval and episode termination."""
 
 import pytest
 
-from recipe.carl.synthhop.env import LocalSearch, _parse_action, format_answer, format_search, is_success
+from recipe.carl.search import retriever as search_retriever
+from recipe.carl.search.actions import parse_action
+from recipe.carl.synthhop.env import LocalSearch, format_answer, format_search, is_success
 
 
 @pytest.mark.parametrize(
@@ -11,22 +13,53 @@ from recipe.carl.synthhop.env import LocalSearch, _parse_action, format_answer, 
         ("<search> Uldal headquarters </search>", ("search", "Uldal headquarters")),
         ("  <search>Uldal   headquarters</search>\n", ("search", "Uldal headquarters")),
         ("<answer> Kalbor </answer>", ("answer", "Kalbor")),
+        ("<answer> Kalbor   Drein </answer>", ("answer", "Kalbor Drein")),
         ("Kalbor", ("invalid", "")),
         ("<answer>  </answer>", ("invalid", "")),
         ("<search> a </answer>", ("invalid", "")),
         ("<search> a </search> <answer> b </answer>", ("invalid", "")),
         ("<answer> <search> a </search> </answer>", ("invalid", "")),
-        ("thinking <answer> b </answer>", ("invalid", "")),
+        # As in the agent loop (parse_action): reasoning before the tag is allowed.
+        ("thinking <answer> b </answer>", ("answer", "b")),
+        ("<think> maybe <answer> x </answer> </think> <search> Uldal ceo </search>", ("search", "Uldal ceo")),
     ],
 )
-def test_parse_action(text, expected):
-    assert _parse_action(text) == expected
+def test_env_reads_actions_as_the_agent_loop_does(env, text, expected):
+    env.reset("Kalbor")
+    result = env.step(text)
+    assert (result.kind, result.argument) == expected
+    assert result.kind == parse_action(text).kind
+
+
+def test_env_parses_with_the_search_packages_parser(env, monkeypatch):
+    seen = []
+
+    def spy(text):
+        seen.append(text)
+        return parse_action(text)
+
+    monkeypatch.setattr("recipe.carl.synthhop.env.parse_action", spy)
+    env.reset("Drein")
+    env.step(format_answer("Drein"))
+    assert seen == [format_answer("Drein")]
 
 
 def test_format_helpers_parse_back():
-    assert _parse_action(format_search("Uldal ceo")) == ("search", "Uldal ceo")
-    assert _parse_action(format_answer("Drein")) == ("answer", "Drein")
+    assert parse_action(format_search("Uldal ceo")).query == "Uldal ceo"
+    assert parse_action(format_answer("Drein")).answer == "Drein"
     assert is_success(" Drein ", "Drein") and not is_success("drein", "Drein") and not is_success(None, "Drein")
+
+
+def test_local_search_is_the_search_packages_bm25(kb, search):
+    # One BM25: the same ranking and scores as the server's backend, plus zero-score fillers up to top_k.
+    assert isinstance(search._bm25, search_retriever.BM25Backend)
+    backend = search_retriever.BM25Backend.from_texts([d["contents"] for d in kb.corpus()])
+    for name in kb.names()[:40]:
+        query = f"{name} spouse"
+        served = backend.search([query], 2)[0]
+        local = search.retrieve(query)
+        assert [(h.title, h.score) for h in local][: len(served)] == [(search.titles[i], score) for i, score in served]
+        assert len(local) == 2
 
 
 def test_own_document_is_the_top_hit_for_every_entity_relation_query(kb, search):

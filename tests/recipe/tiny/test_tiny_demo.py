@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from carl_core import check_tree_record, read_jsonl
+from recipe.carl.io import read_jsonl
 from recipe.carl.tiny.demo import main, prepare_run_dir
+from tests.core.support import check_tree_record
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -45,14 +45,14 @@ def test_prompt_layout_matches_the_sft_layout(agent):
 
 def test_oracle_policy_scores_full_marks_and_a_wrong_one_none(agent):
     rows = agent.rows("test", 6)
-    real = agent.loop.server_manager
+    real = agent.server
     try:
-        agent.loop.server_manager = OracleServer(agent, rows)
+        agent.server = OracleServer(agent, rows)
         right = agent.evaluate(rows)
-        agent.loop.server_manager = OracleServer(agent, rows, wrong=True)
+        agent.server = OracleServer(agent, rows, wrong=True)
         wrong = agent.evaluate(rows)
     finally:
-        agent.loop.server_manager = real
+        agent.server = real
     assert right["n"] == 6 and right["em"] == 1.0 and right["format"] == 1.0
     assert right["score"] == pytest.approx(1.1)  # F1 + 0.1 format (recipe.carl.search.reward)
     assert wrong["em"] == 0.0 and wrong["score"] == pytest.approx(0.1)
@@ -60,12 +60,12 @@ def test_oracle_policy_scores_full_marks_and_a_wrong_one_none(agent):
 
 def test_several_samples_per_question_are_averaged(agent):
     rows = agent.rows("test", 3)
-    real = agent.loop.server_manager
+    real = agent.server
     try:
-        agent.loop.server_manager = OracleServer(agent, rows)
+        agent.server = OracleServer(agent, rows)
         result = agent.evaluate(rows, temperature=0.7, samples=2)
     finally:
-        agent.loop.server_manager = real
+        agent.server = real
     assert result["n"] == 6 and result["em"] == 1.0
 
 

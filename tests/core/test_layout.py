@@ -1,13 +1,18 @@
-"""Flattening into verl rows: every trained action exactly once, observations never, rows cut after training."""
+"""Laying out verl rows: every trained action exactly once, observations never, rows cut after training.
+
+`flatten_trees` (tests/core/support.py) is the production path: `layout_rows` per tree, then
+`compute_token_advantages` over the batch.
+"""
 
 import random
 
 import pytest
 import torch
 
-from carl_core import CARLConfig, collate_rows, flatten_batch, flatten_trees, score_trees
+from carl_core import CARLConfig, compute_token_advantages, expand_token_nodes, score_trees
 
 from .conftest import build_tree, random_tree
+from .support import flatten_trees
 
 
 def test_fig_tree_rows_by_hand(fig_tree):
@@ -77,36 +82,18 @@ def test_every_trained_action_once_and_observations_never(update_set, seed):
     assert all(len(rows_of) == 1 for rows_of in seen.values())  # ... in exactly one row
 
 
-def test_collate_pads_to_verl_layout(fig_tree):
-    rows = flatten_trees([fig_tree], score_trees([fig_tree], CARLConfig()))
-    batch = collate_rows(rows, response_length=8, pad_token_id=0)
-    assert batch["responses"].shape == (3, 8) and batch["response_mask"].shape == (3, 8)
-    assert batch["response_mask"].sum().item() == 8  # 4 trained actions x 2 tokens
-    assert batch["response_mask"][2].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
-    assert list(batch["index"]) == ["t", "t", "t"]
-    with pytest.raises(ValueError, match="response_length=4"):
-        collate_rows(rows, response_length=4)
-    with pytest.raises(ValueError, match="no rows"):
-        collate_rows([])
+def test_token_nodes_expand_with_tree_offsets():
+    runs = [[[1, 2], [-1, 3], [2, 1]], [], [[0, 1]]]
+    out = expand_token_nodes(runs, [10, 0, 5], width=7)
+    assert out.tolist() == [[11, 11, -1, -1, -1, 12, -1], [-1] * 7, [5, -1, -1, -1, -1, -1, -1]]
+    with pytest.raises(ValueError, match="row 0 has 6 response tokens but the batch is 4 wide"):
+        expand_token_nodes(runs[:1], [0], width=4)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_flat_batch_padding_equals_row_by_row_padding(seed):
-    rng = random.Random(seed)
-    config = CARLConfig(n0=2, n_forks=6, max_actions=4)
-    trees = [random_tree(rng, config, uid=f"u{i}") for i in range(5)]
-    s = score_trees(trees, config)
-    fast = flatten_batch(trees, s).to_padded(response_length=64, pad_token_id=3)
-    rows = flatten_trees(trees, s)
-    # Reference padding, one row at a time.
-    for i, r in enumerate(rows):
-        n = len(r.response_ids)
-        assert fast["responses"][i].tolist() == r.response_ids + [3] * (64 - n)
-        assert fast["response_mask"][i].tolist() == r.response_mask + [0] * (64 - n)
-        assert fast["advantages"][i, :n].tolist() == pytest.approx(r.advantages)
-        assert fast["token_node"][i].tolist() == r.token_node + [-1] * (64 - n)
-        p = fast["prompts"][i].tolist()
-        assert p[len(p) - len(r.prompt_ids) :] == r.prompt_ids and fast["index"][i] == r.uid
-    slow = collate_rows(rows, response_length=64, pad_token_id=3)
-    for key in ("responses", "response_mask", "advantages", "rollout_log_probs", "token_node", "prompts"):
-        assert torch.equal(fast[key], slow[key]), key
+def test_a_mask_outside_the_update_set_is_refused(fig_tree):
+    s = score_trees([fig_tree], CARLConfig())
+    token_node = torch.tensor([[3, 3]])  # a3 is not critical: a row must not train it
+    with pytest.raises(ValueError, match="not in the update set"):
+        compute_token_advantages(s.advantage, s.trained, token_node, torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="not in the update set"):  # an observation token marked trained
+        compute_token_advantages(s.advantage, s.trained, torch.tensor([[-1]]), torch.ones(1, 1, dtype=torch.long))

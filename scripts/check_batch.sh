@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Sourced by the run scripts: stop before Ray starts when an update's rows cannot be split over the GPUs.
+# verl splits each update's rows (ppo_mini_batch_size x rollout.n) over the data-parallel ranks and asserts
+# `mini_batch_size % dp == 0` at the first update; recipe/carl/preflight.py checks the same and words it the same.
+
+gcd() {
+    local a=$1 b=$2 t
+    while (( b )); do t=$b; b=$(( a % b )); a=$t; done
+    echo "$a"
+}
+
+# check_mini_batch MINI_BATCH ROLLOUT_N NNODES GPUS_PER_NODE [SP_SIZE]: exits 2 with the nearest working sizes.
+check_mini_batch() {
+    local mini=$1 n=$2 nnodes=$3 gpus=$4 sp=${5:-1}
+    local dp=$(( nnodes * gpus / sp )) rows=$(( $1 * $2 ))
+    (( rows % dp == 0 )) && return 0
+    local step=$(( dp / $(gcd "$dp" "$n") ))
+    local lower=$(( mini / step * step )) upper=$(( (mini / step + 1) * step )) sizes
+    if (( lower > 0 )); then sizes="$lower or $upper"; else sizes="$upper"; fi
+    echo "error: actor_rollout_ref.actor.ppo_mini_batch_size=$mini x rollout.n=$n = $rows rows per update do not" \
+        "divide among $dp data-parallel ranks (trainer.nnodes=$nnodes x trainer.n_gpus_per_node=$gpus); verl would" \
+        "stop at its \`mini_batch_size % dp == 0\` assert on the first update. Set" \
+        "actor_rollout_ref.actor.ppo_mini_batch_size=$sizes (the scripts' PPO_MINI_BATCH_ROWS for CARL," \
+        "PPO_MINI_BATCH_PROMPTS for GRPO), or use a GPU count whose data-parallel size divides $rows." >&2
+    exit 2
+}

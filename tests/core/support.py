@@ -1,0 +1,150 @@
+"""Test-only helpers over carl_core: synchronous tree growth, the dump invariant check, and the old row view.
+
+None of this is used in production; it lives here so that carl_core stays the algorithm alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from carl_core import (
+    CARLConfig,
+    ForkPlanner,
+    RolloutTree,
+    ScoredTrees,
+    Step,
+    compute_token_advantages,
+    expand_token_nodes,
+    grow_tree,
+    layout_rows,
+)
+
+
+class SyncEnvironment:
+    """Adapts two plain callables to carl_core's `Environment`, for simulations and tests."""
+
+    def __init__(self, step: Callable[[RolloutTree, int], Step], score: Callable[[RolloutTree, int], float]) -> None:
+        self._step, self._score = step, score
+
+    async def step(self, tree: RolloutTree, node_id: int) -> Step:
+        return self._step(tree, node_id)
+
+    async def score(self, tree: RolloutTree, leaf_id: int) -> float:
+        return self._score(tree, leaf_id)
+
+
+def grow_tree_sync(
+    tree: RolloutTree,
+    config: CARLConfig,
+    step: Callable[[RolloutTree, int], Step],
+    score: Callable[[RolloutTree, int], float],
+    rng: random.Random | None = None,
+) -> RolloutTree:
+    """`grow_tree` for synchronous step/score functions (no event loop needed by the caller)."""
+    return asyncio.run(grow_tree(tree, ForkPlanner(config, rng), SyncEnvironment(step, score)))
+
+
+def update_state_entropy(h_hat: float, n_hat: int, h_new: float) -> tuple[float, int]:
+    """Alg. 1, line 18, one update at a time: h <- (h' + h * n) / (n + 1) (the reference for the closed form)."""
+    if n_hat == 0:
+        return h_new, 1
+    return (h_new + h_hat * n_hat) / (n_hat + 1), n_hat + 1
+
+
+@dataclass
+class FlatRow:
+    """A laid-out row with its token advantages, in the shape the pre-refactor `flatten_trees` returned."""
+
+    uid: str
+    tree_index: int
+    leaf: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_mask: list[int]
+    advantages: list[float]
+    rollout_log_probs: list[float]
+    token_node: list[int]
+
+
+def flatten_trees(trees: list[RolloutTree], scored: ScoredTrees) -> list[FlatRow]:
+    """The production path for a batch of trees: `layout_rows` per tree, then `compute_token_advantages`."""
+    out = []
+    for b, tree in enumerate(trees):
+        base = scored.arrays.offsets[b]
+        trained = scored.trained[base : base + len(tree.nodes)].tolist()
+        for row in layout_rows(tree, trained):
+            width = len(row.response_ids)
+            token_node = expand_token_nodes([row.token_nodes], [base], width)
+            mask = torch.tensor([row.response_mask])
+            adv = compute_token_advantages(scored.advantage, scored.trained, token_node, mask)[0]
+            local = [v - base if v >= 0 else -1 for v in token_node[0].tolist()]
+            out.append(
+                FlatRow(
+                    tree.uid,
+                    b,
+                    row.leaf,
+                    row.prompt_ids,
+                    row.response_ids,
+                    row.response_mask,
+                    adv.tolist(),
+                    row.rollout_log_probs,
+                    local,
+                )
+            )
+    return out
+
+
+def check_tree_record(record: dict[str, Any], atol: float = 1e-6) -> None:
+    """Raises ValueError naming the first broken invariant of a dumped tree.
+
+    Checked: one root with `parent: null`; rewards on leaves only and leaf value = reward; with `mean` aggregation,
+    each inner value is the mean of its children's values; with the `critical` update set, exactly the actions whose
+    source state has more than one child are trained, each with advantage V(v) - V(u), all others with 0.
+    """
+    uid = record.get("uid")
+    nodes = {n["id"]: n for n in record["nodes"]}
+    roots = [n for n in nodes.values() if n["parent"] is None]
+    if len(roots) != 1:
+        raise ValueError(f"tree {uid}: {len(roots)} roots (parent null); exactly one expected.")
+    kids: dict[int, list[int]] = {i: [] for i in nodes}
+    for n in nodes.values():
+        if n["parent"] is not None:
+            if n["parent"] not in nodes:
+                raise ValueError(f"tree {uid}: node {n['id']} has missing parent {n['parent']}.")
+            kids[n["parent"]].append(n["id"])
+    for i, n in nodes.items():
+        if n["num_children"] != len(kids[i]):
+            raise ValueError(f"tree {uid}: node {i} says num_children={n['num_children']}, has {len(kids[i])}.")
+        if kids[i]:
+            if n["reward"] is not None:
+                raise ValueError(f"tree {uid}: inner node {i} carries a reward.")
+            if record.get("value_aggregation", "mean") == "mean":
+                mean = sum(nodes[c]["value"] for c in kids[i]) / len(kids[i])
+                if abs(n["value"] - mean) > atol:
+                    raise ValueError(f"tree {uid}: V({i})={n['value']} is not the mean of its children ({mean}).")
+        else:
+            if n["reward"] is None:
+                raise ValueError(f"tree {uid}: leaf {i} has no reward.")
+            if abs(n["value"] - n["reward"]) > atol:
+                raise ValueError(f"tree {uid}: leaf {i} has value {n['value']} != reward {n['reward']}.")
+        if n["parent"] is None:
+            if n["trained"]:
+                raise ValueError(f"tree {uid}: the root is marked trained; only actions (edges) can be.")
+            continue
+        if record.get("update_set", "critical") == "critical":
+            parent = nodes[n["parent"]]
+            critical = len(kids[parent["id"]]) > 1
+            if n["trained"] != critical:
+                raise ValueError(
+                    f"tree {uid}: action into node {i} has trained={n['trained']} but its source state has "
+                    f"{len(kids[parent['id']])} children (trained iff more than one, Eq. 13)."
+                )
+            expected = n["value"] - parent["value"] if critical else 0.0
+            if abs(n["advantage"] - expected) > atol:
+                raise ValueError(f"tree {uid}: A(->{i})={n['advantage']}, expected V(v)-V(u)={expected}.")
