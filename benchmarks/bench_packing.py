@@ -47,13 +47,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, grow_tree  # noqa: E402
-from carl_core.packing import pack_tree  # noqa: E402
 from recipe.carl.packing.attention import (  # noqa: E402
     build_attention_mask,
     layout_rows,
     logits_from_predecessors,
     to_model_layout,
 )
+from recipe.carl.packing.layout import pack_tree  # noqa: E402
 
 SFT_POLICY = REPO / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
 #: Named model shapes (Qwen2 architecture), built with random weights: nothing is downloaded.
@@ -79,6 +79,36 @@ class Row:
     response_mask: list[int]
     trained_keys: list[tuple[int, int]]
     """(tree, node) of each trained token, in order: to compare log-probs across layouts."""
+
+
+def tree_to_json(tree: RolloutTree) -> dict:
+    """A tree with every token id and log-prob (the `--dump-demo-trees` format, read back by `tree_from_json`)."""
+    nodes = []
+    for n in tree.nodes:
+        action = None
+        if n.action is not None:
+            action = {k: getattr(n.action, k) for k in ("token_ids", "log_probs", "observation_ids")}
+        nodes.append({"id": n.id, "parent": n.parent, "terminal": n.terminal, "finish_reason": n.finish_reason,
+                      "reward": n.reward, "action": action})  # fmt: skip
+    return {"uid": tree.uid, "prompt_ids": tree.prompt_ids, "max_actions": tree.max_actions, "nodes": nodes}
+
+
+def tree_from_json(data: dict) -> RolloutTree:
+    """Replays a `tree_to_json` dict through `RolloutTree.add_action` (node ids are creation order)."""
+    tree = RolloutTree(data["prompt_ids"], data["max_actions"], uid=data.get("uid", ""))
+    for node in data["nodes"][1:]:
+        a, reason = node["action"], node["finish_reason"]
+        done = node["terminal"] and reason != "max_actions" and not node.get("children")
+        nid = tree.add_action(node["parent"], a["token_ids"], a["log_probs"], a["observation_ids"], done=done,
+                              finish_reason=reason)  # fmt: skip
+        assert nid == node["id"]
+    for node in data["nodes"]:
+        if node["terminal"] and not tree.nodes[node["id"]].terminal:
+            tree.terminate(node["id"], node["finish_reason"])
+        if node["reward"] is not None:
+            tree.set_reward(node["id"], node["reward"])
+    tree.validate()
+    return tree
 
 
 def critical_mask(tree: RolloutTree) -> list[bool]:
@@ -112,8 +142,9 @@ def per_path_rows(tree: RolloutTree, b: int, trained: list[bool]) -> list[Row]:
 def packed_rows(tree: RolloutTree, b: int, trained: list[bool], max_tokens: int) -> list[Row]:
     rows = []
     for r in pack_tree(tree, trained, max_tokens - len(tree.prompt_ids)):
-        keys = [(b, v) for v, m in zip(r.token_node, r.response_mask, strict=True) if m]
-        rows.append(Row(r.prompt_ids + r.response_ids, len(r.prompt_ids), r.runs, r.response_mask, keys))
+        nodes = [v for v, count in r.token_nodes for _ in range(count)]
+        keys = [(b, v) for v, m in zip(nodes, r.response_mask, strict=True) if m]
+        rows.append(Row(r.prompt_ids + r.response_ids, len(r.prompt_ids), r.tree_runs, r.response_mask, keys))
     return rows
 
 
@@ -375,7 +406,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         if workload == "demo":
             trees, config = demo_trees(args)
             if args.dump_demo_trees:
-                args.dump_demo_trees.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in trees))
+                args.dump_demo_trees.write_text("".join(json.dumps(tree_to_json(t)) + "\n" for t in trees))
             args.micro_batch_tokens = 4096
             layouts = layouts_for(trees, 4096)
             grpo = grpo_tokens(trees, config.num_leaves, 0, synthetic=False)

@@ -1,6 +1,6 @@
 """Tree-packed training rows (`algorithm.carl.packing: tree`): each token of a tree is processed once per pass.
 
-- `carl_core.packing`: the layout (`pack_tree`) and its structure (`compute_tree_layout`), framework-free;
+- `recipe.carl.packing.layout`: the layout (`pack_tree`) and its structure (`compute_tree_layout`), framework-free;
 - `recipe.carl.packing.attention`: tree masks, path position ids and predecessor logits for a transformers model;
 - `recipe.carl.packing.engine`: verl's FSDP engine with the above, registered through `EngineRegistry` (the recipe
   plugin imports it when a process imports `verl.workers.engine`).

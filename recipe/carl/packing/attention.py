@@ -2,7 +2,7 @@
 
 No verl here (the engine in `recipe.carl.packing.engine` calls these), so the tests run them on a bare model.
 
-A packed row (`carl_core.packing`) needs three things a per-path row does not:
+A packed row (`recipe.carl.packing.layout`) needs three things a per-path row does not:
 
 1. **position ids** along each token's own path (`compute_tree_layout`);
 2. **an attention mask** from `span_end` (k is visible to q iff k <= q < span_end[k]), in the form the model's
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from carl_core.packing import compute_tree_attention_mask, compute_tree_layout
+from recipe.carl.packing.layout import compute_tree_attention_mask, compute_tree_layout
 
 ATTENTION_SETTING = "actor_rollout_ref.model.override_config.attn_implementation"
 """The verl setting that chooses the attention implementation (named in errors)."""
@@ -42,7 +42,7 @@ def layout_rows(
     """Position ids, subtree ends and predecessors of a micro-batch's rows (plain causal rows where runs is None).
 
     Args:
-        runs: each row's runs (`PackedRow.runs`), or None for an ordinary row [len: bs].
+        runs: each row's runs (`PackedRow.tree_runs`), or None for an ordinary row [len: bs].
         lengths: each row's number of tokens, prompt + response [len: bs].
 
     Returns:

@@ -1,10 +1,10 @@
 """verl's FSDP language-model engine with tree attention for packed rows, registered through `EngineRegistry`.
 
 `TreePackedFSDPEngine` is `FSDPEngineWithLMHead` plus one thing: a micro-batch row whose `extra_fields` carry
-`carl_tree_runs` (`carl_core.packing.PackedRow.runs`) is run with its path position ids, its tree attention mask and
-its logits taken at each token's predecessor (`recipe.carl.packing.attention`). Everything else (remove-padding or
-padded layouts, dynamic batch sizes, the log-prob, entropy and loss code, FSDP) is verl's own code, unchanged. A
-micro-batch without such rows goes straight to verl's `forward_step`.
+`carl_tree_runs` (`recipe.carl.packing.layout.PackedRow.tree_runs`) is run with its path position ids, its tree
+attention mask and its logits taken at each token's predecessor (`recipe.carl.packing.attention`). Everything else
+(remove-padding or padded layouts, dynamic batch sizes, the log-prob, entropy and loss code, FSDP) is verl's own
+code, unchanged. A micro-batch without such rows goes straight to verl's `forward_step`.
 
 Rows verl adds to fill a batch (`_balance_batch`: 128 EOS tokens, response_mask 0) copy another row's
 `extra_fields`; their runs do not fit their length and they train nothing, so they run as ordinary causal rows.
@@ -147,3 +147,7 @@ def register_engine() -> type[TreePackedFSDPEngine]:
         ):
             raise
     return TreePackedFSDPEngine
+
+
+# Importing this module registers the engine (see `recipe.carl.packing.register`).
+register_engine()

@@ -1,5 +1,8 @@
-"""Importing this registers `TreePackedFSDPEngine` (the recipe plugin imports it right after `verl.workers.engine`)."""
+"""Importing this registers `TreePackedFSDPEngine`: the recipe plugin imports it right after `verl.workers.engine`.
 
-from recipe.carl.packing.engine import register_engine
+A plain module import (no `from ... import`): when `recipe.carl.packing.engine` is imported first (tests), its own
+import of verl's engine package runs this hook while the engine module is still half-initialised; the engine module
+registers itself once it is complete.
+"""
 
-register_engine()
+import recipe.carl.packing.engine  # noqa: F401

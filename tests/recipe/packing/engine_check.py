@@ -52,16 +52,20 @@ def _trees(seed: int):
     return trees, trained
 
 
+def _nodes(row) -> list[int]:
+    return [node for node, count in row.token_nodes for _ in range(count)]
+
+
 def _rows(trees, trained, packed: bool):
     """(prompt, response, response_mask, per-token (tree, node) key or None, runs or None) per row."""
-    from carl_core.packing import pack_tree
+    from recipe.carl.packing.layout import pack_tree
 
     rows = []
     for b, (tree, tr) in enumerate(zip(trees, trained, strict=True)):
         if packed:
             for r in pack_tree(tree, tr, max_response_tokens=60):
-                keys = [(b, v) if m else None for v, m in zip(r.token_node, r.response_mask, strict=True)]
-                rows.append((r.prompt_ids, r.response_ids, r.response_mask, keys, r.runs))
+                keys = [(b, v) if m else None for v, m in zip(_nodes(r), r.response_mask, strict=True)]
+                rows.append((r.prompt_ids, r.response_ids, r.response_mask, keys, r.tree_runs))
             continue
         covered: set[int] = set()
         for leaf in tree.leaves():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from carl_core import CARLConfig, RolloutTree
-from carl_core.packing import pack_tree
+from benchmarks.bench_packing import tree_from_json
+from carl_core import CARLConfig
 from recipe.carl.cpu.tiny_model import build_tiny_model
 from recipe.carl.packing.attention import (
     build_attention_mask,
@@ -20,6 +20,7 @@ from recipe.carl.packing.attention import (
     logits_from_predecessors,
     to_model_layout,
 )
+from recipe.carl.packing.layout import pack_tree
 from tests.core.conftest import random_tree
 
 SFT_POLICY = Path(__file__).resolve().parents[3] / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
@@ -52,7 +53,7 @@ def _path_logprob(model, tree, node: int, observation: bool) -> torch.Tensor:
 def _packed_logprobs(model, rows, attn: str, packed_layout: bool, extra_plain: list[list[int]] = ()):
     """Per-row log-probs of every token (index t scores token t + 1), through mask + predecessor logits."""
     seqs = [r.prompt_ids + r.response_ids for r in rows] + list(extra_plain)
-    runs = [r.runs for r in rows] + [None] * len(extra_plain)
+    runs = [r.tree_runs for r in rows] + [None] * len(extra_plain)
     lengths = [len(s) for s in seqs]
     positions, ends, preds = layout_rows(runs, lengths)
     if packed_layout:
@@ -81,7 +82,7 @@ def _packed_logprobs(model, rows, attn: str, packed_layout: bool, extra_plain: l
 def _expected(model, tree, row) -> torch.Tensor:
     """Per-path log-prob of each response token of a packed row, in row order."""
     out, col = [], 0
-    nodes = row.token_node
+    nodes = [node for node, count in row.token_nodes for _ in range(count)]
     while col < len(nodes):
         v = nodes[col]
         if v >= 0:
@@ -136,7 +137,8 @@ def test_packed_gradient_equals_per_path_gradient():
     terms = []
     for row, tree, lp in zip(rows, owners, got, strict=True):
         p = len(row.prompt_ids)
-        w = torch.tensor([weight[(tree_of[id(tree)], v)] if v >= 0 else 0.0 for v in row.token_node])
+        nodes = [v for v, n in row.token_nodes for _ in range(n)]
+        w = torch.tensor([weight[(tree_of[id(tree)], v)] if v >= 0 else 0.0 for v in nodes])
         terms.append((lp[p - 1 : -1] * w * torch.tensor(row.response_mask)).sum())
     n_tokens = sum(sum(r.response_mask) for r in rows)
     (torch.stack(terms).sum() / n_tokens).backward()
@@ -192,7 +194,7 @@ def test_real_demo_trees_logprobs_equal_per_path_logprobs(dtype):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(SFT_POLICY), attn_implementation="sdpa").eval().to(dtype)
-    trees = [RolloutTree.from_dict(json.loads(line)) for line in DEMO_TREES.read_text().splitlines()]
+    trees = [tree_from_json(json.loads(line)) for line in DEMO_TREES.read_text().splitlines()]
     for tree in trees:
         # Eq. 13: an action is trained when its source state was forked
         trained = [n.parent is not None and len(tree.nodes[n.parent].children) > 1 for n in tree.nodes]

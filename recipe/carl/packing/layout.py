@@ -18,6 +18,11 @@ not the last of a2) and the end of its subtree. Because every subtree is a conti
 
 Observation tokens and actions trained in another row are context (`response_mask` 0); each trained action is
 trained in exactly one row; a path's tail after its last trained action is dropped (as per-path rows drop it).
+A `PackedRow` is a `carl_core.TrainingRow` (so the estimator maps advantages onto it through `token_nodes`, as onto
+any row) plus its runs and position ids.
+
+Framework-free (torch, numpy, `carl_core`), like `carl_core.layout`; it lives here because `carl_core` is kept under
+1,200 lines. It can move into `carl_core` unchanged.
 """
 
 from __future__ import annotations
@@ -28,25 +33,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from carl_core.tree import RolloutTree, TreeError
+from carl_core import RolloutTree, TrainingRow, TreeError
 
 
 @dataclass
-class PackedRow:
-    """One tree-packed training row (unpadded), in verl's names."""
+class PackedRow(TrainingRow):
+    """One tree-packed training row (unpadded): a `TrainingRow` whose `leaf` is the leaf its last path leads to."""
 
-    prompt_ids: list[int]
-    response_ids: list[int]
-    response_mask: list[int]
-    """1 on the tokens of the actions this row trains, 0 on observations and context actions."""
-    rollout_log_probs: list[float]
-    """Inference-engine log-prob of every action token, 0 on observation tokens."""
-    token_node: list[int]
-    """Node id of the action each response token belongs to, -1 on observation tokens."""
+    tree_runs: list[list[int]]
+    """[length, parent run] per run over prompt + response, in column order; run 0 is the prompt (parent -1)."""
     position_ids: list[int]
     """Position of every token of prompt + response on its own root-to-token path."""
-    runs: list[list[int]]
-    """[length, parent run] per run over prompt + response, in column order; run 0 is the prompt (parent -1)."""
 
 
 def compute_tree_layout(runs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,6 +145,7 @@ def pack_tree(tree: RolloutTree, trained: Sequence[bool], max_response_tokens: i
 
     # Step 2: group the kept paths greedily; a path costs its nodes not yet in the row.
     groups: list[set[int]] = []
+    last_end: list[int] = []  # each row's last path ends here
     used = 0
     for end in ends:
         path = tree.path(end)[1:]
@@ -160,13 +158,17 @@ def pack_tree(tree: RolloutTree, trained: Sequence[bool], max_response_tokens: i
         cost = sum(size(v, end) for v in path if v not in groups[-1]) if groups else full
         if not groups or used + cost > max_response_tokens:
             groups.append(set())
+            last_end.append(end)
             used, cost = 0, full
         used += cost
         groups[-1].update(path)
+        last_end[-1] = end
     # Step 3: each row in depth-first order; an action is trained in the first row that holds it.
     rows, covered = [], [False] * len(nodes)
-    for group in groups:
-        row = PackedRow(list(tree.prompt_ids), [], [], [], [], [], [[len(tree.prompt_ids), -1]])
+    for group, leaf in zip(groups, last_end, strict=True):
+        while nodes[leaf].children:  # the leaf the row's last path leads to (its tail is not in the row)
+            leaf = nodes[leaf].children[0]
+        row = PackedRow(leaf, list(tree.prompt_ids), [], [], [], [], [[len(tree.prompt_ids), -1]], [])
         last_run = {0: 0}
         for v in (v for v in order if v in group):
             action, parent = nodes[v].action, nodes[v].parent
@@ -177,14 +179,14 @@ def pack_tree(tree: RolloutTree, trained: Sequence[bool], max_response_tokens: i
             if action.observation_ids and any(c in group for c in nodes[v].children):
                 segments.append((action.observation_ids, [0.0] * len(action.observation_ids), 0, -1))
             for ids, log_probs, mask, node in segments:
-                row.runs.append([len(ids), last_run.get(v, last_run[parent])])
-                last_run[v] = len(row.runs) - 1
+                row.tree_runs.append([len(ids), last_run.get(v, last_run[parent])])
+                last_run[v] = len(row.tree_runs) - 1
                 row.response_ids += ids
                 row.response_mask += [mask] * len(ids)
                 row.rollout_log_probs += log_probs
-                row.token_node += [node] * len(ids)
+                row.token_nodes.append([node, len(ids)])
         if not tree.prompt_ids:  # an empty prompt is no run
-            row.runs = [[n, p - 1] for n, p in row.runs[1:]]
-        row.position_ids = compute_tree_layout(row.runs)[0].tolist()
+            row.tree_runs = [[n, p - 1] for n, p in row.tree_runs[1:]]
+        row.position_ids = compute_tree_layout(row.tree_runs)[0].tolist()
         rows.append(row)
     return rows

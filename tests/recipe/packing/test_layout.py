@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from carl_core import CARLConfig, TreeError
-from carl_core.packing import compute_tree_attention_mask, compute_tree_layout, pack_tree
+from recipe.carl.packing.layout import compute_tree_attention_mask, compute_tree_layout, pack_tree
+from tests.core.conftest import build_tree, random_tree
 
-from .conftest import random_tree
+
+@pytest.fixture
+def fig_tree():
+    """tests/core's 7-node tree: 0 -a1-> 1 -a2-> 2 -a3-> 3; 1 -a4-> 4 -a5-> 5; 0 -a6-> 6."""
+    lp = [-0.5, -1.0]
+    return build_tree([(0, lp, None), (1, lp, None), (2, lp, 1.0), (1, lp, None), (4, lp, 0.0), (0, lp, 1.0)])
+
+
+def _nodes(row) -> list[int]:
+    return [node for node, count in row.token_nodes for _ in range(count)]
 
 
 def _path_tokens(tree, node: int) -> list[tuple[int, int]]:
@@ -26,8 +36,8 @@ def _path_tokens(tree, node: int) -> list[tuple[int, int]]:
 def _check_row_against_paths(tree, row) -> None:
     """Every token sees exactly its own path, in order, with its generation-time position and predecessor."""
     ids = row.prompt_ids + row.response_ids
-    nodes = [0] * len(row.prompt_ids) + row.token_node
-    position, span_end, predecessor = compute_tree_layout(row.runs)
+    nodes = [0] * len(row.prompt_ids) + _nodes(row)
+    position, span_end, predecessor = compute_tree_layout(row.tree_runs)
     mask = compute_tree_attention_mask(torch.as_tensor(span_end))
     assert mask.shape == (len(ids), len(ids)) and row.position_ids == position.tolist()
     owner = []  # the action node each column belongs to (observations belong to the action before them)
@@ -49,11 +59,11 @@ def test_fig_tree_by_hand(fig_tree):
     # DFS: a1 o1 | a2 (tail a3 dropped, so a2's observation too) | a4 (tail a5 dropped) | a6
     assert row.response_ids == [100, 101, 901, 951, 200, 201, 400, 401, 600, 601]
     assert row.response_mask == [1, 1, 0, 0, 1, 1, 1, 1, 1, 1]
-    assert row.token_node == [1, 1, -1, -1, 2, 2, 4, 4, 6, 6]
-    assert row.runs == [[3, -1], [2, 0], [2, 1], [2, 2], [2, 2], [2, 0]]
+    assert row.token_nodes == [[1, 2], [-1, 2], [2, 2], [4, 2], [6, 2]] and row.leaf == 6
+    assert row.tree_runs == [[3, -1], [2, 0], [2, 1], [2, 2], [2, 2], [2, 0]]
     # a4 follows a2 in the row but sits at a2's positions; a6 starts right after the prompt.
     assert row.position_ids == [0, 1, 2, 3, 4, 5, 6, 7, 8, 7, 8, 3, 4]
-    position, span_end, predecessor = compute_tree_layout(row.runs)
+    position, span_end, predecessor = compute_tree_layout(row.tree_runs)
     assert predecessor.tolist() == [-1, 0, 1, 2, 3, 4, 5, 6, 7, 6, 9, 2, 11]
     assert span_end.tolist() == [13] * 3 + [11] * 4 + [9] * 2 + [11] * 2 + [13] * 2
     _check_row_against_paths(fig_tree, row)
@@ -71,7 +81,7 @@ def test_random_trees_every_token_sees_exactly_its_path(seed):
     # every trained action is trained exactly once, nothing else ever is
     counts = np.zeros(len(tree.nodes), dtype=int)
     for row in rows:
-        for node, m in zip(row.token_node, row.response_mask, strict=True):
+        for node, m in zip(_nodes(row), row.response_mask, strict=True):
             counts[node] += m
             assert m == 0 or trained[node]
     sizes = [len(n.action.token_ids) if t else 0 for n, t in zip(tree.nodes, trained, strict=True)]
