@@ -59,7 +59,7 @@ SFT_POLICY = REPO / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
 #: Named model shapes (Qwen2 architecture), built with random weights: nothing is downloaded.
 MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096),
+                 num_key_value_heads=2, vocab_size=32000),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
