@@ -55,11 +55,13 @@ from recipe.carl.packing.attention import (  # noqa: E402
 )
 from recipe.carl.packing.layout import pack_tree  # noqa: E402
 
+SYNTHETIC_VOCAB = 4000
+"""Token ids of the synthetic trees are drawn below this (every named model's vocabulary is larger)."""
 SFT_POLICY = REPO / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
 #: Named model shapes (Qwen2 architecture), built with random weights: nothing is downloaded.
 MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=32000),
+                 num_key_value_heads=2, vocab_size=4096),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -291,9 +293,9 @@ class SyntheticEnv:
         n = rng.randint(80, 120)
         done = depth >= 6 or (depth >= 4 and rng.random() < 0.5)
         return Step(
-            [rng.randrange(32000) for _ in range(n)],
+            [rng.randrange(SYNTHETIC_VOCAB) for _ in range(n)],
             [math.log(rng.uniform(0.05, 1.0)) for _ in range(n)],
-            [] if done else [rng.randrange(32000) for _ in range(rng.randint(450, 550))],
+            [] if done else [rng.randrange(SYNTHETIC_VOCAB) for _ in range(rng.randint(450, 550))],
             done=done,
             finish_reason="answer" if done else None,
         )
@@ -309,7 +311,8 @@ def shaped_trees(num: int, seed: int = 0) -> tuple[list[RolloutTree], CARLConfig
     async def grow_all():
         out = []
         for i in range(num):
-            tree = RolloutTree([rng.randrange(32000) for _ in range(300)], config.max_actions, uid=f"shape{i}")
+            prompt = [rng.randrange(SYNTHETIC_VOCAB) for _ in range(300)]
+            tree = RolloutTree(prompt, config.max_actions, uid=f"shape{i}")
             out.append(await grow_tree(tree, ForkPlanner(config, random.Random(i)), SyntheticEnv(rng)))
         return out
 
