@@ -77,4 +77,12 @@ def check_packing_config(config: Any, packing: str) -> list[str]:
         problems.append("actor_rollout_ref.actor.ulysses_sequence_parallel_size=1 (a path's tokens would span ranks)")
     if arr.model.get("use_fused_kernels", False):
         problems.append("actor_rollout_ref.model.use_fused_kernels=False (fused kernels bypass the LM head)")
+    longest_path = int(config.data.max_prompt_length) + int(config.data.max_response_length)
+    budget = packing_budget(config, 0)
+    if arr.actor.get("use_dynamic_bsz", False) and budget < longest_path:
+        problems.append(
+            f"every per-GPU token budget (ppo_max_token_len_per_gpu, log_prob_max_token_len_per_gpu) >= "
+            f"data.max_prompt_length + data.max_response_length = {longest_path} (got {budget}: a packed row holds "
+            "at least one whole path)"
+        )
     return problems

@@ -94,10 +94,13 @@ def test_per_sequence_loss_aggregation_is_refused_by_name(mode):
 def _config(**actor):
     return OmegaConf.create(
         {
+            "data": {"max_prompt_length": 100, "max_response_length": 900},
             "actor_rollout_ref": {
                 "actor": {"loss_agg_mode": "token-mean", "ulysses_sequence_parallel_size": 1, **actor},
                 "model": {"override_config": {"attn_implementation": "sdpa"}, "use_fused_kernels": False},
-            }
+                "rollout": {"log_prob_max_token_len_per_gpu": 4000},
+                "ref": {},
+            },
         }
     )
 
@@ -114,6 +117,11 @@ def test_config_check_names_each_setting():
     cfg.actor_rollout_ref.model.override_config = {}  # verl's default: flash_attention_2
     (problem,) = check_packing_config(cfg, "tree")
     assert "attn_implementation" in problem and "flash_attention_2" in problem and "flex_attention" in problem
+    # with dynamic batch sizes a packed row is bounded by the smallest per-GPU token budget, which must hold a path
+    cfg = _config(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=800)
+    (problem,) = check_packing_config(cfg, "tree")
+    assert "data.max_prompt_length + data.max_response_length = 1000 (got 800" in problem
+    assert check_packing_config(_config(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=8000), "tree") == []
 
 
 def _run_check(*args: str) -> dict:
@@ -136,3 +144,15 @@ def test_verl_engine_packed_rows_equal_per_path_rows(args):
     # one update step: SGD moves the weights by -lr * (clipped) gradient, AdamW's first step by ~lr * sign(gradient)
     assert res["SGD_max_grad_diff_rel"] < 1e-5 and res["AdamW_max_grad_diff_rel"] < 1e-5
     assert res["SGD_max_delta_diff_rel"] < 1e-4  # (fp32 rounding of weights near 1, e.g. norm gains)
+
+
+def test_row_budget_is_what_one_micro_batch_holds():
+    from recipe.carl.packing import packing_budget
+
+    # dynamic batch sizes: the smallest per-GPU token budget of the passes that run the row, minus the prompt
+    cfg = _config(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=8000)
+    assert packing_budget(cfg, prompt_length=30) == 4000 - 30
+    cfg.actor_rollout_ref.ref.log_prob_max_token_len_per_gpu = 2000
+    assert packing_budget(cfg, prompt_length=30) == 2000 - 30
+    # fixed micro-batch row counts: verl's usual row length
+    assert packing_budget(_config(use_dynamic_bsz=False), prompt_length=30) == 900
