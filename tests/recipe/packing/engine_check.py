@@ -171,6 +171,8 @@ def main() -> None:
         f"actor_rollout_ref.model.use_remove_padding={args.remove_padding}",
         f"actor_rollout_ref.model.override_config.attn_implementation={args.attn}",
         f"actor_rollout_ref.actor.loss_agg_mode={args.loss_agg_mode}",
+        "data.max_prompt_length=64",
+        "data.max_response_length=256",
         "actor_rollout_ref.actor.use_dynamic_bsz=True",
         "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=400",
         "actor_rollout_ref.actor.optim.lr=0.05",
