@@ -123,7 +123,8 @@ def build_attention_mask(span_end: torch.Tensor, attn_implementation: str, dtype
             return (kv <= q) & (q < span_end[b, kv])
 
         bs, length = span_end.shape
-        return create_block_mask(tree_mask, bs, None, length, length, device=span_end.device)
+        # compiled on a GPU, as transformers builds its own block masks: then no T x T mask is ever materialised
+        return create_block_mask(tree_mask, bs, None, length, length, device=span_end.device, _compile=span_end.is_cuda)
     raise ValueError(
         f"tree-packed rows (algorithm.carl.packing=tree) need an attention implementation that takes a tree mask, "
         f"but the model uses {attn_implementation!r}: set {ATTENTION_SETTING} to flex_attention (GPU) or sdpa "
