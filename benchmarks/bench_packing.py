@@ -19,8 +19,12 @@ through the same mask / position / predecessor-logit code (`recipe.carl.packing.
 transformers; the padded layout and sdpa on CPU (as the CPU yaml), verl's remove-padding layout and flex attention
 on a GPU. As a check, the packed and per-path log-probs of every trained token are compared (`max|dlogp|`).
 
-    python benchmarks/bench_packing.py                                   # CPU: both workloads (~3 min, 2 cores)
-    python benchmarks/bench_packing.py --device cuda --model qwen2.5-7b --time-trees 8
+    python benchmarks/bench_packing.py --repeats 5                       # CPU: both workloads (~6 min, 2 cores)
+    python benchmarks/bench_packing.py --device cuda --workloads 7B-shape --model qwen2.5-7b --time-trees 2 --repeats 2
+
+On a GPU the defaults are bf16, gradient checkpointing (as the 7B script), verl's remove-padding layout and flex
+attention for both layouts. The `demo` workload grows its trees with the recipe's CPU rollout (it needs verl);
+`7B-shape` needs only torch and transformers. `--scale` shrinks the synthetic trees (tests).
 
 The output ends with one line per workload: `<name> ratio=<packed/per-path tokens> ...`.
 """
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import math
 import random
@@ -213,13 +216,17 @@ def run_pass(model, rows, args, train: bool, optimizer=None) -> tuple[float, tor
         with torch.set_grad_enabled(train), logits_from_predecessors(model, lambda source=source: source):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            logits = logits.float().view(-1, logits.shape[-1])
+            flat = logits.view(-1, logits.shape[-1])
             index, labels = response_positions(batch, args.layout == "packed", ids.shape[-1])
             index, labels = index.to(device), labels.to(device)
-            logp_all = torch.log_softmax(logits, -1)
-            logp = logp_all[index].gather(-1, labels[:, None]).squeeze(-1)
-            if not train:  # verl's old-log-prob pass also computes each token's entropy
-                (-(logp_all.exp() * logp_all).sum(-1)).sum().item()
+            # fp32 log-softmax over the vocabulary at the trained tokens' positions only (a 7B-vocabulary fp32 copy
+            # of every position's logits would not fit next to the model)
+            logp = torch.log_softmax(flat[index].float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+            if not train:  # verl's old-log-prob pass also computes every token's entropy (here in chunks)
+                for chunk in flat.split(8192):
+                    c = chunk.float()
+                    lse = c.logsumexp(-1)
+                    (lse - (torch.softmax(c, -1) * c).sum(-1)).sum().item()
             if train:
                 # token-mean policy-gradient loss with unit advantages: the cost of verl's update
                 (-logp.sum() / n_trained).backward()
@@ -232,7 +239,7 @@ def run_pass(model, rows, args, train: bool, optimizer=None) -> tuple[float, tor
 
 def time_layouts(model, layouts: dict[str, list[Row]], args) -> dict[str, dict[str, float]]:
     """Median seconds of each pass per layout (interleaved, after one warm-up), and the log-prob agreement."""
-    state = copy.deepcopy(model.state_dict())
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # host copy: a 7B fits
     times: dict[str, dict[str, list[float]]] = {k: {"logprob": [], "update": []} for k in layouts}
     logps = {}
     for rep in range(args.repeats + 1):
@@ -285,17 +292,20 @@ def demo_trees(args) -> tuple[list[RolloutTree], CARLConfig]:
 class SyntheticEnv:
     """~100-token actions, ~500-token observations, trajectories of 4-6 actions (~5), random log-probs."""
 
-    def __init__(self, rng: random.Random):
-        self.rng = rng
+    def __init__(self, rng: random.Random, scale: float = 1.0):
+        self.rng, self.scale = rng, scale
+
+    def _n(self, low: int, high: int) -> int:
+        return max(1, round(self.rng.randint(low, high) * self.scale))
 
     async def step(self, tree: RolloutTree, node: int) -> Step:
         rng, depth = self.rng, tree.nodes[node].depth + 1
-        n = rng.randint(80, 120)
+        n = self._n(80, 120)
         done = depth >= 6 or (depth >= 4 and rng.random() < 0.5)
         return Step(
             [rng.randrange(SYNTHETIC_VOCAB) for _ in range(n)],
             [math.log(rng.uniform(0.05, 1.0)) for _ in range(n)],
-            [] if done else [rng.randrange(SYNTHETIC_VOCAB) for _ in range(rng.randint(450, 550))],
+            [] if done else [rng.randrange(SYNTHETIC_VOCAB) for _ in range(self._n(450, 550))],
             done=done,
             finish_reason="answer" if done else None,
         )
@@ -304,16 +314,16 @@ class SyntheticEnv:
         return float(self.rng.random() < 0.4)
 
 
-def shaped_trees(num: int, seed: int = 0) -> tuple[list[RolloutTree], CARLConfig]:
+def shaped_trees(num: int, seed: int = 0, scale: float = 1.0) -> tuple[list[RolloutTree], CARLConfig]:
     config = CARLConfig(n0=8, n_forks=16, max_actions=32)
     rng = random.Random(seed)
 
     async def grow_all():
         out = []
         for i in range(num):
-            prompt = [rng.randrange(SYNTHETIC_VOCAB) for _ in range(300)]
+            prompt = [rng.randrange(SYNTHETIC_VOCAB) for _ in range(max(1, round(300 * scale)))]
             tree = RolloutTree(prompt, config.max_actions, uid=f"shape{i}")
-            out.append(await grow_tree(tree, ForkPlanner(config, random.Random(i)), SyntheticEnv(rng)))
+            out.append(await grow_tree(tree, ForkPlanner(config, random.Random(i)), SyntheticEnv(rng, scale)))
         return out
 
     return asyncio.run(grow_all()), config
@@ -325,7 +335,7 @@ def trajectory_tokens(tree: RolloutTree, leaf: int) -> int:
     return len(tree.prefix_ids(leaf)) - (len(action.observation_ids) if action else 0)
 
 
-def grpo_tokens(trees: list[RolloutTree], leaves: int, seed: int, synthetic: bool) -> int:
+def grpo_tokens(trees: list[RolloutTree], leaves: int, seed: int, synthetic: bool, scale: float = 1.0) -> int:
     """Tokens of GRPO's rows for the same number of leaves: independent whole trajectories from each root."""
     if not synthetic:  # real trees: N0 + N trajectories of the tree's own mean leaf-path length
         total = 0
@@ -338,7 +348,7 @@ def grpo_tokens(trees: list[RolloutTree], leaves: int, seed: int, synthetic: boo
 
     async def one(tree: RolloutTree) -> int:
         t = RolloutTree(tree.prompt_ids, 32)
-        await grow_tree(t, ForkPlanner(single), SyntheticEnv(rng))
+        await grow_tree(t, ForkPlanner(single), SyntheticEnv(rng, scale))
         return trajectory_tokens(t, t.leaves()[0])
 
     for tree in trees:
@@ -355,7 +365,7 @@ def layouts_for(trees: list[RolloutTree], max_tokens: int) -> dict[str, list[Row
     return {"packed": packed, "per-path": per_path}
 
 
-def build_model(name: str, device: str, bf16: bool, attn: str):
+def build_model(name: str, device: str, bf16: bool, attn: str, checkpointing: bool = False):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if name == "sft":
@@ -363,6 +373,8 @@ def build_model(name: str, device: str, bf16: bool, attn: str):
     else:
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(**MODELS[name], tie_word_embeddings=False, attn_implementation=attn))
+    if checkpointing:  # as the 7B script (enable_gradient_checkpointing=True): activations of 28k-token micro-batches
+        model.gradient_checkpointing_enable()
     return model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
@@ -390,11 +402,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--model", default=None, help=f"7B-shape model: {', '.join(MODELS)} (cpu: tiny, cuda: qwen2.5-0.5b)")
     p.add_argument("--attn", default=None, help="sdpa | eager | flex_attention (cpu: sdpa, cuda: flex_attention)")
     p.add_argument("--layout", default=None, choices=["padded", "packed"], help="cpu: padded, cuda: packed")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (default on cuda)")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (default on cuda)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (default on cuda)")
     p.add_argument("--demo-trees", type=int, default=16)
     p.add_argument("--count-trees", type=int, default=128)
-    p.add_argument("--time-trees", type=int, default=None, help="7B-shape trees timed (cpu: 1, cuda: 8)")
+    p.add_argument("--time-trees", type=int, default=None, help="7B-shape trees timed (cpu: 1, cuda: 2)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scale", type=float, default=1.0, help="7B-shape: multiply every token count (tests: 0.05)")
     p.add_argument("--dump-demo-trees", type=Path, default=None, help="write the grown demo trees (JSON lines)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -402,7 +416,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     args.layout = args.layout or ("packed" if cuda else "padded")
     args.bf16 = args.bf16 or cuda
     model_name = args.model or ("qwen2.5-0.5b" if cuda else "tiny")
-    time_trees = args.time_trees if args.time_trees is not None else (8 if cuda else 1)
+    args.checkpointing = args.checkpointing or cuda
+    time_trees = args.time_trees if args.time_trees is not None else (2 if cuda else 1)
     print(f"device={args.device} attn={args.attn} layout={args.layout} bf16={args.bf16} torch={torch.__version__}")
     lines: list[str] = []
     for workload in args.workloads.split(","):
@@ -415,12 +430,12 @@ def main(argv: list[str] | None = None) -> list[str]:
             grpo = grpo_tokens(trees, config.num_leaves, 0, synthetic=False)
             times = time_layouts(build_model("sft", args.device, args.bf16, args.attn), layouts, args)
         elif workload == "7B-shape":
-            trees, config = shaped_trees(args.count_trees)
+            trees, config = shaped_trees(args.count_trees, scale=args.scale)
             args.micro_batch_tokens = (2048 + 12288) * 2  # MAX_TOKENS_PER_GPU of run_carl_qwen7b.sh
             layouts = layouts_for(trees, args.micro_batch_tokens)
-            grpo = grpo_tokens(trees, config.num_leaves, 1, synthetic=True)
+            grpo = grpo_tokens(trees, config.num_leaves, 1, synthetic=True, scale=args.scale)
             timed = layouts_for(trees[:time_trees], args.micro_batch_tokens) if time_trees else None
-            model = build_model(model_name, args.device, args.bf16, args.attn) if timed else None
+            model = build_model(model_name, args.device, args.bf16, args.attn, args.checkpointing) if timed else None
             times = time_layouts(model, timed, args) if timed else None
         else:
             raise SystemExit(f"unknown workload {workload!r}: use demo, 7B-shape")
