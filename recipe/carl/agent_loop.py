@@ -57,6 +57,8 @@ from carl_core import (
     grow_tree,
     layout_rows,
 )
+from recipe.carl.packing import RUNS_KEY, packing_budget
+from recipe.carl.packing.layout import PackedRow, pack_tree
 from recipe.carl.search.actions import INVALID_ACTION_FEEDBACK, STOP_STRINGS, parse_action, render_observation
 from recipe.carl.search.reward import compute_score as default_compute_score
 from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
@@ -402,7 +404,11 @@ class CarlAgentLoop(AgentLoopBase):
     def outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
         """One `AgentLoopOutput` per `layout_rows` row; a tree without any action gives one all-masked row."""
         parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes])
-        rows = layout_rows(tree, compute_trained_mask(parent, self.update_set).tolist())
+        trained = compute_trained_mask(parent, self.update_set).tolist()
+        if self.mode == "tree" and self.settings.packing == "tree":  # one row per tree (recipe.carl.packing)
+            rows = pack_tree(tree, trained, packing_budget(self.config, len(tree.prompt_ids)))
+        else:
+            rows = layout_rows(tree, trained)
         if not rows:  # e.g. prompt_too_long: one row of one masked token, so verl still sees the tree
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             prompt = tree.prompt_ids[-self.prompt_length :]
@@ -437,6 +443,7 @@ class CarlAgentLoop(AgentLoopBase):
                         "carl_leaf": row.leaf,
                         "carl_tree": description if i == 0 else None,
                         "reward_extra_info": env.leaf_info.get(row.leaf, {}),
+                        **({RUNS_KEY: row.tree_runs} if isinstance(row, PackedRow) else {}),
                     },
                 )
             )

@@ -10,7 +10,9 @@ hook), so a process pays only for the verl modules it uses itself:
   registry) is imported;
 - agent loops `carl_agent` / `carl_chain_agent` -> `recipe.carl.agent_loop`, once
   `verl.experimental.agent_loop` (the agent-loop registry) is imported; the agent-loop yaml registers the same names
-  with their constructor arguments in the workers.
+  with their constructor arguments in the workers;
+- the actor's and reference's FSDP engine -> `recipe.carl.packing.engine.TreePackedFSDPEngine` (verl's engine plus
+  tree attention for tree-packed rows, `algorithm.carl.packing=tree`), once `verl.workers.engine` is imported;
 - the `file` metrics logger -> `recipe.carl.metrics_file.ResumingFileLogger` (a resumed run keeps the earlier steps'
   lines), once `verl.utils.tracking` is imported.
 
@@ -39,6 +41,7 @@ REGISTRATIONS = {
     "verl.trainer.ppo.core_algos": "recipe.carl.estimator",
     "verl.trainer.ppo.v1": "recipe.carl.trainer",
     "verl.experimental.agent_loop": "recipe.carl.agent_loop",
+    "verl.workers.engine": "recipe.carl.packing.register",
     # Not a registry: verl's `file` logger truncates its metrics file on resume; this makes it resumable.
     "verl.utils.tracking": "recipe.carl.metrics_file",
 }

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from carl_core import CARLConfig, CARLConfigError
+from recipe.carl.packing import PACKING_MODES, check_packing_config
 
 ESTIMATOR = "carl"
 TRAINER_MODE = "carl"
@@ -44,6 +45,9 @@ class RecipeSettings:
     bad_rows: str = "error"
     """What the start-up data check (`recipe.carl.preflight`) does with rows it cannot train on: `error` stops the run
     naming file and row; `skip` trains on the others from filtered copies (the skipped rows are listed)."""
+    packing: str = "path"
+    """Training rows: `path` (one row per leaf path with a new trained action) or `tree` (one row per tree, each
+    token once, with a tree attention mask: `recipe.carl.packing`)."""
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -61,6 +65,8 @@ class RecipeSettings:
             fail(f"max_search_error_rate={self.max_search_error_rate!r} must be in [0, 1] (1.0 never stops).")
         if self.bad_rows not in ("error", "skip"):
             fail(f"bad_rows={self.bad_rows!r} is unknown: use error (stop at bad rows) or skip (train on the rest).")
+        if self.packing not in PACKING_MODES:
+            fail(f"packing={self.packing!r} is unknown: use path (the default) or tree (tree-packed rows).")
 
 
 RECIPE_KEYS = {f.name: f.default for f in fields(RecipeSettings) if f.name != "carl"}
@@ -127,6 +133,7 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
             "algorithm.rollout_correction.rollout_is=null and rollout_rs=null (or bypass_mode=true): the CARL "
             "trainer does not recompute importance weights in the advantage step"
         )
+    problems += check_packing_config(config, settings.packing)
     if problems:
         raise CARLConfigError("algorithm.adv_estimator=carl needs: " + "; ".join(problems) + ".")
     return settings

@@ -62,7 +62,7 @@ def test_each_registration_waits_for_its_verl_module():
         "[]",
         "['recipe.carl.estimator'] compute_carl_advantage",
         "['recipe.carl.estimator'] HFRolloutReplica",
-        "FSDPEngineWithLMHead",
+        "TreePackedFSDPEngine",  # verl's FSDP engine + tree-packed rows (recipe.carl.packing), via the plugin
         "['recipe.carl.estimator', 'recipe.carl.agent_loop'] True",
         "['recipe.carl.estimator', 'recipe.carl.trainer', 'recipe.carl.agent_loop'] CARLTrainer",
     ]

@@ -1,0 +1,158 @@
+"""The packed-row engine: which rows it treats as packed, what it refuses, and (slow) verl's real FSDP2 engine on CPU
+giving packed rows the per-path rows' log-probs, gradient and parameter change."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from recipe.carl.packing import RUNS_KEY, check_packing_config
+
+REPO = Path(__file__).resolve().parents[3]
+CHECK = Path(__file__).with_name("engine_check.py")
+
+
+def _td(rows):
+    """verl's V1 layout of rows given as (prompt length, response length, trained tokens, runs or None)."""
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    fields = []
+    for p, r, trained, runs in rows:
+        mask = torch.zeros(r, dtype=torch.long)
+        mask[:trained] = 1
+        fields.append(
+            {
+                "prompts": torch.arange(p),
+                "responses": torch.arange(r),
+                "input_ids": torch.arange(p + r),
+                "response_mask": mask,
+                "extra_fields": {} if runs is None else {RUNS_KEY: runs},
+            }
+        )
+    return list_of_dict_to_tensordict(fields)
+
+
+def test_rows_without_runs_leave_the_micro_batch_to_verl():
+    from recipe.carl.packing.engine import packed_runs
+
+    assert packed_runs(_td([(3, 4, 1, None), (2, 2, 1, None)])) is None
+
+
+def test_packed_rows_and_padding_rows():
+    from recipe.carl.packing.engine import packed_runs
+
+    runs = [[3, -1], [2, 0], [2, 0]]
+    # a packed row; verl's padding row (another row's extra_fields, 128 tokens, nothing trained): causal
+    got = packed_runs(_td([(3, 4, 2, runs), (127, 1, 0, runs), (2, 2, 1, None)]))
+    assert got == [runs, None, None]
+
+
+def test_runs_that_do_not_fit_a_trained_row_are_an_error():
+    from recipe.carl.packing.engine import packed_runs
+
+    with pytest.raises(ValueError, match="packed row 0 has 8 tokens but its carl_tree_runs describe 7"):
+        packed_runs(_td([(3, 5, 2, [[3, -1], [2, 0], [2, 0]])]))
+
+
+def test_mini_batches_keep_the_runs():
+    """verl's update splits a batch with `make_iterator`; every mini-batch row keeps its own runs."""
+    from verl.utils import tensordict_utils as tu
+
+    td = _td([(3, 4, 1, [[3, -1], [4, 0]]), (2, 2, 1, None), (3, 3, 1, [[3, -1], [3, 0]]), (2, 5, 1, None)])
+    seen = []
+    for mini in tu.make_iterator(td, mini_batch_size=2, epochs=1, seed=0, dataloader_kwargs={"shuffle": True}):
+        for extra, ids in zip(tu.get(mini, "extra_fields"), mini["input_ids"].unbind(), strict=True):
+            runs = extra.get(RUNS_KEY)
+            assert runs is None or sum(n for n, _ in runs) == len(ids)
+            seen.append(runs is not None)
+    assert sorted(seen) == [False, False, True, True]
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_per_sequence_loss_aggregation_is_refused_by_name(mode):
+    from verl.workers.utils.losses import ppo_loss
+
+    from recipe.carl.packing.engine import check_loss_aggregation
+
+    class Cfg:
+        loss_agg_mode = mode
+
+    with pytest.raises(ValueError, match=f"loss_agg_mode={mode} averages per row"):
+        check_loss_aggregation(partial(ppo_loss, config=Cfg()))
+    Cfg.loss_agg_mode = "token-mean"
+    check_loss_aggregation(partial(ppo_loss, config=Cfg()))
+
+
+def _config(**actor):
+    return OmegaConf.create(
+        {
+            "data": {"max_prompt_length": 100, "max_response_length": 900},
+            "actor_rollout_ref": {
+                "actor": {"loss_agg_mode": "token-mean", "ulysses_sequence_parallel_size": 1, **actor},
+                "model": {"override_config": {"attn_implementation": "sdpa"}, "use_fused_kernels": False},
+                "rollout": {"log_prob_max_token_len_per_gpu": 4000},
+                "ref": {},
+            },
+        }
+    )
+
+
+def test_config_check_names_each_setting():
+    assert check_packing_config(_config(), "tree") == []
+    assert check_packing_config(_config(loss_agg_mode="seq-mean-token-mean"), "path") == []
+    problems = check_packing_config(
+        _config(loss_agg_mode="seq-mean-token-sum", ulysses_sequence_parallel_size=2), "tree"
+    )
+    assert "actor_rollout_ref.actor.loss_agg_mode" in problems[0] and "seq-mean-token-sum" in problems[0]
+    assert "ulysses_sequence_parallel_size=1" in problems[1]
+    cfg = _config()
+    cfg.actor_rollout_ref.model.override_config = {}  # verl's default: flash_attention_2
+    (problem,) = check_packing_config(cfg, "tree")
+    assert "attn_implementation" in problem and "flash_attention_2" in problem and "flex_attention" in problem
+    # with dynamic batch sizes a packed row is bounded by the smallest per-GPU token budget, which must hold a path
+    cfg = _config(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=800)
+    (problem,) = check_packing_config(cfg, "tree")
+    assert "data.max_prompt_length + data.max_response_length = 1000 (got 800" in problem
+    assert check_packing_config(_config(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=8000), "tree") == []
+
+
+def _run_check(*args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
+    env.update(CARL_DEVICE="cpu", CARL_RAY_PENDING_TIMEOUT_S="0", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(CHECK), *args], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [(), ("--remove-padding", "--loss-agg-mode", "token-sum")])
+def test_verl_engine_packed_rows_equal_per_path_rows(args):
+    res = _run_check(*args)
+    assert res["engine"] == "TreePackedFSDPEngine" and res["refused"] == [] and res["trained_tokens"] > 20
+    assert res["max_abs_logp_diff"] <= 1e-5  # the old-log-prob pass
+    # one update step: SGD moves the weights by -lr * (clipped) gradient, AdamW's first step by ~lr * sign(gradient)
+    assert res["SGD_max_grad_diff_rel"] < 1e-5 and res["AdamW_max_grad_diff_rel"] < 1e-5
+    assert res["SGD_max_delta_diff_rel"] < 1e-4  # (fp32 rounding of weights near 1, e.g. norm gains)
+
+
+def test_row_budget_is_what_one_micro_batch_holds():
+    from recipe.carl.packing import packing_budget
+
+    # dynamic batch sizes: the smallest per-GPU token budget of the passes that run the row, minus the prompt
+    cfg = _config(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=8000)
+    assert packing_budget(cfg, prompt_length=30) == 4000 - 30
+    cfg.actor_rollout_ref.ref.log_prob_max_token_len_per_gpu = 2000
+    assert packing_budget(cfg, prompt_length=30) == 2000 - 30
+    # fixed micro-batch row counts: verl's usual row length
+    assert packing_budget(_config(use_dynamic_bsz=False), prompt_length=30) == 900
