@@ -75,7 +75,7 @@ class DemoConfig:
     """GRPO's trajectories per question; None: the CARL tree's N0 + N."""
     max_actions: int = 6
     lr: float = 3e-4
-    """With 16 questions per step (the README lists the settings tried: 1e-3 collapses, 1e-4 moves less)."""
+    """With 16 questions per step (docs/measurements.md lists the settings tried: 1e-3 collapses, 1e-4 moves less)."""
     temperature: float = 0.7
     """Rollout and validation temperature (the paper gives none): 29 % of the start's sampled rollouts succeed at
     T=0.7, 14 % at T=1, 53 % greedy."""
