@@ -184,11 +184,11 @@ def payload(trees: list[RolloutTree], multiple: int = 256) -> tuple[int, int, in
     return len(after), pad, size(before) + pad * size(before[:1]), size(after) + pad * size([plain])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     print(f"{'trees':>6} {'rows':>6} {'resp_len':>8} {'carl_s':>8} {'grpo_s':>8} {'ratio':>6}")
     ratios = []
@@ -200,7 +200,9 @@ def main() -> None:
     rows, pad, before, after = payload(make_trees(args.trees, action_tokens=100, obs_tokens=500))
     print(f"\nextra_fields of one 7B-shaped step ({args.trees} trees, {rows} rows + {pad} padding rows):")
     print(f"  before issue 17: {before / 2**20:8.1f} MiB\n  now:             {after / 2**20:8.2f} MiB")
-    print(f"time ratio={max(ratios):.2f} payload ratio={after / before:.4f}")
+    line = f"time ratio={max(ratios):.2f} payload ratio={after / before:.4f}"
+    print(line)
+    return line
 
 
 if __name__ == "__main__":
