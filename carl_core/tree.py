@@ -255,7 +255,7 @@ def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
         depth[i] = depth[p] + 1 if p >= 0 else 0
     reward = [r for d in descriptions for r in d["reward"]]
     entropy = [math.nan if h is None else h for d in descriptions for h in d["entropy"]]
-    forked = torch.zeros_like(parent_t)
+    forked = [0] * len(parent)
     for base, d in zip(offsets, descriptions, strict=True):
         for s in d["forks"]:
             forked[base + s] += 1
@@ -269,7 +269,7 @@ def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
         ),
         action_entropy=torch.tensor(entropy, dtype=torch.float64),
         num_tokens=torch.tensor([t for d in descriptions for t in d["tokens"]], dtype=torch.long),
-        forked=forked,
+        forked=torch.tensor(forked, dtype=torch.long),
         offsets=offsets,
         finish=[f for d in descriptions for f in d["finish"]],
         aborted=sum(int(d.get("aborted", 0)) for d in descriptions),

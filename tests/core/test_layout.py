@@ -97,3 +97,16 @@ def test_a_mask_outside_the_update_set_is_refused(fig_tree):
         compute_token_advantages(s.advantage, s.trained, token_node, torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="not in the update set"):  # an observation token marked trained
         compute_token_advantages(s.advantage, s.trained, torch.tensor([[-1]]), torch.ones(1, 1, dtype=torch.long))
+
+
+def test_a_non_finite_advantage_on_a_trained_token_is_refused(fig_tree):
+    s = score_trees([fig_tree], CARLConfig())
+    node = int(torch.nonzero(s.trained)[0])
+    bad = s.advantage.clone()
+    bad[node] = float("nan")
+    token_node = torch.tensor([[node, node, -1]])
+    mask = torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="non-finite"):
+        compute_token_advantages(bad, s.trained, token_node, mask)
+    untrained = torch.tensor([[node, node, -1]])  # the same NaN node on context tokens only is not looked up
+    assert torch.all(compute_token_advantages(bad, s.trained, untrained, torch.zeros(1, 3, dtype=torch.long)) == 0)
