@@ -96,18 +96,23 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def batch_inputs(trees: list[RolloutTree]) -> tuple[list[dict[str, Any]], list[str], torch.Tensor]:
+    """The rows' `extra_fields`, their uids (questions) and the padded `response_mask` [shape: (rows, width)]."""
+    fields = [f for t in trees for f in agent_loop_fields(t)]
+    mask = torch.zeros(len(fields), max(f["len"] for f in fields), dtype=torch.long)
+    for i, f in enumerate(fields):
+        mask[i, : f["len"]] = torch.tensor(f["mask"])
+    return fields, [f["carl_tree_id"].rsplit("_", 1)[0] for f in fields], mask
+
+
 def measure(trees: list[RolloutTree], repeats: int) -> tuple[int, int, float, float]:
     """(rows, response_length, CARL seconds, GRPO seconds) for one batch, best of `repeats`."""
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
     from recipe.carl.estimator import carl_batch_from_rows, compute_carl_advantage
 
-    fields = [f for t in trees for f in agent_loop_fields(t)]
-    width = max(f["len"] for f in fields)
-    mask = torch.zeros(len(fields), width, dtype=torch.long)
-    for i, f in enumerate(fields):
-        mask[i, : f["len"]] = torch.tensor(f["mask"])
-    uids = [f["carl_tree_id"].rsplit("_", 1)[0] for f in fields]
+    fields, uids, mask = batch_inputs(trees)
+    width = mask.shape[1]
     algorithm = {"carl": {"n0": CONFIG.n0, "n_forks": CONFIG.n_forks, "max_actions": CONFIG.max_actions}}
 
     def carl() -> None:

@@ -5,7 +5,7 @@ import pickle
 
 import torch
 
-from benchmarks.bench_core import CONFIG, agent_loop_fields, main, make_trees, payload
+from benchmarks.bench_core import CONFIG, agent_loop_fields, batch_inputs, main, make_trees, payload
 from carl_core import score_trees
 
 
@@ -13,13 +13,9 @@ def test_fields_are_the_agent_loops_rows_and_the_estimator_scores_them():
     from recipe.carl.estimator import carl_batch_from_rows, compute_carl_advantage
 
     trees = make_trees(3, action_tokens=8, obs_tokens=4)
-    fields = [f for t in trees for f in agent_loop_fields(t)]
+    fields, uids, mask = batch_inputs(trees)
     assert [f["carl_tree"] is not None for f in fields].count(True) == len(trees)  # one description per tree
-    width = max(f["len"] for f in fields)
-    mask = torch.zeros(len(fields), width, dtype=torch.long)
-    for i, f in enumerate(fields):
-        mask[i, : f["len"]] = torch.tensor(f["mask"])
-    uids = [f["carl_tree_id"].rsplit("_", 1)[0] for f in fields]
+    width = mask.shape[1]
     algorithm = {"carl": {"n0": CONFIG.n0, "n_forks": CONFIG.n_forks, "max_actions": CONFIG.max_actions}}
     advantages, _ = compute_carl_advantage(
         torch.zeros(mask.shape), mask, config=algorithm, carl_batch=carl_batch_from_rows(fields, uids, width)

@@ -412,29 +412,11 @@ def plot_rollout_tree(
         ),
     ]
     if ground_truth is not None:
+        ring = dict(marker="o", linestyle="", markerfacecolor="white", markeredgewidth=2.2, markersize=11)
+        wrong = "leaf: wrong or no answer (r=0.1: format only)"
         handles += [
-            plt.Line2D(
-                [],
-                [],
-                marker="o",
-                linestyle="",
-                markerfacecolor="white",
-                markeredgecolor="tab:green",
-                markeredgewidth=2.2,
-                markersize=11,
-                label="leaf: correct answer (exact match)",
-            ),
-            plt.Line2D(
-                [],
-                [],
-                marker="o",
-                linestyle="",
-                markerfacecolor="white",
-                markeredgecolor="tab:red",
-                markeredgewidth=2.2,
-                markersize=11,
-                label="leaf: wrong or no answer (r=0.1: format only)",
-            ),
+            plt.Line2D([], [], markeredgecolor="tab:green", label="leaf: correct answer (exact match)", **ring),
+            plt.Line2D([], [], markeredgecolor="tab:red", label=wrong, **ring),
         ]
     ax.legend(handles=handles, loc="upper left", fontsize=7, frameon=False)
     xs = [p[0] for p in pos.values()]
