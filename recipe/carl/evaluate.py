@@ -781,11 +781,22 @@ def check_retriever(url: str, timeout: float = 10.0) -> dict[str, Any]:
         "start one with CORPUS=<corpus.jsonl> bash scripts/launch_retriever.sh, or point at yours with "
         "--retriever-url / RETRIEVER_URL"
     )
+    from recipe.carl.search.client import RETRIEVER_WAIT_ENV, retriever_wait_s, until_it_answers
+
     try:
+        wait_s = retriever_wait_s()
+    except ValueError as error:
+        raise EvalError(str(error)) from None
+
+    def get() -> dict[str, Any]:
         response = httpx.get(health, timeout=timeout)
         response.raise_for_status()
         return response.json()
+
+    try:
+        return until_it_answers(get, url, wait_s, lambda message: print(message, file=sys.stderr, flush=True))
     except (httpx.HTTPError, ValueError) as error:
+        fix += f"; {RETRIEVER_WAIT_ENV}=600 waits up to 600 s for one that is still loading its index"
         raise EvalError(f"retriever {url}: GET {health} failed ({type(error).__name__}: {error}); {fix}.") from None
 
 

@@ -20,7 +20,8 @@ inside a worker, or never. `run` does, in this order:
 5. **Retriever** (`check_retriever`): every tool with a `retrieval_service_url` must answer `GET /health` (a server
    without `/health`, such as Search-R1's own, must answer a one-query `/retrieve`). The URL is resolved as the
    workers will resolve it: the tool yaml with the forwarded environment. Runs without such a tool skip the check;
-   `CARL_SKIP_RETRIEVER_CHECK=1` skips it on purpose (e.g. a driver outside the cluster's network).
+   `CARL_SKIP_RETRIEVER_CHECK=1` skips it on purpose (e.g. a driver outside the cluster's network);
+   `CARL_RETRIEVER_WAIT_S=600` retries for up to 600 s a retriever that does not answer yet (still loading its index).
 """
 
 from __future__ import annotations
@@ -548,17 +549,25 @@ def check_retriever(config: DictConfig, timeout: float = HEALTH_TIMEOUT_S) -> li
     if os.environ.get(SKIP_RETRIEVER_ENV, "") not in ("", "0"):
         log(f"{SKIP_RETRIEVER_ENV} is set: the retriever is not checked")
         return []
+    from recipe.carl.search.client import RETRIEVER_WAIT_ENV, retriever_wait_s, until_it_answers
+
+    try:
+        wait_s = retriever_wait_s()
+    except ValueError as error:
+        raise CARLConfigError(str(error)) from None
     urls = retriever_urls(config)
     for url in urls:
-        try:
-            health = asyncio.run(probe(url, timeout))
-        except Exception as error:  # any failure to answer: connection, timeout, HTTP status, malformed reply
+        try:  # any failure to answer: connection, timeout, HTTP status, malformed reply
+            health = until_it_answers(lambda: asyncio.run(probe(url, timeout)), url, wait_s, log)  # noqa: B023
+        except Exception as error:
             tool = OmegaConf.select(config, TOOL_KEY)
+            waited = f" after waiting {wait_s:g} s" if wait_s else ""
             raise RetrieverUnavailableError(
-                f"the retriever at {url} does not answer ({type(error).__name__}: {error}). The URL is the "
+                f"the retriever at {url} does not answer{waited} ({type(error).__name__}: {error}). The URL is the "
                 f"retrieval_service_url of {tool} with the environment the workers get (RETRIEVER_URL="
                 f"{os.environ.get('RETRIEVER_URL', '<unset>')}). Start the retriever (scripts/launch_retriever.sh) "
-                f"or export RETRIEVER_URL=http://<host>:<port>/retrieve; {SKIP_RETRIEVER_ENV}=1 skips this check."
+                f"or export RETRIEVER_URL=http://<host>:<port>/retrieve; {RETRIEVER_WAIT_ENV}=600 waits up to 600 s "
+                f"for one that is still loading its index; {SKIP_RETRIEVER_ENV}=1 skips this check."
             ) from error
         log(f"retriever {url} answers: {json.dumps(health, default=str)}")
     return urls

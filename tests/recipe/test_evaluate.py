@@ -245,6 +245,39 @@ def test_unreachable_retriever_names_the_url_and_the_fix(data_dir, tmp_path):
         cli(tmp_path, "--engine", "hf", data=[str(data_dir / "test.parquet")])
 
 
+def test_the_retriever_check_waits_when_asked(monkeypatch):
+    import socket
+    import threading
+
+    from recipe.carl.search import client
+
+    with socket.socket() as sock:  # a free port, for a retriever that starts 1 s after the check
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/retrieve"
+    with pytest.raises(EvalError, match="CARL_RETRIEVER_WAIT_S=600 waits"):  # no wait by default
+        evaluate.check_retriever(url, timeout=2)
+    monkeypatch.setenv(client.RETRIEVER_WAIT_ENV, "bad")
+    with pytest.raises(EvalError, match="CARL_RETRIEVER_WAIT_S='bad'"):
+        evaluate.check_retriever(url, timeout=2)
+    monkeypatch.setenv(client.RETRIEVER_WAIT_ENV, "20")
+    monkeypatch.setattr(client, "WAIT_EVERY_S", 0.2)
+    stop = threading.Event()
+
+    def late_server():
+        stop.wait(1.0)
+        with serve_in_thread(search_fn=lambda queries, topk: [[] for _ in queries], port=port):
+            stop.wait(30)
+
+    thread = threading.Thread(target=late_server, daemon=True)
+    thread.start()
+    try:
+        assert evaluate.check_retriever(url, timeout=2)["status"] == "ok"
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def test_vllm_asked_for_but_missing_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "vllm_installed", lambda: False)
     with pytest.raises(SystemExit, match=r"--engine vllm: vLLM is not installed .*pip install -e '.\[gpu\]'"):

@@ -354,3 +354,42 @@ def test_a_server_without_health_passes_if_it_searches(monkeypatch):
         assert len(preflight.check_retriever(cfg)) == 1
     finally:
         server.shutdown()
+
+
+def test_a_retriever_that_starts_late_is_waited_for_when_asked(monkeypatch):
+    import socket
+
+    from recipe.carl.search import client
+
+    with socket.socket() as sock:  # a free port, for a retriever that starts 1 s after the check
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started, stop = threading.Event(), threading.Event()
+
+    def late_server():
+        stop.wait(1.0)
+        with serve_in_thread(search_fn=toy_search, port=port):
+            started.set()
+            stop.wait(30)
+
+    thread = threading.Thread(target=late_server, daemon=True)
+    monkeypatch.setenv("RETRIEVER_URL", f"http://127.0.0.1:{port}/retrieve")
+    monkeypatch.setattr(client, "WAIT_EVERY_S", 0.2)
+    cfg = compose_carl(f"{TOOL}={ROOT}/recipe/carl/search/search_tool.yaml")
+    with pytest.raises(preflight.RetrieverUnavailableError, match="CARL_RETRIEVER_WAIT_S=600 waits"):
+        preflight.check_retriever(cfg, timeout=2)  # no wait by default: a wrong URL fails at once
+    monkeypatch.setenv(client.RETRIEVER_WAIT_ENV, "20")
+    thread.start()
+    try:
+        assert preflight.check_retriever(cfg, timeout=2) == [f"http://127.0.0.1:{port}/retrieve"]
+        assert started.is_set()
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_a_bad_wait_is_a_config_error_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("CARL_RETRIEVER_WAIT_S", "soon")
+    cfg = compose_carl(f"{TOOL}={ROOT}/recipe/carl/search/search_tool.yaml")
+    with pytest.raises(CARLConfigError, match="CARL_RETRIEVER_WAIT_S='soon'"):
+        preflight.check_retriever(cfg)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 
@@ -273,3 +274,49 @@ class RetrievalClient:
         response = await self._client().get(url)
         response.raise_for_status()
         return {**response.json(), "latency_s": time.perf_counter() - started}
+
+
+RETRIEVER_WAIT_ENV = "CARL_RETRIEVER_WAIT_S"
+"""Seconds a start-up check keeps retrying a retriever that does not answer yet (default 0: fail at once)."""
+WAIT_EVERY_S = 5.0
+"""Seconds between two tries of `until_it_answers`."""
+
+
+def retriever_wait_s(environ: Mapping[str, str] | None = None) -> float:
+    """`CARL_RETRIEVER_WAIT_S` as seconds (0 when unset).
+
+    Raises:
+        ValueError: naming the variable, when it is not a number >= 0.
+    """
+    import os
+
+    text = (os.environ if environ is None else environ).get(RETRIEVER_WAIT_ENV, "") or "0"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:  # also NaN
+        raise ValueError(f"{RETRIEVER_WAIT_ENV}={text!r}: give seconds >= 0 (e.g. 600; 0 = do not wait).")
+    return value
+
+
+T = TypeVar("T")
+
+
+def until_it_answers(
+    check: Callable[[], T], url: str, wait_s: float, log: Callable[[str], None], every_s: float | None = None
+) -> T:
+    """`check()`'s result, retried every `every_s` for up to `wait_s` seconds while it raises (a retriever that is
+    still loading its index, or not started yet); the last error is raised once the time is up (`every_s` defaults
+    to `WAIT_EVERY_S`)."""
+    every_s = WAIT_EVERY_S if every_s is None else every_s
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return check()
+        except Exception:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log(f"the retriever at {url} does not answer yet; trying again for {left:.0f} s ({RETRIEVER_WAIT_ENV})")
+            time.sleep(min(every_s, left))
