@@ -51,7 +51,6 @@ def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: st
         raise RowError(f"row {idx}: no non-empty answer")
     aug = example.get("aug_answer")
     aug_answers = [a for a in as_answer_list(aug) if a not in answers] if aug is not None else []
-    source_id = next((example[k] for k in ("qid", "id", "idx") if example.get(k) is not None), None)
     return make_search_row(
         data_source=DATA_SOURCE,
         question=question,
@@ -60,10 +59,8 @@ def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: st
         split=split,
         idx=idx,
         agent_name=agent_name,
-        extra={
-            "source_id": None if source_id is None else str(source_id),
-            "source": None if example.get("source") is None else str(example["source"]),
-        },
+        source_id=next((example[k] for k in ("qid", "id", "idx") if example.get(k) is not None), None),
+        extra={"source": None if example.get("source") is None else str(example["source"])},
     )
 
 

@@ -173,6 +173,7 @@ def make_search_row(
     idx: int,
     agent_name: str | None = None,
     aug_answers: Sequence[str] | None = None,
+    source_id: Any = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assembles one verl row (the schema in the module docstring) and validates it.
@@ -185,7 +186,8 @@ def make_search_row(
         idx: Row index, stored as ``extra_info.index``.
         agent_name: verl agent loop name for this row (default: ``default_agent_name(split)``).
         aug_answers: ASearcher's augmented aliases; stored as ``ground_truth.aug_target`` when given.
-        extra: Additional ``extra_info`` fields (e.g. the source id).
+        source_id: The row's id in its source data, stored as ``extra_info.source_id`` (a string, or None).
+        extra: Additional ``extra_info`` fields.
 
     Raises:
         RowError: When the question or answers are empty; the message names ``idx``.
@@ -206,6 +208,7 @@ def make_search_row(
             # create_kwargs must not be empty (parquet cannot store a struct without fields); these two fields
             # let a tool log where a call came from. No answers here: the tool must not see them.
             "tools_kwargs": {"search": {"create_kwargs": {"data_source": data_source, "question_index": int(idx)}}},
+            "source_id": None if source_id is None else str(source_id),
             **dict(extra or {}),
         },
         "agent_name": agent_name or default_agent_name(split),

@@ -97,7 +97,6 @@ def make_row(
     if example.get(answers_field) is None:
         raise _missing(example, idx, answers_field, "--answers-field", ANSWER_ALIASES)
     answers = _answers(example[answers_field], idx, answers_field, answer_sep)
-    source_id = example.get(id_field) if id_field else None
     return make_search_row(
         data_source=data_source,
         question=question,
@@ -105,7 +104,7 @@ def make_row(
         split=split,
         idx=idx,
         agent_name=agent_name,
-        extra={"source_id": None if source_id is None else str(source_id)},
+        source_id=example.get(id_field) if id_field else None,
     )
 
 

@@ -57,7 +57,6 @@ def make_row(
     answers = as_answer_list(require(example, ["golden_answers", "answers", "answer"], idx))
     if not answers:
         raise RowError(f"row {idx}: no non-empty answer")
-    source_id = example.get("id")
     return make_search_row(
         data_source=f"searchR1_{dataset}",
         question=question,
@@ -65,7 +64,7 @@ def make_row(
         split=split,
         idx=idx,
         agent_name=agent_name,
-        extra={"source_id": None if source_id is None else str(source_id)},
+        source_id=example.get("id"),
     )
 
 

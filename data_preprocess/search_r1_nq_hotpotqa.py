@@ -52,7 +52,6 @@ def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: st
         raise RowError(f"row {idx}: no non-empty answer")
     source = str(example.get("data_source") or "nq_hotpotqa")
     data_source = source if source.startswith("searchR1_") else f"searchR1_{source}"
-    source_id = example.get("id")
     return make_search_row(
         data_source=data_source,
         question=question,
@@ -60,7 +59,7 @@ def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: st
         split=split,
         idx=idx,
         agent_name=agent_name,
-        extra={"source_id": None if source_id is None else str(source_id)},
+        source_id=example.get("id"),
     )
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sourced by the run scripts: stop before Ray starts when an update's rows cannot be split over the GPUs.
+# Sourced by the run scripts: stop before Ray starts when an update's rows cannot be split over the GPUs; print how
+# many turns fit in the token budget.
 # verl splits each update's rows (ppo_mini_batch_size x rollout.n) over the data-parallel ranks and asserts
 # `mini_batch_size % dp == 0` at the first update; recipe/carl/preflight.py checks the same and words it the same.
 
@@ -23,4 +24,14 @@ check_mini_batch() {
         "actor_rollout_ref.actor.ppo_mini_batch_size=$sizes (the scripts' PPO_MINI_BATCH_ROWS for CARL," \
         "PPO_MINI_BATCH_PROMPTS for GRPO), or use a GPU count whose data-parallel size divides $rows." >&2
     exit 2
+}
+
+# print_turn_budget: how many turns of full-length actions (MAX_ACTION_TOKENS) and observations (1,000 tokens, the
+# upper end of 3 passages) fit in MAX_RESPONSE_LENGTH, next to T_max (MAX_ACTIONS): which of the two binds first.
+print_turn_budget() {
+    local obs_tokens=1000
+    set +x
+    echo "token budget: T_max=$MAX_ACTIONS turns; $(( MAX_RESPONSE_LENGTH / (MAX_ACTION_TOKENS + obs_tokens) )) turns" \
+        "of full-length actions and observations fit in MAX_RESPONSE_LENGTH=$MAX_RESPONSE_LENGTH"
+    set -x
 }

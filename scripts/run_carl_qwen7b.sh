@@ -53,11 +53,8 @@ MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-12288}
 # The paper's trajectories average 6-7 actions (Table 2: 115 actions per 16 GRPO trajectories at T_max=32), so the
 # budget trims the longest ones only. MAX_RESPONSE_LENGTH=24576 would let T_max=32 bind at ~750 tokens per turn
 # (not run on GPUs: rows twice as long).
-OBS_TOKENS=1000  # an observation's upper end, for the count below
-set +x
-echo "token budget: T_max=$MAX_ACTIONS turns; $(( MAX_RESPONSE_LENGTH / (MAX_ACTION_TOKENS + OBS_TOKENS) )) turns" \
-    "of full-length actions and observations fit in MAX_RESPONSE_LENGTH=$MAX_RESPONSE_LENGTH"
-set -x
+source "$(dirname "$0")/check_batch.sh"
+print_turn_budget
 # Tokens per GPU in one forward pass with dynamic batch size (>= one full sequence).
 MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))}
 if (( MAX_TOKENS_PER_GPU < MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH )); then
@@ -67,7 +64,6 @@ if (( MAX_TOKENS_PER_GPU < MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH )); then
 fi
 EXPERIMENT=${EXPERIMENT:-carl_n0${N0}_qwen2.5_7b}
 
-source "$(dirname "$0")/check_batch.sh"
 check_mini_batch "$PPO_MINI_BATCH_ROWS" 1 "$NNODES" "$GPUS_PER_NODE" "$SP_SIZE"
 
 python3 -m recipe.carl.main_carl \

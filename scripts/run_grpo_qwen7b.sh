@@ -43,16 +43,12 @@ MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-12288}
 # What binds first: context, not T_max. A turn costs ~550-1,500 tokens (action ~100-300, at most MAX_ACTION_TOKENS,
 # plus an observation of ~450-1,000), so 12,288 tokens hold ~8-22 turns, fewer than T_max=32 (see
 # run_carl_qwen7b.sh; the paper's trajectories average 6-7 actions).
-OBS_TOKENS=1000  # an observation's upper end, for the count below
-set +x
-echo "token budget: T_max=$MAX_ACTIONS turns; $(( MAX_RESPONSE_LENGTH / (MAX_ACTION_TOKENS + OBS_TOKENS) )) turns" \
-    "of full-length actions and observations fit in MAX_RESPONSE_LENGTH=$MAX_RESPONSE_LENGTH"
-set -x
+source "$(dirname "$0")/check_batch.sh"
+print_turn_budget
 # Tokens per GPU in one forward pass with dynamic batch size (>= one full sequence).
 MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))}
 EXPERIMENT=${EXPERIMENT:-grpo_qwen2.5_7b}
 
-source "$(dirname "$0")/check_batch.sh"
 check_mini_batch "$PPO_MINI_BATCH_PROMPTS" "$GROUP_SIZE" "$NNODES" "$GPUS_PER_NODE" "$SP_SIZE"
 
 python3 -m recipe.carl.main_carl \
