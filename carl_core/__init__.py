@@ -21,16 +21,26 @@ How a tree flows to the loss::
 
 from carl_core.config import CARLConfig, CARLConfigError
 from carl_core.entropy import action_entropy, compute_state_entropy
-from carl_core.forking import Environment, ForkPlanner, Step, compute_fork_points, grow_tree, rollout_from
+from carl_core.forking import (
+    Environment,
+    ForkPlanner,
+    Step,
+    compute_fork_points,
+    compute_outcome_criticality,
+    grow_tree,
+    rollout_from,
+)
 from carl_core.layout import TrainingRow, compute_token_advantages, expand_token_nodes, layout_rows
 from carl_core.stats import compute_budget_stats, compute_tree_stats, tree_records
 from carl_core.tree import (
+    NO_OUTCOME_FINISH,
     Action,
     Node,
     RolloutTree,
     TreeArrays,
     TreeError,
     describe_tree,
+    has_outcome,
     pack_descriptions,
     pack_trees,
 )
@@ -41,4 +51,4 @@ from carl_core.update_set import (
     compute_update_advantages,
     score_trees,
 )
-from carl_core.values import compute_edge_advantages, compute_node_values, depth_levels
+from carl_core.values import compute_edge_advantages, compute_has_value, compute_node_values, depth_levels

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-SELECTION_RULES = ("density", "random", "entropy")
+SELECTION_RULES = ("density", "spread", "random", "entropy")
 UPDATE_SETS = ("critical", "all_inherit", "all", "outcome_only")
 VALUE_AGGREGATIONS = ("mean", "leaf_weighted")
 
@@ -24,7 +24,13 @@ class CARLConfig:
     n_forks: int = 16
     """N: forks after the initial rollouts (Alg. 1, line 5); a tree ends with n0 + n_forks leaves."""
     selection: str = "density"
-    """Fork-point rule: `density` (largest h/n, the paper), `random` (ablation #2), `entropy` (largest h)."""
+    """Fork-point rule: `density` (largest h/n, the paper), `spread` (density until a state's outcomes are seen, then
+    their observed spread: `carl_core.forking.compute_outcome_criticality`), `random` (ablation #2), `entropy`."""
+    spread_prior: float = 2.0
+    """lambda of `selection=spread`: the entropy prior's weight, in samples, against the observed spread."""
+    merge: bool = True
+    """One node per distinct action (a state is a token prefix): a repeated action joins its twin, counted twice in
+    values, fork rule and loss (`carl_core.tree`); false keeps every sample as its own node (a literal Alg. 1)."""
     wave_size: int = 1
     """k: fork points handed out at once so their rollouts generate in parallel; 1 is the paper exactly."""
     max_actions: int = 32
@@ -66,6 +72,10 @@ class CARLConfig:
             )
         if not self.outcome_eps > 0:
             fail(f"outcome_eps={self.outcome_eps!r} must be > 0.")
+        if not isinstance(self.spread_prior, (int, float)) or not self.spread_prior > 0:
+            fail(f"spread_prior={self.spread_prior!r} must be a number > 0 (the default is 2).")
+        if not isinstance(self.merge, bool):
+            fail(f"merge={self.merge!r} must be true or false.")
 
     @property
     def num_leaves(self) -> int:

@@ -34,21 +34,26 @@ def action_entropy(log_probs: Sequence[float]) -> float:
     return -sum(log_probs) / len(log_probs)
 
 
-def compute_state_entropy(parent: torch.Tensor, action_entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_state_entropy(
+    parent: torch.Tensor, action_entropy: torch.Tensor, count: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """h_hat and n_hat of every state: the mean entropy of the actions sampled from it, and their count.
 
-    Math (Alg. 1, line 18, in closed form):
-        n_hat(s) = |child(s)|,   h_hat(s) = (1 / n_hat(s)) * sum_{v in child(s)} h(a_v)
+    Math (Alg. 1, line 18, in closed form; an action sampled m_v times, merged into one child, counts m_v times):
+        n_hat(s) = sum_{v in child(s)} m_v,   h_hat(s) = (1 / n_hat(s)) * sum_{v in child(s)} m_v * h(a_v)
 
     Args:
         parent: parent id of each node, -1 for roots [shape: (num_nodes,)].
         action_entropy: h of the action entering each node, ignored at roots [shape: (num_nodes,)].
+        count: m, how often each node's entering action was sampled; None = once each [shape: (num_nodes,)].
 
     Returns:
         (h_hat, n_hat) [shapes: (num_nodes,), (num_nodes,)]; h_hat is NaN where n_hat == 0.
     """
     has_parent = parent >= 0
     src = parent[has_parent]
-    n_hat = torch.zeros(parent.numel(), dtype=torch.long).index_add_(0, src, torch.ones_like(src))
-    h_sum = torch.zeros(parent.numel(), dtype=action_entropy.dtype).index_add_(0, src, action_entropy[has_parent])
+    m = torch.ones_like(src) if count is None else count[has_parent].to(torch.long)
+    n_hat = torch.zeros(parent.numel(), dtype=torch.long).index_add_(0, src, m)
+    weighted = action_entropy[has_parent] * m.to(action_entropy.dtype)
+    h_sum = torch.zeros(parent.numel(), dtype=action_entropy.dtype).index_add_(0, src, weighted)
     return h_sum / n_hat, n_hat

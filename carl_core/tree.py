@@ -9,10 +9,13 @@ node is the action that produced it, stored on the node it enters::
      │           └── a3 ──> s3 (leaf, reward R3)     s1 has two children: a2 and a3 are critical (Eq. 13)
      └── a4 ──> s4 (leaf, reward R4)
 
-Tool output (`observation_ids`) belongs to the next state and is never trained. `RolloutTree` is what a rollout
-grows; `describe_tree` reduces it to what the update needs (per node: parent, leaf reward, action entropy, ...),
-a small dict of lists that travels with the training rows, and `pack_descriptions` turns a batch of descriptions
-into the node-level tensors (`TreeArrays`) of the vectorised `compute_*` functions.
+Tool output (`observation_ids`) belongs to the next state and is never trained. A state is a token prefix, so with
+`merge=True` an action sampled again, token for token, at the same state (with the same observation after it) joins the
+existing child instead of opening a copy of it: `Node.count` is how often the entering action was sampled, and the
+rollout goes on below that child. `RolloutTree` is what a rollout grows; `describe_tree` reduces it to what the update
+needs (per node: parent, leaf reward, action entropy, ...), a small dict of lists that travels with the training rows,
+and `pack_descriptions` turns a batch of descriptions into the node-level tensors (`TreeArrays`) of the vectorised
+`compute_*` functions.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ from typing import Any
 import torch
 
 from carl_core.entropy import action_entropy
+
+NO_OUTCOME_FINISH = ("tool_error",)
+"""Finish reasons (before any `:detail`) of leaves the environment ended, not the policy: no outcome, no value."""
+
+
+def has_outcome(finish_reason: str | None) -> bool:
+    return (finish_reason or "").split(":")[0] not in NO_OUTCOME_FINISH
 
 
 class TreeError(ValueError):
@@ -58,15 +68,16 @@ class Node:
     terminal: bool = False
     finish_reason: str | None = None  # why a leaf ended: `answer`, `max_actions`, `invalid:<reason>`, `tool_error`
     reward: float | None = None  # outcome reward R, on leaves only
+    count: int = 1  # how often the entering action was sampled at the parent (> 1 only when identical ones merge)
 
 
 class RolloutTree:
     """A CARL rollout tree for one prompt, grown one action at a time by a driver (see `carl_core.forking`)."""
 
-    def __init__(self, prompt_ids: Sequence[int], max_actions: int, uid: str = "") -> None:
+    def __init__(self, prompt_ids: Sequence[int], max_actions: int, uid: str = "", merge: bool = False) -> None:
         if max_actions < 1:
             raise TreeError(f"max_actions={max_actions} must be >= 1.")
-        self.uid = uid
+        self.uid, self.merge = uid, merge
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.max_actions = max_actions
         self.nodes: list[Node] = [Node(id=0, parent=None, depth=0)]
@@ -91,7 +102,8 @@ class RolloutTree:
         """Appends the action sampled at `parent_id` and returns the id of the state it leads to.
 
         The new state is terminal when `done` is set (answer, invalid action, tool error, ...) or when it is the
-        T_max-th action of its trajectory (`finish_reason="max_actions"`).
+        T_max-th action of its trajectory (`finish_reason="max_actions"`). With `merge`, an action equal to an existing
+        child's (tokens, observation, end) is counted on that child, whose id is returned.
         """
         parent = self._node(parent_id)
         if parent.terminal:
@@ -120,6 +132,13 @@ class RolloutTree:
             child.terminal, child.finish_reason = True, finish_reason or "done"
         elif child.depth >= self.max_actions:
             child.terminal, child.finish_reason = True, "max_actions"
+        for twin in (self.nodes[c] for c in parent.children) if self.merge else ():
+            old = twin.action
+            assert old is not None
+            same_end = (twin.terminal, twin.finish_reason) == (child.terminal, child.finish_reason)
+            if same_end and (old.token_ids, old.observation_ids) == (action.token_ids, action.observation_ids):
+                twin.count += 1
+                return twin.id
         self.nodes.append(child)
         parent.children.append(child.id)
         return child.id
@@ -147,6 +166,10 @@ class RolloutTree:
 
     def leaves(self) -> list[int]:
         return [n.id for n in self.nodes if n.terminal]
+
+    def rollouts_ended(self) -> int:
+        """Rollouts that reached a leaf (a merged leaf counts each rollout that ended there) or were aborted."""
+        return sum(n.count for n in self.nodes if n.terminal) + len(self.aborted)
 
     def path(self, node_id: int) -> list[int]:
         """Node ids from the root down to `node_id` (both included)."""
@@ -183,6 +206,8 @@ class RolloutTree:
             if node.terminal == bool(node.children):
                 what = "is terminal but has children" if node.terminal else "is neither terminal nor expanded"
                 raise TreeError(f"node {i} {what}: every trajectory must end in exactly one leaf.")
+            if not isinstance(node.count, int) or node.count < 1 or (node.parent is None and node.count != 1):
+                raise TreeError(f"node {i} has count {node.count}: an action is sampled >= 1 times, the root once.")
             if node.terminal != (node.reward is not None):
                 what = f"leaf {i} ({node.finish_reason}) has no reward" if node.terminal else f"inner node {i} has one"
                 raise TreeError(f"{what}: rewards belong to leaves, and every leaf needs one.")
@@ -191,10 +216,9 @@ class RolloutTree:
 def describe_tree(tree: RolloutTree, info_keys: Sequence[str] = ()) -> dict[str, Any]:
     """The tree as the update needs it: one entry per node in each list, plus the fork points.
 
-    Keys: `uid`; `parent` (-1 at the root); `reward` (leaf reward, None on inner nodes); `entropy` (h of the
-    entering action, None at the root); `tokens` (its number of tokens); `finish` (finish reason of leaves, None
-    elsewhere); `forks` (fork points in pick order); `aborted` (rollouts that ended without a leaf); and, per key of
-    `info_keys`, the value of that key in each node's `Action.info` (None at the root or where missing).
+    Keys: `uid`; `parent` (-1 at the root); `reward` (leaves); `entropy` (h of the entering action), `tokens` (its
+    length) and `count` (its samples); `finish` (leaves' finish reasons); `forks` (fork points in pick order);
+    `aborted` (rollouts without a leaf); and per key of `info_keys`, that key of each node's `Action.info`.
     """
     tree.validate()
     nodes = tree.nodes
@@ -204,6 +228,7 @@ def describe_tree(tree: RolloutTree, info_keys: Sequence[str] = ()) -> dict[str,
         "reward": [n.reward for n in nodes],
         "entropy": [None if n.action is None else n.action.entropy for n in nodes],
         "tokens": [0 if n.action is None else len(n.action.token_ids) for n in nodes],
+        "count": [n.count for n in nodes],
         "finish": [n.finish_reason for n in nodes],
         "forks": list(tree.fork_points),
         "aborted": len(tree.aborted),
@@ -213,19 +238,18 @@ def describe_tree(tree: RolloutTree, info_keys: Sequence[str] = ()) -> dict[str,
 
 @dataclass
 class TreeArrays:
-    """A batch of trees as node-level tensors (nodes of tree b follow those of tree b-1).
-
-    All tensors have shape (num_nodes,). `parent` is -1 at roots; a parent always has a smaller global id than its
-    children, so a pass over ids in order is a top-down pass.
-    """
+    """A batch of trees as node-level tensors [each shape: (num_nodes,)], tree b's nodes after tree b-1's. `parent`
+    is -1 at roots and a parent's global id is smaller than its children's: a pass in id order is top-down."""
 
     parent: torch.Tensor
     depth: torch.Tensor
     is_leaf: torch.Tensor
+    has_outcome: torch.Tensor  # leaves whose reward enters the backup (not ended by the environment: NO_OUTCOME_FINISH)
     reward: torch.Tensor  # leaf reward (float64), 0 on inner nodes
     tree_index: torch.Tensor
     action_entropy: torch.Tensor  # h(a) of the entering action (float64), NaN at roots
     num_tokens: torch.Tensor  # tokens of the entering action, 0 at roots
+    count: torch.Tensor  # how often the entering action was sampled (1 at roots; > 1 for merged identical actions)
     forked: torch.Tensor  # how often each state was handed out as a fork point
     offsets: list[int]  # global id of each tree's root
     finish: list[str | None]  # finish reason of each node (leaves only)
@@ -237,7 +261,8 @@ class TreeArrays:
 
 
 def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
-    """Concatenates `describe_tree` outputs into `TreeArrays`, checking the structure Alg. 2 relies on."""
+    """Concatenates `describe_tree` outputs into `TreeArrays`, checking the structure Alg. 2 relies on (a
+    description without `count`, e.g. from an older dump, counts every action once)."""
     parent: list[int] = []
     offsets: list[int] = []
     for b, d in enumerate(descriptions):
@@ -255,23 +280,31 @@ def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
         depth[i] = depth[p] + 1 if p >= 0 else 0
     reward = [r for d in descriptions for r in d["reward"]]
     entropy = [math.nan if h is None else h for d in descriptions for h in d["entropy"]]
+    count = [c for d in descriptions for c in d.get("count") or [1] * len(d["parent"])]
+    if len(count) != len(parent) or min(count, default=1) < 1:
+        raise TreeError("`count` needs one integer >= 1 per node in every description.")
     forked = [0] * len(parent)
     for base, d in zip(offsets, descriptions, strict=True):
         for s in d["forks"]:
             forked[base + s] += 1
+    finish = [f for d in descriptions for f in d["finish"]]
+    is_leaf = [r is not None for r in reward]
+    outcome = [leaf and has_outcome(f) for leaf, f in zip(is_leaf, finish, strict=True)]
     return TreeArrays(
         parent=parent_t,
         depth=torch.tensor(depth, dtype=torch.long),
-        is_leaf=torch.tensor([r is not None for r in reward], dtype=torch.bool),
+        is_leaf=torch.tensor(is_leaf, dtype=torch.bool),
+        has_outcome=torch.tensor(outcome, dtype=torch.bool),
         reward=torch.tensor([0.0 if r is None else r for r in reward], dtype=torch.float64),
         tree_index=torch.repeat_interleave(
             torch.arange(len(descriptions)), torch.tensor([len(d["parent"]) for d in descriptions], dtype=torch.long)
         ),
         action_entropy=torch.tensor(entropy, dtype=torch.float64),
         num_tokens=torch.tensor([t for d in descriptions for t in d["tokens"]], dtype=torch.long),
+        count=torch.tensor(count, dtype=torch.long),
         forked=torch.tensor(forked, dtype=torch.long),
         offsets=offsets,
-        finish=[f for d in descriptions for f in d["finish"]],
+        finish=finish,
         aborted=sum(int(d.get("aborted", 0)) for d in descriptions),
     )
 

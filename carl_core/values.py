@@ -2,7 +2,10 @@
 
 Values are backed up bottom-up: a leaf's value is its outcome reward, an inner node's value is the plain mean of its
 children's values. The edge advantage is the value difference across the edge; there is no critic, no group mean and
-no std normalisation. Along any root-to-leaf path the advantages telescope to R(leaf) - V(root).
+no std normalisation. Along any root-to-leaf path the advantages telescope to R(leaf) - V(root). Two extensions keep
+V the mean over *sampled* actions: an action sampled m times and merged into one child (`RolloutTree(merge=True)`)
+counts m times; a leaf ended by the environment (`tool_error`) is no sample of the policy's outcome, so it is left
+out, and a subtree without any valued leaf has no value.
 
 Why the plain mean (the paper's App. A.1): each child of u is a sample a ~ pi(.|u), so averaging the children's
 (unbiased) values gives an unbiased estimate of E[R | u] whatever the sizes of the subtrees below them. TreeRL's
@@ -12,6 +15,8 @@ action (e.g. forks are drawn to high-entropy states).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,13 +34,17 @@ def compute_node_values(
     is_leaf: torch.Tensor,
     depth: torch.Tensor,
     aggregation: str = "mean",
+    *,
+    count: torch.Tensor | None = None,
+    has_outcome: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """V(u) for every node of a batch of trees.
 
-    Math (Alg. 2, Eqs. 9-10):
-        V(leaf) = R(leaf)
-        V(u)    = (1/|child(u)|) * sum_{v in child(u)} V(v)                   (aggregation="mean")
-        V(u)    = mean of R over the leaves below u                           (aggregation="leaf_weighted", TreeRL)
+    Math (Alg. 2, Eqs. 9-10), over the children c of u that have a value, c sampled m_c times:
+        V(leaf) = R(leaf)                                      (a leaf without outcome has no value)
+        V(u)    = sum_c m_c * V(c) / sum_c m_c                 (aggregation="mean": the mean over sampled actions)
+        V(u)    = mean of R over the leaves below u, each counted m times   (aggregation="leaf_weighted", TreeRL)
+        A node with no valued child has no value (NaN).
 
     Args:
         parent: parent id of each node, -1 for roots [shape: (num_nodes,)].
@@ -43,42 +52,59 @@ def compute_node_values(
         is_leaf: True on terminal nodes [shape: (num_nodes,)].
         depth: actions between the root and each node [shape: (num_nodes,)].
         aggregation: "mean" (the paper) or "leaf_weighted".
+        count: m, how often each node's entering action was sampled; None = once each [shape: (num_nodes,)].
+        has_outcome: leaves whose reward counts; None = every leaf (`TreeArrays.has_outcome`) [shape: (num_nodes,)].
 
     Returns:
-        Node values [shape: (num_nodes,)], in the dtype of `leaf_reward`.
+        Node values [shape: (num_nodes,)], in the dtype of `leaf_reward`; NaN where there is no value.
     """
     n = parent.numel()
     dtype = leaf_reward.dtype
     has_parent = parent >= 0
-    num_children = torch.zeros(n, dtype=dtype).index_add_(
-        0, parent[has_parent], torch.ones(int(has_parent.sum()), dtype=dtype)
-    )
-    if bool(((num_children == 0) & ~is_leaf).any()):
-        bad = int(torch.nonzero((num_children == 0) & ~is_leaf)[0])
-        raise ValueError(f"node {bad} is neither a leaf nor expanded; every trajectory must end in a leaf.")
-    if bool((is_leaf & (num_children > 0)).any()):
-        bad = int(torch.nonzero(is_leaf & (num_children > 0))[0])
-        raise ValueError(f"leaf {bad} has children; leaves are terminal states.")
+    broken = (torch.bincount(parent[has_parent], minlength=n) == 0) != is_leaf
+    if bool(broken.any()):
+        bad = int(torch.nonzero(broken)[0])
+        what = "leaf has children" if is_leaf[bad] else "is neither a leaf nor expanded"
+        raise ValueError(f"node {bad} {what}: every trajectory must end in a leaf, and leaves are terminal states.")
+    if aggregation not in ("mean", "leaf_weighted"):
+        raise ValueError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'leaf_weighted'.")
+    m = torch.ones(n, dtype=dtype) if count is None else count.to(dtype)
+    valued = is_leaf if has_outcome is None else is_leaf & has_outcome
+    # Step 1: valued leaves hold R; the sums below collect each node's weighted children (or leaves) and weights.
+    value = torch.where(valued, leaf_reward, torch.full_like(leaf_reward, math.nan))
+    total, weight, lo, hi = (torch.full((n,), x, dtype=dtype) for x in (0.0, 0.0, math.inf, -math.inf))
+    leaf_sum, leaf_weight = torch.where(valued, m * leaf_reward, 0.0), torch.where(valued, m, 0.0)
+    # Step 2: deepest level first; all children of u sit one level below u, so a level's inner nodes are complete.
+    num, den = (total, weight) if aggregation == "mean" else (leaf_sum, leaf_weight)
+    for level in depth_levels(depth):
+        inner = level[~is_leaf[level]]
+        # A mean of the children lies in [min, max] of them: the clamp undoes rounding (equal outcomes: A = 0 exactly)
+        value[inner] = torch.where(den[inner] > 0, (num[inner] / den[inner]).clamp(lo[inner], hi[inner]), math.nan)
+        kids = level[has_parent[level]]
+        ok = kids[~torch.isnan(value[kids])]
+        lo.scatter_reduce_(0, parent[ok], value[ok], "amin"), hi.scatter_reduce_(0, parent[ok], value[ok], "amax")
+        total.index_add_(0, parent[ok], m[ok] * value[ok])
+        weight.index_add_(0, parent[ok], m[ok])
+        leaf_sum.index_add_(0, parent[kids], leaf_sum[kids])
+        leaf_weight.index_add_(0, parent[kids], leaf_weight[kids])
+    return value
 
-    if aggregation == "mean":
-        # Step 1: leaves hold R; inner nodes start at 0 and receive V(child)/|child(u)| from each child.
-        value = torch.where(is_leaf, leaf_reward, torch.zeros_like(leaf_reward))
-        # Step 2: all children of u sit one level below u, so finishing level d completes every node of level d-1.
-        for level in depth_levels(depth):
-            kids = level[has_parent[level]]
-            if kids.numel():
-                value.index_add_(0, parent[kids], value[kids] / num_children[parent[kids]])
-        return value
-    if aggregation == "leaf_weighted":
-        leaf_sum = torch.where(is_leaf, leaf_reward, torch.zeros_like(leaf_reward))
-        leaf_count = is_leaf.to(dtype)
-        for level in depth_levels(depth):
-            kids = level[has_parent[level]]
-            if kids.numel():
-                leaf_sum.index_add_(0, parent[kids], leaf_sum[kids])
-                leaf_count.index_add_(0, parent[kids], leaf_count[kids])
-        return leaf_sum / leaf_count
-    raise ValueError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'leaf_weighted'.")
+
+def compute_has_value(parent: torch.Tensor, has_outcome: torch.Tensor) -> torch.Tensor:
+    """Nodes that are, or lie above, a leaf with an outcome: those `compute_node_values` gives a value [shape:
+    (num_nodes,)]. Structural (finish reasons, no rewards): the agent loop lays rows out before any value exists.
+
+    Args:
+        parent: parent id of each node, -1 for roots [shape: (num_nodes,)].
+        has_outcome: leaves whose reward counts (`TreeArrays.has_outcome`) [shape: (num_nodes,)].
+    """
+    out, has_parent = has_outcome.clone(), parent >= 0
+    while True:  # one level up per pass: at most depth + 1 passes
+        up = out.clone()
+        up[parent[has_parent & out]] = True
+        if torch.equal(up, out):
+            return out
+        out = up
 
 
 def compute_edge_advantages(parent: torch.Tensor, node_value: torch.Tensor) -> torch.Tensor:

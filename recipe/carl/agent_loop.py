@@ -52,9 +52,11 @@ from carl_core import (
     RolloutTree,
     Step,
     TrainingRow,
+    compute_has_value,
     compute_trained_mask,
     describe_tree,
     grow_tree,
+    has_outcome,
     layout_rows,
 )
 from recipe.carl.packing import RUNS_KEY, packing_budget
@@ -385,7 +387,7 @@ class CarlAgentLoop(AgentLoopBase):
         key = f"{kwargs.get('index', '')}:{kwargs.get('session_id', 0)}:{kwargs.get('global_steps', 0)}"
         request_id = uuid.uuid4().hex if not getattr(self.rollout_config, "full_determinism", False) else key
         env = self.environment(sampling_params, request_id, kwargs)
-        tree = RolloutTree(prompt_ids, self.carl.max_actions, uid=uid)
+        tree = RolloutTree(prompt_ids, self.carl.max_actions, uid=uid, merge=self.mode == "tree" and self.carl.merge)
         try:
             if len(prompt_ids) > self.prompt_length:
                 # verl would left-truncate the prompt (losing the instructions); CARL ends the tree at its root.
@@ -404,7 +406,10 @@ class CarlAgentLoop(AgentLoopBase):
     def outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
         """One `AgentLoopOutput` per `layout_rows` row; a tree without any action gives one all-masked row."""
         parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes])
-        trained = compute_trained_mask(parent, self.update_set).tolist()
+        # A tree trains no action for a leaf without outcome (tool_error); a chain (GRPO, validation) keeps verl's rows.
+        outcome = torch.tensor([n.terminal and has_outcome(n.finish_reason) for n in tree.nodes], dtype=torch.bool)
+        valued = compute_has_value(parent, outcome) if self.mode == "tree" else None
+        trained = compute_trained_mask(parent, self.update_set, valued).tolist()
         if self.mode == "tree" and self.settings.packing == "tree":  # one row per tree (recipe.carl.packing)
             rows = pack_tree(tree, trained, packing_budget(self.config, len(tree.prompt_ids)))
         else:

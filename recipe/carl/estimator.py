@@ -108,11 +108,11 @@ def compute_carl_advantage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CARL's advantages for a batch of rows: A(e) = V(v) - V(u) on every token of each trained action.
 
-    Math (Alg. 2, Eqs. 9-11, 13):
-        V(leaf) = R(leaf);   V(u) = (1/|child(u)|) * sum_{v in child(u)} V(v)
+    Math (Alg. 2, Eqs. 9-11, 13; c counts the samples of a merged action, leaves without outcome are left out):
+        V(leaf) = R(leaf);   V(u) = sum_{v in child(u)} c_v V(v) / sum_v c_v
         A(u -> v) = V(v) - V(u)                     (no critic, no group mean, no std normalisation)
-        D_upd = {(u -> v) : |child(u)| > 1}         (update_set=critical)
-        A_t = A(e_{node(t)}) * m_t                  (m = response_mask, laid out by the agent loop from D_upd)
+        D_upd = {(u -> v) : |child(u)| > 1}         (update_set=critical; distinct children with a value)
+        A_t = c_v * A(e_{node(t)}) * m_t            (m = response_mask, laid out by the agent loop from D_upd)
 
     Args:
         token_level_rewards: verl's rewards (each row's leaf reward on its last token); not used, because the

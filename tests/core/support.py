@@ -101,11 +101,14 @@ def flatten_trees(trees: list[RolloutTree], scored: ScoredTrees) -> list[FlatRow
 
 
 def check_tree_record(record: dict[str, Any], atol: float = 1e-6) -> None:
-    """Raises ValueError naming the first broken invariant of a dumped tree.
+    """Raises ValueError naming the first broken invariant of a dumped tree (an independent, per-node reference).
 
-    Checked: one root with `parent: null`; rewards on leaves only and leaf value = reward; with `mean` aggregation,
-    each inner value is the mean of its children's values; with the `critical` update set, exactly the actions whose
-    source state has more than one child are trained, each with advantage V(v) - V(u), all others with 0.
+    Checked: one root with `parent: null`; rewards on leaves only; a leaf's value is its reward, or null when the
+    environment ended it (`tool_error`: no outcome); `num_children` is the number of samples at the state (the sum of
+    its children's `count`); with `mean` aggregation, each inner value is the count-weighted mean of its children
+    that have a value (null if none has); with the `critical` update set, exactly the actions with a value whose
+    source state has more than one child with a value are trained, each with advantage count * (V(v) - V(u)), all
+    others with 0.
     """
     uid = record.get("uid")
     nodes = {n["id"]: n for n in record["nodes"]}
@@ -118,33 +121,45 @@ def check_tree_record(record: dict[str, Any], atol: float = 1e-6) -> None:
             if n["parent"] not in nodes:
                 raise ValueError(f"tree {uid}: node {n['id']} has missing parent {n['parent']}.")
             kids[n["parent"]].append(n["id"])
+
+    def count(i: int) -> int:
+        return nodes[i].get("count", 1)
+
+    def valued(i: int) -> list[int]:
+        return [c for c in kids[i] if nodes[c]["value"] is not None]
+
     for i, n in nodes.items():
-        if n["num_children"] != len(kids[i]):
-            raise ValueError(f"tree {uid}: node {i} says num_children={n['num_children']}, has {len(kids[i])}.")
+        samples = sum(count(c) for c in kids[i])
+        if n["num_children"] != samples:
+            raise ValueError(f"tree {uid}: node {i} says num_children={n['num_children']}, has {samples} samples.")
         if kids[i]:
             if n["reward"] is not None:
                 raise ValueError(f"tree {uid}: inner node {i} carries a reward.")
             if record.get("value_aggregation", "mean") == "mean":
-                mean = sum(nodes[c]["value"] for c in kids[i]) / len(kids[i])
-                if abs(n["value"] - mean) > atol:
-                    raise ValueError(f"tree {uid}: V({i})={n['value']} is not the mean of its children ({mean}).")
+                weight = sum(count(c) for c in valued(i))
+                mean = sum(count(c) * nodes[c]["value"] for c in valued(i)) / weight if weight else None
+                if (mean is None) != (n["value"] is None) or (mean is not None and abs(n["value"] - mean) > atol):
+                    raise ValueError(f"tree {uid}: V({i})={n['value']} is not the weighted mean of its children.")
         else:
             if n["reward"] is None:
                 raise ValueError(f"tree {uid}: leaf {i} has no reward.")
-            if abs(n["value"] - n["reward"]) > atol:
-                raise ValueError(f"tree {uid}: leaf {i} has value {n['value']} != reward {n['reward']}.")
+            expected = None if (n.get("finish_reason") or "").split(":")[0] == "tool_error" else n["reward"]
+            if (expected is None) != (n["value"] is None) or (
+                expected is not None and abs(n["value"] - expected) > atol
+            ):
+                raise ValueError(f"tree {uid}: leaf {i} has value {n['value']}, expected {expected} (its reward).")
         if n["parent"] is None:
             if n["trained"]:
                 raise ValueError(f"tree {uid}: the root is marked trained; only actions (edges) can be.")
             continue
         if record.get("update_set", "critical") == "critical":
             parent = nodes[n["parent"]]
-            critical = len(kids[parent["id"]]) > 1
+            critical = n["value"] is not None and len(valued(parent["id"])) > 1
             if n["trained"] != critical:
                 raise ValueError(
                     f"tree {uid}: action into node {i} has trained={n['trained']} but its source state has "
-                    f"{len(kids[parent['id']])} children (trained iff more than one, Eq. 13)."
+                    f"{len(valued(parent['id']))} children with a value (trained iff more than one, Eq. 13)."
                 )
-            expected = n["value"] - parent["value"] if critical else 0.0
+            expected = count(i) * (n["value"] - parent["value"]) if critical else 0.0
             if abs(n["advantage"] - expected) > atol:
-                raise ValueError(f"tree {uid}: A(->{i})={n['advantage']}, expected V(v)-V(u)={expected}.")
+                raise ValueError(f"tree {uid}: A(->{i})={n['advantage']}, expected count*(V(v)-V(u))={expected}.")

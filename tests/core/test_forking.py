@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, compute_fork_points
+from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, compute_fork_points, compute_outcome_criticality
 
 from .conftest import build_tree
 from .support import grow_tree_sync
@@ -172,3 +172,99 @@ def test_hand_built_tree_forks_where_h_over_n_is_largest():
     planner = ForkPlanner(CARLConfig(n0=2, n_forks=1))
     planner.rollouts_started = 2  # the two root rollouts above are done
     assert planner.next_wave(tree) == [1]
+
+
+# ------------------------------------------------------------------- selection=spread (Eq. 12'), merged counts
+def wrong_branch_tree():
+    """The demo's failure case in small: the root's two actions split the reward, the deeper branch is uniform.
+
+        0 -> 1 (h 0.8) -> 3 (R 0.1)         V3 = V5 = V4 = V1 = 0.1, V2 = 1.1, V0 = 0.6
+             1 -> 4 (h 0.8) -> 5 (h 1.0, R 0.1)
+        0 -> 2 (h 0.2, R 1.1)
+    Root h_hat = (0.8 + 0.2) / 2 = 0.5, state 1's = 0.8, state 4's = 1.0.
+    """
+    return build_tree(
+        [(0, [-0.8], None), (0, [-0.2], 1.1), (1, [-0.8], 0.1), (1, [-0.8], None), (4, [-1.0], 0.1)], max_actions=8
+    )
+
+
+def criticality_of(tree, prior_weight=2.0):
+    from carl_core import compute_node_values, compute_state_entropy, pack_trees
+
+    a = pack_trees([tree])
+    h_hat, n_hat = compute_state_entropy(a.parent, a.action_entropy, a.count)
+    v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, count=a.count, has_outcome=a.has_outcome)
+    cand = ForkPlanner.forkable(tree)
+    return compute_outcome_criticality(a.parent, v, a.count, h_hat, cand, prior_weight), h_hat, n_hat, cand
+
+
+def test_outcome_criticality_by_hand():
+    c, h_hat, n_hat, cand = criticality_of(wrong_branch_tree())
+    assert cand.tolist() == [True, True, False, False, True, False] and n_hat[[0, 1, 4]].tolist() == [2, 2, 1]
+    # Prior h~ = h_hat / max candidate h_hat (1.0): root 0.5, state 1 0.8, state 4 1.0.
+    # Spread: root's children 0.1 and 1.1 around 0.6 -> sigma 0.5; leaves span 0.1..1.1 -> half range 0.5 -> 1.
+    # State 1's children agree (0.1, 0.1) -> 0. State 4 has one sample -> prior alone.
+    # lambda = 2: C0 = (2 * 0.5 + 2 * 1) / 4 = 0.75, C1 = (2 * 0.8 + 0) / 4 = 0.4, C4 = 1.0.
+    assert c.tolist() == pytest.approx([0.75, 0.4, 0.0, 0.0, 1.0, 0.0])
+    # A larger lambda keeps more of the prior: lambda = 6 -> C0 = (3 + 2) / 8, C1 = 4.8 / 8.
+    assert criticality_of(wrong_branch_tree(), 6.0)[0][[0, 1]].tolist() == pytest.approx([5 / 8, 4.8 / 8])
+
+
+def test_spread_returns_to_the_split_root_where_density_stays_in_the_uniform_branch():
+    c, h_hat, n_hat, cand = criticality_of(wrong_branch_tree())
+    # Density h_hat / n_hat: root 0.25, state 1 0.4, state 4 1.0 -> 4; then (4 forked once more) 0.5 -> 4 again.
+    assert compute_fork_points(h_hat, n_hat, cand, 2) == [4, 4]
+    # Spread C / n: root 0.375, state 1 0.2, state 4 1.0 -> 4; its virtual n = 2 gives 0.5 -> 4 again ...
+    assert compute_fork_points(c, n_hat, cand, 2, "spread") == [4, 4]
+    # ... but once state 4's second outcome is seen and agrees (R 0.1): C = 2 * 1.0 / 4 = 0.5, C / n = 0.25 < 0.375.
+    tree = wrong_branch_tree()
+    tree.set_reward(tree.add_action(4, [77], [-1.0], done=True, finish_reason="answer"), 0.1)
+    c, h_hat, n_hat, cand = criticality_of(tree)
+    assert compute_fork_points(c, n_hat, cand, 1, "spread") == [0]
+    assert compute_fork_points(h_hat, n_hat, cand, 1) == [4]  # density: 1.0 / 2 = 0.5 is still the largest
+
+
+def test_planner_spread_sees_merged_counts_and_matches_the_pure_function():
+    # Every root sample is the same action (h = 0.05), so with merging the root has one child sampled twice.
+    def step(tree, node):
+        d = tree.nodes[node].depth
+        if d == 0:
+            return Step([10], [-0.05], [5])
+        return Step([20 + len(tree.nodes)], [-1.5], done=True, finish_reason="answer")
+
+    config = CARLConfig(n0=2, n_forks=1, max_actions=4, selection="spread")
+    tree = RolloutTree([1], 4, merge=True)
+    planner = ForkPlanner(config)
+    for start in planner.next_wave(tree):
+        asyncio.run(rollout_sync(tree, start, step))
+    assert tree.nodes[1].count == 2 and len(tree.nodes[1].children) == 2  # two samples merged; two leaves below
+    c, h_hat, n_hat, cand = criticality_of(tree)
+    assert n_hat[0] == 2  # the fork rule sees the two samples at the root
+    (fork,) = planner.next_wave(tree)
+    assert fork == compute_fork_points(c, n_hat, cand, 1, "spread")[0] == 1
+
+
+async def rollout_sync(tree, start, step):
+    from carl_core import rollout_from
+
+    from .support import SyncEnvironment
+
+    return await rollout_from(tree, start, SyncEnvironment(step, lambda t, n: float(n % 2)))
+
+
+def test_a_duplicate_rollout_into_a_finished_leaf_is_not_scored_again():
+    scored = []
+
+    def score(tree, leaf):
+        scored.append(leaf)
+        return 1.0
+
+    config = CARLConfig(n0=3, n_forks=0, max_actions=2)
+    tree = grow_tree_sync(
+        RolloutTree([1], 2, merge=True),
+        config,
+        lambda t, n: Step([4], [-0.1], done=True, finish_reason="answer"),
+        score,
+    )
+    assert len(tree.nodes) == 2 and tree.nodes[1].count == 3 and tree.rollouts_ended() == 3
+    assert scored == [1]

@@ -67,9 +67,9 @@ def test_dump_format_round_trip_and_invariants(tmp_path, fig_tree):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda r: r["nodes"][1].__setitem__("value", 0.9), "not the mean|expected V"),
+        (lambda r: r["nodes"][1].__setitem__("value", 0.9), "not the weighted mean|expected count"),
         (lambda r: r["nodes"][3].__setitem__("trained", True), "trained iff more than one"),
-        (lambda r: r["nodes"][2].__setitem__("advantage", 0.7), "expected V"),
+        (lambda r: r["nodes"][2].__setitem__("advantage", 0.7), "expected count"),
         (lambda r: r["nodes"][1].__setitem__("reward", 1.0), "inner node 1 carries a reward"),
         (lambda r: r["nodes"][3].__setitem__("reward", 0.0), "leaf 3 has value"),
     ],

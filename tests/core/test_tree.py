@@ -109,3 +109,47 @@ def test_config_errors_say_how_to_fix():
     with pytest.raises(CARLConfigError, match="wave_size"):
         CARLConfig(wave_size=0)
     assert CARLConfig.from_dict({"n0": 8}).num_leaves == 24
+
+
+# ------------------------------------------------------------------------------------- one node per distinct action
+def test_identical_action_joins_its_twin_only_with_merge():
+    for merge, expect_nodes in ((True, 3), (False, 4)):
+        tree = RolloutTree([1], max_actions=4, merge=merge)
+        s1 = tree.add_action(0, [7, 8], [-0.5, -0.5], [9])
+        again = tree.add_action(0, [7, 8], [-0.5, -0.5], [9])  # the same tokens and observation
+        other = tree.add_action(0, [7, 6], [-0.5, -0.5], [9])
+        assert (again == s1) is merge and other not in (s1, again)
+        assert len(tree.nodes) == expect_nodes
+        assert tree.nodes[s1].count == (2 if merge else 1)
+
+
+def test_a_twin_is_only_a_twin_with_the_same_observation_and_end():
+    tree = RolloutTree([1], max_actions=4, merge=True)
+    s1 = tree.add_action(0, [7], [-1.0], [9])
+    assert tree.add_action(0, [7], [-1.0], [8]) != s1  # another observation (a tool that answered differently)
+    failed = tree.add_action(0, [7], [-1.0], done=True, finish_reason="tool_error")
+    assert failed != s1 and tree.add_action(0, [7], [-1.0], done=True, finish_reason="tool_error") == failed
+    assert tree.nodes[failed].count == 2 and tree.nodes[s1].count == 1
+
+
+def test_rollouts_ended_counts_merged_leaves_each_time():
+    tree = RolloutTree([1], max_actions=4, merge=True)
+    leaf = tree.add_action(0, [5], [-1.0], done=True, finish_reason="answer")
+    tree.set_reward(leaf, 1.0)
+    assert tree.add_action(0, [5], [-1.0], done=True, finish_reason="answer") == leaf
+    tree.aborted.append({"start": 0, "node": 0, "reason": "x"})
+    assert tree.rollouts_ended() == 3  # two rollouts ended in the leaf, one aborted
+    description = describe_tree(tree)
+    assert description["count"] == [1, 2]
+    assert pack_descriptions([description]).count.tolist() == [1, 2]
+    del description["count"]  # an older description: every action once
+    assert pack_descriptions([description]).count.tolist() == [1, 1]
+
+
+def test_bad_counts_are_named():
+    tree = RolloutTree([1], max_actions=4)
+    leaf = tree.add_action(0, [5], [-1.0], done=True)
+    tree.set_reward(leaf, 0.0)
+    tree.nodes[leaf].count = 0
+    with pytest.raises(TreeError, match="node 1 has count 0"):
+        tree.validate()

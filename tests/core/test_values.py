@@ -1,9 +1,20 @@
 """Node values and edge advantages (Alg. 2, Eqs. 9-11) on hand-built trees, values derived by hand."""
 
+import math
+
 import pytest
 import torch
 
-from carl_core import CARLConfig, compute_edge_advantages, compute_node_values, pack_trees, score_trees
+from carl_core import (
+    CARLConfig,
+    RolloutTree,
+    compute_edge_advantages,
+    compute_has_value,
+    compute_node_values,
+    compute_trained_mask,
+    pack_trees,
+    score_trees,
+)
 
 from .conftest import build_tree
 
@@ -54,3 +65,95 @@ def test_unexpanded_inner_node_is_an_error():
         compute_node_values(parent, torch.zeros(3), torch.tensor([False, True, False]), torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="aggregation"):
         compute_node_values(parent, torch.zeros(3), torch.tensor([False, True, True]), torch.tensor([0, 1, 1]), "max")
+
+
+# ------------------------------------------------ merged actions (counts) and leaves without outcome, by hand
+def merged_tree_with_a_failed_search():
+    """Five rollouts, grown with merge=True:
+
+    r1: 0 -a-> 1 -b-> 2 (R=1)          a sampled twice (r1, r3): count 2
+    r2: fork at 1 -c-> 3 (R=0)         c sampled twice at 1 (r2, r3): count 2
+    r3: fork at 0 -a-> 1 -c-> 3        both samples repeat a twin: no new node
+    r4: fork at 0 -d-> 4 (R=0.5)
+    r5: fork at 0 -e-> 5 (tool_error, R=0: no outcome)
+    """
+    tree = RolloutTree([1], max_actions=4, merge=True)
+
+    def leaf(parent, tok, reward, finish="answer"):
+        node = tree.add_action(parent, [tok], [-1.0], done=True, finish_reason=finish)
+        if tree.nodes[node].reward is None:
+            tree.set_reward(node, reward)
+        return node
+
+    s1 = tree.add_action(0, [10], [-1.0], [90])
+    leaf(s1, 20, 1.0)
+    leaf(s1, 30, 0.0)
+    assert tree.add_action(0, [10], [-1.0], [90]) == s1
+    leaf(s1, 30, 0.0)
+    leaf(0, 40, 0.5)
+    leaf(0, 50, 0.0, "tool_error")
+    return tree
+
+
+def test_values_weight_merged_children_by_count_and_skip_leaves_without_outcome():
+    a = pack_trees([merged_tree_with_a_failed_search()])
+    assert a.count.tolist() == [1, 2, 1, 2, 1, 1] and a.has_outcome.tolist() == [0, 0, 1, 1, 1, 0]
+    v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, count=a.count, has_outcome=a.has_outcome)
+    # V1 = (1*1 + 2*0) / 3 = 1/3;  V0 = (2 * 1/3 + 1 * 0.5) / 3 = 7/18 (node 5, the failed search, left out).
+    assert v[:5].tolist() == pytest.approx([7 / 18, 1 / 3, 1.0, 0.0, 0.5]) and math.isnan(float(v[5]))
+    # Without counts and with the failure counted as 0 (the old backup): V1 = 1/2, V0 = (1/2 + 1/2 + 0) / 3 = 1/3.
+    old = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth)
+    assert old[:2].tolist() == pytest.approx([1 / 3, 1 / 2])
+
+
+def test_merged_actions_train_once_with_count_times_their_advantage():
+    s = score_trees([merged_tree_with_a_failed_search()], CARLConfig())
+    # Root: valued children 1 (a) and 4 (d): critical. A(a) = 2 * (1/3 - 7/18) = -1/9, A(d) = 1 * (1/2 - 7/18) = 1/9.
+    # State 1: b and c: A(b) = 1 * (1 - 1/3) = 2/3, A(c) = 2 * (0 - 1/3) = -2/3. The failed search e is not trained.
+    assert s.trained.tolist() == [False, True, True, True, True, False]
+    assert s.advantage.tolist() == pytest.approx([0.0, -1 / 9, 2 / 3, -2 / 3, 1 / 9, 0.0])
+    # The baseline property holds per state over samples: sum of count-weighted advantages is 0.
+    assert float(s.advantage[[1, 4]].sum()) == pytest.approx(0) and float(s.advantage[[2, 3]].sum()) == pytest.approx(0)
+
+
+def test_a_subtree_whose_every_leaf_failed_has_no_value_and_trains_nothing():
+    #   0 -a-> 1 -b-> 2 (tool_error)      V1: none (no leaf below has an outcome)
+    #          1 -c-> 3 (tool_error)
+    #   0 -d-> 4 (R=1), 0 -f-> 5 (R=0)     V0 = (1 + 0) / 2 = 0.5; A(d) = 0.5, A(f) = -0.5
+    tree = RolloutTree([1], max_actions=4)
+    s1 = tree.add_action(0, [10], [-1.0], [90])
+    for tok in (20, 30):
+        tree.set_reward(tree.add_action(s1, [tok], [-1.0], done=True, finish_reason="tool_error"), 0.0)
+    for tok, reward in ((40, 1.0), (50, 0.0)):
+        tree.set_reward(tree.add_action(0, [tok], [-1.0], done=True, finish_reason="answer"), reward)
+    s = score_trees([tree], CARLConfig())
+    assert s.node_value[[0, 4, 5]].tolist() == pytest.approx([0.5, 1.0, 0.0])
+    assert torch.isnan(s.node_value[[1, 2, 3]]).all()
+    assert s.trained.tolist() == [False, False, False, False, True, True]
+    assert s.advantage.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.5, -0.5])
+    # The structural mask the agent loop lays rows out with agrees, from finish reasons alone.
+    a = s.arrays
+    assert compute_has_value(a.parent, a.has_outcome).tolist() == [True, False, False, False, True, True]
+    assert compute_trained_mask(a.parent, "critical", compute_has_value(a.parent, a.has_outcome)).equal(s.trained)
+    # A tree with no outcome at all: no value anywhere, nothing trained, no NaN on any advantage.
+    lone = RolloutTree([1], max_actions=2)
+    lone.set_reward(lone.add_action(0, [5], [-1.0], done=True, finish_reason="tool_error:timeout"), 0.0)
+    s = score_trees([lone], CARLConfig(update_set="all"))
+    assert not s.trained.any() and s.advantage.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("update_set", ["all", "all_inherit", "outcome_only"])
+def test_ablation_update_sets_skip_actions_without_value(update_set):
+    s = score_trees([merged_tree_with_a_failed_search()], CARLConfig(update_set=update_set))
+    assert s.trained.tolist() == [False, True, True, True, True, False]
+    assert not torch.isnan(s.advantage).any() and float(s.advantage[5]) == 0.0
+
+
+def test_outcome_only_weights_each_leaf_by_its_rollouts():
+    s = score_trees([merged_tree_with_a_failed_search()], CARLConfig(update_set="outcome_only"))
+    # Valued leaves 2 (R=1, once), 3 (R=0, twice), 4 (R=0.5, once): n = 4, mean 0.375,
+    # std = sqrt((0.625^2 + 2 * 0.375^2 + 0.125^2) / 3) = sqrt(0.6875 / 3).
+    std = math.sqrt(0.6875 / 3)
+    z2, z3, z4 = 0.625 / std, -0.375 / std, 0.125 / std
+    # A(1) = z2 + 2 z3 (the three rollouts through a), A(2) = z2, A(3) = 2 z3, A(4) = z4.
+    assert s.advantage.tolist() == pytest.approx([0.0, z2 + 2 * z3, z2, 2 * z3, z4, 0.0], rel=1e-5)

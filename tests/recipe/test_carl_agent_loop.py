@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import random
 
@@ -288,7 +289,8 @@ def test_tree_shape_forks_and_budget(monkeypatch):
                 cands = [n.id for n in tree.nodes if n.children and not n.terminal and n.depth < tree.max_actions]
                 parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes])
                 ent = torch.tensor([n.action.entropy if n.action else 0.0 for n in tree.nodes], dtype=torch.float64)
-                h_hat, n_hat = compute_state_entropy(parent, ent)
+                count = torch.tensor([n.count for n in tree.nodes])  # merged identical actions count each sample
+                h_hat, n_hat = compute_state_entropy(parent, ent, count)
                 density = {c: float(h_hat[c] / n_hat[c]) for c in cands}
                 best = max(density.values())
                 picks.append((wave[0], min(c for c in cands if density[c] >= best - 1e-12)))
@@ -298,7 +300,7 @@ def test_tree_shape_forks_and_budget(monkeypatch):
     (outputs,) = grow(config, server, sample())
     tree = outputs.tree
     carl = read_settings(config).carl
-    assert len(tree.leaves()) == carl.n0 + carl.n_forks
+    assert tree.rollouts_ended() == carl.n0 + carl.n_forks  # every rollout ends in a leaf (merged ones share it)
     assert len(picks) == carl.n_forks and all(chosen == best for chosen, best in picks)
     assert all(tree.nodes[leaf].depth <= carl.max_actions for leaf in tree.leaves())
     assert {tree.nodes[leaf].finish_reason for leaf in tree.leaves()} <= {"answer", "max_actions"}
@@ -413,8 +415,8 @@ def test_rows_through_verl_postprocess_and_trainer(monkeypatch):
     assert metrics["carl/leaves_per_tree"] == carl.n0 + carl.n_forks
     trained = score_trees(trees, carl).trained.sum()
     assert metrics["carl/actions_trained_per_tree"] == pytest.approx(float(trained) / 2)
-    assert metrics["search/calls"] == sum(
-        1 for t in trees for n in t.nodes if n.action and n.action.info.get("searched")
+    assert metrics["search/calls"] == sum(  # every sample searched, the merged ones too
+        n.count for t in trees for n in t.nodes if n.action and n.action.info.get("searched")
     )
     assert metrics["search/errors"] == 0 and metrics["search/error_rate"] == 0
     assert torch.isfinite(advantages).all()
@@ -473,7 +475,7 @@ def test_auto_agent_follows_the_estimator(estimator, leaves):
     extra = ["actor_rollout_ref.rollout.n=4"] if estimator != "carl" else []
     config = make_config(f"algorithm.adv_estimator={estimator}", *extra)
     (outputs,) = grow(config, ScriptedServer(searching_policy), sample(), mode="auto")
-    assert len(outputs.tree.leaves()) == leaves
+    assert outputs.tree.rollouts_ended() == leaves
 
 
 def test_grpo_budget_counts_every_session(monkeypatch):
@@ -539,7 +541,7 @@ def test_bad_turns_end_leaves_cleanly(policy, expected, monkeypatch):
     (outputs,) = grow(config, ScriptedServer(policy), sample())
     found, tree = reasons(outputs)
     assert found == expected
-    assert len(tree.leaves()) == 7  # every rollout still ends in a leaf: N0 + N
+    assert tree.rollouts_ended() == 7  # every rollout still ends in a leaf: N0 + N (identical ones share it)
     category = next(iter(expected)).split(":")[0]
     assert all(o.extra_fields["reward_extra_info"][f"finish_{category}"] == 1.0 for o in outputs)
     rows = verl_postprocess(outputs, monkeypatch, sample())
@@ -742,3 +744,78 @@ def test_validation_metrics_say_why_episodes_ended():
     assert metrics["val-aux/nq/finish_tool_error/mean@1"] == pytest.approx(1 / 3)
     assert metrics["val-aux/nq/search_calls/mean@1"] == pytest.approx(2 / 3)
     assert metrics["val-aux/nq/search_errors/mean@1"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------------- issue 24
+def test_identical_actions_merge_into_one_node_and_are_counted(monkeypatch):
+    """Every root sample is the same search; answers differ. With merging the root has one child sampled N0 + (forks
+    there) times, its action is not critical (no other action was sampled), and `carl/merged_samples_per_tree`
+    counts the samples that joined an existing child. Without merging every sample is its own node."""
+    same_start = lambda d, rng: "i think <search> q0 </search>" if d < 1 else f"<answer> a{rng.randrange(3)} </answer>"  # noqa: E731
+    (merged,) = grow(make_config(), ScriptedServer(same_start), sample())
+    (apart,) = grow(make_config("algorithm.carl.merge=false"), ScriptedServer(same_start), sample())
+    tree = merged.tree
+    (child,) = tree.root.children
+    assert tree.nodes[child].count >= 2 and tree.rollouts_ended() == 7
+    assert all(tree.nodes[c].count == 1 or tree.nodes[c].terminal for c in tree.nodes[child].children)
+    assert len(apart.tree.root.children) >= 2 and all(n.count == 1 for n in apart.tree.nodes)
+    # No two children of a state hold the same action text.
+    for node in tree.nodes:
+        texts = [tree.nodes[c].action.info["text"] for c in node.children]
+        assert len(texts) == len(set(texts))
+    rows = verl_postprocess(merged, monkeypatch, sample())
+    advantages, _, metrics = trainer_advantage(rows, make_config(), monkeypatch)
+    merges = sum(n.count - 1 for n in tree.nodes[1:])
+    assert merges > 0 and metrics["carl/merged_samples_per_tree"] == merges
+    assert metrics["carl/actions_generated_per_tree"] == sum(n.count for n in tree.nodes[1:])
+    carl = read_settings(make_config()).carl
+    scored = score_trees([tree], carl)
+    assert not scored.trained[child]  # one distinct action at the root: nothing to compare it with
+    check_tree_record(tree_records([tree], scored, carl)[0])
+    # Each trained action is in exactly one row, with count * A on its tokens.
+    check_rows(rows, [tree], carl, advantages)
+
+
+def test_a_failed_search_carries_no_outcome(monkeypatch, tmp_path):
+    """A `tool_error` leaf is left out of the backup: the action before it is never trained, the valued actions keep
+    their advantages, the metric counts such leaves, and the dumped tree re-scores to the same values."""
+    import json
+
+    from carl_core import pack_descriptions
+
+    def flaky(d, rng):  # the query "boom" makes the fake tool fail
+        if d < 1:
+            return f"<search> {rng.choice(['q0', 'boom', 'q1'])} </search>"
+        return f"<answer> a{rng.randrange(3)} </answer>"
+
+    dump, keep_going = f"trainer.default_local_dir={tmp_path}", "algorithm.carl.max_search_error_rate=1.0"
+    config = make_config(dump, "algorithm.carl.dump_every=1", keep_going)
+    (outputs,) = grow(config, ScriptedServer(flaky, seed=3), sample())
+    tree = outputs.tree
+    failed = [n.id for n in tree.nodes if n.finish_reason == "tool_error"]
+    assert failed, "the scripted policy must hit the failing query at least once (change the seed otherwise)"
+    rows = verl_postprocess(outputs, monkeypatch, sample())
+    advantages, _, metrics = trainer_advantage(rows, config, monkeypatch)
+    assert metrics["carl/no_outcome_leaves"] == len(failed) == metrics["carl/finish/tool_error"]
+    (record,) = [json.loads(line) for line in (tmp_path / "carl_trees" / "step_000001.jsonl").read_text().splitlines()]
+    check_tree_record(record)  # independent reference: failed leaves have no value and nothing trains for them
+    for i in failed:
+        assert record["nodes"][i]["value"] is None and not record["nodes"][i]["trained"]
+    # The dump alone is enough to recompute every value.
+    nodes = record["nodes"]
+    description = {
+        "uid": record["uid"],
+        "parent": [-1 if n["parent"] is None else n["parent"] for n in nodes],
+        "reward": [n["reward"] for n in nodes],
+        "entropy": [n["action_entropy"] for n in nodes],
+        "tokens": [n["num_action_tokens"] for n in nodes],
+        "count": [n["count"] for n in nodes],
+        "finish": [n["finish_reason"] for n in nodes],
+        "forks": [],
+    }
+    again = score_trees(pack_descriptions([description]), read_settings(config).carl)
+    assert [None if math.isnan(v) else pytest.approx(v) for v in again.node_value.tolist()] == [
+        n["value"] for n in nodes
+    ]
+    assert again.trained.tolist() == [n["trained"] for n in nodes]
+    check_rows(rows, [tree], read_settings(config).carl, advantages)
