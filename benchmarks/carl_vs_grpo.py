@@ -1,283 +1,304 @@
-"""CARL against GRPO at small scale on SynthHop with the CPU loop: do the paper's claims hold?
+"""Does CARL beat GRPO here? The prespecified experiment of docs/carl_vs_grpo.md, from one command.
 
-Every (method, seed) is one run of the embedded default (`recipe.carl.tiny.demo.run_demo`): verl's trainer through
-`recipe.carl.main_carl`, the CPU rollout backend, the same SFT start (the shipped one when `--kb-size` is the
-default, otherwise one trained once in the first run and reused), the same question order for a given seed
-(`data.seed`), the same number of optimiser steps and the same held-out validation (the demo's: mean exact match of
-`val_samples` episodes per question, sampled at the rollout temperature). The greedy held-out exact match of each
-trained policy is kept as well (`greedy_final_accuracy`).
+    python -m benchmarks.carl_vs_grpo --out runs/carl_vs_grpo            # every arm x seed; run again to resume
+    python -m benchmarks.carl_vs_grpo --out runs/carl_vs_grpo --report   # statistics, figure, table (what finished)
+    python -m benchmarks.carl_vs_grpo --out /tmp/smoke --smoke           # CI: 2 arms, 2 steps, a handful of questions
 
-Methods (the paper's Table 2 and Table 4):
+Every run is verl's trainer on the CPU (`python -m recipe.carl.main_carl +demo=tiny_cpu +device=cpu`, the embedded
+default's settings, `recipe.carl.tiny.demo.trainer_overrides`), from the shipped SFT start, with the settings of
+`PROTOCOL` and the arm's changes of `ARMS`; nothing else differs between arms. Two arms with the same seed see the
+same questions in the same order (`data.seed`) and, with per-request sampling seeds (`full_determinism`), the same
+random numbers wherever their requests coincide. The trainer validates nothing: it saves the policy every
+`eval_every` steps, and each saved policy is scored here on the held-out set (`heldout_questions` questions of the
+same knowledge base that no run or the SFT ever trained on), sampled (`eval_samples` episodes per question at the
+rollout temperature) and greedy, through the agent loop's own environment (`recipe.carl.tiny.local_agent`). The
+start is scored once and shared.
 
-=====================  ===========================================================================
-grpo                   verl's GRPO, 16 trajectories per question
-carl                   CARL, N0 = 8, N = 16
-carl_lite              CARL-Lite, N0 = 1, N = 16
-carl_random_fork       CARL with random fork points instead of the entropy density
-carl_update_all        every action trained, non-critical ones inherit the preceding advantage
-carl_outcome_only      no action-level credit: every action of the tree trained with its leaves' GRPO-style z
-=====================  ===========================================================================
+Layout of `--out` (a finished unit is never run again; an unfinished training run is started over):
 
-Per method: final held-out accuracy (mean and std over seeds), actions generated and trained per question,
-tokens generated and trained (per run, summed over steps), wall seconds, and curves (accuracy against actions
-trained and against tokens generated); plus the criticality study of `benchmarks/criticality.py` on the SFT start.
+    shared/data, shared/heldout, shared/policy_sft       the demo's data, the held-out set, the SFT start
+    start_eval.json                                      the start on the held-out set (step 0 of every arm)
+    runs/<arm>/seed<k>/command.txt                       the trainer's command line (cwd: the repository)
+    runs/<arm>/seed<k>/{train.log,metrics.jsonl,ckpt/}   verl's log, per-step metrics, the saved policies
+    runs/<arm>/seed<k>/done.json                         wall time, load average, commit: the run finished
+    runs/<arm>/seed<k>/eval/step_<s>.json                per-question held-out exact match of the step-s policy
 
-    python -m benchmarks.carl_vs_grpo --seeds 3 --kb-size 300 --steps 10 --out results.json
-    python -m benchmarks.carl_vs_grpo --smoke --out smoke.json     # 2 steps, 1 seed, tiny sizes (CI)
+`--report` reads what has finished and writes `results.json` and `accuracy_vs_actions.png` into `--out`
+(`benchmarks.carl_vs_grpo_report`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
 import json
+import os
 import shutil
-import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipe.carl.io import atomic_path, write_json
+from recipe.carl.io import write_json, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: name -> DemoConfig fields that differ from the shared base.
-METHODS: dict[str, dict[str, Any]] = {
-    "grpo": {"algo": "grpo", "grpo_group": 16},
-    "carl": {"algo": "carl", "n0": 8, "n_forks": 16},
-    "carl_lite": {"algo": "carl", "n0": 1, "n_forks": 16},
-    "carl_random_fork": {"algo": "carl", "n0": 8, "n_forks": 16, "selection": "random"},
-    "carl_update_all": {"algo": "carl", "n0": 8, "n_forks": 16, "update_set": "all_inherit"},
-    "carl_outcome_only": {"algo": "carl", "n0": 8, "n_forks": 16, "update_set": "outcome_only"},
-}
-#: Smoke mode: the same methods with small trees, so CI checks the whole path in a few minutes.
-SMOKE_SIZES: dict[str, dict[str, Any]] = {
-    "grpo": {"grpo_group": 4},
-    "carl_lite": {"n0": 1, "n_forks": 3},
-    **{m: {"n0": 2, "n_forks": 2} for m in ("carl", "carl_random_fork", "carl_update_all", "carl_outcome_only")},
-}
 
+@dataclass(frozen=True)
+class Protocol:
+    """The settings every arm shares (docs/carl_vs_grpo.md; fixed before the comparison runs)."""
 
-def run_metrics(run_dir: Path) -> dict[str, Any]:
-    """One run's numbers from the trainer's metrics file (`carl/*` budget keys, verl's validation)."""
-    from recipe.carl.tiny.report import read_metrics, val_accuracy_key
-
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    key = val_accuracy_key(rows)
-    if key is None:
-        raise SystemExit(f"error: no validation accuracy in {run_dir / 'metrics.jsonl'}; see {run_dir / 'train.log'}")
-    train = [r for r in rows if "carl/actions_generated_per_question" in r]
-    if not train:
-        raise SystemExit(f"error: no carl/* budget metrics in {run_dir / 'metrics.jsonl'}; is the trainer CARL's?")
-    per_step = {
-        r["step"]: {
-            "actions_trained": r["carl/actions_trained_per_question"] * r["carl/questions"],
-            "questions": r["carl/questions"],
-            "tokens_generated": r["carl/tokens_generated"],
-            "tokens_trained": r["carl/tokens_trained"],
+    seeds: int = 4
+    """RL seeds per arm (question order, rollout and planner randomness)."""
+    demo: dict[str, Any] = field(
+        default_factory=lambda: {
+            "steps": 30,
+            "batch_prompts": 16,
+            "lr": 3e-4,
+            "temperature": 0.7,
+            "n0": 2,
+            "n_forks": 6,
+            "max_actions": 6,
+            "full_determinism": True,
+            "packing": "tree",
         }
-        for r in train
-    }
-    val = [(r["step"], r[key]) for r in rows if key in r]
+    )
+    """`DemoConfig` fields shared by every arm (the rest are the demo's defaults: model, data, lengths, batches)."""
+    eval_every: int = 10
+    """Score the policy after every this many steps (and the start once)."""
+    eval_samples: int = 4
+    """Sampled episodes per held-out question, at the rollout temperature."""
+    heldout_tests: int = 500
+    """Test questions drawn from the knowledge base; those in the training split are dropped (479 remain)."""
+    eval_seed: int = 1234
+    """Seed of the per-request sampling seeds of the evaluation (the same for every policy)."""
 
-    def cumulative(name: str, step: int) -> float:
-        return float(sum(v[name] for s, v in per_step.items() if s <= step))
-
-    return {
-        "final_accuracy": val[-1][1],
-        "start_accuracy": val[0][1],
-        "actions_generated_per_question": statistics.mean(r["carl/actions_generated_per_question"] for r in train),
-        "actions_trained_per_question": statistics.mean(r["carl/actions_trained_per_question"] for r in train),
-        "tokens_generated": cumulative("tokens_generated", 10**9),
-        "tokens_trained": cumulative("tokens_trained", 10**9),
-        "curve": {
-            "step": [s for s, _ in val],
-            "accuracy": [a for _, a in val],
-            "actions_trained": [cumulative("actions_trained", s) for s, _ in val],
-            "tokens_generated": [cumulative("tokens_generated", s) for s, _ in val],
-        },
-    }
+    def steps(self) -> list[int]:
+        """The steps whose policy is scored (0 is the shared start)."""
+        return [0, *range(self.eval_every, self.demo["steps"] + 1, self.eval_every)]
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds (std of the final accuracy; curves averaged point by point)."""
-    finals = [r["final_accuracy"] for r in runs]
-    curves = [r["curve"] for r in runs]
-    n_points = min(len(c["step"]) for c in curves)
-
-    def mean_curve(name: str) -> list[float]:
-        return [statistics.mean(c[name][i] for c in curves) for i in range(n_points)]
-
-    greedy = [r["greedy_final_accuracy"] for r in runs if r.get("greedy_final_accuracy") is not None]
-    return {
-        "final_accuracy": statistics.mean(finals),
-        "greedy_final_accuracy": statistics.mean(greedy) if greedy else None,
-        "accuracy_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-        "start_accuracy": statistics.mean(r["start_accuracy"] for r in runs),
-        **{
-            name: statistics.mean(r[name] for r in runs)
-            for name in (
-                "actions_generated_per_question",
-                "actions_trained_per_question",
-                "tokens_generated",
-                "tokens_trained",
-                "wall_seconds",
-            )
-        },
-        "curve": {"step": curves[0]["step"][:n_points], **{k: mean_curve(k) for k in curves[0] if k != "step"}},
-        "seeds": [r["seed"] for r in runs],
-        "per_seed_final_accuracy": finals,
-    }
+PROTOCOL = Protocol()
+#: arm -> `DemoConfig` fields that differ from the protocol's shared ones.
+ARMS: dict[str, dict[str, Any]] = {
+    "grpo": {"algo": "grpo"},  # grpo_group = N0 + N: as many trajectories per question as CARL's tree has leaves
+    "carl": {"algo": "carl"},  # the demo's N0 = 2, N = 6, density forks (Eq. 12), merging on
+    "carl_lite": {"algo": "carl", "n0": 1},  # N0 = 1, the same N
+    "carl_random": {"algo": "carl", "selection": "random"},  # the paper's ablation #2
+    "carl_spread": {"algo": "carl", "selection": "spread"},  # forks that follow outcomes (Eq. 12')
+    "carl_nomerge": {"algo": "carl", "merge": False},  # every sample its own node: merging's ablation
+}
+SMOKE = Protocol(
+    seeds=1,
+    demo={**PROTOCOL.demo, "steps": 2, "batch_prompts": 2, "n0": 2, "n_forks": 2, "max_actions": 3, "n_train": 200},
+    eval_every=1,
+    eval_samples=2,
+    heldout_tests=40,
+)
+SMOKE_ARMS = ("grpo", "carl_spread")
 
 
-def first_crossing(curve: dict[str, list[float]], target: float, axis: str) -> float | None:
-    """`axis` value at the first validation where the curve reaches `target` (None if never).
+def demo_config(protocol: Protocol, arm: str, seed: int):
+    """The run's `DemoConfig`: the protocol's shared fields, the arm's, the seed; no validation inside the trainer."""
+    from recipe.carl.tiny.demo import DemoConfig
 
-    Accuracies are means of fractions, so equal ones can differ in the last bits: 1e-9 absorbs that.
-    """
-    for acc, x in zip(curve["accuracy"], curve[axis], strict=True):
-        if acc >= target - 1e-9:
-            return x
-    return None
+    fields = {**protocol.demo, **ARMS[arm], "rl_seed": seed, "test_freq": protocol.eval_every}
+    return DemoConfig(**fields)
 
 
-def compare(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's three targets, measured (None where a method is missing)."""
-    grpo, carl, lite = methods.get("grpo"), methods.get("carl"), methods.get("carl_lite")
-    out: dict[str, Any] = {}
-    if grpo and carl:
-        out["carl_accuracy_minus_grpo"] = carl["final_accuracy"] - grpo["final_accuracy"]
-        # The "reach GRPO's final accuracy" target only means something when GRPO rose above the shared start:
-        # otherwise every method reaches it at step 0, with 0 actions trained.
-        out["grpo_gain_over_start"] = grpo["final_accuracy"] - grpo["start_accuracy"]
-        reach = first_crossing(carl["curve"], grpo["final_accuracy"], "actions_trained")
-        total = grpo["curve"]["actions_trained"][-1] if grpo["curve"]["actions_trained"] else None
-        out["carl_actions_trained_to_reach_grpo_final"] = reach
-        out["grpo_actions_trained_total"] = total
-        out["carl_reach_fraction_of_grpo_actions"] = reach / total if reach is not None and total else None
-    if grpo and lite:
-        out["carl_lite_actions_generated_ratio"] = (
-            lite["actions_generated_per_question"] / grpo["actions_generated_per_question"]
-        )
-    return out
+def trainer_command(cfg, run_dir: Path, shared: Path, tool_yaml: Path) -> list[str]:
+    """The trainer's command line: the demo's overrides, no validation, the policy saved every `test_freq` steps."""
+    from recipe.carl.tiny.demo import ROLLOUT_DEVICES, trainer_overrides
+
+    overrides = trainer_overrides(cfg, run_dir, shared / "data", shared / "policy_sft", tool_yaml)
+    overrides = [o for o in overrides if not o.startswith(("trainer.save_freq=", "trainer.test_freq="))]
+    overrides += ["trainer.val_before_train=False", "trainer.test_freq=-1", f"trainer.save_freq={cfg.test_freq}"]
+    device = f"+device={ROLLOUT_DEVICES[cfg.rollout]}"
+    return [sys.executable, "-m", "recipe.carl.main_carl", "+demo=tiny_cpu", device, *overrides]
 
 
-def plot_curves(methods: dict[str, dict[str, Any]], out_dir: Path) -> list[str]:
-    """Accuracy against actions trained and against tokens generated, one line per method (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for axis, label in (("actions_trained", "actions trained (cumulative)"), ("tokens_generated", "tokens generated")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, m in methods.items():
-            ax.plot(m["curve"][axis], m["curve"]["accuracy"], marker="o", label=name)
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out exact match (sampled)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"accuracy_vs_{axis}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        paths.append(str(path))
-    return paths
+@contextlib.contextmanager
+def heavy_lock(path: str | None):
+    """Holds an exclusive `flock` on `path` (None: no lock): one heavy job at a time on a shared machine."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def commit() -> str | None:
-    import subprocess
-
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.carl_vs_grpo", description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=3, help="RL seeds per method (question order, planner)")
-    p.add_argument(
-        "--kb-size",
-        type=int,
-        default=300,
-        help="SynthHop entities (300 uses the shipped SFT start; another size first trains one: 6000 steps, ~28 min)",
-    )
-    p.add_argument("--steps", type=int, default=10, help="optimiser steps per run (one update per step)")
-    p.add_argument("--batch-prompts", type=int, default=4, help="questions per step")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument("--out", type=Path, default=Path("results.json"))
-    p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "carl_vs_grpo", help="per-run folders")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --run-dir")
-    p.add_argument("--criticality-questions", type=int, default=40, help="0 skips the criticality study")
-    p.add_argument("--criticality-k", type=int, default=8)
-    p.add_argument("--smoke", action="store_true", help="CI mode: 2 steps, 1 seed, small trees, few questions")
-    args = p.parse_args(argv)
-    for name in ("seeds", "kb_size", "steps", "batch_prompts"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+# ----------------------------------------------------------------------------------------------------- set-up
+def prepare(out: Path, protocol: Protocol) -> Path:
+    """The shared data, held-out set and SFT start under `out/shared` (made once, reused on resume)."""
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+    from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig
+    from recipe.carl.tiny.sft import warm_start
+    from recipe.carl.tiny.trajectory import corpus_search
 
-    from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig, run_demo
+    shared = out / "shared"
+    cfg = DemoConfig(**{k: v for k, v in protocol.demo.items() if k in {f.name for f in dataclasses.fields(DemoConfig)}})
+    if not (shared / "ready.json").exists():
+        data = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train, n_test=cfg.n_test))
+        write(data, shared / "data", overwrite=True, command="benchmarks.carl_vs_grpo")
+        # The held-out set: a larger test split of the same knowledge base (the same seed draws the same KB), minus
+        # every question of the training split (the SFT demonstrations and the RL questions come from it).
+        big = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train,
+                                   n_test=protocol.heldout_tests))  # fmt: skip
+        write(big, shared / "heldout", overwrite=True, command="benchmarks.carl_vs_grpo (held-out)")
+        _, search = corpus_search(shared / "data" / "corpus.jsonl", cfg.topk)
+        shipped = SHIPPED_SFT if cfg.policy == "tiny" else None
+        model_dir, sft = warm_start(shared, shared / "data", search, cfg, shipped)
+        if model_dir != shared / "policy_sft":
+            raise SystemExit(f"error: the SFT start is at {model_dir}, expected {shared / 'policy_sft'}")
+        write_json(shared / "ready.json", {"sft": sft, "commit": commit()})
+    return shared
 
-    args.out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    run_root = args.run_dir.resolve()
-    if run_root.exists() and any(run_root.iterdir()):
-        if not args.overwrite:
-            raise SystemExit(f"error: {run_root} already holds runs; pass --overwrite or choose another --run-dir.")
-        shutil.rmtree(run_root)
-    run_root.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        base = replace(DemoConfig.tiny(), test_freq=2)
-        seeds, crit_q, crit_k = 1, min(args.criticality_questions, 4), 2
-    else:
-        base = DemoConfig(n_entities=args.kb_size, steps=args.steps, batch_prompts=args.batch_prompts)
-        base = replace(base, test_freq=max(1, args.steps // 2))
-        seeds, crit_q, crit_k = args.seeds, args.criticality_questions, args.criticality_k
-    base = replace(base, max_actions=6)
 
-    shipped: Path | None = SHIPPED_SFT
-    results: dict[str, Any] = {
-        "commit": commit(),
-        "argv": sys.argv[1:] if argv is None else list(argv),
-        "config": {**asdict(base), "seeds": seeds},
-        "methods": {},
+def heldout_rows(shared: Path) -> list[dict[str, Any]]:
+    """The held-out questions: the large test split without any question of the training split."""
+    import pandas as pd
+
+    seen = {e["question"] for e in pd.read_parquet(shared / "data" / "train.parquet")["extra_info"]}
+    rows = pd.read_parquet(shared / "heldout" / "test.parquet").to_dict("records")
+    return [r for r in rows if r["extra_info"]["question"] not in seen]
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def score_policy(policy: Path, shared: Path, rows: list[dict[str, Any]], protocol: Protocol, cfg) -> dict[str, Any]:
+    """Per-question held-out exact match of one policy: the mean over `eval_samples` sampled episodes, and greedy."""
+    from recipe.carl.tiny.local_agent import LocalAgent
+
+    start = time.time()
+    agent = LocalAgent(policy, shared / "heldout", topk=cfg.topk, max_actions=cfg.max_actions,
+                       response_length=cfg.max_response_length, seed=protocol.eval_seed)  # fmt: skip
+    agent.request_seed = protocol.eval_seed  # per-request seeds: every policy meets the same random numbers
+    k = protocol.eval_samples
+
+    async def run_all(temperature: float, samples: int) -> list[float]:
+        jobs = [agent.rollout(r, temperature, f"q{i}.{j}") for i, r in enumerate(rows) for j in range(samples)]
+        return [float(info.get("em", 0.0)) for _, _, info in await asyncio.gather(*jobs)]
+
+    sampled = asyncio.run(run_all(cfg.temperature, k))
+    greedy = asyncio.run(run_all(0.0, 1))
+    return {
+        "policy": str(policy),
+        "questions": [r["extra_info"]["question"] for r in rows],
+        "sampled": [sum(sampled[i * k : (i + 1) * k]) / k for i in range(len(rows))],
+        "greedy": greedy,
+        "wall_s": round(time.time() - start, 1),
     }
-    for name in args.methods:
-        runs = []
-        for seed in range(seeds):
-            overrides = {**METHODS[name], **(SMOKE_SIZES[name] if args.smoke else {})}
-            cfg = replace(base, rl_seed=seed, **overrides)
-            run_dir = run_root / name / f"seed{seed}"
-            print(f"=== {name} seed {seed} -> {run_dir}", flush=True)
-            start = time.time()
-            summary = run_demo(cfg, run_dir, shipped_sft=shipped)
-            wall = time.time() - start
-            # Every later run starts from this run's SFT start (the shipped one, or the one trained here).
-            shipped = run_dir / "policy_sft"
-            runs.append(
-                {
-                    **run_metrics(run_dir),
-                    "greedy_final_accuracy": summary["greedy_after"],
-                    "seed": seed,
-                    "wall_seconds": wall,
-                    "sft": summary["sft"],
-                }
-            )
-        results["methods"][name] = aggregate(runs)
-        results["comparison"] = compare(results["methods"])
-        write_json(args.out, results)  # after every method: an interrupted benchmark keeps what it measured
-    if crit_q > 0:
-        from benchmarks.criticality import StudyConfig, run_study
 
-        print("=== criticality study", flush=True)
-        first = run_root / args.methods[0] / "seed0"
-        study = StudyConfig(questions=crit_q, k=crit_k, max_actions=base.max_actions, topk=base.topk)
-        results["criticality"] = run_study(first / "policy_sft", first / "data", study)
-    results["plots"] = plot_curves(results["methods"], args.out.resolve().parent)
-    write_json(args.out, results)
-    print(json.dumps({"comparison": results.get("comparison"), "criticality": results.get("criticality")}, indent=1))
-    return results
+
+# ------------------------------------------------------------------------------------------------- training
+def train(arm: str, seed: int, out: Path, shared: Path, url: str, protocol: Protocol) -> Path:
+    """One (arm, seed) run through verl's trainer, unless it finished before; returns its folder."""
+    from recipe.carl.tiny import launch
+
+    run_dir = out / "runs" / arm / f"seed{seed}"
+    if (run_dir / "done.json").exists():
+        return run_dir
+    if run_dir.exists():  # an unfinished run: verl cannot resume the tree dumps and metrics cleanly, so start over
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cfg = demo_config(protocol, arm, seed)
+    cmd = trainer_command(cfg, run_dir, shared, launch.write_tool_yaml(run_dir, cfg.topk))
+    write_text(run_dir / "command.txt", " ".join(cmd[1:]) + "\n")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="carl-") as ray_dir:  # short: Ray's socket paths stay < 108 bytes
+        env = {**launch.trainer_env(run_dir, url, REPO), "RAY_TMPDIR": ray_dir}
+        sessions = cfg.batch_prompts * (1 if cfg.algo == "carl" else cfg.grpo_group or cfg.n0 + cfg.n_forks)
+        trainer = launch.TrainerRun(cmd, env, run_dir, cfg.steps, [], cfg.timeout_s, sessions)
+        if trainer.run(cwd=REPO) != 0:
+            print("\n".join(trainer.tail[-15:]), file=sys.stderr)
+            raise SystemExit(f"error: {arm} seed {seed}: the trainer exited with {trainer.proc.returncode}; "
+                             f"see {run_dir / 'train.log'}")  # fmt: skip
+    wall = trainer.end - trainer.start
+    write_json(run_dir / "done.json", {"arm": arm, "seed": seed, "wall_s": round(wall, 1), "phases": trainer.phases(),
+                                       "load_before": load_before, "load_after": os.getloadavg(),
+                                       "config": dataclasses.asdict(cfg), "commit": commit()})  # fmt: skip
+    return run_dir
+
+
+def evaluate_run(run_dir: Path, shared: Path, rows: list[dict[str, Any]], protocol: Protocol, cfg) -> None:
+    """Scores every saved policy of a finished run (each step once)."""
+    for step in protocol.steps()[1:]:
+        path = run_dir / "eval" / f"step_{step:03d}.json"
+        if path.exists():
+            continue
+        policy = run_dir / "ckpt" / f"global_step_{step}" / "actor" / "huggingface"
+        if not (policy / "config.json").exists():
+            raise SystemExit(f"error: {run_dir} finished but saved no policy at step {step} ({policy})")
+        write_json(path, {"step": step, **score_policy(policy, shared, rows, protocol, cfg)})
+
+
+def run(out: Path, protocol: Protocol, arms: list[str], lock: str | None) -> None:
+    """Every unit of the experiment that has not finished: set-up, the start's score, each (seed, arm) run and its
+    scores. Seeds are the outer loop, so an interrupted experiment holds whole seeds of every arm."""
+    from recipe.carl.tiny import launch
+    from recipe.carl.tiny.trajectory import corpus_search
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "protocol.json", {"protocol": dataclasses.asdict(protocol), "arms": {a: ARMS[a] for a in arms}})
+    with heavy_lock(lock):
+        shared = prepare(out, protocol)
+    rows = heldout_rows(shared)
+    cfg0 = demo_config(protocol, arms[0], 0)
+    if not (out / "start_eval.json").exists():
+        with heavy_lock(lock):
+            write_json(out / "start_eval.json", {"step": 0, **score_policy(shared / "policy_sft", shared, rows,
+                                                                             protocol, cfg0)})  # fmt: skip
+    retriever, _ = corpus_search(shared / "data" / "corpus.jsonl", cfg0.topk)
+    with launch.retriever_server(retriever, 0) as url:
+        for seed in range(protocol.seeds):
+            for arm in arms:
+                print(f"=== {arm} seed {seed} (load {os.getloadavg()[0]:.1f})", flush=True)
+                with heavy_lock(lock):
+                    run_dir = train(arm, seed, out, shared, f"{url.rstrip('/')}/retrieve", protocol)
+                with heavy_lock(lock):
+                    evaluate_run(run_dir, shared, rows, protocol, demo_config(protocol, arm, seed))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.carl_vs_grpo", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "carl_vs_grpo", help="the experiment's folder")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), help="a subset of the arms (default: all)")
+    p.add_argument("--report", action="store_true", help="only the statistics, figure and table of what finished")
+    p.add_argument("--smoke", action="store_true", help="CI: 2 arms, 2 steps, 1 seed, a few questions")
+    p.add_argument("--lock", help="a file to flock around each heavy unit (one heavy job at a time on a shared box)")
+    args = p.parse_args(argv)
+    protocol = SMOKE if args.smoke else PROTOCOL
+    arms = args.arms or (list(SMOKE_ARMS) if args.smoke else list(ARMS))
+    out = args.out.resolve()
+    if args.report:
+        from benchmarks.carl_vs_grpo_report import build_report
+
+        if not (out / "start_eval.json").exists():
+            raise SystemExit(f"error: {out} holds no experiment (no start_eval.json); run without --report first.")
+        return build_report(out)
+    saved = out / "protocol.json"
+    if saved.exists():
+        before = json.loads(saved.read_text())["protocol"]
+        if before != json.loads(json.dumps(dataclasses.asdict(protocol))):
+            raise SystemExit(f"error: {out} was started with another protocol ({saved}); use another --out.")
+    run(out, protocol, arms, args.lock)
+    from benchmarks.carl_vs_grpo_report import build_report
+
+    return build_report(out)
 
 
 if __name__ == "__main__":

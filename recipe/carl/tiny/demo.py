@@ -71,6 +71,15 @@ class DemoConfig:
     """CARL's fork-point rule (`algorithm.carl.selection`; `random` is the paper's ablation)."""
     update_set: str = "critical"
     """CARL's update set (`algorithm.carl.update_set`; `all_inherit` and `outcome_only` are the paper's ablations)."""
+    merge: bool = True
+    """CARL: one node per distinct action (`algorithm.carl.merge`)."""
+    spread_prior: float = 2.0
+    """CARL with `selection=spread`: the entropy prior's weight (`algorithm.carl.spread_prior`)."""
+    packing: str = "path"
+    """CARL's training rows (`algorithm.carl.packing`): `path` or `tree` (one packed row per tree)."""
+    full_determinism: bool = False
+    """Per-request sampling seeds from `rl_seed` (verl's `rollout.full_determinism`): a run is reproducible, and runs
+    that share a seed share their random numbers wherever their requests coincide."""
     grpo_group: int | None = None
     """GRPO's trajectories per question; None: the CARL tree's N0 + N."""
     max_actions: int = 6
@@ -97,6 +106,8 @@ class DemoConfig:
             raise ValueError(
                 f"rollout {self.rollout!r} / algo {self.algo!r}: use {sorted(ROLLOUT_DEVICES)} / carl, grpo."
             )
+        if self.packing not in ("path", "tree"):
+            raise ValueError(f"packing {self.packing!r}: use path (one row per leaf path) or tree (one per tree).")
         names = ("steps", "sft_steps", "batch_prompts", "n0", "max_actions", "test_freq", "val_samples", "n_test")
         for name in (*names, "micro_batch_tokens", "sft_lr", "lr", "temperature"):
             if not getattr(self, name) > 0:
@@ -161,10 +172,16 @@ def trainer_overrides(cfg: DemoConfig, run_dir: Path, data_dir: Path, model_dir:
         "trainer.save_freq": cfg.steps,  # the trained policy after the last step only
         "trainer.default_local_dir": run_dir / "ckpt",
     }
+    if cfg.full_determinism:
+        settings["actor_rollout_ref.rollout.full_determinism"] = True
+        settings["actor_rollout_ref.rollout.seed"] = cfg.rl_seed
     if cfg.algo == "carl":
-        settings.update({f"algorithm.carl.{k}": getattr(cfg, k) for k in ("n0", "n_forks", "selection", "update_set")})
-        # A mini-batch counts rows (rollout.n=1): a step's rows (at most N0 + N per tree) in one update, as GRPO gets.
-        settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts * leaves
+        keys = ("n0", "n_forks", "selection", "update_set", "merge", "spread_prior", "packing")
+        settings.update({f"algorithm.carl.{k}": getattr(cfg, k) for k in keys})
+        # A mini-batch counts rows (rollout.n=1): a step's rows (at most N0 + N per tree; one per tree when packed)
+        # in one update, as GRPO gets.
+        rows = 1 if cfg.packing == "tree" else leaves
+        settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts * rows
     else:
         settings["algorithm.adv_estimator"] = "grpo"
         settings["actor_rollout_ref.rollout.n"] = cfg.grpo_group or leaves
