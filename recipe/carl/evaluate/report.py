@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from recipe.carl.evaluate.runner import COMPARED, finite_mean
 from recipe.carl.evaluate.stats import paired_difference
+
+#: The comparison's bootstrap: replicates and interval level (results.md names both).
+N_BOOT = 10_000
+LEVEL = 0.95
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -60,8 +67,23 @@ def diagnose(table: dict[str, Any]) -> list[str]:
     return notes
 
 
+def question_difference(
+    a: Sequence[float], b: Sequence[float], seed: int = 0, n_boot: int = N_BOOT, level: float = LEVEL
+) -> dict[str, float]:
+    """Mean of a - b over paired questions with its percentile paired-bootstrap interval (`stats.paired_difference`
+    with one seed: a bootstrap over questions). Questions where either value is NaN are dropped. Why paired and
+    why a bootstrap: `recipe.carl.evaluate.cli`'s docstring.
+    """
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if not (math.isnan(x) or math.isnan(y))]
+    if not pairs:
+        return {"diff": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    x, y = (np.array([p[i] for p in pairs], dtype=float)[None] for i in (0, 1))  # one seed: shape (1, n_questions)
+    interval = paired_difference(x, y, n_boot=n_boot, seed=seed, level=level)
+    return {"diff": interval.estimate, "low": interval.low, "high": interval.high, "n": len(pairs)}
+
+
 def compare(model: dict[str, list[dict]], baseline: dict[str, list[dict]], seed: int = 0) -> dict[str, Any]:
-    """Per data set and metric: both means, the difference and its paired interval."""
+    """Per data set and metric: both means, the difference and its paired interval (`question_difference`)."""
     out: dict[str, Any] = {}
     for source, records in model.items():
         base = {(r["file"], r["row"]): r for r in baseline.get(source, [])}
@@ -70,7 +92,7 @@ def compare(model: dict[str, list[dict]], baseline: dict[str, list[dict]], seed:
             metric: {
                 "model": finite_mean([r[metric] for r, _ in paired]),
                 "baseline": finite_mean([b[metric] for _, b in paired]),
-                **paired_difference([r[metric] for r, _ in paired], [b[metric] for _, b in paired], seed=seed),
+                **question_difference([r[metric] for r, _ in paired], [b[metric] for _, b in paired], seed=seed),
             }
             for metric in COMPARED
         }
@@ -109,10 +131,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## {a} vs {b}",
             "",
-            "Difference model − baseline over the same questions, with a 95 % paired bootstrap interval "
-            "(10,000 resamples of the questions; percentages for EM, F1 and format).",
+            f"Difference model − baseline over the same questions, with a {100 * LEVEL:.0f} % paired bootstrap "
+            f"interval ({N_BOOT:,} resamples of the questions; percentages for EM, F1 and format).",
             "",
-            f"| data set | metric | {a} | {b} | difference | 95 % interval |",
+            f"| data set | metric | {a} | {b} | difference | {100 * LEVEL:.0f} % interval |",
             "|---|---|---|---|---|---|",
         ]
         for source, metrics in results["comparison"].items():

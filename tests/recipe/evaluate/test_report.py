@@ -1,4 +1,5 @@
-"""`recipe.carl.evaluate.report`: the paired comparison of two models against a slow textbook reference."""
+"""`recipe.carl.evaluate.report`: the paired comparison of two models (`question_difference`, `stats` with one seed)
+against a slow textbook reference, and its edge cases."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import statistics
 import numpy as np
 import pytest
 
-from recipe.carl.evaluate.stats import paired_difference
+from recipe.carl.evaluate.report import question_difference
 
 
 def slow_percentile_bootstrap(a, b, resamples, confidence=0.95, seed=1):
@@ -29,7 +30,7 @@ def test_paired_interval_matches_a_slow_reference():
     rng = np.random.default_rng(3)
     a = (rng.random(200) < 0.55).astype(float).tolist()  # EM of two correlated models on 200 questions
     b = [x if rng.random() < 0.8 else 1.0 - x for x in a]
-    fast = paired_difference(a, b, resamples=10_000, seed=0)
+    fast = question_difference(a, b, n_boot=10_000, seed=0)
     low, high = slow_percentile_bootstrap(a, b, resamples=10_000)
     assert fast["diff"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
     assert fast["low"] == pytest.approx(low, abs=0.006) and fast["high"] == pytest.approx(high, abs=0.006)
@@ -40,8 +41,8 @@ def test_paired_interval_matches_a_slow_reference():
 
 
 def test_paired_interval_edge_cases():
-    assert paired_difference([1.0, 0.0, 1.0], [0.0, -1.0, 0.0]) == {"diff": 1.0, "low": 1.0, "high": 1.0, "n": 3}
+    assert question_difference([1.0, 0.0, 1.0], [0.0, -1.0, 0.0]) == {"diff": 1.0, "low": 1.0, "high": 1.0, "n": 3}
     nan = float("nan")
-    out = paired_difference([1.0, nan, 0.0, 1.0], [0.0, 1.0, nan, 1.0])
+    out = question_difference([1.0, nan, 0.0, 1.0], [0.0, 1.0, nan, 1.0])
     assert out["n"] == 2 and out["diff"] == 0.5
-    assert math.isnan(paired_difference([], [])["diff"])
+    assert math.isnan(question_difference([], [])["diff"])
