@@ -18,14 +18,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recipe.carl.evaluate import EvalSettings, Evaluator
+from recipe.carl.evaluate.engines import HFEngine
+from recipe.carl.evaluate.runner import Evaluator
+from recipe.carl.evaluate.settings import EvalSettings
 
 
 class LocalAgent(Evaluator):
     """A policy folder + a SynthHop data folder, ready to roll out in the agent loop's layout.
 
-    `recipe.carl.evaluate.Evaluator` with the demo's limits, the CPU rollout server in process and SynthHop's BM25
-    index searched in process (the demo's tool serves the same corpus over HTTP during training).
+    `recipe.carl.evaluate.runner.Evaluator` with the demo's limits, the CPU rollout server in process and SynthHop's
+    BM25 index searched in process (the demo's tool serves the same corpus over HTTP during training).
 
     Args:
         policy_dir: a Hugging Face model folder with its tokenizer (chat template included).
@@ -50,7 +52,6 @@ class LocalAgent(Evaluator):
     ):
         from transformers import AutoTokenizer
 
-        from recipe.carl.evaluate import HFEngine
         from recipe.carl.search.actions import render_documents
         from recipe.carl.search.retriever import Retriever, RetrieverConfig
         from recipe.carl.search.reward import compute_score

@@ -1,0 +1,305 @@
+"""Evaluate a model (and optionally a baseline) on search-QA test sets, in the environment the policy is trained in.
+
+    python -m recipe.carl.evaluate --model runs/x/policy_rl --data data/myqa/test.parquet --out runs/eval_x
+    python -m recipe.carl.evaluate --model ckpt/exp/global_step_100/actor --baseline Qwen/Qwen2.5-7B-Instruct \\
+        --data data/nq_test.parquet data/hotpotqa_test.parquet --out runs/eval_step100     # GPU: scripts/eval.sh
+
+Each question runs as one trajectory (or `--samples k` trajectories at `--temperature T`) through the agent loop's own
+`SearchEnvironment` (`recipe/carl/agent_loop.py`): the same prompt tokenisation (the row's chat `prompt` through the
+model's chat template), stop strings, action parsing, `<information>` observations, T_max and finish reasons as
+training; searches go through the recipe's search tool (`CarlSearchTool`, the HTTP client of `RETRIEVER_URL`), and
+each trajectory is scored by the training reward (`recipe.carl.search.reward.compute_score`, or a custom reward
+function given the way verl takes one). The inference engine is the one training uses on that hardware: vLLM on a GPU
+(in-process `AsyncLLM`, sampling parameters mapped as verl's `vLLMHttpServer` maps them), the CPU backend
+(`HFRolloutServer`, in-process, no Ray) on a CPU.
+
+`--model` (and `--baseline`) take a Hugging Face model folder (or hub id) or a verl checkpoint
+(`.../global_step_N/actor`, or `global_step_N`): its `huggingface/` folder when it holds weights
+(`checkpoint.save_contents` with `hf_model`), else the FSDP shards merged once with verl's own merger
+(`python -m verl.model_merger merge --backend fsdp`, which writes bf16 weights) into `<actor>/merged_hf` (`--merge-dir`
+to put it elsewhere), reused while the shards are unchanged.
+
+Outputs in `--out`:
+
+- `results.md` and `results.json`: per data set (`data_source`) and model, EM, F1, format validity, reward, actions,
+  searches and generated tokens per question, finish reasons, search errors (and pass@k with `--samples k`); with
+  `--baseline`, both models side by side with the difference and a 95 % paired bootstrap interval;
+- `<label>/<data_source>.jsonl`: one line per question: question, gold answers, and per trajectory the prediction,
+  every action's text and observation, the finish reason and the reward.
+
+Defaults suit real models (Qwen2.5-7B as `scripts/run_carl_qwen7b.sh` trains it): per-turn budget 512 tokens,
+T_max 32, top-3 documents, prompt 2048 and trajectory 12288 tokens. The SynthHop demo passes its own
+(`recipe.carl.tiny.local_agent`: 32-token turns, top-2, T_max 6, its corpus in process).
+
+Why a paired bootstrap: the two models answer the same questions, so the per-question differences carry the
+comparison and the questions' difficulty cancels; EM differences take only the values -1, 0, 1 (mostly 0), which a
+bootstrap over questions handles without assuming normality, for any metric (with `--samples k` a question's value is
+its mean over the k samples, so questions stay the resampled unit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recipe.carl.evaluate.data import load_datasets
+from recipe.carl.evaluate.engines import choose_engine
+from recipe.carl.evaluate.models import model_label, resolve_model
+from recipe.carl.evaluate.report import compare, diagnose, markdown, summarize
+from recipe.carl.evaluate.runner import evaluate_model
+from recipe.carl.evaluate.settings import EvalError, EvalSettings
+from recipe.carl.io import write_json, write_jsonl, write_text
+
+DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000/retrieve"
+
+
+# --------------------------------------------------------------------------------------------- search and reward
+def check_retriever(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """`GET /health` of the retriever behind `url`.
+
+    Raises:
+        EvalError: naming the URL and how to start or point at a retriever.
+    """
+    import httpx
+
+    health = str(httpx.URL(url).copy_with(path="/health", query=None))
+    fix = (
+        "start one with CORPUS=<corpus.jsonl> bash scripts/launch_retriever.sh, or point at yours with "
+        "--retriever-url / RETRIEVER_URL"
+    )
+    from recipe.carl.search.client import RETRIEVER_WAIT_ENV, retriever_wait_s, until_it_answers
+
+    try:
+        wait_s = retriever_wait_s()
+    except ValueError as error:
+        raise EvalError(str(error)) from None
+
+    def get() -> dict[str, Any]:
+        response = httpx.get(health, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
+
+    try:
+        return until_it_answers(get, url, wait_s, lambda message: print(message, file=sys.stderr, flush=True))
+    except (httpx.HTTPError, ValueError) as error:
+        fix += f"; {RETRIEVER_WAIT_ENV}=600 waits up to 600 s for one that is still loading its index"
+        raise EvalError(f"retriever {url}: GET {health} failed ({type(error).__name__}: {error}); {fix}.") from None
+
+
+def make_search(url: str, topk: int, timeout: float = 30.0, max_retries: int = 2):
+    """The recipe's search tool on `url`, as the agent loop calls it (`search(query, tree_id)`, `.release`)."""
+    from recipe.carl.agent_loop import ToolSearcher
+    from recipe.carl.search.search_tool import CarlSearchTool
+
+    tool = CarlSearchTool(
+        {"type": "native", "retrieval_service_url": url, "topk": topk, "timeout": timeout, "max_retries": max_retries}
+    )
+    return ToolSearcher(tool)
+
+
+def load_reward(path: str | None, name: str | None, kwargs: dict[str, Any] | None) -> Callable[..., Any]:
+    """The reward: the recipe's `compute_score`, or a custom one loaded as verl loads it.
+
+    Raises:
+        EvalError: a missing file or function, naming it.
+    """
+    if not path:
+        from functools import partial
+
+        from recipe.carl.search.reward import compute_score
+
+        return partial(compute_score, **(kwargs or {}))
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    if not Path(path).is_file():
+        raise EvalError(f"--reward-path {path}: no such file (verl's reward.custom_reward_function.path).")
+    config = OmegaConf.create(
+        {"reward": {"custom_reward_function": {"path": path, "name": name or "compute_score", "reward_kwargs": kwargs}}}
+    )
+    try:
+        return get_custom_reward_fn(config)
+    except (AttributeError, ImportError, RuntimeError, FileNotFoundError) as error:
+        raise EvalError(f"--reward-path {path} --reward-name {name or 'compute_score'}: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole evaluation (see `main`); returns `results.json`'s content."""
+    settings = EvalSettings(
+        max_actions=args.max_actions,
+        max_action_tokens=args.max_action_tokens,
+        prompt_length=args.prompt_length,
+        response_length=args.response_length,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        samples=args.samples,
+        seed=args.seed,
+        invalid_action=args.invalid_action,
+        thinking=args.thinking,
+        chat_template_kwargs=_json_arg(args.chat_template_kwargs, "--chat-template-kwargs"),
+        concurrency=args.concurrency,
+    )
+    out = Path(args.out)
+    if (out / "results.json").exists() and not args.overwrite:
+        raise EvalError(f"--out {out}: already holds results.json; pass --overwrite, or choose another --out.")
+    # The cheap checks first (inputs, engine, data, retriever, reward), then the slow steps (download, merge).
+    given = {"model": (args.model, args.merge_dir), "baseline": (args.baseline, args.baseline_merge_dir)}
+    given = {role: spec for role, spec in given.items() if spec[0]}
+    for role, (path, merge_dir) in given.items():
+        resolve_model(path, merge_dir, f"--{role}", fetch=False)
+    engine = choose_engine(args.engine)
+    datasets = load_datasets(args.data, args.limit)
+    health = check_retriever(args.retriever_url)
+    print(f"retriever {args.retriever_url}: {json.dumps(health)}", file=sys.stderr)
+    reward_fn = load_reward(args.reward_path, args.reward_name, _json_arg(args.reward_kwargs, "--reward-kwargs"))
+    models = {role: resolve_model(path, merge_dir, f"--{role}") for role, (path, merge_dir) in given.items()}
+    options: dict[str, Any] = {"dtype": args.dtype}
+    if engine == "vllm":
+        options.update(
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
+            engine_kwargs=_json_arg(args.vllm_kwargs, "--vllm-kwargs"),
+        )
+
+    labels = {"model": args.label or model_label(args.model)}
+    if args.baseline:
+        labels["baseline"] = args.baseline_label or model_label(args.baseline)
+        if labels["baseline"] == labels["model"]:
+            labels["baseline"] += " (baseline)"
+    records: dict[str, dict[str, list[dict]]] = {}
+    results: dict[str, Any] = {"models": {}, "settings": dataclasses.asdict(settings)}
+    results["settings"].update(
+        engine=engine, retriever_url=args.retriever_url, topk=args.topk, data=[str(f) for f in args.data]
+    )
+    results["settings_summary"] = (
+        f"{'greedy' if settings.temperature == 0 else f'T={settings.temperature}, {settings.samples} sample(s)'}, "
+        f"T_max {settings.max_actions}, {settings.max_action_tokens} tokens/turn, top-{args.topk}, {engine} engine"
+    )
+    for role, folder in models.items():
+        started = time.perf_counter()
+        search = make_search(args.retriever_url, args.topk)
+        records[role] = asyncio.run(
+            evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=options)
+        )
+        label = labels[role]
+        tables = {source: summarize(recs) for source, recs in records[role].items()}
+        results["models"][label] = {
+            "role": role,
+            "path": str(getattr(args, role)),
+            "weights": str(folder),
+            "engine": engine,
+            "wall_s": time.perf_counter() - started,
+            "tables": tables,
+            "notes": {source: diagnose(t) for source, t in tables.items() if diagnose(t)},
+        }
+        for source, recs in records[role].items():
+            write_jsonl(out / _safe(label) / f"{_safe(source)}.jsonl", recs)
+    if args.baseline:
+        results["comparison"] = compare(records["model"], records["baseline"], seed=args.seed)
+    results["command"] = shlex.join([sys.executable, "-m", "recipe.carl.evaluate", *args.argv])
+    write_json(out / "results.json", results)
+    text = markdown(results)
+    write_text(out / "results.md", text + "\n")
+    print(text)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and the per-question JSON lines under {out}")
+    return results
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
+
+
+def _json_arg(text: str | None, flag: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EvalError(f"{flag} {text!r}: not JSON ({error.msg}); e.g. {flag} '{{\"key\": 1}}'.") from error
+    if not isinstance(value, dict):
+        raise EvalError(f"{flag} {text!r}: must be a JSON object.")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    s = EvalSettings()
+    p = argparse.ArgumentParser(
+        prog="python -m recipe.carl.evaluate",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="Hugging Face model folder, or a verl checkpoint (global_step_N/actor)"
+    )
+    p.add_argument("--baseline", help="a second model (same forms), compared with --model question by question")
+    p.add_argument("--label", help="name of --model in the tables (default: its folder)")
+    p.add_argument("--baseline-label", help="name of --baseline in the tables")
+    p.add_argument("--data", nargs="+", required=True, help="test parquet file(s) in verl's RLHFDataset schema")
+    p.add_argument("--out", required=True, help="output folder (results.md, results.json, per-question JSON lines)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each data set (default: all)")
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"], help="auto: vLLM on a GPU, else hf")
+    p.add_argument(
+        "--retriever-url",
+        default=os.environ.get("RETRIEVER_URL") or DEFAULT_RETRIEVER_URL,
+        help=f"the retriever's /retrieve endpoint (default: $RETRIEVER_URL, else {DEFAULT_RETRIEVER_URL})",
+    )
+    p.add_argument("--topk", type=int, default=3, help="documents per search (default 3; the demo uses 2)")
+    p.add_argument("--max-actions", type=int, default=s.max_actions, help=f"T_max (default {s.max_actions})")
+    p.add_argument(
+        "--max-action-tokens", type=int, default=s.max_action_tokens, help="tokens per turn (default %(default)s)"
+    )
+    p.add_argument("--prompt-length", type=int, default=s.prompt_length, help="prompt budget (default %(default)s)")
+    p.add_argument(
+        "--response-length", type=int, default=s.response_length, help="trajectory budget (default %(default)s)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--samples", type=int, default=1, help="trajectories per question (needs --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled requests and of the bootstrap")
+    p.add_argument("--invalid-action", default="end", choices=["end", "feedback"], help="as algorithm.carl")
+    p.add_argument("--thinking", action="store_true", help="as algorithm.carl.thinking (Qwen3)")
+    p.add_argument("--chat-template-kwargs", help="JSON, e.g. '{\"enable_thinking\": false}'")
+    p.add_argument(
+        "--concurrency", type=int, default=s.concurrency, help="trajectories in flight (default %(default)s)"
+    )
+    p.add_argument("--reward-path", help="a custom reward file (verl's reward.custom_reward_function.path)")
+    p.add_argument("--reward-name", help="its function (default compute_score)")
+    p.add_argument("--reward-kwargs", help="JSON keyword arguments of the reward (reward_kwargs)")
+    p.add_argument("--merge-dir", help="where to merge an FSDP --model checkpoint (default <actor>/merged_hf)")
+    p.add_argument("--baseline-merge-dir", help="the same for --baseline")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto: bf16 on GPU; always fp32 with hf on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM (default %(default)s)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM (default %(default)s)")
+    p.add_argument("--vllm-kwargs", help="JSON of extra vLLM engine arguments, e.g. '{\"enforce_eager\": true}'")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"error: --limit {args.limit}: must be >= 1 (omit it for all questions).")
+    if args.topk < 1:
+        raise SystemExit(f"error: --topk {args.topk}: must be >= 1.")
+    try:
+        return run(args)
+    except EvalError as error:
+        raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: no results written") from None
