@@ -96,7 +96,18 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 SMOKE = Protocol(
     seeds=1,
-    demo={**PROTOCOL.demo, "steps": 2, "batch_prompts": 2, "n0": 2, "n_forks": 2, "max_actions": 3, "n_train": 200},
+    demo={
+        **PROTOCOL.demo,
+        "steps": 2,
+        "batch_prompts": 2,
+        "n0": 2,
+        "n_forks": 2,
+        "max_actions": 3,
+        "n_train": 200,
+        "n_test": 8,
+        "sft_steps": 30,
+        "sft_time_budget_s": 60,
+    },  # fmt: skip
     eval_every=1,
     eval_samples=2,
     heldout_tests=40,
@@ -146,15 +157,17 @@ def commit() -> str | None:
 def prepare(out: Path, protocol: Protocol) -> Path:
     """The shared data, held-out set and SFT start under `out/shared` (made once, reused on resume)."""
     from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+    from recipe.carl.tiny import launch
     from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig
     from recipe.carl.tiny.sft import warm_start
     from recipe.carl.tiny.trajectory import corpus_search
 
     shared = out / "shared"
-    cfg = DemoConfig(**{k: v for k, v in protocol.demo.items() if k in {f.name for f in dataclasses.fields(DemoConfig)}})
+    cfg = DemoConfig(**protocol.demo)
     if not (shared / "ready.json").exists():
         data = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train, n_test=cfg.n_test))
         write(data, shared / "data", overwrite=True, command="benchmarks.carl_vs_grpo")
+        launch.write_val_file(shared / "data", 1)  # verl loads a validation file even when it never validates
         # The held-out set: a larger test split of the same knowledge base (the same seed draws the same KB), minus
         # every question of the training split (the SFT demonstrations and the RL questions come from it).
         big = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train,

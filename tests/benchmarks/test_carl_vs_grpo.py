@@ -1,155 +1,169 @@
-"""`benchmarks/carl_vs_grpo.py`: the bookkeeping on hand-made metrics, and the smoke mode end to end (CI)."""
+"""`benchmarks/carl_vs_grpo.py` and its report: the protocol wiring, the statistics glue against hand-made runs, the
+decision rules, and (slow, CI) the smoke mode end to end through verl's trainer."""
+
+from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks.carl_vs_grpo import METHODS, aggregate, compare, first_crossing, main, run_metrics
+from benchmarks import carl_vs_grpo as exp
+from benchmarks import carl_vs_grpo_report as report
+from recipe.carl.evaluate.stats import Interval
 
 REPO = Path(__file__).resolve().parents[2]
-KEY = "val-aux/synthhop/em/mean@4"  # the demo validates 4 sampled episodes per question
 
 
-def write_metrics(run_dir: Path, rows: list[dict]) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps({"step": r.pop("step"), "data": r}) + "\n" for r in rows)
-    (run_dir / "metrics.jsonl").write_text(text)
-    return run_dir
+# ------------------------------------------------------------------------------------------------ the protocol
+def test_every_arm_differs_from_the_shared_settings_only_where_it_says():
+    base = exp.demo_config(exp.PROTOCOL, "carl", 0)
+    for arm, changes in exp.ARMS.items():
+        cfg = exp.demo_config(exp.PROTOCOL, arm, 3)
+        differ = {k for k in vars(cfg) if getattr(cfg, k) != getattr(base, k)} - {"rl_seed"}
+        assert differ == set(changes) - {k for k, v in changes.items() if getattr(base, k) == v}, arm
+        assert cfg.rl_seed == 3 and cfg.full_determinism and cfg.test_freq == exp.PROTOCOL.eval_every
+    grpo = exp.demo_config(exp.PROTOCOL, "grpo", 0)
+    assert (grpo.grpo_group or grpo.n0 + grpo.n_forks) == base.n0 + base.n_forks  # as many trajectories as leaves
+    assert exp.PROTOCOL.steps() == [0, 10, 20, 30] and exp.PROTOCOL.seeds >= 4
 
 
-def budget(questions, generated, trained, tok_gen, tok_trained):
-    return {
-        "carl/questions": questions,
-        "carl/actions_generated_per_question": generated,
-        "carl/actions_trained_per_question": trained,
-        "carl/tokens_generated": tok_gen,
-        "carl/tokens_trained": tok_trained,
-    }
+def test_the_trainer_validates_nothing_and_saves_every_evaluated_step(tmp_path):
+    cfg = exp.demo_config(exp.PROTOCOL, "carl_spread", 1)
+    cmd = exp.trainer_command(cfg, tmp_path / "run", tmp_path / "shared", tmp_path / "tool.yaml")
+    assert cmd[1:4] == ["-m", "recipe.carl.main_carl", "+demo=tiny_cpu"]
+    wanted = ["trainer.val_before_train=False", "trainer.test_freq=-1", "trainer.save_freq=10", "data.seed=1"]
+    wanted += ["algorithm.carl.selection=spread", "algorithm.carl.packing=tree"]
+    wanted += ["actor_rollout_ref.rollout.full_determinism=True", "actor_rollout_ref.rollout.seed=1"]
+    for override in wanted:
+        assert override in cmd, override
+    assert sum(o.startswith("trainer.save_freq=") for o in cmd) == 1
 
 
-@pytest.fixture
-def two_step_run(tmp_path):
-    # verl logs step 0's validation on its own line, then each step's training metrics (+ validation when due).
-    return write_metrics(
-        tmp_path / "run",
-        [
-            {"step": 0, KEY: 0.25},
-            {"step": 1, **budget(4, 10.0, 5.0, 100.0, 40.0)},
-            {"step": 2, **budget(4, 12.0, 7.0, 120.0, 60.0), KEY: 0.5},
-        ],
-    )
+def test_a_folder_started_with_another_protocol_is_refused(tmp_path):
+    (tmp_path / "protocol.json").write_text(json.dumps({"protocol": {"seeds": 99}, "arms": {}}))
+    with pytest.raises(SystemExit, match="started with another protocol"):
+        exp.main(["--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="holds no experiment"):
+        exp.main(["--out", str(tmp_path / "empty"), "--report"])
 
 
-def test_run_metrics_by_hand(two_step_run):
-    m = run_metrics(two_step_run)
-    assert (m["start_accuracy"], m["final_accuracy"]) == (0.25, 0.5)
-    assert m["actions_generated_per_question"] == 11.0 and m["actions_trained_per_question"] == 6.0
-    assert (m["tokens_generated"], m["tokens_trained"]) == (220.0, 100.0)
-    # Cumulative actions trained at the validations: 0 before training, 5*4 + 7*4 = 48 after step 2.
-    assert m["curve"] == {
-        "step": [0, 2],
-        "accuracy": [0.25, 0.5],
-        "actions_trained": [0.0, 48.0],
-        "tokens_generated": [0.0, 220.0],
-    }
+# ----------------------------------------------------------------------------------------- statistics glue
+def test_reach_ratio_by_hand():
+    # CARL's mean curve 0.30, 0.34, 0.38, 0.40 at 0, 100, 200, 300 trained actions; GRPO ends at 0.36 after 1,000.
+    # 0.36 is half-way between 0.34 and 0.38, so CARL reaches it at 150 actions: 150 / 1000 = 0.15.
+    acc_c = np.broadcast_to(np.array([0.30, 0.34, 0.38, 0.40]), (2, 3, 4))
+    trained_c = np.broadcast_to(np.array([0.0, 100, 200, 300]), (2, 3, 4))
+    acc_g = np.broadcast_to(np.array([0.30, 0.31, 0.33, 0.36]), (2, 3, 4))
+    trained_g = np.broadcast_to(np.array([0.0, 300, 600, 1000]), (2, 3, 4))
+    assert report.reach_ratio(acc_c, trained_c, acc_g, trained_g) == pytest.approx(0.15)
+    assert report.reach_ratio(acc_g, trained_g, acc_c, trained_c) == math.inf  # GRPO never reaches 0.40
+    assert report.reach_ratio(acc_c, trained_c, acc_c * 0 + 0.2, trained_g) == 0.0  # the start is already there
 
 
-def test_run_metrics_needs_validation_and_budget(tmp_path):
-    with pytest.raises(SystemExit, match="no validation accuracy"):
-        run_metrics(write_metrics(tmp_path / "a", [{"step": 1, **budget(1, 1, 1, 1, 1)}]))
-    with pytest.raises(SystemExit, match="no carl/\\* budget metrics"):
-        run_metrics(write_metrics(tmp_path / "b", [{"step": 0, KEY: 0.1}]))
+def test_verdicts():
+    assert report.verdict(Interval(0.05, 0.01, 0.09, 0.95, 10)) == "better"
+    assert report.verdict(Interval(-0.05, -0.09, -0.01, 0.95, 10)) == "worse"
+    assert report.verdict(Interval(0.0, -0.01, 0.015, 0.95, 10)) == "no difference detected (within +-2 points)"
+    assert report.verdict(Interval(0.0, -0.03, 0.015, 0.95, 10)) == "no difference detected"
 
 
-def run(final, curve_acc, actions, gen=10.0, seed=0, greedy=None):
-    return {
-        "final_accuracy": final,
-        "greedy_final_accuracy": greedy,
-        "start_accuracy": curve_acc[0],
-        "actions_generated_per_question": gen,
-        "actions_trained_per_question": gen / 2,
-        "tokens_generated": 100.0,
-        "tokens_trained": 50.0,
-        "wall_seconds": 60.0,
-        "seed": seed,
-        "curve": {"step": [0, 4, 8], "accuracy": curve_acc, "actions_trained": actions, "tokens_generated": actions},
-    }
+def fake_experiment(out: Path, accuracy: dict[str, np.ndarray], budgets: dict[str, dict[str, float]]) -> None:
+    """An experiment folder with hand-made scores: accuracy[arm] has shape (seeds, questions, points) and point 0 is
+    the shared start; budgets[arm] gives each step's generated/trained actions (the same every step)."""
+    arms = list(accuracy)
+    seeds, questions, points = accuracy[arms[0]].shape
+    protocol = {"seeds": seeds, "demo": {"steps": points - 1, "batch_prompts": 2}, "eval_every": 1}
+    (out / "protocol.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.json").write_text(json.dumps({"protocol": protocol, "arms": {a: {} for a in arms}}))
+    qs = [f"q{i}" for i in range(questions)]
+    start = accuracy[arms[0]][0, :, 0]
+    (out / "start_eval.json").write_text(json.dumps({"questions": qs, "sampled": start.tolist(),
+                                                      "greedy": start.tolist()}))  # fmt: skip
+    for arm in arms:
+        for s in range(seeds):
+            run = out / "runs" / arm / f"seed{s}"
+            (run / "eval").mkdir(parents=True)
+            (run / "done.json").write_text(json.dumps({"wall_s": 60.0, "load_before": [1.0, 1.0, 1.0],
+                                                       "commit": "abc"}))  # fmt: skip
+            b = budgets[arm]
+            rows = [{"step": t, "carl/questions": 2.0, "carl/actions_generated_per_question": b["generated"] / 2,
+                     "carl/actions_trained_per_question": b["trained"] / 2, "carl/tokens_trained": 10 * b["trained"],
+                     "carl/tokens_generated": 10 * b["generated"], "timing_s/step": 5.0, "carl/trees": 2.0,
+                     "carl/actions_trained_per_tree": b["trained"] / 2, "carl/degenerate_tree_fraction": 0.25,
+                     "carl/zero_advantage_fraction": 0.5} for t in range(1, points)]  # fmt: skip
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+            for p in range(1, points):
+                a = accuracy[arm][s, :, p]
+                (run / "eval" / f"step_{p:03d}.json").write_text(json.dumps({"questions": qs, "sampled": a.tolist(),
+                                                                             "greedy": a.tolist()}))  # fmt: skip
 
 
-def test_aggregate_and_targets_by_hand():
-    grpo = aggregate(
-        [
-            run(0.4, [0.1, 0.3, 0.4], [0, 100, 200], gen=20.0, greedy=0.5),
-            run(0.2, [0.1, 0.2, 0.2], [0, 100, 200], 20.0, greedy=0.3),
-        ]
-    )
-    assert grpo["final_accuracy"] == pytest.approx(0.3) and grpo["accuracy_std"] == pytest.approx(0.1414213562)
-    assert grpo["greedy_final_accuracy"] == pytest.approx(0.4)
-    assert grpo["curve"]["accuracy"] == pytest.approx([0.1, 0.25, 0.3])
-    carl = aggregate([run(0.35, [0.1, 0.3, 0.35], [0, 40, 80])])
-    lite = aggregate([run(0.3, [0.1, 0.2, 0.3], [0, 30, 60], gen=11.0)])
-    assert carl["accuracy_std"] == 0.0 and carl["greedy_final_accuracy"] is None
-    # CARL's curve first reaches GRPO's final 0.3 at the second validation, after 40 actions of GRPO's 200.
-    assert first_crossing(carl["curve"], 0.3, "actions_trained") == 40
-    assert first_crossing(carl["curve"], 0.9, "actions_trained") is None
-    c = compare({"grpo": grpo, "carl": carl, "carl_lite": lite})
-    assert c["carl_accuracy_minus_grpo"] == pytest.approx(0.05)
-    assert c["grpo_gain_over_start"] == pytest.approx(0.3 - 0.1)
-    assert c["carl_reach_fraction_of_grpo_actions"] == pytest.approx(40 / 200)
-    assert c["carl_lite_actions_generated_ratio"] == pytest.approx(11 / 20)
+def test_report_on_hand_made_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    start = rng.integers(0, 2, size=(1, 40, 1)).astype(float)
+    grpo = np.concatenate([np.repeat(start, 2, axis=0), rng.random((2, 40, 2))], axis=2)
+    carl = grpo.copy()
+    carl[:, :, 1:] += 0.05  # CARL is GRPO + 5 points on every trained point: a difference of exactly 0.05
+    fake_experiment(tmp_path, {"grpo": grpo, "carl": carl},
+                    {"grpo": {"generated": 64, "trained": 64}, "carl": {"generated": 60, "trained": 20}})  # fmt: skip
+    result = report.build_report(tmp_path)
+    arms = result["arms"]
+    # Means by hand: the final point averaged over seeds and questions.
+    assert arms["grpo"]["final_sampled"]["estimate"] == pytest.approx(grpo[:, :, -1].mean())
+    assert arms["carl"]["final_sampled"]["estimate"] == pytest.approx(carl[:, :, -1].mean())
+    # A constant paired shift has a zero-width interval: [0.05, 0.05].
+    diff = result["vs_grpo"]["carl"]["sampled"]
+    assert [diff["estimate"], diff["low"], diff["high"]] == pytest.approx([0.05] * 3)
+    assert diff["verdict"] == "better" and result["claims"]["C1"]["holds"]
+    # Budgets: 64 generated per step for 2 steps -> 128 at the end; CARL trained 20 per step -> 40.
+    assert arms["grpo"]["actions_generated"] == 128 and arms["carl"]["actions_trained"] == 40
+    assert [p["actions_trained"] for p in arms["carl"]["curve"]] == [0, 20, 40]
+    # Trees: 1/4 without signal; half the trained actions with A = 0.
+    assert arms["carl"]["no_signal_tree_share"]["estimate"] == pytest.approx(0.25)
+    assert arms["carl"]["nonzero_advantage_share"]["estimate"] == pytest.approx(0.5)
+    assert Path(result["figure"]).stat().st_size > 0 and (tmp_path / "results.json").exists()
+    assert "| CARL | 2 |" in result["table"]
 
 
-def test_bad_arguments_name_the_flag(tmp_path):
-    with pytest.raises(SystemExit, match="--steps must be >= 1"):
-        main(["--steps", "0", "--out", str(tmp_path / "r.json")])
-    held = tmp_path / "runs"
-    (held / "grpo").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="already holds runs; pass --overwrite"):
-        main(["--run-dir", str(held), "--out", str(tmp_path / "r.json")])
+def test_c1_fails_when_carl_is_clearly_worse(tmp_path):
+    rng = np.random.default_rng(1)
+    grpo = rng.random((2, 50, 3))
+    grpo[:, :, 0] = grpo[0, :, 0]
+    carl = grpo.copy()
+    carl[:, :, 1:] -= 0.10
+    fake_experiment(tmp_path, {"grpo": grpo, "carl": carl},
+                    {"grpo": {"generated": 64, "trained": 64}, "carl": {"generated": 60, "trained": 20}})  # fmt: skip
+    claims = report.build_report(tmp_path)["claims"]
+    assert not claims["C1"]["holds"] and claims["C1"]["verdict"] == "worse"
+    # GRPO's random finals do not beat the start: its gain's interval reaches 0, so C2 cannot be judged.
+    assert claims["C2"]["grpo_gain"]["low"] <= 0 and not claims["C2"]["measurable"]
 
 
+# ---------------------------------------------------------------------------------------------------- CI smoke
 @pytest.mark.slow
 def test_smoke_mode_end_to_end(tmp_path):
-    """CI: every method, 2 steps, 1 seed, through verl's trainer on CPU; the JSON has the issue's schema."""
-    out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.carl_vs_grpo",
-            "--smoke",
-            "--out",
-            str(out),
-            "--run-dir",
-            str(tmp_path / "r"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    """CI: GRPO and CARL with spread forks, 2 steps, 1 seed, through verl's trainer on CPU, scored, reported."""
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "benchmarks.carl_vs_grpo", "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert set(results["methods"]) == set(METHODS)
-    fields = {"final_accuracy", "accuracy_std", "actions_generated_per_question", "actions_trained_per_question"}
-    fields |= {"tokens_generated", "tokens_trained", "wall_seconds", "curve"}
-    for name, m in results["methods"].items():
-        assert fields <= set(m), name
-        assert m["curve"]["step"] == [0, 2], name
-        assert 0 < m["actions_trained_per_question"] <= m["actions_generated_per_question"], name
-        assert 0 < m["tokens_trained"] <= m["tokens_generated"], name
-        assert 0.0 <= m["greedy_final_accuracy"] <= 1.0, name
-    methods = results["methods"]
-    # GRPO and update-all train every action; the critical set is a strict subset whenever a tree has a chain.
-    assert methods["grpo"]["actions_trained_per_question"] == methods["grpo"]["actions_generated_per_question"]
-    assert (
-        methods["carl_update_all"]["actions_trained_per_question"]
-        == methods["carl_update_all"]["actions_generated_per_question"]
-    )
-    assert {"spearman", "frac_near_zero_std", "n_states"} <= set(results["criticality"])
-    assert results["criticality"]["n_states"] > 0
-    for plot in results["plots"]:
-        assert Path(plot).stat().st_size > 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["arms"]) == set(exp.SMOKE_ARMS)
+    for arm in exp.SMOKE_ARMS:
+        run = out / "runs" / arm / "seed0"
+        assert (run / "command.txt").read_text().startswith("-m recipe.carl.main_carl")
+        scores = json.loads((run / "eval" / "step_002.json").read_text())
+        assert len(scores["sampled"]) == result["held_out_questions"] > 0
+        r = result["arms"][arm]
+        assert 0 < r["actions_trained"] <= r["actions_generated"]
+        assert [p["step"] for p in r["curve"]] == [0, 1, 2]
+    assert result["arms"]["grpo"]["actions_trained"] == result["arms"]["grpo"]["actions_generated"]
+    # Resuming a finished experiment runs nothing again.
+    before = (out / "runs" / "grpo" / "seed0" / "done.json").stat().st_mtime
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and (out / "runs" / "grpo" / "seed0" / "done.json").stat().st_mtime == before

@@ -6,6 +6,7 @@ None of this is used in production; it lives here so that carl_core stays the al
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,3 +164,25 @@ def check_tree_record(record: dict[str, Any], atol: float = 1e-6) -> None:
             expected = count(i) * (n["value"] - parent["value"]) if critical else 0.0
             if abs(n["advantage"] - expected) > atol:
                 raise ValueError(f"tree {uid}: A(->{i})={n['advantage']}, expected count*(V(v)-V(u))={expected}.")
+
+
+# ------------------------------------------------ the test MDP of test_unbiased.py and benchmarks/fork_rules.py
+# At the root two actions, each with probability 1/2. Action "a" (token 10) leads to state A, where 8 actions are
+# equally likely and 2 of them win (R = 1, else 0); action "b" (token 11) leads to state B, one action, R = 1.
+EXPECTED = 0.625
+"""E[R] = 1/2 * 2/8 + 1/2 * 1."""
+
+
+def mdp_step(rng):
+    def step(tree, node):
+        if tree.nodes[node].depth == 0:
+            return Step([10 + rng.randrange(2)], [math.log(0.5)])
+        if tree.nodes[node].action.token_ids[0] == 10:  # state A
+            return Step([20 + rng.randrange(8)], [math.log(1 / 8)], done=True)
+        return Step([30], [0.0], done=True)  # state B
+
+    return step
+
+
+def mdp_reward(tree, leaf):
+    return 1.0 if tree.nodes[leaf].action.token_ids[0] in (20, 21, 30) else 0.0

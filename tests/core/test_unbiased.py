@@ -11,45 +11,32 @@ import math
 import random
 import statistics
 
-from carl_core import CARLConfig, RolloutTree, Step, compute_node_values, pack_trees
+import pytest
 
-from .support import grow_tree_sync
+from carl_core import CARLConfig, RolloutTree, compute_node_values, pack_trees
 
-EXPECTED = 0.625
-
-
-def mdp_step(rng):
-    def step(tree, node):
-        if tree.nodes[node].depth == 0:
-            return Step([10 + rng.randrange(2)], [math.log(0.5)])
-        if tree.nodes[node].action.token_ids[0] == 10:  # state A
-            return Step([20 + rng.randrange(8)], [math.log(1 / 8)], done=True)
-        return Step([30], [0.0], done=True)  # state B
-
-    return step
-
-
-def mdp_reward(tree, leaf):
-    return 1.0 if tree.nodes[leaf].action.token_ids[0] in (20, 21, 30) else 0.0
+from .support import EXPECTED, grow_tree_sync, mdp_reward, mdp_step
 
 
 def z_score(values):
     return (statistics.fmean(values) - EXPECTED) / (statistics.stdev(values) / math.sqrt(len(values)))
 
 
-def root_values(trees, aggregation):
+def root_values(trees, aggregation="mean"):
     a = pack_trees(trees)
-    v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, aggregation)
+    v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, aggregation, count=a.count)
     return [float(v[o]) for o in a.offsets]
 
 
-def test_mean_backup_is_unbiased_when_branching_depends_on_the_state():
+@pytest.mark.parametrize("merge", [False, True])
+def test_mean_backup_is_unbiased_when_branching_depends_on_the_state(merge):
     # The paper's setting: children of a state are i.i.d. samples; how many a state gets may depend on the state
-    # (here A always gets 5 children, B one), not on the sampled outcomes. The root gets 2 children.
+    # (here A always gets 5 samples per visit, B one), not on the sampled outcomes. The root gets 2 samples. With
+    # merging, identical samples share a node and count once per sample: V(A) is still the mean over A's samples.
     rng = random.Random(0)
     trees = []
     for _ in range(3000):
-        tree = RolloutTree([1], 2)
+        tree = RolloutTree([1], 2, merge=merge)
         step = mdp_step(rng)
         for _ in range(2):
             s = step(tree, 0)
@@ -64,13 +51,16 @@ def test_mean_backup_is_unbiased_when_branching_depends_on_the_state():
     assert z_score(root_values(trees, "leaf_weighted")) < -10
 
 
-def test_planner_trees_with_random_forks_are_unbiased():
+@pytest.mark.parametrize("merge", [False, True])
+def test_planner_trees_with_random_forks_are_unbiased(merge):
     # With `random` selection the tree's shape does not depend on which actions were sampled (A and B are both
     # candidates), so every state's children stay i.i.d. and V(root) is unbiased for E[R].
     rng = random.Random(1)
     config = CARLConfig(n0=1, n_forks=8, selection="random", max_actions=2)
     trees = [
-        grow_tree_sync(RolloutTree([1], 2), config, mdp_step(rng), mdp_reward, rng=random.Random(rng.random()))
+        grow_tree_sync(
+            RolloutTree([1], 2, merge=merge), config, mdp_step(rng), mdp_reward, rng=random.Random(rng.random())
+        )
         for _ in range(3000)
     ]
     assert abs(z_score(root_values(trees, "mean"))) < 4

@@ -1,0 +1,147 @@
+"""Fork rules measured without training: their bias on a known MDP, and their signal on SynthHop's training questions.
+
+    python -m benchmarks.fork_rules bias  [--trees 4000]        # mean root value on the test MDP, +- its SE
+    python -m benchmarks.fork_rules pilot [--questions 64]      # the SFT start's trees on training questions
+
+`bias`: the MDP of tests/core/test_unbiased.py (E[R] = 0.625; the root's actions are equally likely, A's subtree
+wins 2 times in 8, B always wins) grown by `ForkPlanner` with each rule, N0 = 1 and N = 8 as in that test, merging off
+and on. The plain-mean backup (Alg. 2) is unbiased when a state's children are i.i.d. samples whose number does not
+depend on what was sampled (`random`); rules that choose where to fork from what they have seen (`density` from the
+sampled actions' entropy, `spread` from the outcomes too) bias it. Printed: the mean root value over the trees, its
+standard error and the bias in standard errors.
+
+`pilot`: how the rule's constant (`spread_prior`, lambda) was chosen without the held-out questions. At the SFT start,
+on the first training questions (the RL runs train on them too, so nothing held out is looked at), one tree per
+question and rule (the experiment's shape: N0 = 2, N = 6, merging on, T = 0.7, per-request seeds so every rule meets
+the same random numbers where its requests coincide), then per rule: the share of trees with signal (outcomes not all
+equal), trained actions with a nonzero advantage per generated action, and the mean |A| of trained actions. The
+experiment uses the lambda with the most nonzero-advantage trained actions per generated action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carl_core import CARLConfig, ForkPlanner, RolloutTree, compute_node_values, grow_tree, pack_trees, score_trees
+
+REPO = Path(__file__).resolve().parents[1]
+RULES = ("random", "density", "spread")
+
+
+def mdp_root_values(selection: str, merge: bool, trees: int, seed: int = 0) -> list[float]:
+    """V(root) of `trees` trees of the test MDP grown by the planner with one rule."""
+    from tests.core.support import grow_tree_sync, mdp_reward, mdp_step
+
+    rng = random.Random(seed)
+    config = CARLConfig(n0=1, n_forks=8, selection=selection, max_actions=2)
+    grown = [
+        grow_tree_sync(RolloutTree([1], 2, merge=merge), config, mdp_step(rng), mdp_reward, random.Random(rng.random()))
+        for _ in range(trees)
+    ]
+    a = pack_trees(grown)
+    v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, count=a.count)
+    return [float(v[o]) for o in a.offsets]
+
+
+def bias(trees: int) -> list[dict[str, Any]]:
+    """Mean root value (+- SE) per rule and merging, against E[R] = 0.625."""
+    from tests.core.support import EXPECTED
+
+    rows = []
+    for merge in (False, True):
+        for selection in RULES:
+            values = mdp_root_values(selection, merge, trees)
+            mean, se = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+            rows.append({"selection": selection, "merge": merge, "trees": trees, "mean_root_value": mean, "se": se,
+                         "bias": mean - EXPECTED, "bias_in_se": (mean - EXPECTED) / se})  # fmt: skip
+    return rows
+
+
+def pilot(questions: int, priors: list[float], seed: int = 0) -> list[dict[str, Any]]:
+    """Trees of the SFT start on the first `questions` training questions, one per question and rule."""
+    from benchmarks.carl_vs_grpo import PROTOCOL, demo_config, prepare
+    from recipe.carl.tiny.local_agent import LocalAgent
+
+    shared = prepare(REPO / "runs" / "carl_vs_grpo", PROTOCOL)  # the experiment's shared data and SFT start
+    cfg = demo_config(PROTOCOL, "carl", seed)
+    agent = LocalAgent(shared / "policy_sft", shared / "data", topk=cfg.topk, max_actions=cfg.max_actions,
+                       response_length=cfg.max_response_length, seed=seed)  # fmt: skip
+    agent.request_seed = seed
+    rows = agent.rows("train", questions)
+    variants = [("random", None), ("density", None)] + [("spread", p) for p in priors]
+    out = []
+    for selection, prior in variants:
+        config = CARLConfig(n0=cfg.n0, n_forks=cfg.n_forks, max_actions=cfg.max_actions, selection=selection,
+                            spread_prior=prior or 2.0, merge=True, seed=seed)  # fmt: skip
+        start = time.time()
+
+        trees = asyncio.run(grow_trees(agent, rows, config, cfg.temperature, seed))
+        s = score_trees(trees, config)
+        a, trained = s.arrays, s.trained
+        generated = float(a.count[a.parent >= 0].sum())
+        nonzero = float((trained & (s.advantage != 0)).sum())
+        leaf_r, leaf_t = a.reward[a.has_outcome], a.tree_index[a.has_outcome]
+        spread = [bool(leaf_r[leaf_t == b].max() > leaf_r[leaf_t == b].min()) for b in range(a.num_trees)]
+        out.append({
+            "selection": selection, "spread_prior": prior, "trees": len(trees), "generated_actions": generated,
+            "trained_actions": float(trained.sum()), "nonzero_advantage_actions": nonzero,
+            "nonzero_per_generated": nonzero / generated, "signal_tree_share": sum(spread) / len(spread),
+            "mean_abs_advantage": float(s.advantage[trained].abs().mean()) if trained.any() else 0.0,
+            "merged_samples": float((a.count[a.parent >= 0] - 1).sum()), "wall_s": round(time.time() - start, 1),
+        })  # fmt: skip
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+async def grow_trees(agent, rows: list[dict[str, Any]], config: CARLConfig, temperature: float, seed: int):
+    """One tree per row, all concurrently (the engine batches their requests)."""
+
+    async def grow(i: int, row: dict[str, Any]) -> RolloutTree:
+        tree = RolloutTree(agent.prompt_ids(row), config.max_actions, uid=f"p{i}", merge=config.merge)
+        env = agent.env(row, temperature, f"p{i}")
+        return await grow_tree(tree, ForkPlanner(config, random.Random(f"{seed}:{i}")), env)
+
+    return await asyncio.gather(*(grow(i, r) for i, r in enumerate(rows)))
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fork_rules", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    sub = p.add_subparsers(dest="what", required=True)
+    b = sub.add_parser("bias", help="mean root value on the test MDP")
+    b.add_argument("--trees", type=int, default=4000)
+    q = sub.add_parser("pilot", help="the SFT start's trees on training questions")
+    q.add_argument("--questions", type=int, default=64)
+    q.add_argument("--priors", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
+    args = p.parse_args(argv)
+    if args.what == "bias":
+        if args.trees < 2:
+            raise SystemExit(f"error: --trees {args.trees} must be >= 2 (a standard error needs two trees).")
+        rows = bias(args.trees)
+        for r in rows:
+            print(f"{r['selection']:8s} merge={r['merge']!s:5s} V(root) = {r['mean_root_value']:.4f} "
+                  f"+- {r['se']:.4f} (bias {r['bias']:+.4f} = {r['bias_in_se']:+.1f} SE; E[R] = 0.625)")  # fmt: skip
+    else:
+        if args.questions < 1 or any(x <= 0 for x in args.priors):
+            raise SystemExit("error: --questions must be >= 1 and every --priors value > 0.")
+        torch.set_num_threads(2)
+        rows = pilot(args.questions, args.priors)
+    if args.out:
+        from recipe.carl.io import write_json
+
+        write_json(args.out, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
