@@ -8,16 +8,20 @@ without a real model running 2,048-token turns; searches go to the SynthHop retr
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from recipe.carl.evaluate import cli
+from recipe.carl.evaluate.models import recorded_run
 from recipe.carl.evaluate.runner import Evaluator
-from recipe.carl.evaluate.settings import EvalSettings
+from recipe.carl.evaluate.settings import EvalSettings, with_recorded
 from recipe.carl.run_record import RUN_RECORD, run_record, write_run_record
 from tests.recipe.evaluate.common import SHIPPED, ScriptedServer, fake_fsdp_checkpoint
+from tests.recipe.test_carl_agent_loop import make_tokenizer
 from tests.recipe.test_run_record import QWEN3_AGENT, qwen3_run_config
 
 DEFAULTS = EvalSettings()
@@ -76,6 +80,11 @@ def test_a_checkpoint_is_evaluated_with_the_settings_its_run_recorded(
     assert results["settings"]["recorded_run"] == str(record) and results["settings"]["overrides"] == {}
     assert {key: results["settings"][key] for key in QWEN3_AGENT} == QWEN3_AGENT
     assert "T_max 10, 2048 tokens/turn, top-5, thinking" in results["settings_summary"]
+    # the searches returned up to the recorded top-5 documents (the CLI's own default is 3); the tiny policy's
+    # word-level tokenizer decodes an observation's "Doc 3 (Title: x)" as "Doc <unk> ( Title : x )"
+    (lines,) = [path.read_text().splitlines() for path in (tmp_path / "eval").glob("*/synthhop.jsonl")]
+    searched = [a for line in lines for a in json.loads(line)["samples"][0]["actions"] if a["kind"] == "search"]
+    assert max(a["observation"].count("( Title :") for a in searched) == 5
     err = capsys.readouterr().err
     assert f"settings of the training run of --model (recorded in {record}): max_actions=10," in err
     assert "overrides the training run" not in err
@@ -131,3 +140,38 @@ def test_a_broken_record_is_named(tmp_path, data_dir, retriever_url, qwen3_check
     with pytest.raises(SystemExit, match=r"--model .*actor: run record .*carl_run_config.json: agent.max_actions='ten"):
         evaluate(tmp_path, data_dir, retriever_url, qwen3_checkpoint)
     assert scripted == []
+
+
+def test_a_thinking_run_is_evaluated_with_thinking(qwen3_checkpoint):
+    """What went wrong without the record: a Qwen3 turn mentions `<search> q0 </search>` inside `<think>`; under the
+    run's `thinking` the turn goes on to its real search (as in training), under the defaults q0 is searched."""
+    tokenizer = make_tokenizer()  # word-level, with <think> tags and a chat template
+    row = {"data_source": "x", "prompt": [{"role": "user", "content": "who is the capital"}]}
+    row["reward_model"] = {"ground_truth": {"target": ["a1"]}}
+
+    async def generate(request_id, prompt_ids, sampling_params):
+        text = tokenizer.decode(prompt_ids)
+        if "</information>" in text:
+            reply = "<answer> a1 </answer>"
+        elif text.rstrip().endswith("</search>"):  # continued inside the think block
+            reply = "ok </think> <search> q1 </search>"
+        else:
+            reply = "<think> maybe <search> q0 </search>"
+        ids = tokenizer.encode(reply, add_special_tokens=False)
+        return SimpleNamespace(token_ids=ids, log_probs=[-0.5] * len(ids), extra_fields={})
+
+    def queries(settings):
+        searched = []
+
+        def search(query, tree_id):
+            searched.append(query)
+            return "Doc 1 (Title: x) y"
+
+        evaluator = Evaluator(SimpleNamespace(generate=generate), tokenizer, search, lambda **kw: 0.0, settings)
+        asyncio.run(evaluator.evaluate_rows([row]))
+        return searched
+
+    _, recorded = recorded_run(qwen3_checkpoint)
+    values, _ = with_recorded({}, recorded)
+    assert queries(EvalSettings(**values)) == ["q1"]
+    assert queries(EvalSettings()) == ["q0"]
