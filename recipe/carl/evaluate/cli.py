@@ -56,8 +56,12 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import httpx
+from omegaconf import OmegaConf
 
 from recipe.carl.evaluate.data import load_datasets
 from recipe.carl.evaluate.engines import choose_engine
@@ -67,6 +71,8 @@ from recipe.carl.evaluate.runner import evaluate_model
 from recipe.carl.evaluate.settings import RECORDED_FLAGS, EvalError, EvalSettings, Override, with_recorded
 from recipe.carl.io import write_json, write_jsonl, write_text
 from recipe.carl.run_record import RUN_RECORD
+from recipe.carl.search.client import RETRIEVER_WAIT_ENV, retriever_wait_s, until_it_answers
+from recipe.carl.search.reward import compute_score
 
 DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000/retrieve"
 
@@ -78,15 +84,11 @@ def check_retriever(url: str, timeout: float = 10.0) -> dict[str, Any]:
     Raises:
         EvalError: naming the URL and how to start or point at a retriever.
     """
-    import httpx
-
     health = str(httpx.URL(url).copy_with(path="/health", query=None))
     fix = (
         "start one with CORPUS=<corpus.jsonl> bash scripts/launch_retriever.sh, or point at yours with "
         "--retriever-url / RETRIEVER_URL"
     )
-    from recipe.carl.search.client import RETRIEVER_WAIT_ENV, retriever_wait_s, until_it_answers
-
     try:
         wait_s = retriever_wait_s()
     except ValueError as error:
@@ -106,6 +108,7 @@ def check_retriever(url: str, timeout: float = 10.0) -> dict[str, Any]:
 
 def make_search(url: str, topk: int, timeout: float = 30.0, max_retries: int = 2):
     """The recipe's search tool on `url`, as the agent loop calls it (`search(query, tree_id)`, `.release`)."""
+    # deferred: both import verl, which `-h` and the input checks do without
     from recipe.carl.agent_loop import ToolSearcher
     from recipe.carl.search.search_tool import CarlSearchTool
 
@@ -122,13 +125,8 @@ def load_reward(path: str | None, name: str | None, kwargs: dict[str, Any] | Non
         EvalError: a missing file or function, naming it.
     """
     if not path:
-        from functools import partial
-
-        from recipe.carl.search.reward import compute_score
-
         return partial(compute_score, **(kwargs or {}))
-    from omegaconf import OmegaConf
-    from verl.trainer.ppo.reward import get_custom_reward_fn
+    from verl.trainer.ppo.reward import get_custom_reward_fn  # deferred: verl is heavy
 
     if not Path(path).is_file():
         raise EvalError(f"--reward-path {path}: no such file (verl's reward.custom_reward_function.path).")
@@ -158,7 +156,7 @@ def training_settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[Ov
     role = next((r for r, (path, _) in runs.items() if path is not None), None)
     path, recorded = runs[role] if role else (None, {})
     values, overrides = with_recorded(given, recorded)
-    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    say = partial(print, file=sys.stderr, flush=True)
     if path is not None:
         listed = ", ".join(f"{key}={value!r}" for key, value in recorded.items())
         say(f"settings of the training run of --{role} (recorded in {path}): {listed}")
@@ -168,21 +166,21 @@ def training_settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[Ov
         for key, value in runs["baseline"][1].items():
             if key in values and values[key] != value:
                 say(f"note: --baseline's training run recorded {key}={value!r}; both models use {values[key]!r}")
-    for role in ("model", "baseline"):
-        if is_unrecorded_checkpoint(getattr(args, role)):
-            say(
-                f"note: --{role} {getattr(args, role)} is a verl checkpoint whose run recorded no {RUN_RECORD}: "
-                f"unless flags say otherwise, it is evaluated with the defaults ({', '.join(RECORDED_FLAGS.values())}"
-                " as scripts/run_carl_qwen7b.sh trains); give the training run's values if they differ."
-            )
+    unrecorded = [name for name in ("model", "baseline") if is_unrecorded_checkpoint(getattr(args, name))]
+    for name in unrecorded if path is None else []:
+        say(
+            f"note: --{name} {getattr(args, name)} is a verl checkpoint whose run recorded no {RUN_RECORD}: "
+            f"unless flags say otherwise, it is evaluated with the defaults ({', '.join(RECORDED_FLAGS.values())}"
+            " as scripts/run_carl_qwen7b.sh trains); give the training run's values if they differ."
+        )
     return values, overrides, path
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole evaluation (see `main`); returns `results.json`'s content."""
-    recorded, overrides, record_path = training_settings(args)
+    fixed, overrides, record_path = training_settings(args)
     settings = EvalSettings(
-        **recorded,
+        **fixed,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,

@@ -115,7 +115,7 @@ def hub_model(repo_id: str, flag: str) -> Path:
     Raises:
         EvalError: when it is neither cached nor downloadable (offline, no such model), naming the id.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: only a hub id needs it
 
     try:
         return Path(
