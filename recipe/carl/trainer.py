@@ -15,6 +15,8 @@ and `_step_once()` run unchanged; changed lines are tagged `# CARL:`.
   estimator's one result. Under any other estimator (the GRPO baseline) the advantages are verl's exactly, and the
   same per-question budget and search metrics are logged.
 - A step whose share of failed searches exceeds `algorithm.carl.max_search_error_rate` stops the run.
+- `_save_checkpoint`: after verl's, writes the run's agent settings (`recipe.carl.run_record`) into the step's folder
+  and `trainer.default_local_dir`, where `python -m recipe.carl.evaluate` finds them (verl saves no run config).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from verl.workers.utils.padding import response_to_nested
 from carl_core import compute_budget_stats, compute_tree_stats, tree_records
 from recipe.carl.estimator import CarlBatch, carl_batch_from_rows, is_tree_row
 from recipe.carl.io import write_jsonl
+from recipe.carl.run_record import run_record, write_run_record
 from recipe.carl.settings import ESTIMATOR, TRAINER_MODE, RecipeSettings, check_trainer_config
 
 logger = logging.getLogger(__name__)
@@ -157,6 +160,15 @@ class CARLTrainer(PPOTrainerSync):
         return tq.kv_batch_put(
             keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
         )
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        # CARL: the agent settings this checkpoint was trained with, read back by `python -m recipe.carl.evaluate`
+        # (per step: a resumed run may change them).
+        record = run_record(self.config, self.global_steps)
+        root = self.config.trainer.default_local_dir
+        write_run_record(record, os.path.join(root, f"global_step_{self.global_steps}"))
+        write_run_record(record, root)
 
     def _dump_trees(self, trees: CarlBatch) -> None:
         """Writes the step's trees to `{trainer.default_local_dir}/carl_trees/step_XXXXXX.jsonl`."""

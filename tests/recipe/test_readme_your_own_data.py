@@ -1,5 +1,6 @@
 """README "Your own data", run as written: corpus -> scripts/launch_retriever.sh -> data_preprocess.qa_file ->
-recipe.carl.evaluate -> scripts/run_carl_qwen7b.sh -> recipe.carl.evaluate of the checkpoint against the start.
+recipe.carl.evaluate -> scripts/run_carl_qwen7b.sh -> recipe.carl.evaluate of the checkpoint against the start;
+then scripts/eval.sh on the checkpoint with no budget given, which takes the settings the run recorded.
 
 The commands are read from the README's code block and run from the repository root with only the substitutions in
 `adapt` (paths under a temporary folder, a free port, the shipped tiny policy and its budgets, the CPU form of the
@@ -48,6 +49,17 @@ TINY_TRAIN_ENV = {
     "MAX_PROMPT_LENGTH": "256",
     "MAX_RESPONSE_LENGTH": "384",
     "EXPERIMENT": "carl_n08_qwen2.5_7b",
+}
+#: The agent settings that run records (TINY_TRAIN_ENV's budgets; top-3 from recipe/carl/search/search_tool.yaml).
+TINY_AGENT = {
+    "max_actions": 3,
+    "max_action_tokens": 32,
+    "thinking": False,
+    "invalid_action": "end",
+    "prompt_length": 256,
+    "response_length": 384,
+    "chat_template_kwargs": {},
+    "topk": 3,
 }
 CPU_OVERRIDES = [
     "+device=cpu",
@@ -182,10 +194,19 @@ def test_readme_your_own_data_sequence_retriever_preprocess_evaluate_train_evalu
         assert [m["step"] for m in metrics] == [1] and metrics[0]["data"]["carl/trees"] == 2.0
         actor = tmp_path / "checkpoints" / "carl_n08_qwen2.5_7b" / "global_step_1" / "actor"
         assert (actor / "model_world_size_1_rank_0.pt").exists()
+        # The trainer recorded the run's agent settings beside the checkpoint (recipe.carl.run_record).
+        record = actor.parent / "carl_run_config.json"
+        assert json.loads(record.read_text())["agent"] == TINY_AGENT
+        assert (actor.parent.parent / "carl_run_config.json").read_text() == record.read_text()
 
         # 5. The checkpoint (its FSDP shards merged by verl's merger) against the start.
         run_line(adapt(commands[6], tmp_path, url), env, log, timeout=300)
         result = json.loads((tmp_path / "runs" / "myqa_step100" / "results.json").read_text())
+
+        # 6. scripts/eval.sh on the checkpoint with no budget variable: the recorded settings apply (on a CPU: hf).
+        eval_sh = f"MODEL_PATH={actor} TEST_FILES={tmp_path}/data/myqa/test.parquet OUT={tmp_path}/runs/eval_sh"
+        run_line(f"{eval_sh} bash scripts/eval.sh --engine hf --limit 2", env, log, timeout=300)
+        by_script = json.loads((tmp_path / "runs" / "eval_sh" / "results.json").read_text())["settings"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -193,4 +214,6 @@ def test_readme_your_own_data_sequence_retriever_preprocess_evaluate_train_evalu
     assert list(result["models"]) == ["carl_n08_qwen2.5_7b/global_step_1", "sft_seed0"]
     compared = result["comparison"]["myqa"]["em"]
     assert compared["n"] == 8 and compared["low"] <= compared["diff"] <= compared["high"]
+    assert result["settings"]["recorded_run"] == str(record) and result["settings"]["overrides"] == {}
+    assert by_script["recorded_run"] == str(record) and {k: by_script[k] for k in TINY_AGENT} == TINY_AGENT
     print(f"README 'Your own data' sequence: {time.monotonic() - started:.0f} s")

@@ -27,9 +27,16 @@ Outputs in `--out`:
 - `<label>/<data_source>.jsonl`: one line per question: question, gold answers, and per trajectory the prediction,
   every action's text and observation, the finish reason and the reward.
 
-Defaults suit real models (Qwen2.5-7B as `scripts/run_carl_qwen7b.sh` trains it): per-turn budget 512 tokens,
-T_max 32, top-3 documents, prompt 2048 and trajectory 12288 tokens. The SynthHop demo passes its own
-(`recipe.carl.tiny.local_agent`: 32-token turns, top-2, T_max 6, its corpus in process).
+A verl checkpoint is rolled out as its training run rolled out: the CARL trainer records the run's agent settings
+beside every checkpoint (`global_step_N/carl_run_config.json`, `recipe.carl.run_record`): T_max, the turn and
+trajectory budgets, prompt length, thinking, the invalid-action rule, the search tool's top-k and the chat-template
+arguments. Each is taken from there unless its flag is given; a flag that differs from the record is printed (one
+line each). With `--baseline`, both models use the settings of `--model`'s run (else `--baseline`'s). A model
+folder or hub id, and a checkpoint whose run recorded nothing, get the defaults, which suit real models (Qwen2.5-7B
+as `scripts/run_carl_qwen7b.sh` trains it): per-turn budget 512 tokens, T_max 32, top-3 documents, prompt 2048 and
+trajectory 12288 tokens, no thinking (Qwen3 as `scripts/run_carl_qwen3_4b.sh` trains it: `PROFILE=qwen3 bash
+scripts/eval.sh`). The SynthHop demo passes its own (`recipe.carl.tiny.local_agent`: 32-token turns, top-2, T_max 6,
+its corpus in process).
 
 Why a paired bootstrap: the two models answer the same questions, so the per-question differences carry the
 comparison and the questions' difficulty cancels; EM differences take only the values -1, 0, 1 (mostly 0), which a
@@ -49,16 +56,23 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
+from omegaconf import OmegaConf
+
 from recipe.carl.evaluate.data import load_datasets
 from recipe.carl.evaluate.engines import choose_engine
-from recipe.carl.evaluate.models import model_label, resolve_model
+from recipe.carl.evaluate.models import is_unrecorded_checkpoint, model_label, recorded_run, resolve_model
 from recipe.carl.evaluate.report import compare, diagnose, markdown, summarize
 from recipe.carl.evaluate.runner import evaluate_model
-from recipe.carl.evaluate.settings import EvalError, EvalSettings
+from recipe.carl.evaluate.settings import RECORDED_FLAGS, EvalError, EvalSettings, Override, with_recorded
 from recipe.carl.io import write_json, write_jsonl, write_text
+from recipe.carl.run_record import RUN_RECORD
+from recipe.carl.search.client import RETRIEVER_WAIT_ENV, retriever_wait_s, until_it_answers
+from recipe.carl.search.reward import compute_score
 
 DEFAULT_RETRIEVER_URL = "http://127.0.0.1:8000/retrieve"
 
@@ -70,15 +84,11 @@ def check_retriever(url: str, timeout: float = 10.0) -> dict[str, Any]:
     Raises:
         EvalError: naming the URL and how to start or point at a retriever.
     """
-    import httpx
-
     health = str(httpx.URL(url).copy_with(path="/health", query=None))
     fix = (
         "start one with CORPUS=<corpus.jsonl> bash scripts/launch_retriever.sh, or point at yours with "
         "--retriever-url / RETRIEVER_URL"
     )
-    from recipe.carl.search.client import RETRIEVER_WAIT_ENV, retriever_wait_s, until_it_answers
-
     try:
         wait_s = retriever_wait_s()
     except ValueError as error:
@@ -98,6 +108,7 @@ def check_retriever(url: str, timeout: float = 10.0) -> dict[str, Any]:
 
 def make_search(url: str, topk: int, timeout: float = 30.0, max_retries: int = 2):
     """The recipe's search tool on `url`, as the agent loop calls it (`search(query, tree_id)`, `.release`)."""
+    # deferred: both import verl, which `-h` and the input checks do without
     from recipe.carl.agent_loop import ToolSearcher
     from recipe.carl.search.search_tool import CarlSearchTool
 
@@ -114,13 +125,8 @@ def load_reward(path: str | None, name: str | None, kwargs: dict[str, Any] | Non
         EvalError: a missing file or function, naming it.
     """
     if not path:
-        from functools import partial
-
-        from recipe.carl.search.reward import compute_score
-
         return partial(compute_score, **(kwargs or {}))
-    from omegaconf import OmegaConf
-    from verl.trainer.ppo.reward import get_custom_reward_fn
+    from verl.trainer.ppo.reward import get_custom_reward_fn  # deferred: verl is heavy
 
     if not Path(path).is_file():
         raise EvalError(f"--reward-path {path}: no such file (verl's reward.custom_reward_function.path).")
@@ -134,21 +140,52 @@ def load_reward(path: str | None, name: str | None, kwargs: dict[str, Any] | Non
 
 
 # ----------------------------------------------------------------------------------------------------- the run
+def training_settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[Override], Path | None]:
+    """The settings the training run fixes (`RECORDED_FLAGS`): a given flag wins, else the value recorded by the run
+    that wrote `--model` (else `--baseline`), else the default. Prints what it took from where, one line per flag
+    that overrides the record, and a note for a checkpoint whose run recorded nothing.
+
+    Returns:
+        The values, the overrides, and the record they came from (None: no record).
+    """
+    given = {key: getattr(args, key) for key in RECORDED_FLAGS}
+    given["chat_template_kwargs"] = (
+        None if args.chat_template_kwargs is None else _json_arg(args.chat_template_kwargs, "--chat-template-kwargs")
+    )
+    runs = {role: recorded_run(getattr(args, role), f"--{role}") for role in ("model", "baseline")}
+    role = next((r for r, (path, _) in runs.items() if path is not None), None)
+    path, recorded = runs[role] if role else (None, {})
+    values, overrides = with_recorded(given, recorded)
+    say = partial(print, file=sys.stderr, flush=True)
+    if path is not None:
+        listed = ", ".join(f"{key}={value!r}" for key, value in recorded.items())
+        say(f"settings of the training run of --{role} (recorded in {path}): {listed}")
+    for override in overrides:
+        say(override.line())
+    if role == "model" and runs["baseline"][0] is not None:
+        for key, value in runs["baseline"][1].items():
+            if key in values and values[key] != value:
+                say(f"note: --baseline's training run recorded {key}={value!r}; both models use {values[key]!r}")
+    unrecorded = [name for name in ("model", "baseline") if is_unrecorded_checkpoint(getattr(args, name))]
+    for name in unrecorded if path is None else []:
+        say(
+            f"note: --{name} {getattr(args, name)} is a verl checkpoint whose run recorded no {RUN_RECORD}: "
+            f"unless flags say otherwise, it is evaluated with the defaults ({', '.join(RECORDED_FLAGS.values())}"
+            " as scripts/run_carl_qwen7b.sh trains); give the training run's values if they differ."
+        )
+    return values, overrides, path
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole evaluation (see `main`); returns `results.json`'s content."""
+    fixed, overrides, record_path = training_settings(args)
     settings = EvalSettings(
-        max_actions=args.max_actions,
-        max_action_tokens=args.max_action_tokens,
-        prompt_length=args.prompt_length,
-        response_length=args.response_length,
+        **fixed,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         samples=args.samples,
         seed=args.seed,
-        invalid_action=args.invalid_action,
-        thinking=args.thinking,
-        chat_template_kwargs=_json_arg(args.chat_template_kwargs, "--chat-template-kwargs"),
         concurrency=args.concurrency,
     )
     out = Path(args.out)
@@ -181,15 +218,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     records: dict[str, dict[str, list[dict]]] = {}
     results: dict[str, Any] = {"models": {}, "settings": dataclasses.asdict(settings)}
     results["settings"].update(
-        engine=engine, retriever_url=args.retriever_url, topk=args.topk, data=[str(f) for f in args.data]
+        engine=engine,
+        retriever_url=args.retriever_url,
+        data=[str(f) for f in args.data],
+        recorded_run=str(record_path) if record_path else None,
+        overrides={o.key: {"recorded": o.recorded, "used": o.used} for o in overrides},
     )
     results["settings_summary"] = (
         f"{'greedy' if settings.temperature == 0 else f'T={settings.temperature}, {settings.samples} sample(s)'}, "
-        f"T_max {settings.max_actions}, {settings.max_action_tokens} tokens/turn, top-{args.topk}, {engine} engine"
+        f"T_max {settings.max_actions}, {settings.max_action_tokens} tokens/turn, top-{settings.topk}, "
+        f"{'thinking, ' if settings.thinking else ''}{engine} engine"
     )
     for role, folder in models.items():
         started = time.perf_counter()
-        search = make_search(args.retriever_url, args.topk)
+        search = make_search(args.retriever_url, settings.topk)
         records[role] = asyncio.run(
             evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=options)
         )
@@ -257,23 +299,30 @@ def parser() -> argparse.ArgumentParser:
         default=os.environ.get("RETRIEVER_URL") or DEFAULT_RETRIEVER_URL,
         help=f"the retriever's /retrieve endpoint (default: $RETRIEVER_URL, else {DEFAULT_RETRIEVER_URL})",
     )
-    p.add_argument("--topk", type=int, default=3, help="documents per search (default 3; the demo uses 2)")
-    p.add_argument("--max-actions", type=int, default=s.max_actions, help=f"T_max (default {s.max_actions})")
-    p.add_argument(
-        "--max-action-tokens", type=int, default=s.max_action_tokens, help="tokens per turn (default %(default)s)"
-    )
-    p.add_argument("--prompt-length", type=int, default=s.prompt_length, help="prompt budget (default %(default)s)")
-    p.add_argument(
-        "--response-length", type=int, default=s.response_length, help="trajectory budget (default %(default)s)"
-    )
+    # The settings a training run fixes: None = not given (a checkpoint's recorded value, else the default).
+    recorded = "default: the training run's, recorded beside a checkpoint; else"
+    p.add_argument("--topk", type=int, help=f"documents per search ({recorded} {s.topk}; the demo uses 2)")
+    p.add_argument("--max-actions", type=int, help=f"T_max ({recorded} {s.max_actions})")
+    p.add_argument("--max-action-tokens", type=int, help=f"tokens per turn ({recorded} {s.max_action_tokens})")
+    p.add_argument("--prompt-length", type=int, help=f"prompt budget ({recorded} {s.prompt_length})")
+    p.add_argument("--response-length", type=int, help=f"trajectory budget ({recorded} {s.response_length})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--samples", type=int, default=1, help="trajectories per question (needs --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled requests and of the bootstrap")
-    p.add_argument("--invalid-action", default="end", choices=["end", "feedback"], help="as algorithm.carl")
-    p.add_argument("--thinking", action="store_true", help="as algorithm.carl.thinking (Qwen3)")
-    p.add_argument("--chat-template-kwargs", help="JSON, e.g. '{\"enable_thinking\": false}'")
+    p.add_argument(
+        "--invalid-action", choices=["end", "feedback"], help=f"as algorithm.carl ({recorded} {s.invalid_action})"
+    )
+    p.add_argument(
+        "--thinking",
+        action=argparse.BooleanOptionalAction,
+        help=f"as algorithm.carl.thinking, for Qwen3 ({recorded} off)",
+    )
+    p.add_argument(
+        "--chat-template-kwargs",
+        help=f"JSON, e.g. '{{\"enable_thinking\": false}}' (data.apply_chat_template_kwargs; {recorded} none)",
+    )
     p.add_argument(
         "--concurrency", type=int, default=s.concurrency, help="trajectories in flight (default %(default)s)"
     )
@@ -295,8 +344,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.argv = argv
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"error: --limit {args.limit}: must be >= 1 (omit it for all questions).")
-    if args.topk < 1:
-        raise SystemExit(f"error: --topk {args.topk}: must be >= 1.")
     try:
         return run(args)
     except EvalError as error:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.carl.evaluate.settings import EvalError
+from recipe.carl.search.reward import parse_ground_truth
 
 
 def load_datasets(files: Sequence[str | Path], limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
@@ -15,7 +16,7 @@ def load_datasets(files: Sequence[str | Path], limit: int | None = None) -> dict
     Raises:
         EvalError: a missing or unreadable file, or rows without verl's RLHFDataset columns.
     """
-    import pandas as pd
+    import pandas as pd  # deferred: only a run reads data (not -h)
 
     fix = "write it with python -m data_preprocess.qa_file (or another data_preprocess script)"
     if not files:
@@ -57,8 +58,6 @@ def question_text(row: dict[str, Any]) -> str:
 
 
 def gold_answers(row: dict[str, Any]) -> list[str] | None:
-    from recipe.carl.search.reward import parse_ground_truth
-
     try:
         return parse_ground_truth(row["reward_model"]["ground_truth"])[0]
     except (TypeError, ValueError):

@@ -31,6 +31,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model_dir: str | Path, tokenizer: Any, settings: EvalSettings, dtype: str = "auto"):
+        # deferred (as every engine import): transformers, verl and vLLM load only when an engine is built
         from transformers import AutoModelForCausalLM
         from verl.workers.config import RolloutConfig
 
@@ -179,7 +180,7 @@ def choose_engine(requested: str) -> str:
         return "hf"
     if requested != "auto":
         raise EvalError(f"--engine {requested}: use auto, vllm or hf.")
-    import torch
+    import torch  # deferred: torch, only when choosing
 
     from recipe.carl.cpu.platform import is_requested
 

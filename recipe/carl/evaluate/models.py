@@ -4,6 +4,8 @@ A verl checkpoint (`.../global_step_N/actor`, or `global_step_N`) gives its `hug
 weights (`checkpoint.save_contents` with `hf_model`), else its FSDP shards merged once with verl's own merger
 (`python -m verl.model_merger merge --backend fsdp`, bf16 weights) into `<actor>/merged_hf` (or `--merge-dir`), reused
 while the shards are unchanged. Megatron checkpoints are named and refused (merge them first).
+
+`recorded_run` reads what the training run that wrote a checkpoint recorded about its agent settings.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from recipe.carl.evaluate.settings import EvalError
 from recipe.carl.io import atomic_dir, write_json
+from recipe.carl.run_record import checkpoint_step_dir, find_run_record, read_run_record
 
 #: `org/name`: a Hugging Face hub id (when no such local path exists).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -111,7 +115,7 @@ def hub_model(repo_id: str, flag: str) -> Path:
     Raises:
         EvalError: when it is neither cached nor downloadable (offline, no such model), naming the id.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # deferred: only a hub id needs it
 
     try:
         return Path(
@@ -135,3 +139,24 @@ def model_label(path: str | Path) -> str:
     if re.fullmatch(r"global_step_\d+", p.name):
         return f"{p.parent.name}/{p.name}"
     return p.name or str(path)
+
+
+def recorded_run(path: str | Path | None, flag: str = "--model") -> tuple[Path | None, dict[str, Any]]:
+    """The agent settings the training run of a verl checkpoint recorded (`recipe.carl.run_record`) and the record's
+    path; `(None, {})` for a model folder, a hub id, or a checkpoint whose run recorded nothing.
+
+    Raises:
+        EvalError: an unreadable record, naming it and the fix.
+    """
+    record = find_run_record(path) if path else None
+    if record is None:
+        return None, {}
+    try:
+        return record, read_run_record(record)
+    except ValueError as error:
+        raise EvalError(f"{flag} {path}: {error}") from None
+
+
+def is_unrecorded_checkpoint(path: str | Path | None) -> bool:
+    """A verl checkpoint without a run record (written before the CARL trainer recorded one, or by another trainer)."""
+    return bool(path) and checkpoint_step_dir(path) is not None and find_run_record(path) is None

@@ -15,10 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from carl_core import RolloutTree, rollout_from
 from recipe.carl.evaluate.data import gold_answers, question_text
 from recipe.carl.evaluate.engines import HFEngine, VLLMEngine
 from recipe.carl.evaluate.settings import EvalSettings
+from recipe.carl.search.reward import exact_match, extract_answer, f1_score, format_score
 
 #: The metrics compared between two models (per question: the mean over its samples).
 COMPARED = ("em", "f1", "format", "reward")
@@ -51,6 +54,7 @@ class Evaluator:
 
     def prompt_ids(self, row: dict[str, Any]) -> list[int]:
         """The row's chat prompt tokenised as verl's agent loop does (chat template, generation prompt)."""
+        # deferred (here and below): verl is heavy, and `-h` and the input checks do without it
         from verl.utils import normalize_token_ids
         from verl.utils.tokenizer.chat_template import apply_chat_template
 
@@ -104,8 +108,6 @@ class Evaluator:
 
     def trajectory_record(self, tree: RolloutTree, leaf: int, breakdown: dict, gold: list[str] | None) -> dict:
         """What one trajectory did: its actions (text, query, observation), prediction, finish reason, scores."""
-        from recipe.carl.search.reward import exact_match, extract_answer, f1_score, format_score
-
         actions = []
         for v in tree.path(leaf)[1:]:
             action = tree.nodes[v].action
@@ -186,7 +188,6 @@ async def evaluate_model(
     engine_options: dict[str, Any] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every data set's question records for one model (the engine is started here and shut down after)."""
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer  # deferred: transformers is heavy, and the input checks come first
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -1,4 +1,5 @@
-"""How each question is rolled out (`EvalSettings`), and the error every bad input of the evaluation raises."""
+"""How each question is rolled out (`EvalSettings`), which of it a training run fixes (`RECORDED_FLAGS`, read back
+from the run's record by `with_recorded`), and the error every bad input of the evaluation raises."""
 
 from __future__ import annotations
 
@@ -40,11 +41,15 @@ class EvalSettings:
     """`data.apply_chat_template_kwargs`, e.g. {"enable_thinking": false}."""
     concurrency: int = 256
     """Trajectories in flight at once (the engine batches them)."""
+    topk: int = 3
+    """Documents per search (the search tool's `topk` in the training run's tool yaml)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_actions", "max_action_tokens", "prompt_length", "response_length", "samples", "concurrency"):
+        for name in ("max_actions", "max_action_tokens", "prompt_length", "response_length", "topk", "samples"):
             if int(getattr(self, name)) < 1:
                 raise EvalError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1.")
+        if self.concurrency < 1:
+            raise EvalError(f"--concurrency {self.concurrency}: must be >= 1.")
         if self.temperature < 0:
             raise EvalError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy).")
         if self.samples > 1 and self.temperature == 0:
@@ -60,3 +65,45 @@ class EvalSettings:
         if self.temperature == 0:
             return {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "repetition_penalty": 1.0}
+
+
+#: The settings a training run fixes, each with its flag. The CARL trainer records them beside every checkpoint
+#: (`recipe.carl.run_record`); evaluating that checkpoint takes them from there unless the flag is given.
+RECORDED_FLAGS = {
+    "max_actions": "--max-actions",
+    "max_action_tokens": "--max-action-tokens",
+    "prompt_length": "--prompt-length",
+    "response_length": "--response-length",
+    "topk": "--topk",
+    "thinking": "--thinking",
+    "invalid_action": "--invalid-action",
+    "chat_template_kwargs": "--chat-template-kwargs",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """A flag whose value differs from the one the training run recorded."""
+
+    key: str
+    recorded: Any
+    used: Any
+
+    def line(self) -> str:
+        flag = RECORDED_FLAGS[self.key]
+        return f"{flag} overrides the training run: {self.key} recorded {self.recorded!r}, used {self.used!r}"
+
+
+def with_recorded(given: dict[str, Any], recorded: dict[str, Any]) -> tuple[dict[str, Any], list[Override]]:
+    """The value of each setting of `RECORDED_FLAGS`: the flag's when given (not None), else the recorded one, else
+    none (`EvalSettings`' default applies); and an `Override` for every given flag that differs from the record."""
+    values: dict[str, Any] = {}
+    overrides = []
+    for key in RECORDED_FLAGS:
+        if given.get(key) is not None:
+            values[key] = given[key]
+            if key in recorded and recorded[key] != given[key]:
+                overrides.append(Override(key, recorded[key], given[key]))
+        elif key in recorded:
+            values[key] = recorded[key]
+    return values, overrides

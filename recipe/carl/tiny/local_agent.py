@@ -64,6 +64,7 @@ class LocalAgent(Evaluator):
             prompt_length=256,
             response_length=response_length,
             seed=seed,
+            topk=topk,
         )
         tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
         retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(self.data_dir / "corpus.jsonl")))

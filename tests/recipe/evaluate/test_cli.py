@@ -4,6 +4,8 @@ with their fix, the retriever check, custom rewards, and scripts/eval.sh."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -168,29 +170,82 @@ def test_cheap_checks_come_before_a_merge(tmp_path, data_dir):
 
 
 # ------------------------------------------------------------------------------------------------ scripts/eval.sh
-def test_eval_script_passes_the_training_defaults_to_the_cli(tmp_path):
-    """scripts/eval.sh on a GPU node: vLLM, run_carl_qwen7b.sh's budgets, every test file, the baseline, extra flags."""
-    import os
-    import subprocess
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "eval.sh"
+#: The script's variables (a caller's shell may have exported some of them).
+EVAL_VARIABLES = ("PROFILE", "MAX_ACTIONS", "MAX_ACTION_TOKENS", "TOPK", "MAX_PROMPT_LENGTH", "MAX_RESPONSE_LENGTH")
+EVAL_VARIABLES += ("THINKING", "INVALID_ACTION", "CHAT_TEMPLATE_KWARGS", "MODEL_PATH", "BASELINE_PATH")
 
+
+def run_eval_script(tmp_path, *extra, **variables):
+    """scripts/eval.sh with `python3` replaced by a recorder: its exit, stderr and the CLI arguments it passed."""
     stub = tmp_path / "bin" / "python3"
-    stub.parent.mkdir()
+    stub.parent.mkdir(exist_ok=True)
     stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
     stub.chmod(0o755)
-    script = Path(__file__).resolve().parents[3] / "scripts" / "eval.sh"
-    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args")}
-    env.update(MODEL_PATH="ckpt/global_step_9/actor", BASELINE_PATH="Qwen/Qwen2.5-7B-Instruct", OUT="o")
-    env.update(TEST_FILES="a.parquet b.parquet", RETRIEVER_URL="http://h:1/retrieve")
-    subprocess.run(["bash", str(script), "--samples", "4"], env=env, check=True, capture_output=True)
-    args = (tmp_path / "args").read_text().split("\n")
+    keep = {k: v for k, v in os.environ.items() if k not in EVAL_VARIABLES}  # the caller's shell may set them
+    env = {**keep, "PATH": f"{stub.parent}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args")}
+    env.update(TEST_FILES="a.parquet b.parquet", RETRIEVER_URL="http://h:1/retrieve", OUT="o", **variables)
+    (tmp_path / "args").unlink(missing_ok=True)
+    done = subprocess.run(["bash", str(SCRIPT), *extra], env=env, capture_output=True, text=True)
+    args = (tmp_path / "args").read_text().split("\n")[:-1] if (tmp_path / "args").exists() else []
+    return done, args
+
+
+def flags_of(args):
+    return dict(zip(args[2::1], args[3::1], strict=False))
+
+
+def test_eval_script_leaves_the_rollout_settings_to_the_checkpoints_record(tmp_path):
+    """scripts/eval.sh on a GPU node: vLLM, every test file, the baseline, extra flags; no budget flag unless asked
+    (the CLI takes a checkpoint's recorded settings, else its defaults: run_carl_qwen7b.sh's)."""
+    model = {"MODEL_PATH": "ckpt/global_step_9/actor", "BASELINE_PATH": "Qwen/Qwen2.5-7B-Instruct"}
+    done, args = run_eval_script(tmp_path, "--samples", "4", **model)
+    assert done.returncode == 0, done.stderr
     assert args[:2] == ["-m", "recipe.carl.evaluate"]
-    flags = dict(zip(args[2::1], args[3::1], strict=False))
+    flags = flags_of(args)
     assert flags["--model"] == "ckpt/global_step_9/actor" and flags["--baseline"] == "Qwen/Qwen2.5-7B-Instruct"
     assert args[args.index("--data") + 1 : args.index("--data") + 3] == ["a.parquet", "b.parquet"]
     assert flags["--engine"] == "vllm" and flags["--retriever-url"] == "http://h:1/retrieve"
+    assert flags["--samples"] == "4"
+    recorded = ("--max-actions", "--max-action-tokens", "--topk", "--prompt-length", "--response-length")
+    recorded += ("--thinking", "--no-thinking", "--invalid-action", "--chat-template-kwargs")
+    assert not set(recorded) & set(args)
+    done, _ = run_eval_script(tmp_path)
+    assert done.returncode != 0 and "set MODEL_PATH" in done.stderr
+
+
+def test_eval_script_passes_the_variables_given(tmp_path):
+    budgets = dict(MAX_ACTIONS="32", MAX_ACTION_TOKENS="512", TOPK="3", MAX_PROMPT_LENGTH="2048")
+    budgets.update(MAX_RESPONSE_LENGTH="12288", INVALID_ACTION="feedback", CHAT_TEMPLATE_KWARGS='{"a": 1}')
+    done, args = run_eval_script(tmp_path, MODEL_PATH="m", THINKING="false", **budgets)
+    assert done.returncode == 0, done.stderr
+    flags = flags_of(args)
     assert (flags["--max-actions"], flags["--max-action-tokens"], flags["--topk"]) == ("32", "512", "3")
     assert (flags["--prompt-length"], flags["--response-length"]) == ("2048", "12288")
-    assert flags["--samples"] == "4"
-    del env["MODEL_PATH"]
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
-    assert done.returncode != 0 and "set MODEL_PATH" in done.stderr
+    assert flags["--invalid-action"] == "feedback" and flags["--chat-template-kwargs"] == '{"a": 1}'
+    assert "--no-thinking" in args and "--thinking" not in args
+    done, _ = run_eval_script(tmp_path, MODEL_PATH="m", THINKING="yes")
+    assert done.returncode == 2 and "THINKING=yes: use true or false" in done.stderr
+    done, _ = run_eval_script(tmp_path, MODEL_PATH="m", PROFILE="qwen9")
+    assert done.returncode == 2 and "PROFILE=qwen9 is unknown: use qwen3" in done.stderr
+
+
+def test_eval_scripts_qwen3_profile_is_how_run_carl_qwen3_4b_trains(tmp_path):
+    """PROFILE=qwen3 gives the CLI the agent settings scripts/run_carl_qwen3_4b.sh gives the trainer."""
+    from recipe.carl.evaluate.settings import EvalSettings
+    from tests.recipe.test_carl_config import script_overrides
+
+    (tmp_path / "train").mkdir()
+    overrides = script_overrides(SCRIPT.parent / "run_carl_qwen3_4b.sh", tmp_path / "train")
+    trained = dict(o.split("=", 1) for o in overrides)
+    done, args = run_eval_script(tmp_path, MODEL_PATH="Qwen/Qwen3-4B", PROFILE="qwen3")
+    assert done.returncode == 0, done.stderr
+    flags = flags_of(args)
+    assert flags["--max-actions"] == trained["algorithm.carl.max_actions"] == "10"
+    assert flags["--max-action-tokens"] == trained["algorithm.carl.max_action_tokens"] == "2048"
+    assert flags["--response-length"] == trained["data.max_response_length"] == "16384"
+    assert trained["algorithm.carl.thinking"] == "true" and "--thinking" in args
+    assert "--prompt-length" not in flags and EvalSettings().prompt_length == int(trained["data.max_prompt_length"])
+    # an explicit variable still wins over the profile
+    _, args = run_eval_script(tmp_path, MODEL_PATH="m", PROFILE="qwen3", MAX_ACTIONS="6")
+    assert flags_of(args)["--max-actions"] == "6"
