@@ -31,6 +31,7 @@ import numpy as np
 
 from recipe.carl.evaluate.stats import Interval, bootstrap, mean_interval, paired_difference, resample_indices
 from recipe.carl.io import atomic_path, write_json
+from recipe.carl.tiny.report import read_metrics
 
 MARGIN = 0.02
 """C1's non-inferiority margin (2 points of exact match)."""
@@ -42,11 +43,6 @@ N_BOOT = 10_000
 
 
 # ----------------------------------------------------------------------------------------------------- loading
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The trainer's per-step metrics (`metrics.jsonl`), one dict per line."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_budget(metrics: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
     """Per-step budget of one run, and its totals up to each evaluated step."""
     rows = {int(r["step"]): r for r in metrics if "carl/actions_generated_per_question" in r}

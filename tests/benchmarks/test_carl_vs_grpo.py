@@ -96,7 +96,8 @@ def fake_experiment(out: Path, accuracy: dict[str, np.ndarray], budgets: dict[st
                      "carl/tokens_generated": 10 * b["generated"], "timing_s/step": 5.0, "carl/trees": 2.0,
                      "carl/actions_trained_per_tree": b["trained"] / 2, "carl/degenerate_tree_fraction": 0.25,
                      "carl/zero_advantage_fraction": 0.5} for t in range(1, points)]  # fmt: skip
-            (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+            lines = [json.dumps({"step": r.pop("step"), "data": r}) for r in rows]  # verl's file logger's layout
+            (run / "metrics.jsonl").write_text("\n".join(lines))
             for p in range(1, points):
                 a = accuracy[arm][s, :, p]
                 (run / "eval" / f"step_{p:03d}.json").write_text(json.dumps({"questions": qs, "sampled": a.tolist(),
