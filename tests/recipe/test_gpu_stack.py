@@ -224,6 +224,13 @@ def test_start_up_check_reads_the_models_attention():
     preflight.check_gpu_stack(_config(attn="flex_attention"), no_flash)
 
 
+def test_start_up_checks_begin_with_the_gpu_stack(monkeypatch):
+    """`preflight.run` (what main_carl calls) checks the GPU stack before anything else."""
+    monkeypatch.setattr(gpu_stack, "probe", lambda **_: _stack(driver="550.163.01", cuda_available=False))
+    with pytest.raises(CARLConfigError, match="driver 550.163.01 is too old"):
+        preflight.run(_config())
+
+
 def test_start_up_check_skips_cpu_runs_and_on_request(monkeypatch):
     bad = _stack(driver="470.256.02", cuda_available=False)
     preflight.check_gpu_stack(_config(device="cpu"), bad)
