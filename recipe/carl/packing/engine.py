@@ -84,9 +84,10 @@ def check_loss_aggregation(loss_function: Any) -> None:
 class PassTimer:
     """Logs the first two packed passes of each kind (`log-prob`, `update`) and what the first cost beyond its share.
 
-    flex attention compiles `create_block_mask` and its forward (and, in an update, backward) kernels in the first
-    pass of each kind; the second pass runs compiled code. "Beyond its share" is the first pass's time minus the
-    second pass's time per token times the first pass's tokens: the compilation, to within the noise of the passes.
+    With flex attention, the first pass of each kind compiles `create_block_mask` and the attention kernels (forward;
+    backward in an update), once per process; the second pass runs compiled code. "Beyond its share" is the first
+    pass's time minus the second pass's time per token times the first pass's tokens: the compilation, to within the
+    noise of the passes. One timer per process (`PROCESS_TIMER`), as compiled code is shared by its engines.
     """
 
     def __init__(self, log: Callable[[str], None] = print):
@@ -97,26 +98,33 @@ class PassTimer:
         """Whether a pass of this kind is still to be logged."""
         return len(self.seen.get(kind, ())) < 2
 
-    def record(self, kind: str, seconds: float, tokens: int) -> str | None:
+    def record(self, kind: str, seconds: float, tokens: int, attn: str = "flex_attention") -> str | None:
         """Logs a packed pass of `kind` that took `seconds` for `tokens` tokens (only the first two per kind)."""
         if not self.active(kind):
             return None
         seen = self.seen.setdefault(kind, [])
         seen.append((seconds, tokens))
+        compiles = attn == "flex_attention"
         if len(seen) == 1:
+            why = "flex attention compiles its block mask and kernels in this pass; " if compiles else ""
             message = (
-                f"first packed {kind} pass: {seconds:.1f} s for {tokens} tokens (flex attention compiles its block "
-                "mask and kernels in this pass; the second pass shows how much of it that was)"
+                f"first packed {kind} pass ({attn}): {seconds:.1f} s for {tokens} tokens ({why}the second pass "
+                "shows how much more than its share it took)"
             )
         else:
             (first, first_tokens), (second, second_tokens) = seen
-            beyond = first - second * first_tokens / max(second_tokens, 1)
+            beyond = max(0.0, first - second * first_tokens / max(second_tokens, 1))
             message = (
-                f"second packed {kind} pass: {second:.1f} s for {second_tokens} tokens, so the first pass spent "
-                f"~{beyond:.1f} s compiling (beyond its share of tokens at this pass's rate)"
+                f"second packed {kind} pass ({attn}): {second:.1f} s for {second_tokens} tokens, so the first pass "
+                f"took ~{beyond:.1f} s beyond its share of tokens at this pass's rate"
+                + (": flex attention's compilation" if compiles else "")
             )
         self.log(f"[carl packing] {message}")
         return message
+
+
+PROCESS_TIMER = PassTimer()
+"""The packed passes of this process (compiled code is per process: actor and reference engines share it)."""
 
 
 def _is_rank_zero() -> bool:
@@ -130,6 +138,7 @@ class TreePackedFSDPEngine(FSDPEngineWithLMHead):
     _carl_packed_seen = False
     """Set by `forward_step` when a micro-batch held packed rows (read by `forward_backward_batch`)."""
     _carl_timer: PassTimer | None = None
+    """Where this engine's packed passes are timed (None: `PROCESS_TIMER`)."""
 
     def _hf_model(self) -> Any:
         return getattr(self.module, "_fsdp_wrapped_module", self.module)
@@ -174,9 +183,8 @@ class TreePackedFSDPEngine(FSDPEngineWithLMHead):
 
     def forward_backward_batch(self, data: Any, loss_function, forward_only=False):
         kind = "log-prob" if forward_only else "update"
-        if self._carl_timer is None:
-            self._carl_timer = PassTimer()
-        if not (self._carl_timer.active(kind) and _is_rank_zero()):
+        timer = self._carl_timer or PROCESS_TIMER
+        if not (timer.active(kind) and _is_rank_zero()):
             return super().forward_backward_batch(data, loss_function, forward_only)
         self._carl_packed_seen = False
         start = time.perf_counter()
@@ -186,7 +194,7 @@ class TreePackedFSDPEngine(FSDPEngineWithLMHead):
                 torch.cuda.synchronize()  # the last backward may still run
             ids = data["input_ids"]
             tokens = ids.values().numel() if ids.is_nested else ids.numel()
-            self._carl_timer.record(kind, time.perf_counter() - start, tokens)
+            timer.record(kind, time.perf_counter() - start, tokens, self._hf_model().config._attn_implementation)
         return output
 
     def forward_step(self, micro_batch: Any, loss_function, forward_only):

@@ -179,12 +179,20 @@ def test_pass_timer_states_the_first_pass_compilation():
 
     timer = PassTimer(log=(logged := []).append)
     first = timer.record("update", 80.0, 1000)
-    assert first.startswith("first packed update pass: 80.0 s for 1000 tokens")
+    assert first.startswith("first packed update pass (flex_attention): 80.0 s for 1000 tokens (flex attention comp")
     # the second pass ran 2000 tokens in 10 s: the first pass's 1000 tokens account for 5 s of its 80 s
     second = timer.record("update", 10.0, 2000)
-    assert "the first pass spent ~75.0 s compiling" in second
+    assert (
+        "the first pass took ~75.0 s beyond its share of tokens at this pass's rate: flex attention's compil" in second
+    )
     assert timer.record("update", 9.0, 2000) is None and not timer.active("update")
     assert timer.active("log-prob") and len(logged) == 2 and logged[0] == f"[carl packing] {first}"
+    # other attention implementations compile nothing: the lines say only what was measured
+    first = timer.record("log-prob", 1.0, 100, attn="sdpa")
+    second = timer.record("log-prob", 3.0, 200, attn="sdpa")  # faster per token at first: nothing beyond its share
+    assert "compile" not in first + second and second.endswith(
+        "took ~0.0 s beyond its share of tokens at this pass's rate"
+    )
 
 
 def test_engine_times_only_passes_with_packed_rows(monkeypatch):
@@ -204,11 +212,33 @@ def test_engine_times_only_passes_with_packed_rows(monkeypatch):
         engine.forward_backward_batch(packed, None, forward_only=True)
     engine.forward_backward_batch(packed, None, forward_only=False)
     assert [line.split(":")[0] for line in logged] == [
-        "[carl packing] first packed log-prob pass",
-        "[carl packing] second packed log-prob pass",
-        "[carl packing] first packed update pass",
+        "[carl packing] first packed log-prob pass (flex_attention)",
+        "[carl packing] second packed log-prob pass (flex_attention)",
+        "[carl packing] first packed update pass (flex_attention)",
     ]
     assert "s for 11 tokens" in logged[0]  # 3 + 4 and 2 + 2 tokens
+
+
+def test_engines_of_a_process_share_one_timer(monkeypatch):
+    """Compiled code is per process: the reference engine's first pass after the actor's is its second."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    from recipe.carl.packing import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROCESS_TIMER", engine_module.PassTimer(log=(logged := []).append))
+    monkeypatch.setattr(
+        FSDPEngineWithLMHead, "forward_backward_batch", lambda self, d, f, o=False: [self.forward_step(d, f, o)]
+    )
+    monkeypatch.setattr(FSDPEngineWithLMHead, "forward_step", lambda self, mb, loss, fwd: (None, {}))
+    packed = _td([(3, 4, 2, [[3, -1], [2, 0], [2, 0]])])
+    for _ in range(2):  # actor, then reference
+        engine, _ = _engine()
+        engine._carl_timer = None
+        engine.forward_backward_batch(packed, None, forward_only=True)
+    assert [line.split(" pass")[0] for line in logged] == [
+        "[carl packing] first packed log-prob",
+        "[carl packing] second packed log-prob",
+    ]
 
 
 def _run_check(*args: str) -> dict:
