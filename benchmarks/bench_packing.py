@@ -238,22 +238,38 @@ def run_pass(model, rows, args, train: bool, optimizer=None) -> tuple[float, tor
 
 
 def time_layouts(model, layouts: dict[str, list[Row]], args) -> dict[str, dict[str, float]]:
-    """Median seconds of each pass per layout (interleaved, after one warm-up), and the log-prob agreement."""
+    """Median seconds of each pass per layout (interleaved, after one warm-up), and the log-prob agreement.
+
+    Also per layout: the warm-up round's seconds (`first_logprob`, `first_update`: on a GPU they include compiling
+    flex attention, which the first layout's round pays) and, on a GPU, the peak memory of its passes (`peak_gb`).
+    """
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # host copy: a 7B fits
     times: dict[str, dict[str, list[float]]] = {k: {"logprob": [], "update": []} for k in layouts}
+    first: dict[str, dict[str, float]] = {}
+    peak = dict.fromkeys(layouts, 0.0)
     logps = {}
     for rep in range(args.repeats + 1):
         for name, rows in layouts.items():
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t, lp = run_pass(model, rows, args, train=False)
             model.load_state_dict(state)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
             u, _ = run_pass(model, rows, args, train=True, optimizer=optimizer)
+            del optimizer
             model.load_state_dict(state)
+            if args.device == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() / 2**30)
             if rep:  # the first round warms up kernels and allocators
                 times[name]["logprob"].append(t)
                 times[name]["update"].append(u)
+            else:
+                first[name] = {"first_logprob": t, "first_update": u}
             logps[name] = trained_logps_by_key(rows, lp)
-    result: dict = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    result: dict = {
+        name: {**{k: statistics.median(v) for k, v in t.items()}, **first[name], "peak_gb": peak[name]}
+        for name, t in times.items()
+    }
     packed, per_path = logps["packed"], logps["per-path"]
     if packed.keys() != per_path.keys():
         raise RuntimeError("packed and per-path rows train different actions")
@@ -365,14 +381,16 @@ def layouts_for(trees: list[RolloutTree], max_tokens: int) -> dict[str, list[Row
     return {"packed": packed, "per-path": per_path}
 
 
-def build_model(name: str, device: str, bf16: bool, attn: str, checkpointing: bool = False):
+def build_model(name: str, device: str, bf16: bool, attn: str, checkpointing: bool = False, layers: int | None = None):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if name == "sft":
         model = AutoModelForCausalLM.from_pretrained(str(SFT_POLICY), attn_implementation=attn)
     else:
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(**MODELS[name], tie_word_embeddings=False, attn_implementation=attn))
+        shape = {**MODELS[name], **({"num_hidden_layers": layers} if layers else {})}
+        with torch.device(device):  # initialised where it runs (a 7B's CPU initialisation takes minutes)
+            model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=False, attn_implementation=attn))
     if checkpointing:  # as the 7B script (enable_gradient_checkpointing=True): activations of 28k-token micro-batches
         model.gradient_checkpointing_enable()
     return model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -390,7 +408,13 @@ def report(name: str, layouts: dict[str, list[Row]], grpo: int, times: dict | No
         for k in ("logprob", "update"):
             print(f"  {k:<9} per-path {times['per-path'][k]:>7.3f}s  packed {times['packed'][k]:>7.3f}s")
         both = {k: times[k]["logprob"] + times[k]["update"] for k in ("packed", "per-path")}
+        first = times["packed"]["first_logprob"] + times["packed"]["first_update"]
         line += f" time_ratio={both['packed'] / both['per-path']:.3f} max_abs_logp_diff={times['check']:.2e}"
+        line += f" packed_s={both['packed']:.3f} per_path_s={both['per-path']:.3f} first_packed_s={first:.3f}"
+        peak = {k: times[k]["peak_gb"] for k in ("packed", "per-path")}
+        if peak["packed"]:
+            print(f"  peak GPU  per-path {peak['per-path']:>6.1f} GB  packed {peak['packed']:>6.1f} GB")
+            line += f" peak_gb_packed={peak['packed']:.1f} peak_gb_per_path={peak['per-path']:.1f}"
     lines.append(line)
     return line
 
@@ -403,6 +427,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--attn", default=None, help="sdpa | eager | flex_attention (cpu: sdpa, cuda: flex_attention)")
     p.add_argument("--layout", default=None, choices=["padded", "packed"], help="cpu: padded, cuda: packed")
     p.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (default on cuda)")
+    p.add_argument("--fp32", action="store_true", help="fp32 weights, no autocast, also on cuda (exactness checks)")
+    p.add_argument("--layers", type=int, default=None, help="7B-shape model: this many layers of the named shape")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (default on cuda)")
     p.add_argument("--demo-trees", type=int, default=16)
     p.add_argument("--count-trees", type=int, default=128)
@@ -414,7 +440,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     cuda = args.device == "cuda"
     args.attn = args.attn or ("flex_attention" if cuda else "sdpa")
     args.layout = args.layout or ("packed" if cuda else "padded")
-    args.bf16 = args.bf16 or cuda
+    args.bf16 = (args.bf16 or cuda) and not args.fp32
     model_name = args.model or ("qwen2.5-0.5b" if cuda else "tiny")
     args.checkpointing = args.checkpointing or cuda
     time_trees = args.time_trees if args.time_trees is not None else (2 if cuda else 1)
@@ -435,7 +461,11 @@ def main(argv: list[str] | None = None) -> list[str]:
             layouts = layouts_for(trees, args.micro_batch_tokens)
             grpo = grpo_tokens(trees, config.num_leaves, 1, synthetic=True, scale=args.scale)
             timed = layouts_for(trees[:time_trees], args.micro_batch_tokens) if time_trees else None
-            model = build_model(model_name, args.device, args.bf16, args.attn, args.checkpointing) if timed else None
+            model = (
+                build_model(model_name, args.device, args.bf16, args.attn, args.checkpointing, args.layers)
+                if timed
+                else None
+            )
             times = time_layouts(model, timed, args) if timed else None
         else:
             raise SystemExit(f"unknown workload {workload!r}: use demo, 7B-shape")

@@ -3,6 +3,10 @@
 A GPU cluster run must fail in its first seconds, with a message naming the input and the fix, instead of hours later
 inside a worker, or never. `run` does, in this order:
 
+0. **GPU stack** (`check_gpu_stack`): on a machine with an NVIDIA driver, unless `trainer.device=cpu`, the driver must
+   be new enough for torch's CUDA build (R580 for PyPI's CUDA 13.0 torch 2.11.0), torch must see the GPUs, and
+   flash-attn must import when the model uses verl's default `flash_attention_2` (`recipe.carl.gpu_stack`); otherwise
+   every worker fails on its own. `CARL_SKIP_GPU_CHECK=1` skips it.
 1. **Paths** (`resolve_paths`): every local path a Ray worker opens becomes absolute. verl resolves a relative
    agent-loop or tool yaml against the *worker's* working directory (`verl.utils.import_utils.resolve_config_path`),
    which on another node (or a pre-started Ray cluster) is not the launching directory: `FileNotFoundError` in
@@ -42,6 +46,7 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from carl_core import CARLConfigError
+from recipe.carl import gpu_stack
 from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +85,7 @@ PATH_ENV = ("VERL_FILE_LOGGER_PATH", "VERL_FILE_LOGGER_ROOT")
 _OC_ENV = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
 
 SKIP_RETRIEVER_ENV = "CARL_SKIP_RETRIEVER_CHECK"
+SKIP_GPU_ENV = "CARL_SKIP_GPU_CHECK"
 HEALTH_TIMEOUT_S = 10.0
 MAX_LISTED = 10
 """Bad rows quoted in an error message (the count is always complete)."""
@@ -96,11 +102,48 @@ def run(config: DictConfig) -> None:
         CARLConfigError: a path, the batch, the data or the retriever URL, with the fix.
         RetrieverUnavailableError: the retriever does not answer.
     """
+    check_gpu_stack(config)
     resolve_paths(config)
     check_batch_divisibility(config)
     check_data(config)
     forward_environment(config)
     check_retriever(config)
+
+
+# ---- 0. GPU stack -----------------------------------------------------------------------------------------------
+
+
+def check_gpu_stack(config: DictConfig, stack: gpu_stack.GpuStack | None = None) -> None:
+    """Stops the run when this machine's driver, torch or flash-attn cannot run it (module docstring, step 0).
+
+    Args:
+        config: the trainer config (`trainer.device`, the model's `attn_implementation`).
+        stack: the machine's facts; None probes this machine (tests pass their own).
+
+    Raises:
+        CARLConfigError: every problem, each with its fix.
+    """
+    if str(config.trainer.get("device", "cuda")) == "cpu":
+        return
+    if os.environ.get(SKIP_GPU_ENV, "") not in ("", "0"):
+        log(f"{SKIP_GPU_ENV} is set: the GPU stack is not checked")
+        return
+    attn = (config.actor_rollout_ref.model.get("override_config") or {}).get(
+        "attn_implementation", gpu_stack.FLASH_ATTENTION
+    )
+    stack = gpu_stack.probe(import_flash_attn=attn == gpu_stack.FLASH_ATTENTION) if stack is None else stack
+    found = gpu_stack.problems(stack, attn)
+    if found:
+        raise CARLConfigError(
+            f"this machine cannot start the GPU run ({SKIP_GPU_ENV}=1 skips this check):\n  - " + "\n  - ".join(found)
+        )
+    if stack.driver is None:
+        log("no NVIDIA driver on this machine: the GPU stack is not checked here")
+    else:
+        log(
+            f"GPU stack: driver {stack.driver}, torch {stack.torch} (CUDA {stack.torch_cuda}), {len(stack.gpus)} "
+            f"GPU(s), flash-attn {stack.packages.get('flash-attn') or 'not installed'}, attention {attn}"
+        )
 
 
 # ---- 1. paths ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,36 @@ PACKED_LOSS_AGG_MODES = ("token-mean", "token-sum")
 """Loss aggregations that do not depend on how tokens are grouped into rows (so packing leaves the loss alone)."""
 TREE_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations that take a tree mask (see `recipe.carl.packing.attention`)."""
+DENSE_MASK_ATTENTION = ("sdpa", "eager")
+"""Those of them that take the mask as a dense T x T tensor: CPU only (at 28k tokens 0.8 GB as bool, 1.6 GB as the bf16
+bias sdpa makes of it, and every masked pair computed); on a GPU, flex attention skips masked blocks."""
+ATTENTION_SETTING = "actor_rollout_ref.model.override_config.attn_implementation"
+"""The verl setting that chooses the attention implementation (named in errors)."""
+
+
+def tree_attention_problem(attn: str, device: str, attn_is_set: bool | None = None) -> str | None:
+    """The override that lets tree-packed rows run on `device` ("cpu", "cuda", ...) with attention `attn`, and why;
+    None when they can already.
+
+    Args:
+        attn: the model's attention implementation.
+        device: where the model runs (`trainer.device`, or the input tensors' device type).
+        attn_is_set: whether the config has the key already; Hydra then takes `key=value`, and a key not there yet
+            needs `+key=value` (`override_config` is a struct node). None (unknown) names both forms.
+    """
+    if attn in TREE_ATTENTION and (device == "cpu" or attn not in DENSE_MASK_ATTENTION):
+        return None
+    override = f"{ATTENTION_SETTING}=flex_attention"
+    form = {True: override, False: f"+{override}", None: f"+{override} (no + where the key is already set)"}
+    if attn in DENSE_MASK_ATTENTION:
+        why = (
+            f"on {device} it builds a dense T x T mask over the packed micro-batch, about 0.8 GB at 28k tokens and "
+            "1.6 GB as sdpa's bf16 bias, and computes every masked pair, where flex attention skips the other "
+            "branches' blocks; sdpa and eager are for CPU runs"
+        )
+    else:
+        why = "it cannot take a tree mask: flash-attn's varlen kernels express only contiguous causal segments"
+    return f"{form[attn_is_set]} (got {attn!r}: {why}; or set algorithm.carl.packing=path)"
 
 
 def packing_budget(config: Any, prompt_length: int) -> int:
@@ -67,12 +97,12 @@ def check_packing_config(config: Any, packing: str) -> list[str]:
             f"actor_rollout_ref.actor.loss_agg_mode in {PACKED_LOSS_AGG_MODES} (got {agg!r}: a per-sequence mean "
             "weighs tokens by the row they are in, and packed rows group tokens differently from per-path rows)"
         )
-    attn = (arr.model.get("override_config") or {}).get("attn_implementation", "flash_attention_2")
-    if attn not in TREE_ATTENTION:
-        problems.append(
-            f"actor_rollout_ref.model.override_config.attn_implementation in {TREE_ATTENTION} (got {attn!r}, which "
-            "cannot take a tree mask; use flex_attention on GPU)"
-        )
+    override_config = arr.model.get("override_config") or {}
+    attn = override_config.get("attn_implementation", "flash_attention_2")
+    device = str(config.get("trainer", {}).get("device", "cuda"))
+    problem = tree_attention_problem(attn, device, attn_is_set="attn_implementation" in override_config)
+    if problem:
+        problems.append(problem)
     if arr.actor.get("ulysses_sequence_parallel_size", 1) != 1:
         problems.append("actor_rollout_ref.actor.ulysses_sequence_parallel_size=1 (a path's tokens would span ranks)")
     if arr.model.get("use_fused_kernels", False):

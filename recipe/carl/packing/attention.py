@@ -28,12 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from recipe.carl.packing import tree_attention_problem
 from recipe.carl.packing.layout import compute_tree_attention_mask, compute_tree_layout
-
-ATTENTION_SETTING = "actor_rollout_ref.model.override_config.attn_implementation"
-"""The verl setting that chooses the attention implementation (named in errors)."""
-TREE_ATTENTION = ("sdpa", "eager", "flex_attention")
-"""Attention implementations that take a tree mask."""
 
 
 def layout_rows(
@@ -126,9 +122,7 @@ def build_attention_mask(span_end: torch.Tensor, attn_implementation: str, dtype
         # compiled on a GPU, as transformers builds its own block masks: then no T x T mask is ever materialised
         return create_block_mask(tree_mask, bs, None, length, length, device=span_end.device, _compile=span_end.is_cuda)
     raise ValueError(
-        f"tree-packed rows (algorithm.carl.packing=tree) need an attention implementation that takes a tree mask, "
-        f"but the model uses {attn_implementation!r}: set {ATTENTION_SETTING} to flex_attention (GPU) or sdpa "
-        f"(CPU, small rows), or algorithm.carl.packing=path. flash-attn's varlen kernels cannot express a tree."
+        f"algorithm.carl.packing=tree needs {tree_attention_problem(attn_implementation, span_end.device.type)}."
     )
 
 

@@ -15,13 +15,19 @@ tries the key (device, vendor) before the device alone, so registering this clas
 (device, vendor) makes verl build it for `actor` and `ref` with no patch of verl.
 
 Not supported with packed rows, each refused by name: Ulysses sequence parallelism, fused LM-head kernels, 3-D
-(mRoPE) position ids, flash-attn, per-sequence loss aggregations.
+(mRoPE) position ids, flash-attn, sdpa and eager on a GPU (a dense T x T mask; flex attention instead),
+per-sequence loss aggregations.
+
+The first packed passes are timed and logged (rank 0, `PassTimer`): flex attention compiles its block mask and its
+kernels during the first pass of each kind, which can take minutes, and the log says how much.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +35,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-from recipe.carl.packing import PACKED_LOSS_AGG_MODES, RUNS_KEY
+from recipe.carl.packing import PACKED_LOSS_AGG_MODES, RUNS_KEY, tree_attention_problem
 from recipe.carl.packing.attention import build_attention_mask, layout_rows, logits_from_predecessors, to_model_layout
 
 
@@ -75,10 +81,64 @@ def check_loss_aggregation(loss_function: Any) -> None:
         )
 
 
+class PassTimer:
+    """Logs the first two packed passes of each kind (`log-prob`, `update`) and what the first cost beyond its share.
+
+    With flex attention, the first pass of each kind compiles `create_block_mask` and the attention kernels (forward;
+    backward in an update), once per process; the second pass runs compiled code. "Beyond its share" is the first
+    pass's time minus the second pass's time per token times the first pass's tokens: the compilation, to within the
+    noise of the passes. One timer per process (`PROCESS_TIMER`), as compiled code is shared by its engines.
+    """
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log = log
+        self.seen: dict[str, list[tuple[float, int]]] = {}
+
+    def active(self, kind: str) -> bool:
+        """Whether a pass of this kind is still to be logged."""
+        return len(self.seen.get(kind, ())) < 2
+
+    def record(self, kind: str, seconds: float, tokens: int, attn: str = "flex_attention") -> str | None:
+        """Logs a packed pass of `kind` that took `seconds` for `tokens` tokens (only the first two per kind)."""
+        if not self.active(kind):
+            return None
+        seen = self.seen.setdefault(kind, [])
+        seen.append((seconds, tokens))
+        compiles = attn == "flex_attention"
+        if len(seen) == 1:
+            why = "flex attention compiles its block mask and kernels in this pass; " if compiles else ""
+            message = (
+                f"first packed {kind} pass ({attn}): {seconds:.1f} s for {tokens} tokens ({why}the second pass "
+                "shows how much more than its share it took)"
+            )
+        else:
+            (first, first_tokens), (second, second_tokens) = seen
+            beyond = max(0.0, first - second * first_tokens / max(second_tokens, 1))
+            message = (
+                f"second packed {kind} pass ({attn}): {second:.1f} s for {second_tokens} tokens, so the first pass "
+                f"took ~{beyond:.1f} s beyond its share of tokens at this pass's rate"
+                + (": flex attention's compilation" if compiles else "")
+            )
+        self.log(f"[carl packing] {message}")
+        return message
+
+
+PROCESS_TIMER = PassTimer()
+"""The packed passes of this process (compiled code is per process: actor and reference engines share it)."""
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 class TreePackedFSDPEngine(FSDPEngineWithLMHead):
     """`FSDPEngineWithLMHead` that runs tree-packed rows with tree attention (see the module docstring)."""
 
     _carl_source: torch.Tensor | None = None
+    _carl_packed_seen = False
+    """Set by `forward_step` when a micro-batch held packed rows (read by `forward_backward_batch`)."""
+    _carl_timer: PassTimer | None = None
+    """Where this engine's packed passes are timed (None: `PROCESS_TIMER`)."""
 
     def _hf_model(self) -> Any:
         return getattr(self.module, "_fsdp_wrapped_module", self.module)
@@ -91,6 +151,11 @@ class TreePackedFSDPEngine(FSDPEngineWithLMHead):
             problems.append("actor_rollout_ref.model.use_fused_kernels=False (they bypass the LM head)")
         if micro_batch["position_ids"].dim() == 3:
             problems.append("a model with 1-D position ids (mRoPE models are not supported)")
+        attention = tree_attention_problem(
+            self._hf_model().config._attn_implementation, micro_batch["input_ids"].device.type
+        )
+        if attention:
+            problems.append(attention)
         if problems:
             fixes = "; ".join(problems)
             raise ValueError(f"algorithm.carl.packing=tree needs {fixes}; or set algorithm.carl.packing=path.")
@@ -116,9 +181,26 @@ class TreePackedFSDPEngine(FSDPEngineWithLMHead):
         self._carl_source = source.to(input_ids.device)
         return model_inputs, output_args
 
+    def forward_backward_batch(self, data: Any, loss_function, forward_only=False):
+        kind = "log-prob" if forward_only else "update"
+        timer = self._carl_timer or PROCESS_TIMER
+        if not (timer.active(kind) and _is_rank_zero()):
+            return super().forward_backward_batch(data, loss_function, forward_only)
+        self._carl_packed_seen = False
+        start = time.perf_counter()
+        output = super().forward_backward_batch(data, loss_function, forward_only)
+        if self._carl_packed_seen:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the last backward may still run
+            ids = data["input_ids"]
+            tokens = ids.values().numel() if ids.is_nested else ids.numel()
+            timer.record(kind, time.perf_counter() - start, tokens, self._hf_model().config._attn_implementation)
+        return output
+
     def forward_step(self, micro_batch: Any, loss_function, forward_only):
         if packed_runs(micro_batch) is None:
             return super().forward_step(micro_batch, loss_function, forward_only)
+        self._carl_packed_seen = True
         check_loss_aggregation(loss_function)
         try:
             with logits_from_predecessors(self._hf_model(), lambda: self._carl_source):

@@ -6,6 +6,8 @@ The harness is `tests/recipe/test_carl_agent_loop.py`'s (scripted policy server,
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -100,4 +102,28 @@ def test_unknown_packing_mode_and_unfit_settings_are_refused():
     with pytest.raises(CARLConfigError, match=r"loss_agg_mode in .*got 'seq-mean-token-mean'.*got 'flash_attention_2'"):
         check_trainer_config(bad)
     ok = make_config("algorithm.carl.packing=tree", "+actor_rollout_ref.model.override_config.attn_implementation=sdpa")
+    ok.trainer.device = "cpu"  # sdpa's dense tree mask: CPU only
     assert check_trainer_config(ok).packing == "tree"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # verl's default attention, flash_attention_2: the key is not in the config
+        ["+device=cpu", "trainer.device=cuda"],  # the CPU yaml's sdpa on a GPU: the key is in the config
+    ],
+)
+def test_the_attention_fix_is_an_override_hydra_accepts(overrides):
+    """The refusal names the override in the form Hydra takes (`+key=` for a key not yet there); applied as given,
+    the config passes."""
+    from carl_core import CARLConfigError
+    from recipe.carl.settings import check_trainer_config
+
+    with pytest.raises(CARLConfigError) as refused:
+        check_trainer_config(make_config("algorithm.carl.packing=tree", *overrides))
+    fix = re.search(
+        r"(\+?actor_rollout_ref\.model\.override_config\.attn_implementation=flex_attention) \(got", str(refused.value)
+    )
+    assert fix, str(refused.value)
+    assert fix.group(1).startswith("+") == (not overrides)
+    assert check_trainer_config(make_config("algorithm.carl.packing=tree", *overrides, fix.group(1))).packing == "tree"

@@ -91,9 +91,10 @@ def test_per_sequence_loss_aggregation_is_refused_by_name(mode):
     check_loss_aggregation(partial(ppo_loss, config=Cfg()))
 
 
-def _config(**actor):
+def _config(device="cpu", **actor):
     return OmegaConf.create(
         {
+            "trainer": {"device": device},
             "data": {"max_prompt_length": 100, "max_response_length": 900},
             "actor_rollout_ref": {
                 "actor": {"loss_agg_mode": "token-mean", "ulysses_sequence_parallel_size": 1, **actor},
@@ -116,12 +117,128 @@ def test_config_check_names_each_setting():
     cfg = _config()
     cfg.actor_rollout_ref.model.override_config = {}  # verl's default: flash_attention_2
     (problem,) = check_packing_config(cfg, "tree")
-    assert "attn_implementation" in problem and "flash_attention_2" in problem and "flex_attention" in problem
+    # the key is not in the config: Hydra takes it only with a leading + (override_config is a struct node)
+    assert problem.startswith("+actor_rollout_ref.model.override_config.attn_implementation=flex_attention (got ")
+    assert "'flash_attention_2': it cannot take a tree mask" in problem
     # with dynamic batch sizes a packed row is bounded by the smallest per-GPU token budget, which must hold a path
     cfg = _config(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=800)
     (problem,) = check_packing_config(cfg, "tree")
     assert "data.max_prompt_length + data.max_response_length = 1000 (got 800" in problem
     assert check_packing_config(_config(use_dynamic_bsz=True, ppo_max_token_len_per_gpu=8000), "tree") == []
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dense_mask_attention_is_for_cpu_only(attn):
+    """sdpa and eager take the tree mask as a dense T x T tensor: fine on CPU (tested), refused on a GPU."""
+    cfg = _config()
+    cfg.actor_rollout_ref.model.override_config.attn_implementation = attn
+    assert check_packing_config(cfg, "tree") == []
+    cfg.trainer.device = "cuda"
+    (problem,) = check_packing_config(cfg, "tree")
+    # the key is in the config here, so the override has no +
+    assert problem.startswith(
+        f"actor_rollout_ref.model.override_config.attn_implementation=flex_attention (got {attn!r}"
+    )
+    assert "dense T x T mask" in problem and "sdpa and eager are for CPU runs" in problem
+    cfg.actor_rollout_ref.model.override_config.attn_implementation = "flex_attention"
+    assert check_packing_config(cfg, "tree") == []
+
+
+class _Model(torch.nn.Module):
+    """Stands in for the FSDP-wrapped model: its attention setting and an LM head to hook."""
+
+    def __init__(self, attn: str):
+        super().__init__()
+        self.config = type("Config", (), {"_attn_implementation": attn})()
+        self.head = torch.nn.Linear(2, 2)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def _engine(attn: str = "flex_attention"):
+    from recipe.carl.packing.engine import PassTimer, TreePackedFSDPEngine
+
+    engine = object.__new__(TreePackedFSDPEngine)  # no FSDP set-up: only the methods under test run
+    engine.module = _Model(attn)
+    engine._carl_timer = PassTimer(log=(logged := []).append)
+    return engine, logged
+
+
+def test_engine_refuses_dense_mask_attention_off_the_cpu():
+    engine, _ = _engine("sdpa")
+    on_cpu = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.zeros(1, 4, dtype=torch.long)}
+    engine._check_packing_supported(on_cpu)
+    off_cpu = {k: v.to("meta") for k, v in on_cpu.items()}  # any device but the CPU, as a GPU's would be
+    with pytest.raises(ValueError, match=r"packing=tree needs .*attn_implementation=flex_attention .*got 'sdpa'"):
+        engine._check_packing_supported(off_cpu)
+
+
+def test_pass_timer_states_the_first_pass_compilation():
+    from recipe.carl.packing.engine import PassTimer
+
+    timer = PassTimer(log=(logged := []).append)
+    first = timer.record("update", 80.0, 1000)
+    assert first.startswith("first packed update pass (flex_attention): 80.0 s for 1000 tokens (flex attention comp")
+    # the second pass ran 2000 tokens in 10 s: the first pass's 1000 tokens account for 5 s of its 80 s
+    second = timer.record("update", 10.0, 2000)
+    assert (
+        "the first pass took ~75.0 s beyond its share of tokens at this pass's rate: flex attention's compil" in second
+    )
+    assert timer.record("update", 9.0, 2000) is None and not timer.active("update")
+    assert timer.active("log-prob") and len(logged) == 2 and logged[0] == f"[carl packing] {first}"
+    # other attention implementations compile nothing: the lines say only what was measured
+    first = timer.record("log-prob", 1.0, 100, attn="sdpa")
+    second = timer.record("log-prob", 3.0, 200, attn="sdpa")  # faster per token at first: nothing beyond its share
+    assert "compile" not in first + second and second.endswith(
+        "took ~0.0 s beyond its share of tokens at this pass's rate"
+    )
+
+
+def test_engine_times_only_passes_with_packed_rows(monkeypatch):
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    def passes(self, data, loss_function, forward_only=False):  # verl's loop over micro-batches, in short
+        return [self.forward_step(data, loss_function, forward_only)]
+
+    monkeypatch.setattr(FSDPEngineWithLMHead, "forward_backward_batch", passes)
+    monkeypatch.setattr(FSDPEngineWithLMHead, "forward_step", lambda self, mb, loss, fwd: (None, {}))
+    engine, logged = _engine()
+    runs = [[3, -1], [2, 0], [2, 0]]
+    packed, plain = _td([(3, 4, 2, runs), (2, 2, 1, None)]), _td([(3, 4, 2, None)])
+    engine.forward_backward_batch(plain, None, forward_only=True)
+    assert logged == []
+    for _ in range(3):
+        engine.forward_backward_batch(packed, None, forward_only=True)
+    engine.forward_backward_batch(packed, None, forward_only=False)
+    assert [line.split(":")[0] for line in logged] == [
+        "[carl packing] first packed log-prob pass (flex_attention)",
+        "[carl packing] second packed log-prob pass (flex_attention)",
+        "[carl packing] first packed update pass (flex_attention)",
+    ]
+    assert "s for 11 tokens" in logged[0]  # 3 + 4 and 2 + 2 tokens
+
+
+def test_engines_of_a_process_share_one_timer(monkeypatch):
+    """Compiled code is per process: the reference engine's first pass after the actor's is its second."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    from recipe.carl.packing import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROCESS_TIMER", engine_module.PassTimer(log=(logged := []).append))
+    monkeypatch.setattr(
+        FSDPEngineWithLMHead, "forward_backward_batch", lambda self, d, f, o=False: [self.forward_step(d, f, o)]
+    )
+    monkeypatch.setattr(FSDPEngineWithLMHead, "forward_step", lambda self, mb, loss, fwd: (None, {}))
+    packed = _td([(3, 4, 2, [[3, -1], [2, 0], [2, 0]])])
+    for _ in range(2):  # actor, then reference
+        engine, _ = _engine()
+        engine._carl_timer = None
+        engine.forward_backward_batch(packed, None, forward_only=True)
+    assert [line.split(" pass")[0] for line in logged] == [
+        "[carl packing] first packed log-prob",
+        "[carl packing] second packed log-prob",
+    ]
 
 
 def _run_check(*args: str) -> dict:
