@@ -26,7 +26,7 @@ class CARLConfig:
     selection: str = "density"
     """Fork-point rule: `density` (largest h/n, the paper), `spread` (density until a state's outcomes are seen, then
     their observed spread: `carl_core.forking.compute_outcome_criticality`), `random` (ablation #2), `entropy`."""
-    spread_prior: float = 2.0
+    spread_prior: float = 8.0
     """lambda of `selection=spread`: the entropy prior's weight, in samples, against the observed spread."""
     merge: bool = True
     """One node per distinct action (a state is a token prefix): a repeated action joins its twin, counted twice in
@@ -73,7 +73,7 @@ class CARLConfig:
         if not self.outcome_eps > 0:
             fail(f"outcome_eps={self.outcome_eps!r} must be > 0.")
         if not isinstance(self.spread_prior, (int, float)) or not self.spread_prior > 0:
-            fail(f"spread_prior={self.spread_prior!r} must be a number > 0 (the default is 2).")
+            fail(f"spread_prior={self.spread_prior!r} must be a number > 0 (the default is 8).")
         if not isinstance(self.merge, bool):
             fail(f"merge={self.merge!r} must be true or false.")
 

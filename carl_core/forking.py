@@ -35,7 +35,7 @@ def compute_outcome_criticality(
     count: torch.Tensor,
     state_entropy: torch.Tensor,
     candidate: torch.Tensor,
-    prior_weight: float = 2.0,
+    prior_weight: float = 8.0,
 ) -> torch.Tensor:
     """C_hat(s) of `selection=spread`: Eq. 12's entropy prior, moved toward the observed spread of outcomes.
 

@@ -238,7 +238,7 @@ def test_planner_spread_sees_merged_counts_and_matches_the_pure_function():
     for start in planner.next_wave(tree):
         asyncio.run(rollout_sync(tree, start, step))
     assert tree.nodes[1].count == 2 and len(tree.nodes[1].children) == 2  # two samples merged; two leaves below
-    c, h_hat, n_hat, cand = criticality_of(tree)
+    c, h_hat, n_hat, cand = criticality_of(tree, config.spread_prior)
     assert n_hat[0] == 2  # the fork rule sees the two samples at the root
     (fork,) = planner.next_wave(tree)
     assert fork == compute_fork_points(c, n_hat, cand, 1, "spread")[0] == 1

@@ -73,7 +73,7 @@ class DemoConfig:
     """CARL's update set (`algorithm.carl.update_set`; `all_inherit` and `outcome_only` are the paper's ablations)."""
     merge: bool = True
     """CARL: one node per distinct action (`algorithm.carl.merge`)."""
-    spread_prior: float = 2.0
+    spread_prior: float = 8.0
     """CARL with `selection=spread`: the entropy prior's weight (`algorithm.carl.spread_prior`)."""
     packing: str = "path"
     """CARL's training rows (`algorithm.carl.packing`): `path` or `tree` (one packed row per tree)."""
