@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from recipe.carl.io import atomic_path, write_json
+from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig, run_demo
+from recipe.carl.tiny.report import read_metrics, val_accuracy_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,8 +63,6 @@ SMOKE_SIZES: dict[str, dict[str, Any]] = {
 
 def run_metrics(run_dir: Path) -> dict[str, Any]:
     """One run's numbers from the trainer's metrics file (`carl/*` budget keys, verl's validation)."""
-    from recipe.carl.tiny.report import read_metrics, val_accuracy_key
-
     rows = read_metrics(run_dir / "metrics.jsonl")
     key = val_accuracy_key(rows)
     if key is None:
@@ -218,8 +218,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
-    from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig, run_demo
-
     args.out.resolve().parent.mkdir(parents=True, exist_ok=True)
     run_root = args.run_dir.resolve()
     if run_root.exists() and any(run_root.iterdir()):
@@ -268,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["comparison"] = compare(results["methods"])
         write_json(args.out, results)  # after every method: an interrupted benchmark keeps what it measured
     if crit_q > 0:
-        from benchmarks.criticality import StudyConfig, run_study
+        from benchmarks.criticality import StudyConfig, run_study  # here: it imports torch
 
         print("=== criticality study", flush=True)
         first = run_root / args.methods[0] / "seed0"
