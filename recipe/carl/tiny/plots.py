@@ -34,8 +34,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on the training machine
 
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
-from matplotlib.colors import Normalize  # noqa: E402
+import matplotlib.pyplot as plt  # after the backend choice
+from matplotlib.colors import Normalize
 
 from recipe.carl.io import atomic_path
 from recipe.carl.search.actions import parse_action
