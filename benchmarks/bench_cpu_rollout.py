@@ -41,13 +41,13 @@ class _EngineOnlyServer:
     """The server's batching path without verl (for machines without verl installed, e.g. a bare GPU box)."""
 
     def __init__(self, model, tokenizer):
-        from recipe.carl.cpu.engine import BatchingScheduler, CausalLMEngine  # here, as torch: once it is needed
+        from recipe.carl.cpu.engine import BatchingScheduler, CausalLMEngine  # here, not at the top: it imports torch
 
         engine = CausalLMEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, tokenizer=tokenizer)
         self.scheduler = BatchingScheduler(engine, batch_wait_ms=float(os.environ["CARL_ROLLOUT_BATCH_WAIT_MS"]))
 
     async def generate(self, prompt_ids, sampling_params, request_id):
-        from recipe.carl.cpu.engine import parse_sampling_params  # here, as torch: once it is needed
+        from recipe.carl.cpu.engine import parse_sampling_params  # here, not at the top: it imports torch
 
         spec = parse_sampling_params(sampling_params, default_max_tokens=64, max_possible_tokens=4096)
         return await self.scheduler.submit(prompt_ids, spec)
@@ -66,7 +66,7 @@ def _server(args):
     try:
         from verl.workers.config import RolloutConfig
 
-        from recipe.carl.cpu.rollout import HFRolloutServer  # torch and ray, where verl is installed
+        from recipe.carl.cpu.rollout import HFRolloutServer  # here: it imports torch and ray, and verl may be missing
     except ImportError:
         return _EngineOnlyServer(model, build_tokenizer()), nparams, "engine"
     config = RolloutConfig(
@@ -132,7 +132,7 @@ class _HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from verl.workers.config import RolloutConfig
 
-        from recipe.carl.cpu.rollout import HFRolloutServer  # here, as torch and ray: once this engine is chosen
+        from recipe.carl.cpu.rollout import HFRolloutServer  # here, not at the top: it imports torch and ray
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

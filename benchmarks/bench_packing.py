@@ -272,7 +272,8 @@ def trained_logps_by_key(rows: list[Row], logp: torch.Tensor) -> dict[tuple[int,
 # ---------------------------------------------------------------------------------------------------- workloads
 def demo_trees(args) -> tuple[list[RolloutTree], CARLConfig]:
     """One demo step of real trees: the shipped SFT policy in the agent loop's environment on SynthHop."""
-    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write  # here: it imports transformers
+    # Here, not at the top: make_data imports transformers.
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
 
     config = CARLConfig(n0=2, n_forks=6, max_actions=6)
     data_dir = Path(tempfile.mkdtemp(prefix="bench_packing_")) / "data"

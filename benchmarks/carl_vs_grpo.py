@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["comparison"] = compare(results["methods"])
         write_json(args.out, results)  # after every method: an interrupted benchmark keeps what it measured
     if crit_q > 0:
-        from benchmarks.criticality import StudyConfig, run_study  # here: it imports torch
+        from benchmarks.criticality import StudyConfig, run_study  # here, not at the top: it imports torch
 
         print("=== criticality study", flush=True)
         first = run_root / args.methods[0] / "seed0"
