@@ -109,6 +109,7 @@ def measure(trees: list[RolloutTree], repeats: int) -> tuple[int, int, float, fl
     """(rows, response_length, CARL seconds, GRPO seconds) for one batch, best of `repeats`."""
     from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
 
+    # Here, not at the top: the estimator imports verl.
     from recipe.carl.estimator import carl_batch_from_rows, compute_carl_advantage
 
     fields, uids, mask = batch_inputs(trees)

@@ -31,6 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipe.carl.cpu.tiny_model import build_tiny_model, build_tokenizer
+from recipe.carl.cpu.vllm_cpu import check_install
+
 SHIPPED_SFT = Path(__file__).resolve().parents[1] / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
 
 
@@ -38,13 +41,13 @@ class _EngineOnlyServer:
     """The server's batching path without verl (for machines without verl installed, e.g. a bare GPU box)."""
 
     def __init__(self, model, tokenizer):
-        from recipe.carl.cpu.engine import BatchingScheduler, CausalLMEngine
+        from recipe.carl.cpu.engine import BatchingScheduler, CausalLMEngine  # here, not at the top: it imports torch
 
         engine = CausalLMEngine(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, tokenizer=tokenizer)
         self.scheduler = BatchingScheduler(engine, batch_wait_ms=float(os.environ["CARL_ROLLOUT_BATCH_WAIT_MS"]))
 
     async def generate(self, prompt_ids, sampling_params, request_id):
-        from recipe.carl.cpu.engine import parse_sampling_params
+        from recipe.carl.cpu.engine import parse_sampling_params  # here, not at the top: it imports torch
 
         spec = parse_sampling_params(sampling_params, default_max_tokens=64, max_possible_tokens=4096)
         return await self.scheduler.submit(prompt_ids, spec)
@@ -56,8 +59,6 @@ class _EngineOnlyServer:
 def _server(args):
     import torch
 
-    from recipe.carl.cpu.tiny_model import build_tiny_model, build_tokenizer
-
     model = build_tiny_model(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=3 * args.hidden)
     model = model.to(args.device)
     nparams = sum(p.numel() for p in model.parameters())
@@ -65,7 +66,7 @@ def _server(args):
     try:
         from verl.workers.config import RolloutConfig
 
-        from recipe.carl.cpu.rollout import HFRolloutServer
+        from recipe.carl.cpu.rollout import HFRolloutServer  # here: it imports torch and ray, and verl may be missing
     except ImportError:
         return _EngineOnlyServer(model, build_tokenizer()), nparams, "engine"
     config = RolloutConfig(
@@ -131,7 +132,7 @@ class _HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from verl.workers.config import RolloutConfig
 
-        from recipe.carl.cpu.rollout import HFRolloutServer
+        from recipe.carl.cpu.rollout import HFRolloutServer  # here, not at the top: it imports torch and ray
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -180,8 +181,6 @@ class _VLLMEngine:
         # collective_rpc with a function (the patch check below) pickles it; local, trusted processes only.
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         from vllm import LLM
-
-        from recipe.carl.cpu.vllm_cpu import check_install
 
         check_install()
         self.llm = LLM(

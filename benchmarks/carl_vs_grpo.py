@@ -45,7 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.carl_vs_grpo_report import build_report
 from recipe.carl.io import write_json, write_text
+from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+from recipe.carl.tiny import launch
+from recipe.carl.tiny.config import ROLLOUT_DEVICES, SHIPPED_SFT, DemoConfig
+from recipe.carl.tiny.demo import trainer_overrides
+from recipe.carl.tiny.local_agent import LocalAgent
+from recipe.carl.tiny.trajectory import corpus_search
+from recipe.carl.tiny.warm_start import warm_start
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,16 +125,12 @@ SMOKE_ARMS = ("grpo", "carl_spread")
 
 def demo_config(protocol: Protocol, arm: str, seed: int):
     """The run's `DemoConfig`: the protocol's shared fields, the arm's, the seed; no validation inside the trainer."""
-    from recipe.carl.tiny.demo import DemoConfig
-
     fields = {**protocol.demo, **ARMS[arm], "rl_seed": seed, "test_freq": protocol.eval_every}
     return DemoConfig(**fields)
 
 
 def trainer_command(cfg, run_dir: Path, shared: Path, tool_yaml: Path) -> list[str]:
     """The trainer's command line: the demo's overrides, no validation, the policy saved every `test_freq` steps."""
-    from recipe.carl.tiny.demo import ROLLOUT_DEVICES, trainer_overrides
-
     overrides = trainer_overrides(cfg, run_dir, shared / "data", shared / "policy_sft", tool_yaml)
     overrides = [o for o in overrides if not o.startswith(("trainer.save_freq=", "trainer.test_freq="))]
     overrides += ["trainer.val_before_train=False", "trainer.test_freq=-1", f"trainer.save_freq={cfg.test_freq}"]
@@ -156,12 +160,6 @@ def commit() -> str | None:
 # ----------------------------------------------------------------------------------------------------- set-up
 def prepare(out: Path, protocol: Protocol) -> Path:
     """The shared data, held-out set and SFT start under `out/shared` (made once, reused on resume)."""
-    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
-    from recipe.carl.tiny import launch
-    from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig
-    from recipe.carl.tiny.sft import warm_start
-    from recipe.carl.tiny.trajectory import corpus_search
-
     shared = out / "shared"
     cfg = DemoConfig(**protocol.demo)
     if not (shared / "ready.json").exists():
@@ -194,8 +192,6 @@ def heldout_rows(shared: Path) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------- evaluation
 def score_policy(policy: Path, shared: Path, rows: list[dict[str, Any]], protocol: Protocol, cfg) -> dict[str, Any]:
     """Per-question held-out exact match of one policy: the mean over `eval_samples` sampled episodes, and greedy."""
-    from recipe.carl.tiny.local_agent import LocalAgent
-
     start = time.time()
     agent = LocalAgent(policy, shared / "heldout", topk=cfg.topk, max_actions=cfg.max_actions,
                        response_length=cfg.max_response_length, seed=protocol.eval_seed)  # fmt: skip
@@ -220,8 +216,6 @@ def score_policy(policy: Path, shared: Path, rows: list[dict[str, Any]], protoco
 # ------------------------------------------------------------------------------------------------- training
 def train(arm: str, seed: int, out: Path, shared: Path, url: str, protocol: Protocol) -> Path:
     """One (arm, seed) run through verl's trainer, unless it finished before; returns its folder."""
-    from recipe.carl.tiny import launch
-
     run_dir = out / "runs" / arm / f"seed{seed}"
     if (run_dir / "done.json").exists():
         return run_dir
@@ -262,9 +256,6 @@ def evaluate_run(run_dir: Path, shared: Path, rows: list[dict[str, Any]], protoc
 def run(out: Path, protocol: Protocol, arms: list[str], lock: str | None) -> None:
     """Every unit of the experiment that has not finished: set-up, the start's score, each (seed, arm) run and its
     scores. Seeds are the outer loop, so an interrupted experiment holds whole seeds of every arm."""
-    from recipe.carl.tiny import launch
-    from recipe.carl.tiny.trajectory import corpus_search
-
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "protocol.json", {"protocol": dataclasses.asdict(protocol), "arms": {a: ARMS[a] for a in arms}})
     with heavy_lock(lock):
@@ -298,8 +289,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     arms = args.arms or (list(SMOKE_ARMS) if args.smoke else list(ARMS))
     out = args.out.resolve()
     if args.report:
-        from benchmarks.carl_vs_grpo_report import build_report
-
         if not (out / "start_eval.json").exists():
             raise SystemExit(f"error: {out} holds no experiment (no start_eval.json); run without --report first.")
         return build_report(out)
@@ -309,8 +298,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if before != json.loads(json.dumps(dataclasses.asdict(protocol))):
             raise SystemExit(f"error: {out} was started with another protocol ({saved}); use another --out.")
     run(out, protocol, arms, args.lock)
-    from benchmarks.carl_vs_grpo_report import build_report
-
     return build_report(out)
 
 

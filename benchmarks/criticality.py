@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from carl_core import RolloutTree, rollout_from
+from recipe.carl.tiny.local_agent import LocalAgent
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,6 @@ async def _study_question(agent, row: dict, cfg: StudyConfig, uid: str) -> list[
 def run_study(policy_dir: str | Path, data_dir: str | Path, cfg: StudyConfig) -> dict[str, Any]:
     """Runs the study on the policy in `policy_dir` over SynthHop's test split in `data_dir`."""
     import torch
-
-    from recipe.carl.tiny.local_agent import LocalAgent
 
     torch.manual_seed(cfg.seed)
     agent = LocalAgent(

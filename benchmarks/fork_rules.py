@@ -32,7 +32,11 @@ from typing import Any
 
 import torch
 
+from benchmarks.carl_vs_grpo import PROTOCOL, demo_config, prepare
 from carl_core import CARLConfig, ForkPlanner, RolloutTree, compute_node_values, grow_tree, pack_trees, score_trees
+from recipe.carl.io import write_json
+from recipe.carl.tiny.local_agent import LocalAgent
+from tests.core.support import EXPECTED, grow_tree_sync, mdp_reward, mdp_step
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = ("random", "density", "spread")
@@ -40,8 +44,6 @@ RULES = ("random", "density", "spread")
 
 def mdp_root_values(selection: str, merge: bool, trees: int, seed: int = 0) -> list[float]:
     """V(root) of `trees` trees of the test MDP grown by the planner with one rule."""
-    from tests.core.support import grow_tree_sync, mdp_reward, mdp_step
-
     rng = random.Random(seed)
     config = CARLConfig(n0=1, n_forks=8, selection=selection, max_actions=2)
     grown = [
@@ -55,8 +57,6 @@ def mdp_root_values(selection: str, merge: bool, trees: int, seed: int = 0) -> l
 
 def bias(trees: int) -> list[dict[str, Any]]:
     """Mean root value (+- SE) per rule and merging, against E[R] = 0.625."""
-    from tests.core.support import EXPECTED
-
     rows = []
     for merge in (False, True):
         for selection in RULES:
@@ -69,9 +69,6 @@ def bias(trees: int) -> list[dict[str, Any]]:
 
 def pilot(questions: int, priors: list[float], seed: int = 0) -> list[dict[str, Any]]:
     """Trees of the SFT start on the first `questions` training questions, one per question and rule."""
-    from benchmarks.carl_vs_grpo import PROTOCOL, demo_config, prepare
-    from recipe.carl.tiny.local_agent import LocalAgent
-
     shared = prepare(REPO / "runs" / "carl_vs_grpo", PROTOCOL)  # the experiment's shared data and SFT start
     cfg = demo_config(PROTOCOL, "carl", seed)
     agent = LocalAgent(shared / "policy_sft", shared / "data", topk=cfg.topk, max_actions=cfg.max_actions,
@@ -137,8 +134,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(2)
         rows = pilot(args.questions, args.priors)
     if args.out:
-        from recipe.carl.io import write_json
-
         write_json(args.out, rows)
     return rows
 

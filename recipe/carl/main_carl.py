@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import recipe.carl.plugin as plugin
 from recipe.carl import preflight
+from recipe.carl.cpu.vllm_cpu import check_rollout_config
 from recipe.carl.settings import check_trainer_config
 
 
@@ -23,8 +24,6 @@ def run_carl(config: DictConfig) -> None:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
-
-    from recipe.carl.cpu.vllm_cpu import check_rollout_config
 
     plugin.check_registered()
     check_trainer_config(config)

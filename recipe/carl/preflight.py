@@ -47,6 +47,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from carl_core import CARLConfigError
 from recipe.carl import gpu_stack
+from recipe.carl.io import atomic_path, write_jsonl
+from recipe.carl.search.client import RETRIEVER_WAIT_ENV, RetrievalClient, retriever_wait_s, until_it_answers
 from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -428,8 +430,6 @@ def skip_bad_rows(config: DictConfig, reports: list[FileReport]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from recipe.carl.io import atomic_path, write_jsonl
-
     out = Path(config.trainer.default_local_dir) / "carl_data"
     skipped = []
     for number, report in enumerate(reports):
@@ -545,8 +545,6 @@ def retriever_urls(config: DictConfig, environ: Mapping[str, str] | None = None)
     The workers load the tool yaml and resolve it with their environment, which is the node's environment with the
     job's `runtime_env.env_vars` on top; here that is `environ` (default: the driver's) with those on top.
     """
-    from recipe.carl.search.client import RetrievalClient
-
     path = OmegaConf.select(config, TOOL_KEY, default=None)
     if not path or not os.path.exists(path):
         return []
@@ -564,8 +562,6 @@ def retriever_urls(config: DictConfig, environ: Mapping[str, str] | None = None)
 async def probe(url: str, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, Any]:
     """`GET /health` of the server behind `url`; a 404 there falls back to a one-query `POST /retrieve`."""
     import httpx
-
-    from recipe.carl.search.client import RetrievalClient
 
     client = RetrievalClient(url, timeout=timeout, max_retries=0)
     try:
@@ -592,8 +588,6 @@ def check_retriever(config: DictConfig, timeout: float = HEALTH_TIMEOUT_S) -> li
     if os.environ.get(SKIP_RETRIEVER_ENV, "") not in ("", "0"):
         log(f"{SKIP_RETRIEVER_ENV} is set: the retriever is not checked")
         return []
-    from recipe.carl.search.client import RETRIEVER_WAIT_ENV, retriever_wait_s, until_it_answers
-
     try:
         wait_s = retriever_wait_s()
     except ValueError as error:

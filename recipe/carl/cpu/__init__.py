@@ -19,6 +19,8 @@ included, which use neither.
 
 from __future__ import annotations
 
+from recipe.carl.cpu.registry import register_rollout
+
 
 def register() -> bool:
     """Register the ``carl_hf`` rollout and, under ``CARL_DEVICE=cpu``, activate the CPU platform.
@@ -28,12 +30,12 @@ def register() -> bool:
     """
     import wrapt
 
-    from recipe.carl.cpu.platform import activate
-    from recipe.carl.cpu.registry import register_rollout
+    from recipe.carl.cpu.platform import activate  # here, not at the top: it imports torch (see the docstring)
 
     active = activate()
     wrapt.register_post_import_hook(lambda _module: register_rollout(), "verl.workers.rollout")
     if active:
+        # Not at the top: `python -m recipe.carl.cpu.vllm_cpu` would then run that module twice (runpy warns).
         from recipe.carl.cpu.vllm_cpu import install_hooks
 
         # Runs only where a process imports vLLM (the vLLM worker, the vLLM server actor); see vllm_cpu.

@@ -242,6 +242,16 @@ class CausalLMEngine:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
+    def _check_requests(self, prompts: Sequence[Sequence[int]], specs: Sequence[SamplingSpec]) -> None:
+        """Raises ValueError, saying what is wrong, for requests that `generate` cannot serve."""
+        if len(prompts) != len(specs):
+            raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        for s in specs:
+            if s.stop and self.tokenizer is None:
+                raise ValueError(f"stop strings {s.stop} need a tokenizer; the engine was built without one")
+
     @torch.no_grad()
     def generate(
         self,
@@ -261,13 +271,7 @@ class CausalLMEngine:
         Returns:
             One result per prompt, in order.
         """
-        if len(prompts) != len(specs):
-            raise ValueError(f"got {len(prompts)} prompts but {len(specs)} sampling specs")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        for s in specs:
-            if s.stop and self.tokenizer is None:
-                raise ValueError(f"stop strings {s.stop} need a tokenizer; the engine was built without one")
+        self._check_requests(prompts, specs)
         n, dev = len(prompts), self.device
         results = [GenerationResult() for _ in range(n)]
         width = max(len(p) for p in prompts)

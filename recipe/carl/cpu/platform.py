@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import wrapt
 
+from recipe.carl.cpu import watchdog
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable that turns the CPU platform on (value ``cpu``). It must be set in every process: the CPU
@@ -137,7 +139,7 @@ def _build_device_module() -> types.ModuleType:
     return shim
 
 
-def _make_platform_class():
+def _make_platform_class():  # noqa: C901  (a class built on call, as verl is imported then: its methods count)
     from verl.plugin.platform import PlatformBase
 
     class PlatformCPU(PlatformBase):
@@ -311,8 +313,6 @@ def activate() -> bool:
     # When (and only where) verl's engines are imported: that module alone costs a process ~150 MB.
     wrapt.register_post_import_hook(lambda _module: _register_cpu_engines(), "verl.workers.engine")
     # CPU runs are where logical-CPU starvation hangs verl silently; fail them with a message instead.
-    from recipe.carl.cpu import watchdog
-
     watchdog.start()
     _activated = True
     logger.info("carl: verl CPU platform active (CARL_DEVICE=cpu)")

@@ -20,7 +20,7 @@ _ADAPTER_FQDN = "recipe.carl.cpu.rollout.HFServerAdapter"
 
 
 def _load_replica_class():
-    from recipe.carl.cpu.rollout import HFRolloutReplica
+    from recipe.carl.cpu.rollout import HFRolloutReplica  # here, not at the top: it imports torch and ray
 
     return HFRolloutReplica
 

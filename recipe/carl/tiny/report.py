@@ -1,15 +1,7 @@
 """What a demo run measured, with its noise: the trainer's metrics, the greedy check, `summary.json` and its table.
 
-Noise (the standard errors printed beside every accuracy):
-
-* **Validation** is verl's mean@k exact match over n held-out questions with k episodes each, sampled at the rollout
-  temperature. Its standard error is binomial over the n*k episodes, ``se = sqrt(p (1 - p) / (n k))``: how much the
-  mean would move if the episodes were drawn again. It treats the episodes as independent; questions of unequal
-  difficulty make the spread over *other* question sets larger than this.
-* **Greedy** decoding is one deterministic episode per question: ``se = sqrt(p (1 - p) / n)``, the spread over other
-  question sets of the same kind. Its change is paired (the same questions before and after):
-  ``se = sd(after_i - before_i) / sqrt(n)``.
-* A change smaller than twice its standard error is reported as "within noise".
+Every accuracy is printed with its standard error, and every change says whether it exceeds twice its noise
+(`recipe.carl.tiny.noise` says how each is derived).
 """
 
 from __future__ import annotations
@@ -21,46 +13,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-NOISE_NOTE = "band: ±1 standard error, binomial over the validation's episodes, sqrt(p(1-p)/(n k)); {sizes}"
-
-
-# ------------------------------------------------------------------------------------------------------- noise
-
-
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of a mean of `n` independent 0/1 outcomes with mean `p`: sqrt(p (1 - p) / n)."""
-    if n < 1 or not 0.0 <= p <= 1.0:
-        raise ValueError(f"binomial_se needs n >= 1 and p in [0, 1], got p={p}, n={n}.")
-    return math.sqrt(p * (1.0 - p) / n)
-
-
-def paired_change(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
-    """Mean change and its standard error for outcomes of the same questions: (mean(d), sd(d) / sqrt(n))."""
-    if len(before) != len(after) or not before:
-        raise ValueError(f"paired_change needs two equally long non-empty lists, got {len(before)} and {len(after)}.")
-    diff = [a - b for a, b in zip(after, before, strict=True)]
-    sd = statistics.stdev(diff) if len(diff) > 1 else 0.0
-    return statistics.mean(diff), sd / math.sqrt(len(diff))
-
-
-def change_text(delta: float, se: float, how: str) -> str:
-    """`+1.3 ± 3.2 points (paired; within noise)`: a change in points with its se and whether it exceeds 2 se."""
-    verdict = "within noise" if abs(delta) <= 2 * se else "more than 2 s.e."
-    return f"{100 * delta:+.1f} ± {100 * se:.1f} points ({how}; {verdict})"
-
-
-def validation_size(summary: Mapping) -> tuple[int, int]:
-    """(n questions, k episodes per question) of a run's validation, from its summary (older ones: its config)."""
-    n = summary.get("n_questions") or summary["config"]["n_test"]
-    k = summary.get("episodes_per_question") or episodes_per_question(summary["accuracy_metric"])
-    return int(n), int(k)
-
-
-def curve_se(summary: Mapping) -> list[float]:
-    """The binomial standard error of each validation point of a run (see the module docstring)."""
-    n, k = validation_size(summary)
-    return [binomial_se(p, n * k) for p in summary["curve"]["accuracy"]]
-
+from recipe.carl.tiny.noise import binomial_se, change_text, paired_change, validation_size
 
 # ----------------------------------------------------------------------------------------------------- metrics
 
@@ -87,11 +40,6 @@ def val_accuracy_key(rows: list[dict]) -> str | None:
             if re.fullmatch(r"val-.*synthhop.*/em/mean@\d+", key):
                 return key
     return None
-
-
-def episodes_per_question(key: str) -> int:
-    """k of a `.../mean@k` metric name."""
-    return int(key.rsplit("@", 1)[1])
 
 
 def weighted_share(rows: Sequence[Mapping], key: str, weight) -> float | None:
@@ -125,7 +73,7 @@ def greedy_scores(policy_dir: Path, data_dir: Path, cfg) -> list[float]:
     """
     import asyncio
 
-    from recipe.carl.tiny.local_agent import LocalAgent
+    from recipe.carl.tiny.local_agent import LocalAgent  # here, not at the top: it imports torch
 
     agent = LocalAgent(
         policy_dir,
@@ -146,46 +94,6 @@ def greedy_scores(policy_dir: Path, data_dir: Path, cfg) -> list[float]:
 # ----------------------------------------------------------------------------------------------------- summary
 
 
-def ground_truths(data_dir: Path) -> dict[str, object]:
-    """`{question: ground truth}` of a SynthHop folder's training and test splits (to mark a tree's answers)."""
-    import pandas as pd
-
-    out = {}
-    for split in ("train", "test"):
-        path = data_dir / f"{split}.parquet"
-        if path.exists():
-            frame = pd.read_parquet(path, columns=["extra_info", "reward_model"])
-            for extra, reward in zip(frame["extra_info"], frame["reward_model"], strict=True):
-                out[extra["question"]] = reward["ground_truth"]
-    return out
-
-
-def draw_tree(run_dir: Path, out: Path, step: int | None = None, uid: str | None = None) -> Path | None:
-    """A run's tree picture: the representative tree of the last dump (or of `step`, or the tree `uid`), with its
-    question, its actions and its correct answers marked. None when the run dumped no trees (GRPO)."""
-    from recipe.carl.tiny.plots import load_tree_dump, plot_rollout_tree, representative_tree
-
-    run_dir = Path(run_dir)
-    dumps = sorted((run_dir / "ckpt" / "carl_trees").glob("step_*.jsonl"))
-    if step is not None:
-        dumps = [d for d in dumps if d.name == f"step_{step:06d}.jsonl"]
-    if not dumps:
-        return None
-    trees = load_tree_dump(dumps[-1])
-    dump_step = int(dumps[-1].stem.split("_")[1])
-    if uid is not None:
-        matches = [t for t in trees if t["uid"] == uid]
-        if not matches:
-            raise SystemExit(f"error: no tree {uid!r} in {dumps[-1]}; its uids: {[t['uid'] for t in trees][:5]}...")
-        tree, caption = matches[0], f"tree {uid}, chosen by hand"
-    else:
-        tree, info = representative_tree(trees)
-        caption = f"{info['rule']} ({info['candidates']} of {info['trees']} trees qualified)"
-    truth = ground_truths(run_dir / "data").get(tree.get("question"))
-    title = f"A rollout tree of training step {dump_step} (n0={tree['n0']}, N={tree['n_forks']})"
-    return plot_rollout_tree(tree, out, title=title, ground_truth=truth, caption=caption)
-
-
 def summarize(run_dir: Path, cfg, sft: dict, greedy: dict) -> dict:
     """The run's summary (the demo adds its phase times and writes it to `summary.json`), `learning_curve.png` and
     `tree.png`, from the trainer's outputs and the greedy check.
@@ -198,7 +106,7 @@ def summarize(run_dir: Path, cfg, sft: dict, greedy: dict) -> dict:
     """
     from dataclasses import asdict
 
-    from recipe.carl.tiny.plots import plot_learning_curves
+    from recipe.carl.tiny import plots  # here, not at the top: it imports matplotlib, which readers of metrics skip
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     key = val_accuracy_key(rows)
@@ -239,15 +147,15 @@ def summarize(run_dir: Path, cfg, sft: dict, greedy: dict) -> dict:
         "policy_rl": str(run_dir / "policy_rl"),
     }
     summary["learning_curve"] = str(
-        plot_learning_curves(
+        plots.plot_learning_curves(
             [{"label": f"{cfg.algo} (RL seed {cfg.rl_seed})", **{**curve, "actions": curve["actions_trained"]}}],
             run_dir / "learning_curve.png",
             sft_start=acc[0],
             title=f"Held-out accuracy, {k} episode(s) per question sampled at T={cfg.temperature}",
-            note=NOISE_NOTE.format(sizes=f"n={n} questions x k={k} episodes"),
+            note=plots.NOISE_NOTE.format(sizes=f"n={n} questions x k={k} episodes"),
         )
     )
-    picture = draw_tree(run_dir, run_dir / "tree.png")
+    picture = plots.draw_tree(run_dir, run_dir / "tree.png")
     summary["tree_picture"] = str(picture) if picture else None
     return summary
 

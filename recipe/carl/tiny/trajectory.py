@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from recipe.carl.search.actions import parse_action, render_documents, render_observation
+from recipe.carl.search.retriever import Retriever, RetrieverConfig
 from recipe.carl.tiny.sft import Example
 
 Search = Callable[[str], list[dict]]
@@ -26,8 +27,6 @@ def observation_text(docs: Sequence[dict]) -> str:
 
 def corpus_search(corpus_path, topk: int):
     """The run's BM25 retriever over `corpus_path` and a `Search` that answers as the RL runs' retriever does."""
-    from recipe.carl.search.retriever import Retriever, RetrieverConfig
-
     retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(corpus_path)))
 
     def search(query: str) -> list[dict]:

@@ -4,9 +4,9 @@ import pytest
 
 pytest.importorskip("verl")
 
-from omegaconf import OmegaConf  # noqa: E402
-from verl.utils.tokenizer.chat_template import initialize_system_prompt, initialize_turn_separator  # noqa: E402
-from verl.utils.tokenizer.continuous_token import ContinuousTokenBuilder  # noqa: E402
+from omegaconf import OmegaConf
+from verl.utils.tokenizer.chat_template import initialize_system_prompt, initialize_turn_separator
+from verl.utils.tokenizer.continuous_token import ContinuousTokenBuilder
 
 
 def test_incremental_rollout_tokens_equal_the_full_render(small_data):

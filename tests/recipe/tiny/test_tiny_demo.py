@@ -15,7 +15,8 @@ import pytest
 
 from recipe.carl.io import read_jsonl
 from recipe.carl.tiny import cli, demo
-from recipe.carl.tiny.demo import DemoConfig, main, trainer_overrides
+from recipe.carl.tiny.config import ROLLOUT_DEVICES, DemoConfig
+from recipe.carl.tiny.demo import main, trainer_overrides
 from recipe.carl.tiny.launch import NOISE
 from tests.core.support import check_tree_record
 
@@ -170,6 +171,7 @@ def test_every_flag_has_help():
     missing = [a.option_strings for a in p._actions if not a.help and a.option_strings != ["-h", "--help"]]
     assert missing == [], missing
     assert "folder for the run's outputs" in p.format_help() and "train a small CARL search agent" in p.format_help()
+    assert cli.DESCRIPTION == demo.__doc__.splitlines()[0]  # --help says what the module's docstring says
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
@@ -192,7 +194,7 @@ def _compose(cfg: DemoConfig, tmp_path: Path):
     from hydra import compose, initialize_config_dir
 
     overrides = trainer_overrides(cfg, tmp_path, tmp_path / "data", tmp_path / "sft", tmp_path / "tool.yaml")
-    device = f"+device={demo.ROLLOUT_DEVICES[cfg.rollout]}"
+    device = f"+device={ROLLOUT_DEVICES[cfg.rollout]}"
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose(config_name="carl_trainer", overrides=["+demo=tiny_cpu", device, *overrides])
 

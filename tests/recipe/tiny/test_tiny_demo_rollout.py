@@ -3,15 +3,15 @@
 import pytest
 
 from recipe.carl.cpu import vllm_cpu
-from recipe.carl.tiny import demo
+from recipe.carl.tiny import config, demo
 
 
 def test_each_rollout_maps_to_an_existing_device_config():
-    for rollout, device in demo.ROLLOUT_DEVICES.items():
-        assert (demo.REPO / "recipe" / "carl" / "config" / "device" / f"{device}.yaml").exists(), rollout
-    assert demo.DemoConfig().rollout == "carl_hf"
+    for rollout, device in config.ROLLOUT_DEVICES.items():
+        assert (config.REPO / "recipe" / "carl" / "config" / "device" / f"{device}.yaml").exists(), rollout
+    assert config.DemoConfig().rollout == "carl_hf"
     with pytest.raises(ValueError, match="rollout 'sglang'"):
-        demo.DemoConfig(rollout="sglang")
+        config.DemoConfig(rollout="sglang")
 
 
 def test_rollout_vllm_without_vllm_names_the_install_command(monkeypatch, tmp_path, capsys):

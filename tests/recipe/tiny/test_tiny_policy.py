@@ -28,7 +28,7 @@ def test_default_size_is_the_probes_1m_model(data):
 
 
 def test_shipped_sft_start_has_one_embedding_row_per_token():
-    from recipe.carl.tiny.demo import SHIPPED_SFT
+    from recipe.carl.tiny.config import SHIPPED_SFT
 
     tok = AutoTokenizer.from_pretrained(SHIPPED_SFT, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(SHIPPED_SFT, local_files_only=True)

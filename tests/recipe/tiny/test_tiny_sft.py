@@ -1,9 +1,7 @@
 """SFT trains exactly the action tokens, and a few steps lower the loss."""
 
 import json
-import os
 import random
-from dataclasses import replace
 
 import pytest
 import torch
@@ -123,77 +121,6 @@ def test_same_ids_and_mask_as_verls_multiturn_sft_dataset(data, tiny_policy_dir,
         ours, theirs = tokenize_messages(tok, messages), reference[i]
         assert ours.input_ids == theirs["input_ids"].tolist()
         assert ours.loss_mask == theirs["loss_mask"].tolist()
-
-
-# ------------------------------------------------------------------------------- the demo's warm start (sft.py)
-
-
-def _sft_key_of(cfg, run_dir):
-    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
-    from recipe.carl.tiny.sft import build_tokenizer_for, sft_key
-    from recipe.carl.tiny.trajectory import agent_loop_example, corpus_search
-
-    data = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train, n_test=cfg.n_test))
-    write(data, run_dir / "data")
-    demos = [json.loads(line) for line in (run_dir / "data" / "demos.jsonl").read_text().splitlines()]
-    tokenizer = build_tokenizer_for(run_dir / "data", demos)
-    _, search = corpus_search(run_dir / "data" / "corpus.jsonl", cfg.topk)
-    return sft_key(cfg, tokenizer, [agent_loop_example(tokenizer, d["messages"], search) for d in demos])
-
-
-def test_the_shipped_sft_start_matches_the_default_data(tmp_path):
-    # If the data generator or the tokenizer drifts, the demo would silently retrain the SFT start (~28 min):
-    # rebuild it with the command in its manifest instead.
-    from recipe.carl.tiny.demo import SHIPPED_SFT, DemoConfig
-
-    manifest = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())
-    assert manifest["key"] == _sft_key_of(DemoConfig(), tmp_path), f"rebuild with: {manifest['command']}"
-
-
-def test_the_sft_key_follows_the_training_data_not_only_the_knobs(tmp_path):
-    # Another n_test draws other training questions (the KB and every data knob in the key stay the same): a start
-    # trained on the old ones may have seen the new held-out questions, so it must not fit.
-    from recipe.carl.tiny.demo import DemoConfig
-
-    small = DemoConfig(n_entities=60, n_train=200, n_test=20)
-    key = _sft_key_of(small, tmp_path / "a")
-    assert _sft_key_of(small, tmp_path / "b") == key
-    other = _sft_key_of(DemoConfig(n_entities=60, n_train=200, n_test=21), tmp_path / "c")
-    assert other["data_sha256"] != key["data_sha256"]
-    assert _sft_key_of(DemoConfig(n_entities=60, n_train=200, n_test=20, sft_lr=1e-3), tmp_path / "d") != key
-
-
-def test_warm_start_reuses_a_start_whose_key_fits_and_trains_otherwise(tmp_path, monkeypatch):
-    import recipe.carl.tiny.sft as sft
-    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
-    from recipe.carl.tiny.demo import DemoConfig
-    from recipe.carl.tiny.trajectory import corpus_search
-
-    seen = []
-
-    def fake_train_sft(model, examples, pad_id, config, progress=True):
-        seen.append((model.is_gradient_checkpointing, config.max_steps))
-        return sft.SFTResult(steps=1, wall_s=0.0, final_loss=1.0, tokens=1, action_tokens=1)
-
-    monkeypatch.setattr(sft, "train_sft", fake_train_sft)
-    cfg = DemoConfig(n_entities=60, n_train=50, n_test=5, sft_steps=1, gradient_checkpointing=True)
-    write(build(SynthHopConfig(seed=0, n_entities=60, n_train=50, n_test=5)), tmp_path / "a" / "data")
-    _, search = corpus_search(tmp_path / "a" / "data" / "corpus.jsonl", cfg.topk)
-    out, info = sft.warm_start(tmp_path / "a", tmp_path / "a" / "data", search, cfg, shipped=None)
-    assert seen == [(True, 1)] and "shipped" not in info  # gradient checkpointing covers the SFT too
-    manifest = json.loads((out / "sft_manifest.json").read_text())
-    assert manifest["command"].startswith("python -m recipe.carl.tiny.demo")
-    # The folder it wrote fits the same run: reused, not trained again.
-    write(build(SynthHopConfig(seed=0, n_entities=60, n_train=50, n_test=5)), tmp_path / "b" / "data")
-    os.chmod(out / "model.safetensors", 0o600)  # a checkout's modes are not the run's
-    out_b, info_b = sft.warm_start(tmp_path / "b", tmp_path / "b" / "data", search, cfg, shipped=out)
-    assert len(seen) == 1 and info_b["shipped"] == str(out) and (out_b / "model.safetensors").exists()
-    umask = os.umask(0)
-    os.umask(umask)
-    assert {p.stat().st_mode & 0o777 for p in out_b.iterdir()} == {0o666 & ~umask}
-    # Another SFT setting does not fit: trained.
-    sft.warm_start(tmp_path / "c", tmp_path / "b" / "data", search, replace(cfg, sft_lr=1e-4), shipped=out)
-    assert len(seen) == 2
 
 
 def test_smollm2_without_its_wheel_says_what_to_install(tmp_path, monkeypatch):

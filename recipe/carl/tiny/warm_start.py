@@ -1,0 +1,114 @@
+"""The demo's SFT start (`policy_sft/`): the shipped one when it was built from exactly this run's training tokens,
+otherwise a tiny word-level policy (or SmolLM2-135M) trained here, with `recipe.carl.tiny.sft`, on the data's
+demonstrations laid out as the agent loop lays out a trajectory (`recipe.carl.tiny.trajectory`).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shlex
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from recipe.carl.cpu.platform import empty_host_cache
+from recipe.carl.io import atomic_dir, write_json
+from recipe.carl.synthhop.tokenizer import build_tokenizer
+from recipe.carl.tiny.policy import build_tiny_policy, load_smollm2, save_policy
+from recipe.carl.tiny.sft import Example, SFTConfig, train_sft
+from recipe.carl.tiny.trajectory import agent_loop_example, observation_text
+
+
+def build_tokenizer_for(data_dir: Path, demos: Sequence[dict]):
+    """The word-level tokenizer, trained on everything the policy reads or writes in the RL layout."""
+    corpus = [json.loads(line) for line in (data_dir / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    texts = [observation_text([doc]) for doc in corpus] + [observation_text(corpus[:2]), observation_text([])]
+    for demo in demos:
+        texts += [m["content"] for m in demo["messages"] if m["role"] != "tool"]
+    return build_tokenizer(texts)
+
+
+def sft_key(cfg, tokenizer, examples: Sequence[Example]) -> dict:
+    """What an SFT start depends on: the policy, its seed and SFT settings, the exact vocabulary and the exact
+    training tokens (`examples`: prompts, demonstrated actions and re-fetched observations, with their loss masks).
+
+    Hashing the tokens, not the data knobs, catches every change that alters the SFT data: another `n_test` (it
+    changes which questions are drawn for training), noise, hop mix, `topk`, the chat layout.
+
+    Args:
+        cfg: the demo's `DemoConfig` (any object with its `policy`, `seed`, `n_entities`, `n_train`, `sft_steps`,
+            `sft_lr`, `sft_batch_size` and `topk`).
+    """
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    data = hashlib.sha256()
+    for example in examples:
+        data.update(json.dumps([example.input_ids, example.loss_mask]).encode())
+    names = ("policy", "seed", "n_entities", "n_train", "sft_steps", "sft_lr", "sft_batch_size", "topk")
+    return {
+        **{name: getattr(cfg, name) for name in names},
+        "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
+        "data_sha256": data.hexdigest(),
+    }
+
+
+def warm_start(run_dir: Path, data_dir: Path, search, cfg, shipped: Path | None) -> tuple[Path, dict]:
+    """The run's SFT start in `run_dir/policy_sft`: the shipped start when its key matches this run's (see
+    :func:`sft_key`), otherwise a tiny policy (or SmolLM2) trained here on the data's demonstrations.
+
+    Args:
+        run_dir: the run folder (gets `policy_init/` when a start is trained, and `policy_sft/`).
+        data_dir: the SynthHop folder (`corpus.jsonl`, `demos.jsonl`).
+        search: the run's retriever, `query -> documents` (observations are re-fetched, as in RL).
+        cfg: the demo's `DemoConfig`.
+        shipped: a folder with `sft_manifest.json` (`{"key", "result", "command"}`), or None to always train.
+
+    Returns:
+        The start's folder and `{"steps", "wall_s", "final_loss"}` (plus `"shipped"`: its source, when reused).
+    """
+    demos = [json.loads(line) for line in (data_dir / "demos.jsonl").read_text().splitlines() if line.strip()]
+    if cfg.policy == "smollm2":
+        tokenizer, model = load_smollm2(run_dir / "policy_init")
+    else:
+        tokenizer = build_tokenizer_for(data_dir, demos)
+    examples = [agent_loop_example(tokenizer, d["messages"], search) for d in demos]
+    key = sft_key(cfg, tokenizer, examples)
+    out = run_dir / "policy_sft"
+    manifest = json.loads((shipped / "sft_manifest.json").read_text()) if shipped else None
+    if manifest and manifest["key"] == key:
+        with atomic_dir(out) as tmp:  # public modes, whatever the checkout's
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+        return out, {**manifest["result"], "shipped": str(shipped)}
+    torch.manual_seed(cfg.seed)
+    if cfg.policy != "smollm2":
+        model = build_tiny_policy(tokenizer, seed=cfg.seed)
+        save_policy(model, tokenizer, run_dir / "policy_init")
+    config = SFTConfig(
+        max_steps=cfg.sft_steps,
+        time_budget_s=cfg.sft_time_budget_s,
+        seed=cfg.seed,
+        lr=cfg.sft_lr,
+        batch_size=cfg.sft_batch_size,
+        warmup_steps=min(50, cfg.sft_steps // 10),
+    )
+    if cfg.gradient_checkpointing:  # SmolLM2: recompute activations (nothing of it is saved with the policy)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    result = train_sft(model, examples, tokenizer.pad_token_id, config, progress=True)
+    save_policy(model, tokenizer, out)
+    info = {"steps": result.steps, "wall_s": result.wall_s, "final_loss": result.final_loss}
+    command = shlex.join(["python", "-m", "recipe.carl.tiny.demo", *sys.argv[1:]])
+    write_json(out / "sft_manifest.json", {"key": key, "result": info, "command": command})
+    del model, examples
+    release_memory()
+    return out, info
+
+
+def release_memory() -> None:
+    """Hands freed heap memory back to the OS: glibc keeps the SFT's activations otherwise (~15 GB for SmolLM2),
+    and the demo's process would hold them while the trainer runs beside it."""
+    gc.collect()
+    empty_host_cache()
