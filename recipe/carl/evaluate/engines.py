@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from recipe.carl.cpu.platform import is_requested
 from recipe.carl.evaluate.settings import EvalError, EvalSettings
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,11 @@ class HFEngine:
         from transformers import AutoModelForCausalLM
         from verl.workers.config import RolloutConfig
 
-        from recipe.carl.cpu.rollout import HFRolloutServer, _dtype, select_device
+        from recipe.carl.cpu.rollout import (  # here, not at the top: it imports ray
+            HFRolloutServer,
+            _dtype,
+            select_device,
+        )
 
         device = select_device()
         # fp32 on a CPU (as the CPU rollout); elsewhere bf16 unless asked otherwise
@@ -180,9 +185,7 @@ def choose_engine(requested: str) -> str:
         return "hf"
     if requested != "auto":
         raise EvalError(f"--engine {requested}: use auto, vllm or hf.")
-    import torch  # deferred: torch, only when choosing
-
-    from recipe.carl.cpu.platform import is_requested
+    import torch  # here, not at the top: it is torch, needed only when choosing
 
     gpu = torch.cuda.is_available() and not is_requested()
     if gpu and not vllm_installed():

@@ -69,7 +69,7 @@ class Evaluator:
 
     def env(self, row: dict[str, Any], temperature: float, uid: str):
         """The agent loop's `SearchEnvironment` for this row, sampling at `temperature` (0 = greedy)."""
-        from recipe.carl.agent_loop import SearchEnvironment
+        from recipe.carl.agent_loop import SearchEnvironment  # here, not at the top: it imports verl
 
         s = self.settings
         params = dataclasses.replace(s, temperature=temperature, samples=1).sampling_params()

@@ -21,6 +21,9 @@ from typing import Any
 from recipe.carl.evaluate.engines import HFEngine
 from recipe.carl.evaluate.runner import Evaluator
 from recipe.carl.evaluate.settings import EvalSettings
+from recipe.carl.search.actions import render_documents
+from recipe.carl.search.retriever import Retriever, RetrieverConfig
+from recipe.carl.search.reward import compute_score
 
 
 class LocalAgent(Evaluator):
@@ -51,10 +54,6 @@ class LocalAgent(Evaluator):
         seed: int = 0,
     ):
         from transformers import AutoTokenizer
-
-        from recipe.carl.search.actions import render_documents
-        from recipe.carl.search.retriever import Retriever, RetrieverConfig
-        from recipe.carl.search.reward import compute_score
 
         self.data_dir = Path(data_dir)
         self.max_actions = max_actions
