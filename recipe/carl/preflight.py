@@ -7,8 +7,11 @@ inside a worker, or never. `run` does, in this order:
    agent-loop or tool yaml against the *worker's* working directory (`verl.utils.import_utils.resolve_config_path`),
    which on another node (or a pre-started Ray cluster) is not the launching directory: `FileNotFoundError` in
    `AgentLoopWorker.__init__`. A required file that exists nowhere stops the run here, naming the key and the path.
-2. **Batch** (`check_batch_divisibility`): rows per update must divide among the data-parallel ranks, or verl stops
-   at its `mini_batch_size % dp == 0` assert on the first update (e.g. 256 rows on 3 nodes x 6 GPUs).
+2. **Batch** (`check_batch`): under the CARL trainer (`trainer.v1.trainer_mode=carl`, CARL and its baselines),
+   `ppo_mini_batch_size` counts questions per optimizer update in every row layout (`recipe.carl.schedule`) and
+   must divide `data.train_batch_size`; an old setting in rows (e.g. 256 with 128 questions a step) is refused with
+   the sizes that fit. Under verl's own trainer modes, rows per update must divide among the data-parallel ranks, or
+   verl stops at its `mini_batch_size % dp == 0` assert on the first update (e.g. 256 rows on 3 nodes x 6 GPUs).
 3. **Data** (`check_data`): every row of the local parquet files is validated (unknown `agent_name`, empty question,
    missing ground truth, empty or non-string answers), and validation rows must not grow CARL trees. Bad rows
    stop the run, named by file and row; with `algorithm.carl.bad_rows=skip` the run trains on filtered copies.
@@ -42,7 +45,7 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from carl_core import CARLConfigError
-from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
+from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TRAINER_MODE, read_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 """Where `recipe/` lives: relative recipe paths (the yaml defaults) are also looked up here."""
@@ -97,7 +100,7 @@ def run(config: DictConfig) -> None:
         RetrieverUnavailableError: the retriever does not answer.
     """
     resolve_paths(config)
-    check_batch_divisibility(config)
+    check_batch(config)
     check_data(config)
     forward_environment(config)
     check_retriever(config)
@@ -176,9 +179,28 @@ def data_parallel_size(config: DictConfig) -> int | None:
     return None
 
 
+def updates_message(questions_per_update: int, train_batch_size: int) -> str | None:
+    """Why `questions_per_update` (`ppo_mini_batch_size` under the CARL trainer) does not split a step of
+    `train_batch_size` questions into whole updates, and the nearest sizes that do; None if it does. The run scripts
+    (`scripts/check_batch.sh`) print the same advice."""
+    q, b = questions_per_update, train_batch_size
+    if 0 < q <= b and b % q == 0:
+        return None
+    divisors = [d for d in range(1, b + 1) if b % d == 0]
+    nearest = [max((d for d in divisors if d <= q), default=0), min((d for d in divisors if d >= q), default=0)]
+    sizes = " or ".join(f"{d} ({b // d} update{'s' * (b // d > 1)} a step)" for d in dict.fromkeys(nearest) if d)
+    return (
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={q} counts questions per optimizer update (the CARL trainer's "
+        f"meaning under both algorithm.carl.packing layouts, as verl's prompts for GRPO), and "
+        f"{'is more than' if q > b else 'does not divide'} data.train_batch_size={b} questions a step. Set "
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes}: the scripts' PPO_MINI_BATCH_QUESTIONS for CARL, "
+        "PPO_MINI_BATCH_PROMPTS for GRPO."
+    )
+
+
 def batch_message(mini_batch: int, n: int, dp: int, nnodes: int, gpus: int) -> str | None:
-    """Why `mini_batch` x `n` rows per update cannot be split over `dp` ranks, and the nearest sizes that can; None if
-    they can. The run scripts print the same advice."""
+    """Under verl's own trainer modes: why `mini_batch` x `n` rows per update cannot be split over `dp` ranks, and the
+    nearest sizes that can; None if they can."""
     rows = mini_batch * n
     if rows % dp == 0:
         return None
@@ -189,9 +211,21 @@ def batch_message(mini_batch: int, n: int, dp: int, nnodes: int, gpus: int) -> s
         f"actor_rollout_ref.actor.ppo_mini_batch_size={mini_batch} x rollout.n={n} = {rows} rows per update do not "
         f"divide among {dp} data-parallel ranks (trainer.nnodes={nnodes} x trainer.n_gpus_per_node={gpus}); verl "
         f"would stop at its `mini_batch_size % dp == 0` assert on the first update. Set "
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes} (the scripts' PPO_MINI_BATCH_ROWS for CARL, "
-        f"PPO_MINI_BATCH_PROMPTS for GRPO), or use a GPU count whose data-parallel size divides {rows}."
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes}, use a GPU count whose data-parallel size divides "
+        f"{rows}, or trainer.v1.trainer_mode={TRAINER_MODE} (which pads each step to whole updates)."
     )
+
+
+def check_batch(config: DictConfig) -> None:
+    """Raises CARLConfigError, with the sizes that work, if the update size does not fit (module docstring, step 2)."""
+    if config.trainer.v1.trainer_mode == TRAINER_MODE:
+        message = updates_message(
+            int(config.actor_rollout_ref.actor.ppo_mini_batch_size), int(config.data.train_batch_size)
+        )
+        if message:
+            raise CARLConfigError(message)
+    else:
+        check_batch_divisibility(config)
 
 
 def check_batch_divisibility(config: DictConfig) -> None:

@@ -118,25 +118,29 @@ def test_a_run_without_search_tool_skips_the_retriever_check(launched, monkeypat
     assert len(launched) == 1
 
 
-@pytest.mark.parametrize(
-    ("overrides", "fix"),
-    [
-        (["actor_rollout_ref.actor.ppo_mini_batch_size=256"], "ppo_mini_batch_size=252 or 270"),
-        (
-            [
-                "algorithm.adv_estimator=grpo",
-                "actor_rollout_ref.rollout.n=16",
-                "actor_rollout_ref.actor.ppo_mini_batch_size=16",
-            ],
-            "ppo_mini_batch_size=9 or 18",
-        ),
-    ],
-    ids=["carl", "grpo"],
-)
-def test_a_mini_batch_that_18_gpus_cannot_split_stops_the_run(launched, overrides, fix):
-    with pytest.raises(Exception, match=f"do not divide among 18 data-parallel ranks.*{fix}"):
-        run_carl(compose_carl("trainer.nnodes=3", "trainer.n_gpus_per_node=6", *overrides))
+GRPO = ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"]
+
+
+@pytest.mark.parametrize("estimator", [[], GRPO], ids=["carl", "grpo"])
+def test_an_update_size_in_rows_stops_the_run(launched, estimator):
+    """ppo_mini_batch_size counts questions per update: 256 (the old setting in rows) with 128 questions a step."""
+    overrides = ["data.train_batch_size=128", "actor_rollout_ref.actor.ppo_mini_batch_size=256", *estimator]
+    with pytest.raises(Exception, match=r"ppo_mini_batch_size=256 counts questions .* is more than .*=128 \(1 update"):
+        run_carl(compose_carl(*overrides))
     assert launched == []
+
+
+@pytest.mark.parametrize("estimator", [[], GRPO], ids=["carl", "grpo"])
+def test_18_gpus_take_updates_their_ranks_cannot_split_evenly(launched, estimator):
+    """16 questions (x 16 chains) per update on 3 nodes x 6 GPUs: the CARL trainer pads each update to a multiple of
+    18 rows, so the run starts (verl's own schedule would stop at its `mini_batch_size % dp == 0` assert)."""
+    sizes = ["data.train_batch_size=128", "actor_rollout_ref.actor.ppo_mini_batch_size=16"]
+    run_carl(compose_carl("trainer.nnodes=3", "trainer.n_gpus_per_node=6", *sizes, *estimator))
+    assert len(launched) == 1
+    with pytest.raises(Exception, match="do not divide among 18 data-parallel ranks.*trainer_mode=carl"):
+        run_carl(
+            compose_carl("trainer.nnodes=3", "trainer.n_gpus_per_node=6", *sizes, *GRPO, "trainer.v1.trainer_mode=sync")
+        )
 
 
 def test_bad_training_rows_stop_the_run_naming_file_and_row(launched, tmp_path):

@@ -163,12 +163,11 @@ def trainer_overrides(cfg: DemoConfig, run_dir: Path, data_dir: Path, model_dir:
     }
     if cfg.algo == "carl":
         settings.update({f"algorithm.carl.{k}": getattr(cfg, k) for k in ("n0", "n_forks", "selection", "update_set")})
-        # A mini-batch counts rows (rollout.n=1): a step's rows (at most N0 + N per tree) in one update, as GRPO gets.
-        settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts * leaves
     else:
         settings["algorithm.adv_estimator"] = "grpo"
         settings["actor_rollout_ref.rollout.n"] = cfg.grpo_group or leaves
-        settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts
+    # Questions per update (recipe.carl.schedule; GRPO: prompts): a step's rows in one update, for both algorithms.
+    settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts
     return [f"{key}={value}" for key, value in settings.items()]
 
 
