@@ -3,9 +3,10 @@
 Selected with `trainer.v1.trainer_mode=carl` (the recipe's yaml, for CARL and its baselines alike). verl's `fit()`
 and `_step_once()` run unchanged; changed lines are tagged `# CARL:`.
 
-- `__init__`: the run takes verl's sync code paths. verl compares `trainer_mode == "sync"` as a string (replay
-  buffer, generation batch size, TransferQueue persistence, resume), so the mode is set back to `sync` once verl
-  has picked this class.
+- `__init__`: the start-up checks that need the cluster (`recipe.carl.cluster`); the forwarded secrets hidden from the
+  config verl hands its loggers (`preflight.hide_secrets`). The run takes verl's sync code paths: verl compares
+  `trainer_mode == "sync"` as a string (replay buffer, generation batch size, TransferQueue persistence, resume), so
+  the mode is set back to `sync` once verl has picked this class.
 - `_balance_batch`, `_update_actor`, `_update_critic`: each step's optimizer updates follow `recipe.carl.schedule`:
   `ppo_mini_batch_size` counts questions in both row layouts, every update trains on the same number of real rows
   (+-1), and padding rows carry no tree description.
@@ -36,8 +37,10 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from carl_core import compute_budget_stats, compute_tree_stats, tree_records
+from recipe.carl.cluster import check_cluster
 from recipe.carl.estimator import CarlBatch, carl_batch_from_rows, is_tree_row
 from recipe.carl.io import write_jsonl
+from recipe.carl.preflight import hide_secrets
 from recipe.carl.schedule import (
     UpdatePlan,
     micro_batch_rows,
@@ -114,6 +117,8 @@ class CARLTrainer(PPOTrainerSync):
 
     def __init__(self, config):
         self.carl_settings = check_trainer_config(config)  # CARL: fail at start, with a fix-it message
+        check_cluster(config)  # CARL: every node sees the driver's files; no loopback retriever across hosts
+        hide_secrets(config)  # CARL: verl hands this config to its loggers; the workers have the values already
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"  # CARL: verl's sync code paths (it compares the name)
         super().__init__(config)

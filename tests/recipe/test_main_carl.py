@@ -41,6 +41,13 @@ def toy_search(queries, topk):
     return [[{"document": {"id": "0", "contents": "T\nx"}, "score": 1.0}] for _ in queries]
 
 
+@pytest.fixture(autouse=True)
+def launching_directory(monkeypatch, tmp_path):
+    """Launch from a temporary folder: the default checkpoint folder (relative) is created there, where the driver
+    writes its probe file (`preflight.record_driver_view`)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def launched(monkeypatch):
     """The configs `run_carl` hands to verl's `run_ppo` (stubbed: nothing starts)."""
@@ -65,16 +72,16 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/retrieve"
 
 
-def test_workers_get_absolute_config_paths(launched, retriever_url, monkeypatch):
+def test_workers_get_absolute_config_paths(launched, retriever_url, monkeypatch, tmp_path):
     """The scripts' relative paths exist from the launching directory, but not from a worker's on another node."""
-    monkeypatch.chdir(ROOT)
+    (tmp_path / "recipe").symlink_to(ROOT / "recipe")  # the scripts' relative paths, from the launching directory
     assert not os.path.isabs(compose_carl().actor_rollout_ref.rollout.agent.agent_loop_config_path)
     run_carl(compose_carl(f"{TOOL_KEY}={TOOL_YAML}", "trainer.default_local_dir=ckpt/run"))
     [config] = launched
     for key in (AGENT_KEY, TOOL_KEY):
         path = OmegaConf.select(config, key)
-        assert os.path.isabs(path) and os.path.isfile(path), (key, path)
-    assert config.trainer.default_local_dir == str(ROOT / "ckpt/run")
+        assert os.path.isabs(path) and os.path.isfile(path) and path.startswith(str(tmp_path)), (key, path)
+    assert config.trainer.default_local_dir == str(tmp_path / "ckpt/run")
 
 
 def test_config_paths_resolve_from_another_launching_directory(launched, retriever_url, monkeypatch, tmp_path):
