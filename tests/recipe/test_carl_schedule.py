@@ -210,6 +210,38 @@ def test_every_update_trains_on_as_many_real_rows(case, monkeypatch):
         assert set(batch.keys[r * share : (r + 1) * share]) == set(balanced[0][r * share : (r + 1) * share])
 
 
+class CriticGroup:
+    """The critic worker group: records the update size verl's `_update_critic` sends."""
+
+    def __init__(self):
+        self.extra_info: dict = {}
+
+    def train_mini_batch(self, batch):
+        self.extra_info = dict(batch.extra_info)
+        return SimpleNamespace(get=lambda: {"metrics": {"mfu": 0.0}})
+
+
+def test_a_critic_updates_on_the_same_schedule(monkeypatch):
+    """A critic (GAE baselines) takes the actor's k updates: its mini-batch is this step's rows per update, with its
+    fixed micro-batches in the unit (2 ranks x 3 rows: 6; 20 rows in 10 / 5 = 2 updates -> 2 x 12 = 24 rows)."""
+    batch, store = synthetic_step(split(20, 10, random.Random(3)))
+    config = make_config(
+        "actor_rollout_ref.actor.ppo_mini_batch_size=5",
+        "actor_rollout_ref.actor.use_dynamic_bsz=True",
+        "critic.ppo_mini_batch_size=5",
+        "critic.use_dynamic_bsz=False",
+        "critic.ppo_micro_batch_size_per_gpu=3",
+        "critic.forward_micro_batch_size_per_gpu=3",
+    )
+    trainer = make_trainer(config, 2, store, monkeypatch)
+    trainer.use_critic, trainer.critic_wg = True, CriticGroup()
+    batch = trainer._balance_batch(batch, {})
+    assert len(batch) == 24
+    trainer._update_critic(batch, {})
+    assert trainer.critic_wg.extra_info["mini_batch_size"] == trainer.critic_wg.extra_info["global_batch_size"] == 12
+    assert config.critic.ppo_mini_batch_size == 5  # restored
+
+
 def test_the_same_questions_make_the_same_updates_in_both_layouts():
     """`ppo_mini_batch_size` counts questions whatever the row layout: per-path rows and packed rows of the same 128
     trees both make 128 / 16 = 8 updates (verl's row count would give 1,100 / 256 -> 5 and 150 / 256 -> 1)."""

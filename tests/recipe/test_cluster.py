@@ -100,7 +100,8 @@ def test_a_node_that_sees_the_same_files_passes_and_one_that_does_not_is_named(t
 
 def test_unshared_files_stop_the_run_with_the_fix(tmp_path, monkeypatch):
     cfg, view, env = driver_run(tmp_path)
-    use_cluster(monkeypatch, [node("10.0.0.1", "a", cpus=0), node("10.0.0.2", "b")], blind={"b" * 7})
+    # A login head (no CPU, no GPU, no shared disk) and a worker node whose disk is its own.
+    use_cluster(monkeypatch, [node("10.0.0.1", "a", cpus=0), node("10.0.0.2", "b")], blind={"a" * 7, "b" * 7})
     with pytest.raises(CARLConfigError) as error:
         cluster.check_cluster(cfg, env)
     message = str(error.value)
