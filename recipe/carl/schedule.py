@@ -87,6 +87,11 @@ def question_of(key: str) -> str:
     return key.rsplit("_", 2)[0]
 
 
+def is_padding_key(key: str) -> bool:
+    """A padding row's key (uid `pad<hex>`; verl's uids are uuid4 strings, which never start so)."""
+    return question_of(key).startswith(PAD_UID_PREFIX)
+
+
 def micro_batch_rows(config: Any, use_critic: bool = False) -> int:
     """Rows a rank's share of one update must be a multiple of: the lcm of the per-GPU micro-batch sizes of the passes
     without dynamic batch sizes (verl asserts `rows % micro_batch_size_per_gpu == 0`; a rank's share of the whole step

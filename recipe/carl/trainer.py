@@ -43,6 +43,7 @@ from recipe.carl.io import write_jsonl
 from recipe.carl.preflight import hide_secrets
 from recipe.carl.schedule import (
     UpdatePlan,
+    is_padding_key,
     micro_batch_rows,
     mini_batch_rows,
     pad_batch,
@@ -149,9 +150,8 @@ class CARLTrainer(PPOTrainerSync):
         worker_group = self.actor_rollout_wg  # verl's own lookup of the actor's dp size (PPOTrainer._balance_batch)
         if "actor" not in worker_group._dispatch_info:
             worker_group._dispatch_info["actor"] = worker_group._query_dispatch_info("actor")
-        real = [key for key, pad in zip(batch.keys, padding_flags(batch), strict=True) if not pad]
         return plan_updates(
-            real,
+            [key for key in batch.keys if not is_padding_key(key)],  # by key: also where a batch's tags are stale
             int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size),
             dp=max(worker_group._dispatch_info["actor"]) + 1,
             rollout_n=int(self.config.actor_rollout_ref.rollout.n),

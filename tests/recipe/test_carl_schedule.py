@@ -192,7 +192,10 @@ def test_every_update_trains_on_as_many_real_rows(case, monkeypatch):
 
     batch = trainer._balance_batch(batch, metrics)  # verl's balancing, with the CARL schedule around it
     assert len(batch) == padded and len(set(batch.keys)) == padded
-    trainer._update_actor(batch, metrics)
+    # The update gets the batch back from TransferQueue (after the advantage step's put): the same keys and tags.
+    trainer._update_actor(KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id="train"), metrics)
+    stale = KVBatchMeta(keys=batch.keys, tags=[{} for _ in batch.keys], partition_id="train")
+    assert trainer._plan_updates(stale) == trainer._plan_updates(batch)  # padding is told by key, not only by tag
 
     group = trainer.actor_rollout_wg
     assert len(group.real_rows) == updates and sum(group.real_rows) == real
