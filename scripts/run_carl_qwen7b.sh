@@ -32,10 +32,20 @@ WAVE_SIZE=${WAVE_SIZE:-1}
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}  # prompts (= trees) per step
 LR=${LR:-5e-6}
 TOTAL_STEPS=${TOTAL_STEPS:-100}
-# Rows per optimizer step. A tree gives at most N0 + N = 24 rows (one per leaf path with a new critical action), so
-# a step has at most 128 * 24 = 3072 rows, i.e. up to 12 updates of 256 rows, as GRPO (16 prompts x 16 = 256).
-# The rows of an update are split over the data-parallel ranks: they must divide (checked below, before Ray starts).
-PPO_MINI_BATCH_ROWS=${PPO_MINI_BATCH_ROWS:-256}
+# Questions per optimizer update (ppo_mini_batch_size: questions in both PACKING layouts, as GRPO's prompts):
+# 128 / 16 = 8 updates a step, as the GRPO script's. The CARL trainer splits a step's rows (up to N0 + N = 24 per
+# tree with PACKING=path, about one per tree with PACKING=tree) into those 8 updates with the same number of rows
+# each (+-1), padded to a multiple of the data-parallel ranks (recipe/carl/schedule.py); it must divide
+# TRAIN_BATCH_SIZE (checked below, before Ray starts).
+if [[ -n ${PPO_MINI_BATCH_ROWS:-} ]]; then
+    echo "error: PPO_MINI_BATCH_ROWS is gone: ppo_mini_batch_size counts questions per update (in both PACKING" \
+        "layouts); set PPO_MINI_BATCH_QUESTIONS instead (default 16: TRAIN_BATCH_SIZE / 16 updates a step)" >&2
+    exit 2
+fi
+PPO_MINI_BATCH_QUESTIONS=${PPO_MINI_BATCH_QUESTIONS:-16}
+# Training rows (algorithm.carl.packing): path = one row per leaf path (verl's flash attention); tree = one row per
+# tree with a tree attention mask (flex_attention; recipe/carl/packing, README "Tree-packed training rows").
+PACKING=${PACKING:-path}
 
 # ---- token budgets ----
 # One agent turn (reasoning + one <search> or <answer>): algorithm.carl.max_action_tokens; a turn that runs out
@@ -64,7 +74,8 @@ if (( MAX_TOKENS_PER_GPU < MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH )); then
 fi
 EXPERIMENT=${EXPERIMENT:-carl_n0${N0}_qwen2.5_7b}
 
-check_mini_batch "$PPO_MINI_BATCH_ROWS" 1 "$NNODES" "$GPUS_PER_NODE" "$SP_SIZE"
+check_updates "$PPO_MINI_BATCH_QUESTIONS" "$TRAIN_BATCH_SIZE"
+packing_overrides "$PACKING"
 
 python3 -m recipe.carl.main_carl \
     data.train_files="$TRAIN_FILE" \
@@ -80,12 +91,13 @@ python3 -m recipe.carl.main_carl \
     algorithm.carl.wave_size=$WAVE_SIZE \
     algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
     algorithm.carl.thinking=$THINKING \
+    "${PACKING_OVERRIDES[@]}" \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \
     actor_rollout_ref.model.enable_gradient_checkpointing=True \
     actor_rollout_ref.actor.strategy=fsdp2 \
     actor_rollout_ref.actor.optim.lr=$LR \
-    actor_rollout_ref.actor.ppo_mini_batch_size=$PPO_MINI_BATCH_ROWS \
+    actor_rollout_ref.actor.ppo_mini_batch_size=$PPO_MINI_BATCH_QUESTIONS \
     actor_rollout_ref.actor.use_dynamic_bsz=True \
     actor_rollout_ref.actor.ppo_max_token_len_per_gpu=$MAX_TOKENS_PER_GPU \
     actor_rollout_ref.actor.ulysses_sequence_parallel_size=$SP_SIZE \

@@ -26,10 +26,13 @@ MAX_ACTIONS=${MAX_ACTIONS:-32}
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}  # prompts per step (x GROUP_SIZE = 2048 chains)
 LR=${LR:-5e-6}
 TOTAL_STEPS=${TOTAL_STEPS:-100}
-# Prompts per optimizer step: 16 prompts x 16 chains = 256 rows, the same rows per update as the CARL scripts, so a
-# step of 2048 chains is 8 updates.
-# The rows of an update (prompts x GROUP_SIZE) are split over the data-parallel ranks: they must divide (checked below).
+# Prompts per optimizer update: 16 prompts x 16 chains = 256 rows, 128 / 16 = 8 updates a step, as the CARL
+# scripts' 16 questions per update. It must divide TRAIN_BATCH_SIZE (checked below, before Ray starts); the
+# trainer pads a step whose rows do not divide among the data-parallel ranks (recipe/carl/schedule.py).
 PPO_MINI_BATCH_PROMPTS=${PPO_MINI_BATCH_PROMPTS:-16}
+# Training rows (algorithm.carl.packing): GRPO's rows are single chains, one row each whatever the layout; tree only
+# switches the attention to flex_attention, the kernel of a packed CARL run, for a like-for-like comparison.
+PACKING=${PACKING:-path}
 
 # ---- token budgets (the same as the CARL scripts', so trajectories are comparable) ----
 # One agent turn (reasoning + one <search> or <answer>): algorithm.carl.max_action_tokens.
@@ -49,7 +52,8 @@ print_turn_budget
 MAX_TOKENS_PER_GPU=${MAX_TOKENS_PER_GPU:-$(( (MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH) * 2 ))}
 EXPERIMENT=${EXPERIMENT:-grpo_qwen2.5_7b}
 
-check_mini_batch "$PPO_MINI_BATCH_PROMPTS" "$GROUP_SIZE" "$NNODES" "$GPUS_PER_NODE" "$SP_SIZE"
+check_updates "$PPO_MINI_BATCH_PROMPTS" "$TRAIN_BATCH_SIZE"
+packing_overrides "$PACKING"
 
 python3 -m recipe.carl.main_carl \
     data.train_files="$TRAIN_FILE" \
@@ -63,6 +67,7 @@ python3 -m recipe.carl.main_carl \
     algorithm.carl.max_actions=$MAX_ACTIONS \
     algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
     algorithm.carl.thinking=$THINKING \
+    "${PACKING_OVERRIDES[@]}" \
     actor_rollout_ref.rollout.n=$GROUP_SIZE \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \

@@ -7,9 +7,9 @@ belongs to. `carl_batch_from_rows` gathers both from the rows' `extra_fields`; t
 at once and puts each trained action's advantage on its tokens.
 
 verl calls custom estimators with `token_level_rewards, response_mask, config, index` only, so the CARL trainer
-(`recipe.carl.trainer`) builds the `CarlBatch` and passes it as `carl_batch=`. Rows verl adds itself
-(`_balance_batch` padding: uid "pad...", response_mask all 0, `extra_fields` copied from another row) belong to no
-tree and get advantage 0.
+(`recipe.carl.trainer`) builds the `CarlBatch` and passes it as `carl_batch=`. Padding rows (verl's, which the CARL
+trainer adds in `_balance_batch`: uid "pad...", response_mask all 0, `extra_fields` copied from another row without
+its tree description, `recipe.carl.schedule.pad_batch`) belong to no tree and get advantage 0.
 """
 
 from __future__ import annotations

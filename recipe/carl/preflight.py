@@ -11,16 +11,25 @@ inside a worker, or never. `run` does, in this order:
    agent-loop or tool yaml against the *worker's* working directory (`verl.utils.import_utils.resolve_config_path`),
    which on another node (or a pre-started Ray cluster) is not the launching directory: `FileNotFoundError` in
    `AgentLoopWorker.__init__`. A required file that exists nowhere stops the run here, naming the key and the path.
-2. **Batch** (`check_batch_divisibility`): rows per update must divide among the data-parallel ranks, or verl stops
-   at its `mini_batch_size % dp == 0` assert on the first update (e.g. 256 rows on 3 nodes x 6 GPUs).
+2. **Batch** (`check_batch`): under the CARL trainer (`trainer.v1.trainer_mode=carl`, CARL and its baselines),
+   `ppo_mini_batch_size` counts questions per optimizer update in every row layout (`recipe.carl.schedule`) and
+   must divide `data.train_batch_size`; an old setting in rows (e.g. 256 with 128 questions a step) is refused with
+   the sizes that fit. Under verl's own trainer modes, rows per update must divide among the data-parallel ranks, or
+   verl stops at its `mini_batch_size % dp == 0` assert on the first update (e.g. 256 rows on 3 nodes x 6 GPUs).
 3. **Data** (`check_data`): every row of the local parquet files is validated (unknown `agent_name`, empty question,
    missing ground truth, empty or non-string answers), and validation rows must not grow CARL trees. Bad rows
    stop the run, named by file and row; with `algorithm.carl.bad_rows=skip` the run trains on filtered copies.
 4. **Worker environment** (`forward_environment`): verl forwards only a fixed list of environment variables to Ray
    workers (`verl.trainer.constants_ppo`); on another node the tool yaml's `${oc.env:RETRIEVER_URL,...}` would fall
-   back to its default, and verl's file logger would write somewhere else. The driver's values go into
-   `ray_kwargs.ray_init.runtime_env.env_vars` (which verl's `run_ppo` passes to `ray.init`), and a loopback retriever
-   URL is refused when `trainer.nnodes > 1`.
+   back to its default, verl's file logger would write somewhere else, wandb would find no API key (the TaskRunner
+   starts the loggers) and the Hugging Face hub no token or cache. The driver's values (`FORWARDED_ENV`: the
+   retriever, every logger verl's `Tracking` can start, the model hubs) go into
+   `ray_kwargs.ray_init.runtime_env.env_vars` (which verl's `run_ppo` passes to `ray.init`); the CARL trainer hides
+   the secret ones again in its copy of the config before verl hands the config to the loggers (`hide_secrets`). A
+   loopback retriever URL is refused when `trainer.nnodes > 1`; `recipe.carl.cluster` refuses it again inside the
+   cluster when its nodes are on several hosts, whatever `trainer.nnodes` says. What the driver sees of the files
+   the workers open (`record_driver_view`: sizes, and a probe file in the checkpoint folder) goes along, for
+   `recipe.carl.cluster` to compare every node against.
 5. **Retriever** (`check_retriever`): every tool with a `retrieval_service_url` must answer `GET /health` (a server
    without `/health`, such as Search-R1's own, must answer a one-query `/retrieve`). The URL is resolved as the
    workers will resolve it: the tool yaml with the forwarded environment. Runs without such a tool skip the check;
@@ -37,6 +46,7 @@ import json
 import math
 import os
 import re
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +59,7 @@ from carl_core import CARLConfigError
 from recipe.carl import gpu_stack
 from recipe.carl.io import atomic_path, write_jsonl
 from recipe.carl.search.client import RETRIEVER_WAIT_ENV, RetrievalClient, retriever_wait_s, until_it_answers
-from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
+from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TRAINER_MODE, read_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 """Where `recipe/` lives: relative recipe paths (the yaml defaults) are also looked up here."""
@@ -80,10 +90,49 @@ OUTPUT_PATHS = (
     "trainer.validation_data_dir",
 )
 
-#: Environment variables of the driver that workers read (besides those the tool yaml reads through `oc.env`).
-FORWARDED_ENV = ("RETRIEVER_URL", "VERL_FILE_LOGGER_PATH", "VERL_FILE_LOGGER_ROOT")
+#: Environment variables of the driver that workers read (besides those the tool yaml reads through `oc.env`); a name
+#: ending in `_` stands for every variable it begins. The retriever; the loggers verl's `Tracking` can start
+#: (`trainer.logger`: file, wandb, vemlp_wandb, mlflow, swanlab, clearml, trackio, tensorboard); the model hubs
+#: (Hugging Face, ModelScope).
+FORWARDED_ENV = (
+    "RETRIEVER_URL",
+    "VERL_FILE_LOGGER_PATH",
+    "VERL_FILE_LOGGER_ROOT",
+    "WANDB_",
+    "VOLC_ACCESS_KEY_ID",
+    "VOLC_SECRET_ACCESS_KEY",
+    "MLP_TRACKING_REGION",
+    "MLFLOW_",
+    "SWANLAB_",
+    "CLEARML_",
+    "TRACKIO_",
+    "TENSORBOARD_DIR",
+    "HF_",
+    "HUGGING_FACE_HUB_TOKEN",
+    "TRANSFORMERS_",
+    "MODELSCOPE_",
+    "VERL_USE_MODELSCOPE",
+)
 #: Of those, the ones holding a path (made absolute against the launching directory).
-PATH_ENV = ("VERL_FILE_LOGGER_PATH", "VERL_FILE_LOGGER_ROOT")
+PATH_ENV = (
+    "VERL_FILE_LOGGER_PATH",
+    "VERL_FILE_LOGGER_ROOT",
+    "WANDB_DIR",
+    "TENSORBOARD_DIR",
+    "SWANLAB_LOG_DIR",
+    "TRACKIO_DIR",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "TRANSFORMERS_CACHE",
+    "MODELSCOPE_CACHE",
+)
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+"""A forwarded variable whose name holds one of these is a secret: never printed, hidden from the loggers."""
+VIEW_ENV = "CARL_DRIVER_VIEW"
+"""Worker environment variable with what the driver saw of the files workers open (`record_driver_view`)."""
+PROBE_NAME = ".carl_shared_fs_probe"
+"""File the driver writes into `trainer.default_local_dir`, for every node to find (`recipe.carl.cluster`)."""
 _OC_ENV = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)")
 
 SKIP_RETRIEVER_ENV = "CARL_SKIP_RETRIEVER_CHECK"
@@ -106,9 +155,10 @@ def run(config: DictConfig) -> None:
     """
     check_gpu_stack(config)
     resolve_paths(config)
-    check_batch_divisibility(config)
+    check_batch(config)
     check_data(config)
     forward_environment(config)
+    record_driver_view(config)
     check_retriever(config)
 
 
@@ -221,9 +271,28 @@ def data_parallel_size(config: DictConfig) -> int | None:
     return None
 
 
+def updates_message(questions_per_update: int, train_batch_size: int) -> str | None:
+    """Why `questions_per_update` (`ppo_mini_batch_size` under the CARL trainer) does not split a step of
+    `train_batch_size` questions into whole updates, and the nearest sizes that do; None if it does. The run scripts
+    (`scripts/check_batch.sh`) print the same advice."""
+    q, b = questions_per_update, train_batch_size
+    if 0 < q <= b and b % q == 0:
+        return None
+    divisors = [d for d in range(1, b + 1) if b % d == 0]
+    nearest = [max((d for d in divisors if d <= q), default=0), min((d for d in divisors if d >= q), default=0)]
+    sizes = " or ".join(f"{d} ({b // d} update{'s' * (b // d > 1)} a step)" for d in dict.fromkeys(nearest) if d)
+    return (
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={q} counts questions per optimizer update (the CARL trainer's "
+        f"meaning under both algorithm.carl.packing layouts, as verl's prompts for GRPO), and "
+        f"{'is more than' if q > b else 'does not divide'} data.train_batch_size={b} questions a step. Set "
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes}: the scripts' PPO_MINI_BATCH_QUESTIONS for CARL, "
+        "PPO_MINI_BATCH_PROMPTS for GRPO."
+    )
+
+
 def batch_message(mini_batch: int, n: int, dp: int, nnodes: int, gpus: int) -> str | None:
-    """Why `mini_batch` x `n` rows per update cannot be split over `dp` ranks, and the nearest sizes that can; None if
-    they can. The run scripts print the same advice."""
+    """Under verl's own trainer modes: why `mini_batch` x `n` rows per update cannot be split over `dp` ranks, and the
+    nearest sizes that can; None if they can."""
     rows = mini_batch * n
     if rows % dp == 0:
         return None
@@ -234,9 +303,21 @@ def batch_message(mini_batch: int, n: int, dp: int, nnodes: int, gpus: int) -> s
         f"actor_rollout_ref.actor.ppo_mini_batch_size={mini_batch} x rollout.n={n} = {rows} rows per update do not "
         f"divide among {dp} data-parallel ranks (trainer.nnodes={nnodes} x trainer.n_gpus_per_node={gpus}); verl "
         f"would stop at its `mini_batch_size % dp == 0` assert on the first update. Set "
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes} (the scripts' PPO_MINI_BATCH_ROWS for CARL, "
-        f"PPO_MINI_BATCH_PROMPTS for GRPO), or use a GPU count whose data-parallel size divides {rows}."
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes}, use a GPU count whose data-parallel size divides "
+        f"{rows}, or trainer.v1.trainer_mode={TRAINER_MODE} (which pads each step to whole updates)."
     )
+
+
+def check_batch(config: DictConfig) -> None:
+    """Raises CARLConfigError, with the sizes that work, if the update size does not fit (module docstring, step 2)."""
+    if config.trainer.v1.trainer_mode == TRAINER_MODE:
+        message = updates_message(
+            int(config.actor_rollout_ref.actor.ppo_mini_batch_size), int(config.data.train_batch_size)
+        )
+        if message:
+            raise CARLConfigError(message)
+    else:
+        check_batch_divisibility(config)
 
 
 def check_batch_divisibility(config: DictConfig) -> None:
@@ -471,11 +552,23 @@ def runtime_env_vars(config: DictConfig) -> dict[str, str]:
     return {str(k): str(v) for k, v in (OmegaConf.to_container(env) if env is not None else {}).items()}
 
 
+def is_secret(name: str) -> bool:
+    return any(word in name.upper() for word in SECRET_WORDS)
+
+
+def forwarded_names(environ: Mapping[str, str], tool_path: str | None = None) -> list[str]:
+    """The names in `environ` that workers read: `FORWARDED_ENV` (names and prefixes) and the tool yaml's `oc.env`."""
+    names = {*tool_env_names(tool_path), *(w for w in FORWARDED_ENV if not w.endswith("_"))}
+    prefixes = tuple(w for w in FORWARDED_ENV if w.endswith("_"))
+    return sorted(n for n in environ if n in names or (n.startswith(prefixes) and n not in prefixes))
+
+
 def forward_environment(config: DictConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Puts the driver's values of the variables workers read into the Ray job's `runtime_env.env_vars`.
 
-    A value already set there wins (it is what the workers will see). Then refuses a loopback retriever URL when
-    `trainer.nnodes > 1`: workers on the other nodes would search their own machine.
+    A value already set there wins (it is what the workers will see: set one there to keep a node's own). Secret
+    values are not printed. Then refuses a loopback retriever URL when `trainer.nnodes > 1`: workers on the other
+    nodes would search their own machine.
 
     Returns:
         The variables added.
@@ -486,13 +579,14 @@ def forward_environment(config: DictConfig, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     present = runtime_env_vars(config)
     added = {}
-    for name in dict.fromkeys([*FORWARDED_ENV, *tool_env_names(OmegaConf.select(config, TOOL_KEY, default=None))]):
-        if name in environ and name not in present:
+    for name in forwarded_names(environ, OmegaConf.select(config, TOOL_KEY, default=None)):
+        if name not in present:
             value = environ[name]
             added[name] = os.path.abspath(value) if name in PATH_ENV and value else value
     if added:
         _set(config, "ray_kwargs.ray_init.runtime_env.env_vars", {**present, **added})
-        log(f"forwarded to every Ray worker: {', '.join(f'{k}={v}' for k, v in added.items())}")
+        shown = ", ".join(f"{k}={'***' if is_secret(k) else v}" for k, v in added.items())
+        log(f"forwarded to every Ray worker: {shown}")
     if int(config.trainer.nnodes) > 1:
         for url in retriever_urls(config, environ):
             if is_loopback(url):
@@ -503,6 +597,59 @@ def forward_environment(config: DictConfig, environ: Mapping[str, str] | None = 
                     "RETRIEVER_URL=http://<that host>:<port>/retrieve before launching."
                 )
     return added
+
+
+def hide_secrets(config: DictConfig) -> list[str]:
+    """Replaces the secret values of `ray_kwargs.ray_init.runtime_env.env_vars` by `***` in `config`.
+
+    For the TaskRunner's copy of the config (`CARLTrainer.__init__`): verl hands the whole config to its loggers
+    (wandb stores it with the run), and the workers already have the values (the Ray job's environment).
+
+    Returns:
+        The names hidden.
+    """
+    env = runtime_env_vars(config)
+    hidden = [name for name in env if is_secret(name) and env[name] != "***"]
+    if hidden:
+        _set(config, "ray_kwargs.ray_init.runtime_env.env_vars", {**env, **{name: "***" for name in hidden}})
+    return hidden
+
+
+def shared_paths(config: DictConfig) -> list[tuple[str, str]]:
+    """(config key, path) of the local files and folders workers open on whichever node they run: the data files the
+    run reads (`bad_rows=skip` copies included), the worker-read yamls and files, a local model and tokenizer."""
+    found = list(data_files(config))
+    keys = [*REQUIRED_FILES, "actor_rollout_ref.model.path", "actor_rollout_ref.model.tokenizer_path"]
+    for key in keys:
+        path = OmegaConf.select(config, key, default=None)
+        if _is_local(path) and os.path.isabs(path) and os.path.exists(path):
+            found.append((key, str(path)))
+    return list(dict.fromkeys(found))
+
+
+def record_driver_view(config: DictConfig) -> dict[str, Any]:
+    """What the driver sees of `shared_paths` (a file's size, -1 for a folder) and a probe file it writes into
+    `trainer.default_local_dir`, put into the workers' environment (`VIEW_ENV`) for `recipe.carl.cluster`.
+
+    Returns:
+        The view: `{"paths": [{"key", "path", "size"}], "probe": {"key", "path", "token"}}` (no probe for a
+        checkpoint folder that is not a local path).
+    """
+    view: dict[str, Any] = {
+        "paths": [
+            {"key": key, "path": path, "size": os.path.getsize(path) if os.path.isfile(path) else -1}
+            for key, path in shared_paths(config)
+        ]
+    }
+    folder = OmegaConf.select(config, "trainer.default_local_dir", default=None)
+    if _is_local(folder):
+        probe = Path(folder) / PROBE_NAME
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        probe.write_text(token)
+        view["probe"] = {"key": "trainer.default_local_dir", "path": str(probe), "token": token}
+    _set(config, "ray_kwargs.ray_init.runtime_env.env_vars", {**runtime_env_vars(config), VIEW_ENV: json.dumps(view)})
+    return view
 
 
 def is_loopback(url: str) -> bool:

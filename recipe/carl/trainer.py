@@ -3,11 +3,13 @@
 Selected with `trainer.v1.trainer_mode=carl` (the recipe's yaml, for CARL and its baselines alike). verl's `fit()`
 and `_step_once()` run unchanged; changed lines are tagged `# CARL:`.
 
-- `__init__`: the run takes verl's sync code paths. verl compares `trainer_mode == "sync"` as a string (replay
-  buffer, generation batch size, TransferQueue persistence, resume), so the mode is set back to `sync` once verl
-  has picked this class.
-- `_balance_batch`: verl pads a batch with deep copies of its first row; a row that carries no tree description is
-  put first where one exists.
+- `__init__`: the start-up checks that need the cluster (`recipe.carl.cluster`); the forwarded secrets hidden from the
+  config verl hands its loggers (`preflight.hide_secrets`). The run takes verl's sync code paths: verl compares
+  `trainer_mode == "sync"` as a string (replay buffer, generation batch size, TransferQueue persistence, resume), so
+  the mode is set back to `sync` once verl has picked this class.
+- `_balance_batch`, `_update_actor`, `_update_critic`: each step's optimizer updates follow `recipe.carl.schedule`:
+  `ppo_mini_batch_size` counts questions in both row layouts, every update trains on the same number of real rows
+  (+-1), and padding rows carry no tree description.
 - `_compute_advantage` under `algorithm.adv_estimator=carl`: builds the batch's `CarlBatch` from the rows'
   `extra_fields` and calls the registered `carl` estimator (verl passes estimators only rewards); gives each row
   its own leaf reward (`rm_scores`) and reward breakdown (`reward_extra_info`) back, which verl's list
@@ -37,9 +39,22 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from carl_core import compute_budget_stats, compute_tree_stats, tree_records
+from recipe.carl.cluster import check_cluster
 from recipe.carl.estimator import CarlBatch, carl_batch_from_rows, is_tree_row
 from recipe.carl.io import write_jsonl
+from recipe.carl.preflight import hide_secrets
 from recipe.carl.run_record import run_record, write_run_record
+from recipe.carl.schedule import (
+    UpdatePlan,
+    is_padding_key,
+    micro_batch_rows,
+    mini_batch_rows,
+    pad_batch,
+    padding_flags,
+    plan_metrics,
+    plan_updates,
+    spread_padding,
+)
 from recipe.carl.settings import ESTIMATOR, TRAINER_MODE, RecipeSettings, check_trainer_config
 
 logger = logging.getLogger(__name__)
@@ -106,16 +121,45 @@ class CARLTrainer(PPOTrainerSync):
 
     def __init__(self, config):
         self.carl_settings = check_trainer_config(config)  # CARL: fail at start, with a fix-it message
+        check_cluster(config)  # CARL: every node sees the driver's files; no loopback retriever across hosts
+        hide_secrets(config)  # CARL: verl hands this config to its loggers; the workers have the values already
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"  # CARL: verl's sync code paths (it compares the name)
         super().__init__(config)
 
     def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
-        # CARL: verl pads with deep copies of the batch's first row; a run's rows after its first carry no tree.
-        first = next((i for i, key in enumerate(batch.keys) if not key.endswith("_0")), None)
-        if first:
-            batch.reorder([first, *(i for i in range(len(batch)) if i != first)])
-        return super()._balance_batch(batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
+        # CARL: the step's own padding (rows for k equal updates, no tree description), then verl's balancing, then
+        # the padding dealt evenly over the updates (recipe.carl.schedule).
+        plan = self._plan_updates(batch)
+        batch = pad_batch(batch, plan.rows, self.tokenizer.eos_token_id)
+        batch = super()._balance_batch(batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
+        batch.reorder(spread_padding(padding_flags(batch), plan.dp, plan.updates))
+        metrics.update(plan_metrics(plan, padding_flags(batch)))
+        return batch
+
+    def _get_required_batch_multiple(self, dp_size: int) -> int:
+        return dp_size  # CARL: `_balance_batch` padded the step to its updates already (a multiple of dp)
+
+    def _update_actor(self, batch, metrics: dict):
+        with mini_batch_rows(self.config, len(batch) // self._plan_updates(batch).updates):  # CARL: this step's size
+            return super()._update_actor(batch, metrics)
+
+    def _update_critic(self, batch, metrics: dict):
+        with mini_batch_rows(self.config, len(batch) // self._plan_updates(batch).updates, roles=("critic",)):
+            return super()._update_critic(batch, metrics)
+
+    def _plan_updates(self, batch) -> UpdatePlan:
+        """This step's updates (`recipe.carl.schedule.plan_updates`) from its real rows and the actor's dp ranks."""
+        worker_group = self.actor_rollout_wg  # verl's own lookup of the actor's dp size (PPOTrainer._balance_batch)
+        if "actor" not in worker_group._dispatch_info:
+            worker_group._dispatch_info["actor"] = worker_group._query_dispatch_info("actor")
+        return plan_updates(
+            [key for key in batch.keys if not is_padding_key(key)],  # by key: also where a batch's tags are stale
+            int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size),
+            dp=max(worker_group._dispatch_info["actor"]) + 1,
+            rollout_n=int(self.config.actor_rollout_ref.rollout.n),
+            micro_rows=micro_batch_rows(self.config, use_critic=self.use_critic),
+        )
 
     def _compute_advantage(self, batch, metrics: dict):
         carl = self.config.algorithm.adv_estimator == ESTIMATOR

@@ -248,9 +248,6 @@ class Batch:
     def __len__(self):
         return len(self.keys)
 
-    def reorder(self, order):
-        self.keys = [self.keys[i] for i in order]
-
 
 def trainer_advantage(rows, config, monkeypatch, step=1):
     """Runs the real `CARLTrainer._compute_advantage` on stored rows; returns (advantages, rm_scores, metrics)."""
@@ -661,15 +658,6 @@ def test_trainer_runs_verls_sync_paths():
     assert trainer.trainer_mode == "sync" and config.trainer.v1.trainer_mode == "sync"
     assert type(trainer.replay_buffer) is ReplayBuffer
     assert trainer.replay_buffer.gen_batch_size == 8  # not 1: prompts are fetched as one batch
-
-
-def test_padding_template_is_a_row_without_a_tree(monkeypatch):
-    seen = []
-    monkeypatch.setattr(carl_trainer.PPOTrainerSync, "_balance_batch", lambda self, b, m, **kw: seen.append(b) or b)
-    trainer = object.__new__(carl_trainer.CARLTrainer)
-    batch = trainer._balance_batch(Batch(["a_0_0", "a_0_1", "b_0_0", "b_0_1"]), {})
-    assert batch.keys[0] == "a_0_1" and sorted(batch.keys) == ["a_0_0", "a_0_1", "b_0_0", "b_0_1"]
-    assert trainer._balance_batch(Batch(["a_0_0", "b_0_0"]), {}).keys == ["a_0_0", "b_0_0"]  # none to choose
 
 
 def test_a_stop_inside_a_think_block_does_not_end_the_turn():

@@ -53,11 +53,12 @@ def test_four_scripts_exist():
     assert names == {"run_carl_qwen7b.sh", "run_carl_lite_qwen7b.sh", "run_grpo_qwen7b.sh", "run_carl_qwen3_4b.sh"}
 
 
+@pytest.mark.parametrize("packing", ["path", "tree"])
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_script_overrides_compose(script, tmp_path):
+def test_script_overrides_compose(script, packing, tmp_path):
     text = script.read_text()
     assert [line for line in text.splitlines() if not line.startswith("#")][0] == "set -xeuo pipefail"
-    overrides = script_overrides(script, tmp_path)
+    overrides = script_overrides(script, tmp_path, PACKING=packing)
     assert overrides and all("=" in o for o in overrides)
     cfg = compose_carl(overrides)
     settings = check_trainer_config(cfg)
@@ -79,20 +80,41 @@ def test_script_overrides_compose(script, tmp_path):
     assert cfg.data.max_response_length == (16384 if qwen3 else 12288)
     prompt_and_response = cfg.data.max_prompt_length + cfg.data.max_response_length
     assert cfg.actor_rollout_ref.actor.ppo_max_token_len_per_gpu >= prompt_and_response
-    preflight.check_batch_divisibility(cfg)
+    preflight.check_batch(cfg)
     assert cfg.data.train_batch_size == (64 if qwen3 else 128)
+    # Questions (GRPO: prompts) per update, whatever the row layout: 8 updates a step (Qwen3's 64 questions: 4).
+    assert cfg.data.train_batch_size // cfg.actor_rollout_ref.actor.ppo_mini_batch_size == (4 if qwen3 else 8)
+    assert settings.packing == packing
+    attention = cfg.actor_rollout_ref.model.override_config.get("attn_implementation")
+    assert attention == ("flex_attention" if packing == "tree" else None)  # path: verl's default (flash-attn)
     assert cfg.actor_rollout_ref.actor.optim.lr == (1e-5 if qwen3 else 5e-6)
     assert cfg.trainer.total_training_steps == 100
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_scripts_stop_on_gpu_counts_that_cannot_split_an_update(script, tmp_path):
-    """3 nodes x 6 GPUs: the script stops before Ray, with preflight's message (the same advice as main_carl)."""
-    result = run_script(script, tmp_path, NNODES="3", GPUS_PER_NODE="6")
+def test_scripts_stop_when_the_questions_do_not_split_into_updates(script, tmp_path):
+    """A step of 100 questions in updates of 16: the script stops before Ray, with preflight's message (the same
+    advice as main_carl); 3 nodes x 6 GPUs no longer do (the CARL trainer pads a step to whole updates)."""
+    result = run_script(script, tmp_path, TRAIN_BATCH_SIZE="100")
     assert result.returncode == 2 and not (tmp_path / "args").exists()
-    grpo = "grpo" in script.name
-    expected = preflight.batch_message(16 if grpo else 256, 16 if grpo else 1, 18, 3, 6)
+    expected = preflight.updates_message(16, 100)
+    assert expected and "=10 (10 updates a step) or 20 (5 updates a step)" in expected
     assert f"error: {expected}" in " ".join(result.stderr.split()), result.stderr[-800:]
+    cfg = compose_carl(script_overrides(script, tmp_path, NNODES="3", GPUS_PER_NODE="6"))
+    preflight.check_batch(cfg)
+
+
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        ({"PPO_MINI_BATCH_ROWS": "256"}, "PPO_MINI_BATCH_ROWS is gone: ppo_mini_batch_size counts questions"),
+        ({"PACKING": "trees"}, "PACKING=trees: use path (one row per leaf path) or tree"),
+    ],
+)
+def test_the_carl_scripts_refuse_unknown_settings_by_name(env, error, tmp_path):
+    result = run_script(ROOT / "scripts" / "run_carl_qwen7b.sh", tmp_path, **env)
+    assert result.returncode == 2 and not (tmp_path / "args").exists()
+    assert error in " ".join(result.stderr.split()), result.stderr[-800:]
 
 
 @pytest.mark.parametrize(("script", "tokens"), [("run_carl_qwen3_4b.sh", "4096"), ("run_grpo_qwen7b.sh", "1024")])

@@ -41,6 +41,13 @@ def toy_search(queries, topk):
     return [[{"document": {"id": "0", "contents": "T\nx"}, "score": 1.0}] for _ in queries]
 
 
+@pytest.fixture(autouse=True)
+def launching_directory(monkeypatch, tmp_path):
+    """Launch from a temporary folder: the default checkpoint folder (relative) is created there, where the driver
+    writes its probe file (`preflight.record_driver_view`)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def launched(monkeypatch):
     """The configs `run_carl` hands to verl's `run_ppo` (stubbed: nothing starts)."""
@@ -65,16 +72,16 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/retrieve"
 
 
-def test_workers_get_absolute_config_paths(launched, retriever_url, monkeypatch):
+def test_workers_get_absolute_config_paths(launched, retriever_url, monkeypatch, tmp_path):
     """The scripts' relative paths exist from the launching directory, but not from a worker's on another node."""
-    monkeypatch.chdir(ROOT)
+    (tmp_path / "recipe").symlink_to(ROOT / "recipe")  # the scripts' relative paths, from the launching directory
     assert not os.path.isabs(compose_carl().actor_rollout_ref.rollout.agent.agent_loop_config_path)
     run_carl(compose_carl(f"{TOOL_KEY}={TOOL_YAML}", "trainer.default_local_dir=ckpt/run"))
     [config] = launched
     for key in (AGENT_KEY, TOOL_KEY):
         path = OmegaConf.select(config, key)
-        assert os.path.isabs(path) and os.path.isfile(path), (key, path)
-    assert config.trainer.default_local_dir == str(ROOT / "ckpt/run")
+        assert os.path.isabs(path) and os.path.isfile(path) and path.startswith(str(tmp_path)), (key, path)
+    assert config.trainer.default_local_dir == str(tmp_path / "ckpt/run")
 
 
 def test_config_paths_resolve_from_another_launching_directory(launched, retriever_url, monkeypatch, tmp_path):
@@ -118,25 +125,29 @@ def test_a_run_without_search_tool_skips_the_retriever_check(launched, monkeypat
     assert len(launched) == 1
 
 
-@pytest.mark.parametrize(
-    ("overrides", "fix"),
-    [
-        (["actor_rollout_ref.actor.ppo_mini_batch_size=256"], "ppo_mini_batch_size=252 or 270"),
-        (
-            [
-                "algorithm.adv_estimator=grpo",
-                "actor_rollout_ref.rollout.n=16",
-                "actor_rollout_ref.actor.ppo_mini_batch_size=16",
-            ],
-            "ppo_mini_batch_size=9 or 18",
-        ),
-    ],
-    ids=["carl", "grpo"],
-)
-def test_a_mini_batch_that_18_gpus_cannot_split_stops_the_run(launched, overrides, fix):
-    with pytest.raises(Exception, match=f"do not divide among 18 data-parallel ranks.*{fix}"):
-        run_carl(compose_carl("trainer.nnodes=3", "trainer.n_gpus_per_node=6", *overrides))
+GRPO = ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=16"]
+
+
+@pytest.mark.parametrize("estimator", [[], GRPO], ids=["carl", "grpo"])
+def test_an_update_size_in_rows_stops_the_run(launched, estimator):
+    """ppo_mini_batch_size counts questions per update: 256 (the old setting in rows) with 128 questions a step."""
+    overrides = ["data.train_batch_size=128", "actor_rollout_ref.actor.ppo_mini_batch_size=256", *estimator]
+    with pytest.raises(Exception, match=r"ppo_mini_batch_size=256 counts questions .* is more than .*=128 \(1 update"):
+        run_carl(compose_carl(*overrides))
     assert launched == []
+
+
+@pytest.mark.parametrize("estimator", [[], GRPO], ids=["carl", "grpo"])
+def test_18_gpus_take_updates_their_ranks_cannot_split_evenly(launched, estimator):
+    """16 questions (x 16 chains) per update on 3 nodes x 6 GPUs: the CARL trainer pads each update to a multiple of
+    18 rows, so the run starts (verl's own schedule would stop at its `mini_batch_size % dp == 0` assert)."""
+    sizes = ["data.train_batch_size=128", "actor_rollout_ref.actor.ppo_mini_batch_size=16"]
+    run_carl(compose_carl("trainer.nnodes=3", "trainer.n_gpus_per_node=6", *sizes, *estimator))
+    assert len(launched) == 1
+    with pytest.raises(Exception, match="do not divide among 18 data-parallel ranks.*trainer_mode=carl"):
+        run_carl(
+            compose_carl("trainer.nnodes=3", "trainer.n_gpus_per_node=6", *sizes, *GRPO, "trainer.v1.trainer_mode=sync")
+        )
 
 
 def test_bad_training_rows_stop_the_run_naming_file_and_row(launched, tmp_path):

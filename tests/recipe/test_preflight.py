@@ -83,16 +83,43 @@ def test_a_required_file_that_exists_nowhere_is_named(tmp_path):
 @pytest.mark.parametrize(
     ("mini_batch", "n", "dp", "fix"),
     [
-        (256, 1, 18, "252 or 270"),  # CARL: rows
-        (16, 16, 18, "9 or 18"),  # GRPO: prompts x 16
+        (256, 1, 18, "252 or 270"),  # verl's own trainer modes: rows
+        (16, 16, 18, "9 or 18"),  # prompts x 16
         (256, 1, 512, "512"),  # fewer rows than ranks: only the next size up
     ],
 )
 def test_batch_message_names_the_nearest_sizes(mini_batch, n, dp, fix):
     message = preflight.batch_message(mini_batch, n, dp, 1, dp)
-    assert f"ppo_mini_batch_size={fix} (" in message
+    assert f"ppo_mini_batch_size={fix}, " in message
     for size in fix.split(" or "):
         assert int(size) * n % dp == 0
+
+
+@pytest.mark.parametrize(
+    ("questions", "batch", "fix"),
+    [
+        (256, 128, "128 (1 update a step)"),  # the old setting in rows
+        (48, 128, "32 (4 updates a step) or 64 (2 updates a step)"),
+        (0, 64, "1 (64 updates a step)"),
+    ],
+)
+def test_updates_message_names_the_nearest_sizes(questions, batch, fix):
+    message = preflight.updates_message(questions, batch)
+    assert f"ppo_mini_batch_size={fix}: " in message
+    for size in fix.replace(" or ", ",").split(","):
+        assert batch % int(size.split()[0]) == 0
+
+
+def test_the_carl_trainer_checks_questions_and_verls_checks_rows():
+    carl = compose_carl("data.train_batch_size=128", "actor_rollout_ref.actor.ppo_mini_batch_size=16")
+    assert preflight.updates_message(16, 128) is None
+    preflight.check_batch(carl)  # 8 updates; rows are padded to the ranks by the CARL trainer
+    OmegaConf.update(carl, "trainer.n_gpus_per_node", 6)
+    OmegaConf.update(carl, "trainer.nnodes", 3)
+    preflight.check_batch(carl)
+    OmegaConf.update(carl, "trainer.v1.trainer_mode", "sync")  # verl's own schedule: 16 rows on 18 ranks
+    with pytest.raises(CARLConfigError, match="16 rows per update do not divide among 18 data-parallel ranks"):
+        preflight.check_batch(carl)
 
 
 def test_divisible_batches_and_sequence_parallelism_pass():

@@ -45,7 +45,7 @@ TINY_TRAIN_ENV = {
     "MAX_ACTIONS": "3",
     "MAX_ACTION_TOKENS": "32",
     "TOTAL_STEPS": "1",
-    "PPO_MINI_BATCH_ROWS": "8",
+    "PPO_MINI_BATCH_QUESTIONS": "2",
     "MAX_PROMPT_LENGTH": "256",
     "MAX_RESPONSE_LENGTH": "384",
     "EXPERIMENT": "carl_n08_qwen2.5_7b",

@@ -62,14 +62,11 @@ def trainer_overrides(cfg: DemoConfig, run_dir: Path, data_dir: Path, model_dir:
     if cfg.algo == "carl":
         keys = ("n0", "n_forks", "selection", "update_set", "merge", "spread_prior", "packing")
         settings.update({f"algorithm.carl.{k}": getattr(cfg, k) for k in keys})
-        # A mini-batch counts rows (rollout.n=1): a step's rows (at most N0 + N per tree; one per tree when packed)
-        # in one update, as GRPO gets.
-        rows = 1 if cfg.packing == "tree" else leaves
-        settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts * rows
     else:
         settings["algorithm.adv_estimator"] = "grpo"
         settings["actor_rollout_ref.rollout.n"] = cfg.grpo_group or leaves
-        settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts
+    # Questions per update (recipe.carl.schedule; GRPO: prompts): a step's rows in one update, for both algorithms.
+    settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts
     return [f"{key}={value}" for key, value in settings.items()]
 
 

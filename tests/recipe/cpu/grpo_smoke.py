@@ -131,6 +131,7 @@ def algo_overrides(algo: str) -> list[str]:
     if algo == "carl":
         # CARL's tree agent loop and estimator: 2 prompts, trees of N0 + N = 4 leaves, at most 2 actions per
         # trajectory; the search tool reads RETRIEVER_URL (run_smoke serves a toy retriever unless given a URL).
+        # One question per update: 2 updates a step, each with half the step's rows (recipe.carl.schedule).
         return [
             "algorithm.adv_estimator=carl",
             "algorithm.carl.n0=2",
@@ -140,7 +141,7 @@ def algo_overrides(algo: str) -> list[str]:
             "data.train_batch_size=2",
             "actor_rollout_ref.rollout.n=1",
             f"actor_rollout_ref.rollout.multi_turn.tool_config_path={TOOL_YAML}",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=1",
             "actor_rollout_ref.actor.use_dynamic_bsz=True",
             "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4096",
             "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",

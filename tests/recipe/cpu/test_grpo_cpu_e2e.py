@@ -34,6 +34,8 @@ def test_grpo_runs_two_steps(synced):
     # The toy reward is dense, so GRPO advantages and gradients are non-zero.
     assert all(g > 0 for g in synced.series("actor/grad_norm"))
     assert all(s > 0 for s in synced.series("critic/score/mean"))
+    # 4 prompts x 2 samples, 4 prompts per update: one update of the 8 rows, no padding (verl's own schedule).
+    assert synced.series("carl/updates_per_step") == [1.0, 1.0] and synced.series("carl/padding_rows") == [0.0, 0.0]
 
 
 def test_rollout_logprobs_match_actor_while_synced(synced):
@@ -70,6 +72,10 @@ def test_carl_runs_two_steps_through_the_tree_agent_and_estimator(carl):
     assert all(g > 0 for g in carl.series("actor/grad_norm"))
     assert max(carl.series(DIFF_KEY)) < 1e-3
     assert len(carl.checksums) == 3 and carl.checksums[0] != carl.checksums[-1]
+    # One question per update: 2 updates a step, on as many real rows each (+-1), whatever the trees gave.
+    assert carl.series("carl/updates_per_step") == [2.0, 2.0]
+    low, high = carl.series("carl/real_rows_per_update_min"), carl.series("carl/real_rows_per_update_max")
+    assert all(1 <= lo <= hi <= lo + 1 for lo, hi in zip(low, high, strict=True)), (low, high)
 
 
 def test_carl_tree_dumps_satisfy_the_invariants(carl):

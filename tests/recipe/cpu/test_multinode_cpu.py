@@ -10,9 +10,15 @@ second node's searches.
 
 It fails without main_carl's start-up fixes (issue 13, items 1-3): a relative yaml path is not found from the second
 node's directory (FileNotFoundError in AgentLoopWorker.__init__), and without RETRIEVER_URL the tool there searches
-127.0.0.1:8000.
+127.0.0.1:8000. The driver's WANDB_* / HF_* variables must reach the second node's workers too (issue 22, item 5):
+a reward function there records what it sees.
 
-Slow (65-80 s on 2 cores); ``pytest -k multinode`` selects it.
+A second cluster puts the second node on another address (127.0.0.2: another host, as Ray sees it) and names the
+checkpoint folder `/proc/self/cwd/ckpt`, which is a different folder in every process's working directory: a path
+that exists on one node only, as on machines without a shared filesystem. With `trainer.nnodes=1`, which the driver's
+checks pass, the run must stop in the cluster check (`recipe.carl.cluster`) on both counts.
+
+Slow (~100 s on 2 cores); ``pytest -k multinode`` selects it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,19 +69,23 @@ def bare_environment() -> dict[str, str]:
     }
 
 
-def ray_start(args: list[str], cwd: Path) -> int:
-    """Runs `ray start` in its own session (its daemons keep that session id) and returns the session id."""
+def ray_start(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Runs `ray start` in its own session (its daemons keep that session id); returns the session id and output."""
     proc = subprocess.Popen(
         RAY_START + args, cwd=cwd, env=bare_environment(), start_new_session=True, stdout=subprocess.PIPE, text=True
     )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    return proc.pid
+    return proc.pid, out
 
 
 @contextlib.contextmanager
-def two_node_cluster(root: Path) -> Iterator[tuple[str, Path]]:
+def two_node_cluster(root: Path, node_ip: str | None = None) -> Iterator[tuple[str, Path]]:
     """A head node without resources and a second node (16 logical CPUs, 1 logical GPU) in `root/node2`.
+
+    Args:
+        node_ip: the second node's address; default the head's (one host: Ray resolves 127.0.0.1 to this machine's
+            address for the head, and the second node is given the same).
 
     Yields:
         The cluster address and Ray's temp dir. Every process of both nodes is killed on exit.
@@ -86,36 +97,37 @@ def two_node_cluster(root: Path) -> Iterator[tuple[str, Path]]:
     address = f"127.0.0.1:{free_port()}"
     sessions = []
     try:
-        sessions.append(
-            ray_start(
-                [
-                    "--head",
-                    "--include-dashboard=false",
-                    f"--port={address.split(':')[1]}",
-                    "--num-cpus=0",
-                    "--num-gpus=0",
-                    "--object-store-memory=100000000",
-                    f"--temp-dir={temp_dir}",
-                    f"--ray-client-server-port={free_port()}",
-                    f"--dashboard-port={free_port()}",
-                    f"--dashboard-agent-listen-port={free_port()}",
-                ],
-                head_dir,
-            )
+        session, out = ray_start(
+            [
+                "--head",
+                "--include-dashboard=false",
+                f"--port={address.split(':')[1]}",
+                "--num-cpus=0",
+                "--num-gpus=0",
+                "--object-store-memory=100000000",
+                f"--temp-dir={temp_dir}",
+                f"--ray-client-server-port={free_port()}",
+                f"--dashboard-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+            ],
+            head_dir,
         )
-        sessions.append(
-            ray_start(
-                [
-                    f"--address={address}",
-                    "--num-cpus=16",
-                    "--num-gpus=1",
-                    "--object-store-memory=500000000",
-                    f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
-                    f"--dashboard-agent-listen-port={free_port()}",
-                ],
-                node_dir,
-            )
+        sessions.append(session)
+        head_ip = re.search(r"Local node IP: (\S+)", re.sub(r"\x1b\[[0-9;]*m", "", out))  # without colour codes
+        assert head_ip, out
+        session, _ = ray_start(
+            [
+                f"--address={address}",
+                f"--node-ip-address={node_ip or head_ip.group(1)}",
+                "--num-cpus=16",
+                "--num-gpus=1",
+                "--object-store-memory=500000000",
+                f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
+                f"--dashboard-agent-listen-port={free_port()}",
+            ],
+            node_dir,
         )
+        sessions.append(session)
         yield address, temp_dir
     finally:
         for sid in sessions:
@@ -150,10 +162,34 @@ def synthhop(out: Path) -> Path:
     return out
 
 
+#: What the driver exports and the second node's workers must see (issue 22, item 5); none is set on that node.
+DRIVER_ENV = {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+ENV_REWARD = """
+import json, os
+import ray
+from recipe.carl.search.reward import compute_score as project_score
+
+def compute_score(*args, **kwargs):
+    seen = {{name: os.environ.get(name) for name in {names!r}}}
+    with open({log!r}, "a") as f:
+        f.write(json.dumps({{"node": ray.get_runtime_context().get_node_id(), **seen}}) + "\\n")
+    return project_score(*args, **kwargs)
+"""
+
+
+def env_reward(folder: Path) -> tuple[Path, Path]:
+    """The project's reward, recording the worker's node and its values of `DRIVER_ENV`: (reward file, its log)."""
+    log = folder / "reward_env.jsonl"
+    path = folder / "env_reward.py"
+    path.write_text(ENV_REWARD.format(names=sorted(DRIVER_ENV), log=str(log)))
+    return path, log
+
+
 def test_multinode_carl_runs_its_workers_on_a_second_node(tmp_path):
     from recipe.carl.search.retriever import Retriever, RetrieverConfig
 
     data = synthhop(tmp_path / "data")
+    reward, reward_log = env_reward(tmp_path)
     retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(data / "corpus.jsonl")))
     overrides = [
         f"data.train_files={data / 'train.parquet'}",
@@ -161,7 +197,7 @@ def test_multinode_carl_runs_its_workers_on_a_second_node(tmp_path):
         "data.max_response_length=256",
         f"actor_rollout_ref.model.path={POLICY}",
         "actor_rollout_ref.rollout.multi_turn.tool_config_path=recipe/carl/search/search_tool.yaml",
-        "reward.custom_reward_function.path=recipe/carl/search/reward.py",
+        f"reward.custom_reward_function.path={reward}",
         "actor_rollout_ref.actor.optim.lr=1e-5",
         # Connect to the cluster instead of starting one (its resources are the cluster's).
         "ray_kwargs.ray_init.num_cpus=null",
@@ -174,7 +210,7 @@ def test_multinode_carl_runs_its_workers_on_a_second_node(tmp_path):
             algo="carl",
             workdir=tmp_path / "run",
             cwd=REPO,
-            extra_env={"RETRIEVER_URL": url},
+            extra_env={"RETRIEVER_URL": url, **DRIVER_ENV},
             timeout_s=480,
             extra_overrides=[
                 *overrides,
@@ -192,3 +228,48 @@ def test_multinode_carl_runs_its_workers_on_a_second_node(tmp_path):
     # The second node's agent loops searched the retriever only the driver's environment named, and it answered.
     assert sum(searches) > 0 and all(calls > 0 for calls in result.series("search/calls"))
     assert result.series("search/errors") == [0.0, 0.0]
+    # The driver's WANDB_* and HF_* variables reached the workers there (the cluster check passed: one host, shared
+    # files), and the probe file the driver wrote into the checkpoint folder was removed.
+    seen = [json.loads(line) for line in reward_log.read_text().splitlines()]
+    assert seen and all(s == {"node": second, **DRIVER_ENV} for s in seen), seen[:3]
+    log = Path(result.log_path).read_text(errors="replace")
+    assert "every worker node sees the driver's files" in log
+    assert not (tmp_path / "run" / "ckpt" / ".carl_shared_fs_probe").exists()
+
+
+def test_multinode_refuses_unshared_files_and_a_loopback_retriever_on_two_hosts(tmp_path):
+    """The second node on 127.0.0.2 (another host to Ray), trainer.nnodes=1 (the driver's checks pass), the
+    checkpoint folder /proc/self/cwd/ckpt (the driver's and the second node's are different folders)."""
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    overrides = [  # run_smoke's toy run gives absolute paths for the data, the policy, the tool yaml, the reward
+        "trainer.nnodes=1",
+        "trainer.default_local_dir=/proc/self/cwd/ckpt",
+        "ray_kwargs.ray_init.num_cpus=null",
+        "ray_kwargs.ray_init.num_gpus=null",
+        f"+transfer_queue.backend.SimpleStorage.required_node_resource={WORKER_RESOURCE}",
+    ]
+    with serve_retriever() as (url, _), two_node_cluster(tmp_path, node_ip="127.0.0.2") as (address, temp_dir):
+        result = run_smoke(
+            steps=1,
+            algo="carl",
+            workdir=tmp_path / "run",
+            cwd=driver,
+            extra_env={"RETRIEVER_URL": url},
+            timeout_s=300,
+            extra_overrides=[
+                *overrides,
+                f"+ray_kwargs.ray_init.address={address}",
+                f"ray_kwargs.ray_init._temp_dir={temp_dir}",
+            ],
+        )
+    log = " ".join(Path(result.log_path).read_text(errors="replace").split())
+    assert result.returncode != 0 and not result.timed_out and result.metrics == [], f"see {result.log_path}"
+    assert (driver / "ckpt" / ".carl_shared_fs_probe").exists()  # the driver's folder; the second node has its own
+    assert "the Ray cluster cannot run this config" in log, f"see {result.log_path}"
+    assert (
+        "trainer.default_local_dir=/proc/self/cwd/ckpt is not one folder for every node: node 127.0.0.2" in log
+        and "filesystem every node mounts at the same path (e.g. NFS)" in log
+    ), f"see {result.log_path}"
+    assert f"the retriever URL {url} is a loopback address, but the Ray cluster's nodes are on 2 hosts" in log
+    assert "trainer.nnodes=1" in log

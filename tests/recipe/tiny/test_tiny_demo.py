@@ -227,12 +227,13 @@ def test_the_composed_trainer_config_carries_the_run_and_the_yaml(tmp_path):
     assert rollout.name == "carl_hf" and rollout.temperature == 0.5
     assert rollout.val_kwargs.temperature == 0.5 and rollout.val_kwargs.do_sample
     assert rollout.val_kwargs.n == 1 and config.data.val_files.endswith("val.parquet")  # val_samples copies, n=1
-    assert config.actor_rollout_ref.actor.ppo_mini_batch_size == 16 * 8 and config.algorithm.adv_estimator == "carl"
+    assert config.actor_rollout_ref.actor.ppo_mini_batch_size == 16 and config.algorithm.adv_estimator == "carl"
     assert config.trainer.save_freq == 30 and config.trainer.default_local_dir == str(tmp_path / "ckpt")
     assert config.trainer.v1.sampler.custom_sampler.name == "QuickPollReplayBuffer"
     assert OmegaConf.to_container(config, resolve=True)  # every interpolation resolves
     grpo = _compose(DemoConfig(algo="grpo", grpo_group=16), tmp_path)
     assert grpo.algorithm.adv_estimator == "grpo" and grpo.actor_rollout_ref.rollout.n == 16
+    assert grpo.actor_rollout_ref.actor.ppo_mini_batch_size == 16  # one update a step, as CARL's
 
 
 def test_ablation_and_smollm2_knobs_reach_the_trainer(tmp_path):
