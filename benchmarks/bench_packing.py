@@ -57,7 +57,6 @@ from recipe.carl.packing.attention import (  # noqa: E402
     to_model_layout,
 )
 from recipe.carl.packing.layout import pack_tree  # noqa: E402
-from recipe.carl.tiny.local_agent import LocalAgent  # noqa: E402
 
 SYNTHETIC_VOCAB = 4000
 """Token ids of the synthetic trees are drawn below this (every named model's vocabulary is larger)."""
@@ -290,6 +289,7 @@ def demo_trees(args) -> tuple[list[RolloutTree], CARLConfig]:
     """One demo step of real trees: the shipped SFT policy in the agent loop's environment on SynthHop."""
     # Here, not at the top: make_data imports transformers.
     from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+    from recipe.carl.tiny.local_agent import LocalAgent  # here, not at the top: it imports omegaconf (not on a GPU box)
 
     config = CARLConfig(n0=2, n_forks=6, max_actions=6)
     data_dir = Path(tempfile.mkdtemp(prefix="bench_packing_")) / "data"

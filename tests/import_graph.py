@@ -22,9 +22,10 @@ from pathlib import Path
 
 import networkx as nx
 
-HEAVY = ("torch", "verl", "vllm", "ray", "transformers", "matplotlib")
+HEAVY = ("torch", "verl", "vllm", "ray", "transformers", "matplotlib", "omegaconf")
 """Packages worth keeping out of a command's start-up (measured here: `import verl` 3.1 s, torch 1.0 s, transformers
-0.7 s, matplotlib.pyplot 0.6 s, ray 0.3 s; vllm pulls torch and transformers)."""
+0.7 s, matplotlib.pyplot 0.6 s, ray 0.3 s; vllm pulls torch and transformers), and omegaconf, which the one-GPU
+check's machine lacks (only torch and transformers there: `benchmarks/gpu_check.py` imports `bench_packing`)."""
 
 
 @dataclass(frozen=True)
