@@ -58,9 +58,7 @@ def compute_node_values(
     Returns:
         Node values [shape: (num_nodes,)], in the dtype of `leaf_reward`; NaN where there is no value.
     """
-    n = parent.numel()
-    dtype = leaf_reward.dtype
-    has_parent = parent >= 0
+    n, dtype, has_parent = parent.numel(), leaf_reward.dtype, parent >= 0
     broken = (torch.bincount(parent[has_parent], minlength=n) == 0) != is_leaf
     if bool(broken.any()):
         bad = int(torch.nonzero(broken)[0])
@@ -70,6 +68,8 @@ def compute_node_values(
         raise ValueError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'leaf_weighted'.")
     m = torch.ones(n, dtype=dtype) if count is None else count.to(dtype)
     valued = is_leaf if has_outcome is None else is_leaf & has_outcome
+    if bool((valued & ~torch.isfinite(leaf_reward)).any()):
+        raise ValueError(f"leaf {int(torch.nonzero(valued & ~torch.isfinite(leaf_reward))[0])}: non-finite reward.")
     # Step 1: valued leaves hold R; the sums below collect each node's weighted children (or leaves) and weights.
     value = torch.where(valued, leaf_reward, torch.full_like(leaf_reward, math.nan))
     total, weight, lo, hi = (torch.full((n,), x, dtype=dtype) for x in (0.0, 0.0, math.inf, -math.inf))

@@ -83,9 +83,13 @@ def test_packed_rows_hold_fewer_tokens_than_per_path_rows(monkeypatch):
 
 
 def test_a_tree_larger_than_the_row_budget_takes_several_rows(monkeypatch):
-    # without dynamic batch sizes the budget is data.max_response_length (here 64 of the trees' ~150 tokens)
+    # without dynamic batch sizes the budget is data.max_response_length (here 64 of the trees' ~150 tokens; merging
+    # off, so that identical samples do not shrink the trees under it)
     config = make_config(
-        "algorithm.carl.packing=tree", "actor_rollout_ref.actor.use_dynamic_bsz=False", "data.max_response_length=64"
+        "algorithm.carl.packing=tree",
+        "actor_rollout_ref.actor.use_dynamic_bsz=False",
+        "data.max_response_length=64",
+        "algorithm.carl.merge=false",
     )
     rows, trees = _rows(config, monkeypatch)
     assert len(rows) > len(trees) and all(len(r["responses"]) <= 64 for r in rows)
