@@ -69,6 +69,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout", choices=sorted(ROLLOUT_DEVICES), default=os.environ.get("ROLLOUT", "carl_hf"),
                    help="the RL run's inference engine: carl_hf (default; or $ROLLOUT) or vllm (verl's vLLM rollout "
                    "on vLLM's CPU build; install it with bash scripts/install_cpu.sh --vllm)")  # fmt: skip
+    p.add_argument("--selection", choices=["density", "spread", "random", "entropy"],
+                   help="CARL's fork rule (default density, the paper's; spread follows the outcomes seen so far: "
+                   "docs/beyond_the_paper.md)")  # fmt: skip
+    p.add_argument("--packing", choices=["tree", "path"],
+                   help="CARL's training rows: tree (default, one packed row per tree) or path (one per leaf "
+                   "path)")  # fmt: skip
+    p.add_argument("--no-merge", action="store_true",
+                   help="keep every sampled action its own node (default: identical actions at a state "
+                   "merge)")  # fmt: skip
     p.add_argument("--steps", type=positive(int), help="RL steps (default 30; 2 with --tiny; 10 with smollm2)")
     p.add_argument("--test-freq", type=positive(int), help="validate every N steps (default 10; 5 with smollm2), "
                    "before training and after the last step too")  # fmt: skip
@@ -95,7 +104,8 @@ def config_from(args: argparse.Namespace, p: argparse.ArgumentParser) -> DemoCon
     else:
         cfg = DemoConfig(algo=args.algo, seed=args.seed)
     chosen = {"steps": args.steps, "test_freq": args.test_freq, "lr": args.lr, "temperature": args.temperature,
-              "sft_steps": args.sft_steps}  # fmt: skip
+              "sft_steps": args.sft_steps, "selection": args.selection, "packing": args.packing,
+              "merge": False if args.no_merge else None}  # fmt: skip
     cfg = replace(cfg, rl_seed=args.rl_seed, rollout=args.rollout, **{k: v for k, v in chosen.items() if v is not None})
     try:  # --rollout vllm without the vLLM venv fails now, not after the data and the SFT start
         trainer_python(cfg)

@@ -54,8 +54,9 @@ class DemoConfig:
     """CARL: one node per distinct action (`algorithm.carl.merge`)."""
     spread_prior: float = 8.0
     """CARL with `selection=spread`: the entropy prior's weight (`algorithm.carl.spread_prior`)."""
-    packing: str = "path"
-    """CARL's training rows (`algorithm.carl.packing`): `path` or `tree` (one packed row per tree)."""
+    packing: str = "tree"
+    """CARL's training rows (`algorithm.carl.packing`): `tree` (one packed row per tree: the demo's RL step 6.2 s
+    instead of 11.6 s with `path`, the same loss and gradient; docs/carl_vs_grpo.md) or `path` (one row per path)."""
     full_determinism: bool = False
     """Per-request sampling seeds from `rl_seed` (verl's `rollout.full_determinism`): a run is reproducible, and runs
     that share a seed share their random numbers wherever their requests coincide."""

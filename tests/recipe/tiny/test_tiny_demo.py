@@ -164,6 +164,10 @@ def test_the_flags_choose_the_default_run_the_smoke_mode_or_smollm2(tmp_path):
     assert config("--tiny") == DemoConfig.tiny()
     assert config("--policy", "smollm2", "--algo", "grpo") == DemoConfig.smollm2("grpo")
     assert config("--steps", "7", "--rl-seed", "3", "--test-freq", "5") == DemoConfig(steps=7, rl_seed=3, test_freq=5)
+    # The tree's knobs: the default run packs rows per tree and merges identical actions, with the paper's forks.
+    assert (DemoConfig().packing, DemoConfig().merge, DemoConfig().selection) == ("tree", True, "density")
+    wanted = DemoConfig(selection="spread", packing="path", merge=False)
+    assert config("--selection", "spread", "--packing", "path", "--no-merge") == wanted
 
 
 def test_every_flag_has_help():
