@@ -67,9 +67,10 @@ def bias(trees: int) -> list[dict[str, Any]]:
     return rows
 
 
-def pilot(questions: int, priors: list[float], seed: int = 0) -> list[dict[str, Any]]:
-    """Trees of the SFT start on the first `questions` training questions, one per question and rule."""
-    shared = prepare(REPO / "runs" / "carl_vs_grpo", PROTOCOL)  # the experiment's shared data and SFT start
+def pilot(questions: int, priors: list[float], seed: int = 0, root: Path = REPO / "runs" / "carl_vs_grpo"):
+    """Trees of the SFT start on the first `questions` training questions, one per question and rule (the data and
+    SFT start are the experiment's, `root/shared`, made there if missing)."""
+    shared = prepare(root, PROTOCOL)
     cfg = demo_config(PROTOCOL, "carl", seed)
     agent = LocalAgent(shared / "policy_sft", shared / "data", topk=cfg.topk, max_actions=cfg.max_actions,
                        response_length=cfg.max_response_length, seed=seed)  # fmt: skip
