@@ -68,6 +68,30 @@ def run_budget(metrics: list[dict[str, Any]], steps: list[int]) -> dict[str, Any
     return {"per_step": per_step, "cumulative": cumulative}
 
 
+def fork_profile(dump_dir: Path) -> dict[str, float] | None:
+    """Where a run's forks went, from its tree dumps (`ckpt/carl_trees/*.jsonl`, one record per tree): forks per tree,
+    their mean depth, the share at the root, and the share at states whose children's final values differ (forks
+    that could produce an advantage there); None without dumps (GRPO)."""
+    forks = depth = at_root = at_spread = trees = 0
+    for path in sorted(dump_dir.glob("step_*.jsonl")):
+        for line in path.read_text().splitlines():
+            nodes = json.loads(line)["nodes"]
+            trees += 1
+            values: dict[int, set[float]] = {}
+            for n in nodes:
+                if n["parent"] is not None and n["value"] is not None:
+                    values.setdefault(n["parent"], set()).add(round(n["value"], 9))
+            for n in nodes:
+                forks += n["forked"]
+                depth += n["forked"] * n["depth"]
+                at_root += n["forked"] * (n["parent"] is None)
+                at_spread += n["forked"] * (len(values.get(n["id"], ())) > 1)
+    if not trees or not forks:
+        return None
+    return {"trees": trees, "forks_per_tree": forks / trees, "fork_depth_mean": depth / forks,
+            "fork_share_at_root": at_root / forks, "fork_share_where_children_differ": at_spread / forks}  # fmt: skip
+
+
 def load(out: Path) -> dict[str, Any]:
     """Every finished run of the experiment in `out`: per-question accuracies at each evaluated step, and budgets."""
     saved = json.loads((out / "protocol.json").read_text())
@@ -88,6 +112,7 @@ def load(out: Path) -> dict[str, Any]:
                 "sampled": np.array([s["sampled"] for s in scores]).T,  # (questions, points)
                 "greedy": np.array([s["greedy"] for s in scores]).T,
                 "done": json.loads((run_dir / "done.json").read_text()),
+                "forks": fork_profile(run_dir / "ckpt" / "carl_trees"),
                 **run_budget(read_metrics(run_dir / "metrics.jsonl"), steps[1:]),
             }
     return {"protocol": protocol, "arms": arms, "steps": steps, "start": start, "runs": runs}
@@ -189,6 +214,8 @@ def per_arm(data: dict[str, Any], arm: str) -> dict[str, Any]:
         "nonzero_advantage_share": {k: 1 - v for k, v in per_run("zero_advantage", "trained_actions").items()}
         if arm != "grpo" else None,
         "merged_samples_per_tree": per_run("merged_samples_per_tree"),
+        "fork_profile": {k: float(np.mean([runs[s]["forks"][k] for s in seeds])) for k in runs[seeds[0]]["forks"]}
+        if runs[seeds[0]]["forks"] else None,
         "load_average": [runs[s]["done"]["load_before"][0] for s in seeds],
     }  # fmt: skip
 
