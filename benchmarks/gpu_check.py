@@ -41,7 +41,7 @@ from benchmarks import bench_packing  # noqa: E402
 from recipe.carl import gpu_stack  # noqa: E402
 
 TIME_RATIO_MAX = 0.7
-"""Packed passes must take at most this share of the per-path time (the README's switch condition)."""
+"""Packed passes must take at most this share of the per-path time (docs/packing.md's switch condition)."""
 TOKEN_RATIO_MAX = 0.5
 """... on at most this share of the per-path tokens."""
 EXACT_TOL = 1e-3

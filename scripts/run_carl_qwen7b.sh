@@ -44,7 +44,7 @@ if [[ -n ${PPO_MINI_BATCH_ROWS:-} ]]; then
 fi
 PPO_MINI_BATCH_QUESTIONS=${PPO_MINI_BATCH_QUESTIONS:-16}
 # Training rows (algorithm.carl.packing): path = one row per leaf path (verl's flash attention); tree = one row per
-# tree with a tree attention mask (flex_attention; recipe/carl/packing, README "Tree-packed training rows").
+# tree with a tree attention mask (flex_attention; recipe/carl/packing, docs/packing.md).
 PACKING=${PACKING:-path}
 
 # ---- token budgets ----

@@ -35,7 +35,7 @@ SHIPPED = REPO / "recipe" / "carl" / "tiny" / "checkpoints" / "sft_seed0"
 MODEL_ID = "Qwen/Qwen2.5-7B-Instruct"
 #: The shipped tiny policy's budgets (its turns are a few words; its context holds 1024 positions).
 TINY_EVAL = "--engine hf --topk 3 --max-actions 3 --max-action-tokens 32 --prompt-length 256 --response-length 384"
-#: Sizes of a 1-step CARL run of the tiny policy, and the CPU form of scripts/run_carl_qwen7b.sh (README).
+#: Sizes of a 1-step CARL run of the tiny policy: the CPU form of scripts/run_carl_qwen7b.sh (docs/your_own_data.md).
 TINY_TRAIN_ENV = {
     "CARL_DEVICE": "cpu",
     "GPUS_PER_NODE": "1",
@@ -98,7 +98,7 @@ def write_fixture(root: Path) -> None:
 
 
 def adapt(line: str, root: Path, url: str | None) -> str:
-    """The substitutions that make a README line run here (listed in the README under the block)."""
+    """The substitutions that make a README line run here (listed in docs/your_own_data.md)."""
     for prefix in ("data/", "runs/", "checkpoints"):
         line = re.sub(rf"(?<![\w/.]){prefix}", f"{root}/{prefix}", line)
     line = line.replace(MODEL_ID, str(SHIPPED))

@@ -3,7 +3,7 @@
 
 The rollout server's log-probs and the actor's recomputed old log-probs of the trained tokens agree as closely as
 with per-path rows (`tests/recipe/cpu/test_grpo_cpu_e2e.py`); without the packed-row engine (verl's own causal
-attention over a packed row) they differ by 0.17 and 0.044 at steps 1 and 2 (measured; see the README).
+attention over a packed row) they differ by 0.17 and 0.044 at steps 1 and 2 (measured; see docs/packing.md).
 Slow: ~1.5 min on 2 cores.
 """
 
