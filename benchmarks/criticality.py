@@ -15,7 +15,9 @@ than half), and the Brunner-Munzel test of entropy between high-C and near-zero-
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.carl_vs_grpo import PROTOCOL, REPO, prepare
 from carl_core import RolloutTree, rollout_from
 from recipe.carl.tiny.local_agent import LocalAgent
 
@@ -146,3 +149,28 @@ def run_study(policy_dir: str | Path, data_dir: str | Path, cfg: StudyConfig) ->
     out = compute_criticality_stats([h for h, _ in pairs], [c for _, c in pairs], cfg.near_zero, cfg.high)
     out.update(questions=len(rows), k=cfg.k, policy=str(policy_dir))
     return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`python -m benchmarks.criticality [--policy DIR --data DIR]`: the study, by default on the shipped SFT start
+    and the experiment's SynthHop data (made in `runs/carl_vs_grpo/shared` if missing)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.criticality", description=__doc__.split("\n")[0])
+    p.add_argument("--policy", type=Path, help="a policy folder (default: the experiment's SFT start)")
+    p.add_argument("--data", type=Path, help="a SynthHop folder with test.parquet (default: the experiment's data)")
+    p.add_argument("--questions", type=int, default=StudyConfig.questions, help="held-out questions studied")
+    p.add_argument("--k", type=int, default=StudyConfig.k, help="actions resampled per state")
+    args = p.parse_args(argv)
+    if args.questions < 1 or args.k < 2:
+        raise SystemExit(f"error: --questions {args.questions} must be >= 1 and --k {args.k} >= 2 (a spread).")
+    if (args.policy is None) != (args.data is None):
+        raise SystemExit("error: give both --policy and --data, or neither (the experiment's SFT start and data).")
+    if args.policy is None:
+        shared = prepare(REPO / "runs" / "carl_vs_grpo", PROTOCOL)
+        args.policy, args.data = shared / "policy_sft", shared / "data"
+    result = run_study(args.policy, args.data, StudyConfig(questions=args.questions, k=args.k))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -44,3 +44,12 @@ def test_study_runs_on_a_tiny_random_policy(tmp_path):
     out = run_study(tmp_path / "policy", tmp_path / "data", StudyConfig(questions=3, k=2, max_actions=3))
     assert out["questions"] == 3 and out["k"] == 2 and out["n_states"] >= 1
     assert 0.0 <= out["frac_near_zero_std"] <= 1.0
+
+
+def test_the_command_line_names_bad_flags():
+    from benchmarks.criticality import main
+
+    with pytest.raises(SystemExit, match="--k 1 >= 2"):
+        main(["--k", "1"])
+    with pytest.raises(SystemExit, match="give both --policy and --data"):
+        main(["--policy", "x"])
