@@ -211,13 +211,17 @@ def per_arm(data: dict[str, Any], arm: str) -> dict[str, Any]:
         "wall_s_per_step": per_run("wall_s"),
         "run_wall_s": float(np.mean([runs[s]["done"]["wall_s"] for s in seeds])),
         "no_signal_tree_share": per_run("no_signal_trees", "trees"),
-        "nonzero_advantage_share": {k: 1 - v for k, v in per_run("zero_advantage", "trained_actions").items()}
-        if arm != "grpo" else None,
+        "nonzero_advantage_share": complement(per_run("zero_advantage", "trained_actions")) if arm != "grpo" else None,
         "merged_samples_per_tree": per_run("merged_samples_per_tree"),
         "fork_profile": {k: float(np.mean([runs[s]["forks"][k] for s in seeds])) for k in runs[seeds[0]]["forks"]}
         if runs[seeds[0]]["forks"] else None,
         "load_average": [runs[s]["done"]["load_before"][0] for s in seeds],
     }  # fmt: skip
+
+
+def complement(i: dict[str, float]) -> dict[str, float]:
+    """1 - x of an interval (its bounds swap)."""
+    return {"estimate": 1 - i["estimate"], "low": 1 - i["high"], "high": 1 - i["low"]}
 
 
 def compare(data: dict[str, Any], a: str, b: str) -> dict[str, Any] | None:
@@ -234,14 +238,14 @@ def compare(data: dict[str, Any], a: str, b: str) -> dict[str, Any] | None:
 
 
 def per_action(data: dict[str, Any], a: str, b: str, budget_name: str) -> dict[str, Any] | None:
-    """(a's gain over the start per 1,000 `budget_name` actions) - (b's), paired by seed and question."""
+    """(a's gain over the start, in points, per 1,000 `budget_name` actions) - (b's), paired by seed and question."""
     seeds = sorted(set(data["runs"][a]) & set(data["runs"][b]))
     if not seeds:
         return None
     start = np.array(data["start"]["sampled"])
     arrays = []
     for arm in (a, b):
-        acc = stack(data["runs"][arm], seeds, "sampled")[:, :, -1] - start[None, :]
+        acc = 100 * (stack(data["runs"][arm], seeds, "sampled")[:, :, -1] - start[None, :])
         arrays += [acc, budget(data["runs"][arm], seeds, budget_name, acc.shape[1])[:, :, -1] / 1000]
 
     def statistic(gain_a, cost_a, gain_b, cost_b):

@@ -95,7 +95,7 @@ def fake_experiment(out: Path, accuracy: dict[str, np.ndarray], budgets: dict[st
                      "carl/actions_trained_per_question": b["trained"] / 2, "carl/tokens_trained": 10 * b["trained"],
                      "carl/tokens_generated": 10 * b["generated"], "timing_s/step": 5.0, "carl/trees": 2.0,
                      "carl/actions_trained_per_tree": b["trained"] / 2, "carl/degenerate_tree_fraction": 0.25,
-                     "carl/zero_advantage_fraction": 0.5} for t in range(1, points)]  # fmt: skip
+                     "carl/zero_advantage_fraction": 0.2 + 0.1 * s} for t in range(1, points)]  # fmt: skip
             lines = [json.dumps({"step": r.pop("step"), "data": r}) for r in rows]  # verl's file logger's layout
             (run / "metrics.jsonl").write_text("\n".join(lines))
             for p in range(1, points):
@@ -124,9 +124,15 @@ def test_report_on_hand_made_runs(tmp_path):
     # Budgets: 64 generated per step for 2 steps -> 128 at the end; CARL trained 20 per step -> 40.
     assert arms["grpo"]["actions_generated"] == 128 and arms["carl"]["actions_trained"] == 40
     assert [p["actions_trained"] for p in arms["carl"]["curve"]] == [0, 20, 40]
-    # Trees: 1/4 without signal; half the trained actions with A = 0.
+    # Trees: 1/4 without signal; trained actions with A != 0: 0.8 (seed 0) and 0.7 (seed 1), mean 0.75, within its band.
     assert arms["carl"]["no_signal_tree_share"]["estimate"] == pytest.approx(0.25)
-    assert arms["carl"]["nonzero_advantage_share"]["estimate"] == pytest.approx(0.5)
+    nonzero = arms["carl"]["nonzero_advantage_share"]
+    assert nonzero["estimate"] == pytest.approx(0.75) and 0.7 - 1e-9 <= nonzero["low"] <= 0.75 <= nonzero["high"] <= 0.8
+    # Gain over the start in points per 1,000 generated actions, CARL minus GRPO, by hand.
+    start = grpo[0, :, 0].mean()
+    by_hand = 100 * (carl[:, :, -1].mean() - start) / 0.120 - 100 * (grpo[:, :, -1].mean() - start) / 0.128
+    per_k = report.per_action(report.load(tmp_path), "carl", "grpo", "actions_generated")
+    assert per_k["estimate"] == pytest.approx(by_hand)
     assert Path(result["figure"]).stat().st_size > 0 and (tmp_path / "results.json").exists()
     assert "| CARL | 2 |" in result["table"]
 
