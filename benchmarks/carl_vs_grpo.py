@@ -3,6 +3,8 @@
     python -m benchmarks.carl_vs_grpo --out runs/carl_vs_grpo            # every arm x seed; run again to resume
     python -m benchmarks.carl_vs_grpo --out runs/carl_vs_grpo --report   # statistics, figure, table (what finished)
     python -m benchmarks.carl_vs_grpo --out /tmp/smoke --smoke           # CI: 2 arms, 2 steps, a handful of questions
+    python -m benchmarks.carl_vs_grpo --out runs/repro --arms grpo --seeds 0          # one run again, in a new folder
+    python -m benchmarks.carl_vs_grpo --out runs/repro --report --against runs/carl_vs_grpo   # ... and its drift
 
 Every run is verl's trainer on the CPU (`python -m recipe.carl.main_carl +demo=tiny_cpu +device=cpu`, the embedded
 default's settings, `recipe.carl.tiny.demo.trainer_overrides`), from the shipped SFT start, with the settings of
@@ -45,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.carl_vs_grpo_report import build_report
+from benchmarks.carl_vs_grpo_report import build_report, reproduction
 from recipe.carl.io import write_json, write_text
 from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
 from recipe.carl.tiny import launch
@@ -253,7 +255,7 @@ def evaluate_run(run_dir: Path, shared: Path, rows: list[dict[str, Any]], protoc
         write_json(path, {"step": step, **score_policy(policy, shared, rows, protocol, cfg)})
 
 
-def run(out: Path, protocol: Protocol, arms: list[str], lock: str | None) -> None:
+def run(out: Path, protocol: Protocol, arms: list[str], lock: str | None, seeds: list[int] | None = None) -> None:
     """Every unit of the experiment that has not finished: set-up, the start's score, each (seed, arm) run and its
     scores. Seeds are the outer loop, so an interrupted experiment holds whole seeds of every arm."""
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +270,7 @@ def run(out: Path, protocol: Protocol, arms: list[str], lock: str | None) -> Non
                                                                              protocol, cfg0)})  # fmt: skip
     retriever, _ = corpus_search(shared / "data" / "corpus.jsonl", cfg0.topk)
     with launch.retriever_server(retriever, 0) as url:
-        for seed in range(protocol.seeds):
+        for seed in seeds if seeds is not None else range(protocol.seeds):
             for arm in arms:
                 print(f"=== {arm} seed {seed} (load {os.getloadavg()[0]:.1f})", flush=True)
                 with heavy_lock(lock):
@@ -283,12 +285,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--arms", nargs="+", choices=list(ARMS), help="a subset of the arms (default: all)")
     p.add_argument("--report", action="store_true", help="only the statistics, figure and table of what finished")
     p.add_argument("--smoke", action="store_true", help="CI: 2 arms, 2 steps, 1 seed, a few questions")
+    p.add_argument("--seeds", nargs="+", type=int, help="a subset of the seeds (default: all); e.g. to rerun one")
+    p.add_argument(
+        "--against",
+        type=Path,
+        help="with --report: compare each finished run with the same run in this "
+        "experiment folder (the reproduction check; writes reproduction.json)",
+    )
     p.add_argument("--lock", help="a file to flock around each heavy unit (one heavy job at a time on a shared box)")
     args = p.parse_args(argv)
     protocol = SMOKE if args.smoke else PROTOCOL
     arms = args.arms or (list(SMOKE_ARMS) if args.smoke else list(ARMS))
     out = args.out.resolve()
+    bad = sorted(set(args.seeds or ()) - set(range(protocol.seeds)))
+    if bad:
+        raise SystemExit(f"error: --seeds {bad}: the protocol has seeds 0..{protocol.seeds - 1}; pick from those.")
+    if args.against and not args.report:
+        raise SystemExit("error: --against compares finished runs; add --report (run the rerun first without it).")
     if args.report:
+        if args.against:
+            return reproduction(out, args.against.resolve())
         if not (out / "start_eval.json").exists():
             raise SystemExit(f"error: {out} holds no experiment (no start_eval.json); run without --report first.")
         return build_report(out)
@@ -297,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         before = json.loads(saved.read_text())["protocol"]
         if before != json.loads(json.dumps(dataclasses.asdict(protocol))):
             raise SystemExit(f"error: {out} was started with another protocol ({saved}); use another --out.")
-    run(out, protocol, arms, args.lock)
+    run(out, protocol, arms, args.lock, args.seeds)
     return build_report(out)
 
 

@@ -57,11 +57,12 @@ def run_budget(metrics: list[dict[str, Any]], steps: list[int]) -> dict[str, Any
         "tokens_generated": [rows[s]["carl/tokens_generated"] for s in sorted(rows)],
         "tokens_trained": [rows[s]["carl/tokens_trained"] for s in sorted(rows)],
         "wall_s": [rows[s].get("timing_s/step", math.nan) for s in sorted(rows)],
-        "no_signal_trees": [rows[s].get("carl/degenerate_tree_fraction", math.nan) for s in sorted(rows)],
+        "no_signal_trees": [rows[s].get("carl/degenerate_tree_fraction",  # GRPO: its groups
+                                        rows[s].get("carl/no_signal_group_fraction", math.nan)) for s in sorted(rows)],
+        "questions": [rows[s]["carl/questions"] for s in sorted(rows)],
         "zero_advantage": [rows[s].get("carl/zero_advantage_fraction", math.nan) for s in sorted(rows)],
         "merged_samples_per_tree": [rows[s].get("carl/merged_samples_per_tree", 0.0) for s in sorted(rows)],
-        "trees": [rows[s].get("carl/trees", math.nan) for s in sorted(rows)],
-        "trained_per_tree": [rows[s].get("carl/actions_trained_per_tree", math.nan) for s in sorted(rows)],
+        "reward": [rows[s].get("critic/score/mean", math.nan) for s in sorted(rows)],
     }  # fmt: skip
     cumulative = {k: [float(sum(per_step[k][:s])) for s in steps] for k in
                   ("actions_generated", "actions_trained", "tokens_generated", "tokens_trained", "wall_s")}  # fmt: skip
@@ -191,10 +192,6 @@ def per_arm(data: dict[str, Any], arm: str) -> dict[str, Any]:
             return {"estimate": math.nan, "low": math.nan, "high": math.nan}
         return interval(mean_interval(np.array(values)[:, None], n_boot=N_BOOT))
 
-    trained = [np.array(runs[s]["per_step"]["trained_per_tree"]) * np.array(runs[s]["per_step"]["trees"])
-               for s in seeds]  # fmt: skip
-    for s, t in zip(seeds, trained, strict=True):
-        runs[s]["per_step"]["trained_actions"] = list(t)
     return {
         "seeds": seeds,
         "final_sampled": interval(mean_interval(sampled[:, :, -1], n_boot=N_BOOT)),
@@ -210,13 +207,29 @@ def per_arm(data: dict[str, Any], arm: str) -> dict[str, Any]:
         "tokens_trained": curve[-1]["tokens_trained"],
         "wall_s_per_step": per_run("wall_s"),
         "run_wall_s": float(np.mean([runs[s]["done"]["wall_s"] for s in seeds])),
-        "no_signal_tree_share": per_run("no_signal_trees", "trees"),
-        "nonzero_advantage_share": complement(per_run("zero_advantage", "trained_actions")) if arm != "grpo" else None,
+        "no_signal_tree_share": per_run("no_signal_trees", "questions"),  # one tree (GRPO: group) per question
+        "nonzero_advantage_share": complement(per_run("zero_advantage", "actions_trained")),
+        "nonzero_generated_share": nonzero_generated_share(runs, seeds),
         "merged_samples_per_tree": per_run("merged_samples_per_tree"),
         "fork_profile": {k: float(np.mean([runs[s]["forks"][k] for s in seeds])) for k in runs[seeds[0]]["forks"]}
         if runs[seeds[0]]["forks"] else None,
         "load_average": [runs[s]["done"]["load_before"][0] for s in seeds],
     }  # fmt: skip
+
+
+def nonzero_generated_share(runs: dict[int, dict[str, Any]], seeds: list[int]) -> dict[str, float]:
+    """Generated actions that ended with A != 0 (trained with a nonzero advantage) over all generated actions, per
+    run summed over its steps, then the mean and interval over seeds; NaN where a run did not log A = 0 shares."""
+    values = []
+    for s in seeds:
+        step = runs[s]["per_step"]
+        zero, trained, generated = (np.array(step[k], dtype=float) for k in ("zero_advantage", "actions_trained",
+                                                                             "actions_generated"))  # fmt: skip
+        nonzero = np.where(trained > 0, (1 - zero) * trained, 0.0)  # a step that trained nothing logs no share
+        values.append(float(nonzero.sum() / generated.sum()))
+    if any(math.isnan(v) for v in values):
+        return {"estimate": math.nan, "low": math.nan, "high": math.nan}
+    return interval(mean_interval(np.array(values)[:, None], n_boot=N_BOOT))
 
 
 def complement(i: dict[str, float]) -> dict[str, float]:
@@ -345,7 +358,7 @@ def plot(arms: dict[str, Any], start: float, path: Path) -> Path:
 
 
 def pct(i: dict[str, float] | None, signed: bool = False) -> str:
-    if not i:
+    if not i or math.isnan(i["estimate"]):
         return "—"
     fmt = "{:+.1f}" if signed else "{:.1f}"
     return f"{fmt.format(100 * i['estimate'])} [{fmt.format(100 * i['low'])}, {fmt.format(100 * i['high'])}]"
@@ -356,20 +369,21 @@ def table(result: dict[str, Any]) -> str:
     arms, pairs = result["arms"], result["vs_grpo"]
     lines = [
         "| arm | seeds | final EM, sampled % | - GRPO (paired) | final EM, greedy % | actions generated / trained "
-        "per question | no-signal trees | trained actions with A != 0 | s / step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "per question | no-signal trees (GRPO: groups) % | trained actions with A != 0 % | generated actions with "
+        "A != 0 % | s / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, r in arms.items():
         if not r:
             continue
         questions = result["questions_per_run"]
         diff = pairs.get(arm) and pairs[arm]["sampled"]
-        nz = r["nonzero_advantage_share"]
         lines.append(
             f"| {LABELS.get(arm, arm)} | {len(r['seeds'])} | {pct(r['final_sampled'])} | "
             f"{pct(diff, True) if diff else '—'} | {pct(r['final_greedy'])} | "
             f"{r['actions_generated'] / questions:.1f} / {r['actions_trained'] / questions:.1f} | "
-            f"{pct(r['no_signal_tree_share']) if arm != 'grpo' else '—'} | {pct(nz) if nz else '—'} | "
+            f"{pct(r['no_signal_tree_share'])} | {pct(r['nonzero_advantage_share'])} | "
+            f"{pct(r['nonzero_generated_share'])} | "
             f"{r['wall_s_per_step']['estimate']:.1f} |"
         )
     return "\n".join(lines)
@@ -399,6 +413,54 @@ def build_report(out: Path) -> dict[str, Any]:
     write_json(out / "results.json", json.loads(json.dumps(result, default=_jsonable)))
     print(result["table"])
     print(json.dumps(result["claims"], indent=1, default=_jsonable))
+    return result
+
+
+def reproduction(rerun: Path, original: Path) -> dict[str, Any]:
+    """Each finished (arm, seed) run of the experiment in `rerun` against the same run in `original`.
+
+    Per run: at every evaluated step the held-out EM (sampled and greedy) of both, their difference and the share of
+    questions whose score changed; the largest per-step difference of the mean training reward; and the noise the
+    protocol states for one run (docs/carl_vs_grpo.md, "Reproducing a run"): the half-width of the 95 % interval of
+    the original run's final sampled EM over held-out questions. `within_noise` when every difference is inside it.
+    Writes `reproduction.json` into `rerun`.
+    """
+    new, old = load(rerun), load(original)
+    if new["start"]["questions"] != old["start"]["questions"]:
+        raise ValueError(f"{rerun} and {original} scored different held-out questions; they are not one protocol.")
+    start_diff = float(np.mean(new["start"]["sampled"]) - np.mean(old["start"]["sampled"]))
+    runs = []
+    for arm, by_seed in new["runs"].items():
+        for seed, run in sorted(by_seed.items()):
+            before = old["runs"].get(arm, {}).get(seed)
+            if before is None:
+                raise ValueError(f"{original} has no finished {arm} seed {seed} to compare the rerun with.")
+            noise = mean_interval(before["sampled"][None, :, -1], n_boot=N_BOOT)
+            points = []
+            for p, step in enumerate(new["steps"]):
+                point: dict[str, Any] = {"step": step}
+                for key in ("sampled", "greedy"):
+                    a, b = run[key][:, p], before[key][:, p]
+                    point[key] = {"original": float(b.mean()), "rerun": float(a.mean()),
+                                  "difference": float(a.mean() - b.mean()),
+                                  "questions_changed": float(np.mean(a != b))}  # fmt: skip
+                points.append(point)
+            reward = np.array(run["per_step"]["reward"]) - np.array(before["per_step"]["reward"])
+            half_width = (noise.high - noise.low) / 2
+            runs.append({"arm": arm, "seed": seed, "points": points, "noise_half_width": half_width,
+                         "max_reward_difference": float(np.nanmax(np.abs(reward))) if reward.size else math.nan,
+                         "within_noise": all(abs(q[k]["difference"]) <= half_width
+                                             for q in points for k in ("sampled", "greedy"))})  # fmt: skip
+    result = {"rerun": str(rerun), "original": str(original), "start_difference": start_diff, "runs": runs}
+    write_json(rerun / "reproduction.json", result)
+    for r in runs:
+        last = r["points"][-1]["sampled"]
+        print(
+            f"{r['arm']} seed {r['seed']}: final sampled EM {100 * last['original']:.1f} -> {100 * last['rerun']:.1f}"
+            f" ({100 * last['difference']:+.1f} points, {100 * last['questions_changed']:.0f} % of questions "
+            f"changed; noise +-{100 * r['noise_half_width']:.1f}); training reward differs by at most "
+            f"{r['max_reward_difference']:.4f} per step: {'within' if r['within_noise'] else 'OUTSIDE'} the noise"
+        )
     return result
 
 

@@ -15,7 +15,7 @@ and `_step_once()` run unchanged; changed lines are tagged `# CARL:`.
   its own leaf reward (`rm_scores`) and reward breakdown (`reward_extra_info`) back, which verl's list
   post-processing overwrote with the last output's; logs `carl/*` and `search/*` and dumps the trees, all from the
   estimator's one result. Under any other estimator (the GRPO baseline) the advantages are verl's exactly, and the
-  same per-question budget and search metrics are logged.
+  same per-question budget, search metrics and shares without signal (`baseline_signal_stats`) are logged.
 - A step whose share of failed searches exceeds `algorithm.carl.max_search_error_rate` stops the run.
 - `_save_checkpoint`: after verl's, writes the run's agent settings (`recipe.carl.run_record`) into the step's folder
   and `trainer.default_local_dir`, where `python -m recipe.carl.evaluate` finds them (verl saves no run config).
@@ -24,6 +24,7 @@ and `_step_once()` run unchanged; changed lines are tagged `# CARL:`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -86,6 +87,44 @@ def search_metrics(batch: CarlBatch, settings: RecipeSettings, config: Any, step
         "search/errors": float(errors),
         "search/error_rate": rate,
         "search/latency_mean_s": latency / calls,
+    }
+
+
+def baseline_signal_stats(batch: CarlBatch) -> dict[str, float]:
+    """Where a group baseline's signal goes (GRPO: `rollout.n` one-leaf chains per question), on CARL's scale.
+
+    A question's group has no signal when all its chains' rewards are equal (CARL's `degenerate_tree_fraction` for
+    groups); an action gets A = 0 when its chain's reward equals the group's mean. Both in exact arithmetic: verl's
+    GRPO divides the float32 rounding residue of an equal group's mean by std + 1e-6, so a group of eight 0.1
+    rewards gets A = -0.0074 on every token rather than 0.
+
+    Returns:
+        `carl/no_signal_group_fraction` (share of questions) and `carl/zero_advantage_fraction` (share of the
+        generated actions, all of which a baseline trains); empty when no chain has an outcome.
+    """
+    arrays = batch.arrays
+    leaf = arrays.is_leaf & arrays.has_outcome
+    reward = dict(zip(arrays.tree_index[leaf].tolist(), arrays.reward[leaf].double().tolist(), strict=True))
+    is_action = arrays.parent >= 0
+    actions = torch.zeros(arrays.num_trees, dtype=torch.float64).index_add_(
+        0, arrays.tree_index[is_action], arrays.count[is_action].double()
+    )
+    groups: dict[str, list[int]] = {}
+    for tree, question in enumerate(batch.questions):
+        if tree in reward:
+            groups.setdefault(question, []).append(tree)
+    if not groups:
+        return {}
+    silent, zero, total = 0, 0.0, 0.0
+    for trees in groups.values():
+        rewards = [reward[t] for t in trees]
+        mean = math.fsum(rewards) / len(rewards)
+        silent += max(rewards) == min(rewards)
+        zero += sum(float(actions[t]) for t in trees if math.isclose(reward[t], mean, rel_tol=0.0, abs_tol=1e-9))
+        total += sum(float(actions[t]) for t in trees)
+    return {
+        "carl/no_signal_group_fraction": silent / len(groups),
+        "carl/zero_advantage_fraction": zero / total if total else math.nan,
     }
 
 
@@ -179,6 +218,7 @@ class CARLTrainer(PPOTrainerSync):
         metrics.update(search_metrics(trees, self.carl_settings, self.config, self.global_steps))
         if not carl:
             metrics.update(compute_budget_stats(trees.arrays, trees.arrays.parent >= 0, trees.questions))
+            metrics.update({k: v for k, v in baseline_signal_stats(trees).items() if not math.isnan(v)})
             return batch
 
         estimator = core_algos.get_adv_estimator_fn(ESTIMATOR)  # CARL: the registered estimator, with the trees

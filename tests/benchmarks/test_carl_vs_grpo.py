@@ -94,8 +94,11 @@ def fake_experiment(out: Path, accuracy: dict[str, np.ndarray], budgets: dict[st
             rows = [{"step": t, "carl/questions": 2.0, "carl/actions_generated_per_question": b["generated"] / 2,
                      "carl/actions_trained_per_question": b["trained"] / 2, "carl/tokens_trained": 10 * b["trained"],
                      "carl/tokens_generated": 10 * b["generated"], "timing_s/step": 5.0, "carl/trees": 2.0,
-                     "carl/actions_trained_per_tree": b["trained"] / 2, "carl/degenerate_tree_fraction": 0.25,
-                     "carl/zero_advantage_fraction": 0.2 + 0.1 * s} for t in range(1, points)]  # fmt: skip
+                     "carl/zero_advantage_fraction": 0.2 + 0.1 * s, "critic/score/mean": 0.5}
+                    for t in range(1, points)]  # fmt: skip
+            for r in rows:  # CARL logs its trees, GRPO (trainer.baseline_signal_stats) its groups
+                r.update({"carl/actions_trained_per_tree": b["trained"] / 2, "carl/degenerate_tree_fraction": 0.25}
+                         if arm != "grpo" else {"carl/no_signal_group_fraction": 0.25})  # fmt: skip
             lines = [json.dumps({"step": r.pop("step"), "data": r}) for r in rows]  # verl's file logger's layout
             (run / "metrics.jsonl").write_text("\n".join(lines))
             for p in range(1, points):
@@ -128,6 +131,11 @@ def test_report_on_hand_made_runs(tmp_path):
     assert arms["carl"]["no_signal_tree_share"]["estimate"] == pytest.approx(0.25)
     nonzero = arms["carl"]["nonzero_advantage_share"]
     assert nonzero["estimate"] == pytest.approx(0.75) and 0.7 - 1e-9 <= nonzero["low"] <= 0.75 <= nonzero["high"] <= 0.8
+    # Of the generated actions: 20 trained of 60 per step, 0.8 and 0.7 of them with A != 0 -> 0.8/3 and 0.7/3.
+    assert arms["carl"]["nonzero_generated_share"]["estimate"] == pytest.approx(0.75 / 3)
+    # GRPO logs the same shares for its groups: 1/4 silent, every action trained, 0.8 / 0.7 of them with A != 0.
+    assert arms["grpo"]["no_signal_tree_share"]["estimate"] == pytest.approx(0.25)
+    assert arms["grpo"]["nonzero_generated_share"]["estimate"] == pytest.approx(0.75)
     # Gain over the start in points per 1,000 generated actions, CARL minus GRPO, by hand.
     start = grpo[0, :, 0].mean()
     by_hand = 100 * (carl[:, :, -1].mean() - start) / 0.120 - 100 * (grpo[:, :, -1].mean() - start) / 0.128
@@ -189,3 +197,39 @@ def test_fork_profile_by_hand(tmp_path):
     wanted = {"trees": 1, "forks_per_tree": 3, "fork_depth_mean": 1 / 3, "fork_share_at_root": 2 / 3}
     assert profile == pytest.approx({**wanted, "fork_share_where_children_differ": 2 / 3})
     assert report.fork_profile(tmp_path / "none") is None
+
+
+def test_reproduction_against_the_original_by_hand(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    acc = {"grpo": rng.integers(0, 2, size=(2, 50, 3)).astype(float)}
+    acc["grpo"][:, :, 0] = acc["grpo"][0, :, 0]  # one shared start
+    budgets = {"grpo": {"generated": 64, "trained": 64}}
+    fake_experiment(tmp_path / "original", acc, budgets)
+    rerun = {"grpo": acc["grpo"][:1].copy()}  # seed 0 again ...
+    rerun["grpo"][0, :5, -1] = 1 - rerun["grpo"][0, :5, -1]  # ... with 5 of 50 final scores flipped
+    fake_experiment(tmp_path / "rerun", rerun, budgets)
+    result = report.reproduction(tmp_path / "rerun", tmp_path / "original")
+    (run,) = result["runs"]
+    final = run["points"][-1]["sampled"]
+    flips = 1 - 2 * acc["grpo"][0, :5, -1]  # +1 where 0 became 1, -1 where 1 became 0
+    assert final["difference"] == pytest.approx(flips.sum() / 50) and final["questions_changed"] == pytest.approx(0.1)
+    assert run["points"][1]["sampled"]["difference"] == 0 and run["max_reward_difference"] == 0
+    assert run["noise_half_width"] > 0.05 and run["within_noise"] == (
+        abs(final["difference"]) <= run["noise_half_width"]
+    )
+    assert (tmp_path / "rerun" / "reproduction.json").exists() and "grpo seed 0" in capsys.readouterr().out
+
+
+def test_reproduction_refuses_a_run_the_original_lacks(tmp_path):
+    acc = {"grpo": np.zeros((1, 4, 2))}
+    fake_experiment(tmp_path / "original", acc, {"grpo": {"generated": 8, "trained": 8}})
+    fake_experiment(tmp_path / "rerun", {"carl": np.zeros((1, 4, 2))}, {"carl": {"generated": 8, "trained": 4}})
+    with pytest.raises(ValueError, match="has no finished carl seed 0"):
+        report.reproduction(tmp_path / "rerun", tmp_path / "original")
+
+
+def test_seeds_outside_the_protocol_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"--seeds \[7\]: the protocol has seeds 0..3"):
+        exp.main(["--out", str(tmp_path), "--seeds", "7"])
+    with pytest.raises(SystemExit, match="--against compares finished runs; add --report"):
+        exp.main(["--out", str(tmp_path), "--against", str(tmp_path)])

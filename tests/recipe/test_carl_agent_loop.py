@@ -495,6 +495,7 @@ def test_grpo_budget_counts_every_session(monkeypatch):
     )
     assert stats["carl/tokens_generated"] == stats["carl/tokens_trained"] == tokens
     assert stats["search/calls"] > 0
+    assert {"carl/no_signal_group_fraction", "carl/zero_advantage_fraction"} <= stats.keys()  # where signal goes
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
