@@ -259,6 +259,10 @@ def run(out: Path, protocol: Protocol, arms: list[str], lock: str | None, seeds:
     """Every unit of the experiment that has not finished: set-up, the start's score, each (seed, arm) run and its
     scores. Seeds are the outer loop, so an interrupted experiment holds whole seeds of every arm."""
     out.mkdir(parents=True, exist_ok=True)
+    if not sys.stderr.isatty():  # a log file: no "Loading weights" bar per scored policy (the trainer prints lines)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     write_json(out / "protocol.json", {"protocol": dataclasses.asdict(protocol), "arms": {a: ARMS[a] for a in arms}})
     with heavy_lock(lock):
         shared = prepare(out, protocol)

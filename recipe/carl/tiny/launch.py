@@ -114,25 +114,42 @@ class TrainerRun:
         self.proc: subprocess.Popen | None = None
 
     def run(self, cwd: Path) -> int:
-        """Runs the trainer to its end (or `timeout_s`) with a progress bar; returns its exit status."""
+        """Runs the trainer to its end (or `timeout_s`); returns its exit status.
+
+        Progress goes to stderr: on a terminal as a bar; elsewhere (a file, CI, a pipe) as one line per phase and per
+        step (`progress_line`), since a bar written to a file is one line of thousands of carriage returns.
+        """
         from tqdm.auto import tqdm
 
+        interactive = sys.stderr.isatty()
+        last_line = ""
         self.start = time.time()
         self.proc = subprocess.Popen(
             self.cmd, env=self.env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
         reader = threading.Thread(target=self._follow_output, name="trainer-log", daemon=True)
         reader.start()
-        bar = tqdm(total=self.steps, unit="step", bar_format="{desc}: {n}/{total} steps |{bar}| {elapsed}{postfix}")
+        bar = tqdm(total=self.steps, unit="step", bar_format="{desc}: {n}/{total} steps |{bar}| {elapsed}{postfix}",
+                   disable=not interactive)  # fmt: skip
+        shown = 0  # steps shown so far (a disabled tqdm bar counts nothing)
         try:
-            while self.proc.poll() is None:
+            while True:
+                running = self.proc.poll() is None
                 rows = read_metrics(self.run_dir / "metrics.jsonl")
                 done = max((r["step"] for r in rows), default=0) if rows else 0
-                if done > bar.n:
+                if done > shown:
                     self.sessions_at_step = self.sessions
-                bar.update(max(0, min(done, self.steps) - bar.n))
-                bar.set_description_str(self._phase(rows, done), refresh=False)
-                bar.set_postfix_str(self._time_left(rows, done), refresh=True)
+                bar.update(max(0, min(done, self.steps) - shown))
+                shown = max(shown, min(done, self.steps))
+                phase, left = self._phase(rows, done), self._time_left(rows, done)
+                bar.set_description_str(phase, refresh=False)
+                bar.set_postfix_str(left, refresh=True)
+                line = progress_line(phase, shown, self.steps)
+                if not interactive and line != last_line:
+                    print(f"[{time.time() - self.start:6.0f} s] {line}, {left}", file=sys.stderr, flush=True)
+                    last_line = line
+                if not running:
+                    break
                 if time.time() - self.start > self.timeout_s:
                     self.stop()
                     log = self.run_dir / "train.log"
@@ -250,6 +267,11 @@ def write_val_file(data_dir: Path, copies: int) -> Path:
     with atomic_path(data_dir / "val.parquet") as tmp:
         frame.loc[frame.index.repeat(copies)].reset_index(drop=True).to_parquet(tmp)
     return data_dir / "val.parquet"
+
+
+def progress_line(phase: str, done: int, steps: int) -> str:
+    """The trainer's progress as one log line (without the time), printed whenever it changes."""
+    return f"{phase}: {done}/{steps} steps"
 
 
 def write_tool_yaml(run_dir: Path, topk: int) -> Path:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -220,3 +221,18 @@ def test_the_validation_file_holds_each_question_once_per_episode(data_dir, tmp_
     questions = [e["question"] for e in val["extra_info"]]
     assert questions == [e["question"] for e in test["extra_info"] for _ in range(3)]
     assert list(val.columns) == list(test.columns)
+
+
+def test_progress_in_a_file_is_one_line_per_phase_and_step(tmp_path, capfd):
+    """Not a terminal (pytest captures stderr): no bar and no carriage return, each state once, the last one shown."""
+    run = TrainerRun(
+        [sys.executable, "-c", FAKE_TRAINER, str(tmp_path / "metrics.jsonl")], dict(os.environ), tmp_path, 2, [0, 2], 60
+    )
+    assert run.run(cwd=tmp_path) == 0
+    err = capfd.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and lines
+    states = [line.split("] ", 1)[1].rsplit(", ", 1)[0] for line in lines]
+    assert len(states) == len(set(states))  # printed only when the phase or the step changes
+    assert states[-1] == "saving the policy, stopping Ray: 2/2 steps"
+    assert all(re.fullmatch(r"\[ *\d+ s\] .+: [0-2]/2 steps, .+", line) for line in lines)
