@@ -406,6 +406,11 @@ def build_report(out: Path) -> dict[str, Any]:
         "vs_carl": {a: compare(data, a, "carl") for a in data["arms"]
                     if a not in ("carl", "grpo") and arms[a] and arms.get("carl")},
         "claims": claims(data, arms),
+        # Descriptive, not a decision rule of the protocol: each arm's gain over the start per 1,000 actions (in
+        # points) minus GRPO's, paired by seed and question.
+        "per_1k_actions_vs_grpo": {a: {"generated": per_action(data, a, "grpo", "actions_generated"),
+                                       "trained": per_action(data, a, "grpo", "actions_trained")}
+                                   for a in data["arms"] if a != "grpo" and arms[a] and arms.get("grpo")},
         "commits": sorted({r["done"]["commit"] or "?" for runs in data["runs"].values() for r in runs.values()}),
     }  # fmt: skip
     result["table"] = table(result)

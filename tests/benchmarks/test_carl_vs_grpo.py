@@ -141,6 +141,7 @@ def test_report_on_hand_made_runs(tmp_path):
     by_hand = 100 * (carl[:, :, -1].mean() - start) / 0.120 - 100 * (grpo[:, :, -1].mean() - start) / 0.128
     per_k = report.per_action(report.load(tmp_path), "carl", "grpo", "actions_generated")
     assert per_k["estimate"] == pytest.approx(by_hand)
+    assert result["per_1k_actions_vs_grpo"]["carl"]["generated"]["estimate"] == pytest.approx(by_hand)
     assert Path(result["figure"]).stat().st_size > 0 and (tmp_path / "results.json").exists()
     assert "| CARL | 2 |" in result["table"]
 
