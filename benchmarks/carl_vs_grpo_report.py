@@ -72,12 +72,17 @@ def run_budget(metrics: list[dict[str, Any]], steps: list[int]) -> dict[str, Any
 def fork_profile(dump_dir: Path) -> dict[str, float] | None:
     """Where a run's forks went, from its tree dumps (`ckpt/carl_trees/*.jsonl`, one record per tree): forks per tree,
     their mean depth, the share at the root, and the share at states whose children's final values differ (forks
-    that could produce an advantage there); None without dumps (GRPO)."""
-    forks = depth = at_root = at_spread = trees = 0
+    that could produce an advantage there); and the share of generated actions (samples: a merged node counts as
+    often as it was sampled) trained with A != 0. None without dumps (GRPO)."""
+    forks = depth = at_root = at_spread = trees = samples = samples_with_signal = 0
     for path in sorted(dump_dir.glob("step_*.jsonl")):
         for line in path.read_text().splitlines():
             nodes = json.loads(line)["nodes"]
             trees += 1
+            for n in nodes:  # every sample of an action: a merged node stands for `count` of them
+                if n["parent"] is not None:
+                    samples += n.get("count", 1)
+                    samples_with_signal += n.get("count", 1) * bool(n.get("trained") and n.get("advantage"))
             values: dict[int, set[float]] = {}
             for n in nodes:
                 if n["parent"] is not None and n["value"] is not None:
@@ -90,7 +95,8 @@ def fork_profile(dump_dir: Path) -> dict[str, float] | None:
     if not trees or not forks:
         return None
     return {"trees": trees, "forks_per_tree": forks / trees, "fork_depth_mean": depth / forks,
-            "fork_share_at_root": at_root / forks, "fork_share_where_children_differ": at_spread / forks}  # fmt: skip
+            "fork_share_at_root": at_root / forks, "fork_share_where_children_differ": at_spread / forks,
+            "generated_share_with_signal": samples_with_signal / samples if samples else math.nan}  # fmt: skip
 
 
 def load(out: Path) -> dict[str, Any]:
@@ -219,7 +225,13 @@ def per_arm(data: dict[str, Any], arm: str) -> dict[str, Any]:
 
 def nonzero_generated_share(runs: dict[int, dict[str, Any]], seeds: list[int]) -> dict[str, float]:
     """Generated actions that ended with A != 0 (trained with a nonzero advantage) over all generated actions, per
-    run summed over its steps, then the mean and interval over seeds; NaN where a run did not log A = 0 shares."""
+    run summed over its steps, then the mean and interval over seeds; NaN where a run did not log A = 0 shares.
+
+    From the tree dumps where every seed has them (a merged action counts once per sample); otherwise from the
+    step metrics (GRPO: every chain is its own node), which count a merged action once."""
+    dumped = [runs[s]["forks"] and runs[s]["forks"].get("generated_share_with_signal") for s in seeds]
+    if all(v is not None and not math.isnan(v) for v in dumped):
+        return interval(mean_interval(np.array(dumped, dtype=float)[:, None], n_boot=N_BOOT))
     values = []
     for s in seeds:
         step = runs[s]["per_step"]

@@ -188,15 +188,20 @@ def test_smoke_mode_end_to_end(tmp_path):
 def test_fork_profile_by_hand(tmp_path):
     # Tree: root (forked twice; children 1 and 2 end with values 0.1 and 1.1: they differ), state 1 (forked once; its
     # children 3 and 4 both 0.1). 3 forks: mean depth (0 + 0 + 1) / 3, 2 of 3 at the root, 2 of 3 where children differ.
-    def node(i, parent, depth, forked, value):
-        return {"id": i, "parent": parent, "depth": depth, "forked": forked, "value": value}
+    # Samples: node 1 was sampled twice (merged), trained with A = -0.5; node 2 once, A = +0.5; nodes 3 and 4 once
+    # each, trained with A = 0 (equal values) and not trained: 2 + 1 of 5 samples carry a signal.
+    def node(i, parent, depth, forked, value, count=1, trained=False, advantage=0.0):
+        return {"id": i, "parent": parent, "depth": depth, "forked": forked, "value": value, "count": count,
+                "trained": trained, "advantage": advantage}  # fmt: skip
 
-    nodes = [node(0, None, 0, 2, 0.6), node(1, 0, 1, 1, 0.1), node(2, 0, 1, 0, 1.1), node(3, 1, 2, 0, 0.1),
-             node(4, 1, 2, 0, 0.1)]  # fmt: skip
+    nodes = [node(0, None, 0, 2, 0.6), node(1, 0, 1, 1, 0.1, 2, True, -0.5), node(2, 0, 1, 0, 1.1, 1, True, 0.5),
+             node(3, 1, 2, 0, 0.1, 1, True), node(4, 1, 2, 0, 0.1)]  # fmt: skip
     (tmp_path / "step_000001.jsonl").write_text(json.dumps({"nodes": nodes}) + "\n")
     profile = report.fork_profile(tmp_path)
     wanted = {"trees": 1, "forks_per_tree": 3, "fork_depth_mean": 1 / 3, "fork_share_at_root": 2 / 3}
-    assert profile == pytest.approx({**wanted, "fork_share_where_children_differ": 2 / 3})
+    assert profile == pytest.approx(
+        {**wanted, "fork_share_where_children_differ": 2 / 3, "generated_share_with_signal": 3 / 5}
+    )
     assert report.fork_profile(tmp_path / "none") is None
 
 
