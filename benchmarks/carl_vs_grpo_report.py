@@ -63,6 +63,8 @@ def run_budget(metrics: list[dict[str, Any]], steps: list[int]) -> dict[str, Any
         "zero_advantage": [rows[s].get("carl/zero_advantage_fraction", math.nan) for s in sorted(rows)],
         "merged_samples_per_tree": [rows[s].get("carl/merged_samples_per_tree", 0.0) for s in sorted(rows)],
         "reward": [rows[s].get("critic/score/mean", math.nan) for s in sorted(rows)],
+        "entropy_at_forks": [rows[s].get("carl/entropy_at_forks", math.nan) for s in sorted(rows)],
+        "entropy_elsewhere": [rows[s].get("carl/entropy_elsewhere", math.nan) for s in sorted(rows)],
     }  # fmt: skip
     cumulative = {k: [float(sum(per_step[k][:s])) for s in steps] for k in
                   ("actions_generated", "actions_trained", "tokens_generated", "tokens_trained", "wall_s")}  # fmt: skip
@@ -217,6 +219,8 @@ def per_arm(data: dict[str, Any], arm: str) -> dict[str, Any]:
         "nonzero_advantage_share": complement(per_run("zero_advantage", "actions_trained")),
         "nonzero_generated_share": nonzero_generated_share(runs, seeds),
         "merged_samples_per_tree": per_run("merged_samples_per_tree"),
+        "entropy_at_forks": per_run("entropy_at_forks"),  # state entropy h_hat, mean over steps (CARL arms)
+        "entropy_elsewhere": per_run("entropy_elsewhere"),
         "fork_profile": {k: float(np.mean([runs[s]["forks"][k] for s in seeds])) for k in runs[seeds[0]]["forks"]}
         if runs[seeds[0]]["forks"] else None,
         "load_average": [runs[s]["done"]["load_before"][0] for s in seeds],

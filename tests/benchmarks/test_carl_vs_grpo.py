@@ -97,7 +97,8 @@ def fake_experiment(out: Path, accuracy: dict[str, np.ndarray], budgets: dict[st
                      "carl/zero_advantage_fraction": 0.2 + 0.1 * s, "critic/score/mean": 0.5}
                     for t in range(1, points)]  # fmt: skip
             for r in rows:  # CARL logs its trees, GRPO (trainer.baseline_signal_stats) its groups
-                r.update({"carl/actions_trained_per_tree": b["trained"] / 2, "carl/degenerate_tree_fraction": 0.25}
+                r.update({"carl/actions_trained_per_tree": b["trained"] / 2, "carl/degenerate_tree_fraction": 0.25,
+                          "carl/entropy_at_forks": 0.5 + 0.1 * s, "carl/entropy_elsewhere": 0.1}
                          if arm != "grpo" else {"carl/no_signal_group_fraction": 0.25})  # fmt: skip
             lines = [json.dumps({"step": r.pop("step"), "data": r}) for r in rows]  # verl's file logger's layout
             (run / "metrics.jsonl").write_text("\n".join(lines))
@@ -131,6 +132,10 @@ def test_report_on_hand_made_runs(tmp_path):
     assert arms["carl"]["no_signal_tree_share"]["estimate"] == pytest.approx(0.25)
     nonzero = arms["carl"]["nonzero_advantage_share"]
     assert nonzero["estimate"] == pytest.approx(0.75) and 0.7 - 1e-9 <= nonzero["low"] <= 0.75 <= nonzero["high"] <= 0.8
+    # Entropy at the fork points against elsewhere: 0.5 (seed 0) and 0.6 (seed 1) against 0.1.
+    assert arms["carl"]["entropy_at_forks"]["estimate"] == pytest.approx(0.55)
+    assert arms["carl"]["entropy_elsewhere"]["estimate"] == pytest.approx(0.1)
+    assert math.isnan(arms["grpo"]["entropy_at_forks"]["estimate"])
     # Of the generated actions: 20 trained of 60 per step, 0.8 and 0.7 of them with A != 0 -> 0.8/3 and 0.7/3.
     assert arms["carl"]["nonzero_generated_share"]["estimate"] == pytest.approx(0.75 / 3)
     # GRPO logs the same shares for its groups: 1/4 silent, every action trained, 0.8 / 0.7 of them with A != 0.
