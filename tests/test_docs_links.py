@@ -107,9 +107,8 @@ def test_readme_is_short_and_lists_every_docs_page():
         for c in inline.children or []
         if c.type == "link_open"
     }
-    assert sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")) == sorted(
-        h for h in linked if h.startswith("docs/") and h.endswith(".md")  # figures may be linked too
-    )
+    pages = sorted(h for h in linked if h.startswith("docs/") and h.endswith(".md"))  # figures may be linked too
+    assert sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")) == pages
 
 
 def test_github_slug():
