@@ -307,11 +307,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.against and not args.report:
         raise SystemExit("error: --against compares finished runs; add --report (run the rerun first without it).")
     if args.report:
-        if args.against:
-            return reproduction(out, args.against.resolve())
-        if not (out / "start_eval.json").exists():
-            raise SystemExit(f"error: {out} holds no experiment (no start_eval.json); run without --report first.")
-        return build_report(out)
+        for folder in (out, args.against.resolve()) if args.against else (out,):
+            if not (folder / "start_eval.json").exists():
+                raise SystemExit(
+                    f"error: {folder} holds no experiment (no start_eval.json); run without --report first."
+                )
+        return reproduction(out, args.against.resolve()) if args.against else build_report(out)
     saved = out / "protocol.json"
     if saved.exists():
         before = json.loads(saved.read_text())["protocol"]

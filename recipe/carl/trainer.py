@@ -93,10 +93,11 @@ def search_metrics(batch: CarlBatch, settings: RecipeSettings, config: Any, step
 def baseline_signal_stats(batch: CarlBatch) -> dict[str, float]:
     """Where a group baseline's signal goes (GRPO: `rollout.n` one-leaf chains per question), on CARL's scale.
 
-    A question's group has no signal when all its chains' rewards are equal (CARL's `degenerate_tree_fraction` for
-    groups); an action gets A = 0 when its chain's reward equals the group's mean. Both in exact arithmetic: verl's
-    GRPO divides the float32 rounding residue of an equal group's mean by std + 1e-6, so a group of eight 0.1
-    rewards gets A = -0.0074 on every token rather than 0.
+    An action gets A = 0 when its chain's reward equals the group's mean (verl's GRPO takes 0 for a group of one); a
+    question's group has no signal when every action in it gets A = 0, i.e. (two chains or more) when all its rewards
+    are equal: CARL's `degenerate_tree_fraction` for groups. Both in exact arithmetic: verl's GRPO divides the
+    float32 rounding residue of an equal group's mean by std + 1e-6, so a group of eight 0.1 rewards gets A = -0.0074
+    on every token rather than 0.
 
     Returns:
         `carl/no_signal_group_fraction` (share of questions) and `carl/zero_advantage_fraction` (share of the
@@ -118,9 +119,10 @@ def baseline_signal_stats(batch: CarlBatch) -> dict[str, float]:
     silent, zero, total = 0, 0.0, 0.0
     for trees in groups.values():
         rewards = [reward[t] for t in trees]
-        mean = math.fsum(rewards) / len(rewards)
-        silent += max(rewards) == min(rewards)
-        zero += sum(float(actions[t]) for t in trees if math.isclose(reward[t], mean, rel_tol=0.0, abs_tol=1e-9))
+        mean = math.fsum(rewards) / len(rewards) if len(rewards) > 1 else 0.0  # verl: a lone chain's A is its reward
+        at_mean = [math.isclose(r, mean, rel_tol=0.0, abs_tol=1e-9) for r in rewards]
+        silent += all(at_mean)
+        zero += sum(float(actions[t]) for t, z in zip(trees, at_mean, strict=True) if z)
         total += sum(float(actions[t]) for t in trees)
     return {
         "carl/no_signal_group_fraction": silent / len(groups),

@@ -244,3 +244,6 @@ def test_seeds_outside_the_protocol_are_refused(tmp_path):
         exp.main(["--out", str(tmp_path), "--seeds", "7"])
     with pytest.raises(SystemExit, match="--against compares finished runs; add --report"):
         exp.main(["--out", str(tmp_path), "--against", str(tmp_path)])
+    fake_experiment(tmp_path / "rerun", {"grpo": np.zeros((1, 4, 2))}, {"grpo": {"generated": 8, "trained": 8}})
+    with pytest.raises(SystemExit, match=r"nowhere holds no experiment \(no start_eval.json\)"):
+        exp.main(["--out", str(tmp_path / "rerun"), "--report", "--against", str(tmp_path / "nowhere")])

@@ -46,5 +46,10 @@ def test_a_group_of_eight_equal_rewards_is_silent_though_verl_leaves_a_residue()
     assert baseline_signal_stats(batch) == {"carl/no_signal_group_fraction": 1.0, "carl/zero_advantage_fraction": 1.0}
 
 
+def test_a_lone_chain_is_trained_with_its_reward_as_verl_does():
+    stats = baseline_signal_stats(batch_of({"q0": [chain("a", 2, 0.6)], "q1": [chain("b", 1, 0.0)]}))
+    assert stats == {"carl/no_signal_group_fraction": 0.5, "carl/zero_advantage_fraction": pytest.approx(1 / 3)}
+
+
 def test_no_outcome_at_all_logs_nothing():
     assert baseline_signal_stats(batch_of({"q": [chain("t", 2, 0.0, finish="tool_error")]})) == {}
