@@ -50,12 +50,18 @@ def weighted_share(rows: Sequence[Mapping], key: str, weight) -> float | None:
 
 
 def tree_shares(rows: Sequence[Mapping]) -> dict:
-    """Over the run: the share of trees whose leaves all had the same reward (no signal, every advantage 0), and
-    the share of trained actions whose advantage was exactly 0. CARL runs only (GRPO scores no trees)."""
+    """Over the run: the share of trees (GRPO: groups of one question's chains) whose outcomes were all equal (no
+    signal, every advantage 0), each step weighted by its questions, and the share of trained actions whose
+    advantage was exactly 0, each step weighted by its trained actions."""
+    silent = "carl/degenerate_tree_fraction"
+    if not any(silent in row for row in rows):
+        silent = "carl/no_signal_group_fraction"  # a baseline's groups (`trainer.baseline_signal_stats`)
     return {
-        "degenerate_tree_fraction": weighted_share(rows, "carl/degenerate_tree_fraction", lambda r: r["carl/trees"]),
+        "degenerate_tree_fraction": weighted_share(rows, silent, lambda r: r["carl/questions"]),
         "zero_advantage_fraction": weighted_share(
-            rows, "carl/zero_advantage_fraction", lambda r: r["carl/actions_trained_per_tree"] * r["carl/trees"]
+            rows,
+            "carl/zero_advantage_fraction",
+            lambda r: r["carl/actions_trained_per_question"] * r["carl/questions"],
         ),
     }
 
@@ -167,7 +173,7 @@ def format_table(summary: Mapping) -> str:
         return f"{100 * p:.1f} ± {100 * se:.1f} %"
 
     def share(x: float | None) -> str:
-        return "- (GRPO scores no trees)" if x is None else f"{x:.0%}"
+        return "- (not logged)" if x is None else f"{x:.0%}"
 
     n, k = validation_size(summary)
     se0, se1 = summary["accuracy_se"]
@@ -192,7 +198,12 @@ def format_table(summary: Mapping) -> str:
             f"{acc(summary['greedy_before'], g0)} -> {acc(summary['greedy_after'], g1)} ({n} questions)",
         ),
         ("  change", change_text(*summary["greedy_change"], "paired, same questions")),
-        ("trees with no signal (all leaves equal)", share(summary.get("degenerate_tree_fraction"))),
+        (
+            "trees with no signal (all leaves equal)"
+            if summary["algo"] == "carl"
+            else "groups with no signal (all rewards equal)",
+            share(summary.get("degenerate_tree_fraction")),
+        ),
         ("trained actions with advantage 0", share(summary.get("zero_advantage_fraction"))),
         ("actions trained (total)", f"{summary['curve']['actions_trained'][-1]:.0f}"),
         ("trained policy", summary["policy_rl"]),

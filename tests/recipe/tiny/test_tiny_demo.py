@@ -296,7 +296,7 @@ def test_algo_grpo_runs_the_baseline_through_the_same_path(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algo"] == "grpo" and summary["curve"]["step"] == [0, 2]
-    assert summary["degenerate_tree_fraction"] is None and "GRPO scores no trees" in proc.stdout
+    assert 0.0 <= summary["degenerate_tree_fraction"] <= 1.0 and "groups with no signal" in proc.stdout
     log = (run_dir / "train.log").read_text()
     assert "'adv_estimator': 'grpo'" in log and "'n': 4" in log  # verl prints the resolved config
     assert not (run_dir / "ckpt" / "carl_trees").exists()  # no trees: verl's GRPO on one trajectory per session

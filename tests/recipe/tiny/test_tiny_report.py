@@ -12,15 +12,19 @@ from recipe.carl.tiny.report import format_table, read_metrics, tree_shares, val
 
 def test_tree_shares_weight_each_step_by_its_trees_and_trained_actions():
     rows = [
-        {"step": 1, "carl/trees": 16, "carl/degenerate_tree_fraction": 0.5, "carl/zero_advantage_fraction": 1.0,
-         "carl/actions_trained_per_tree": 1.0},
-        {"step": 2, "carl/trees": 16, "carl/degenerate_tree_fraction": 0.25, "carl/zero_advantage_fraction": 0.0,
-         "carl/actions_trained_per_tree": 3.0},
+        {"step": 1, "carl/questions": 16, "carl/degenerate_tree_fraction": 0.5, "carl/zero_advantage_fraction": 1.0,
+         "carl/actions_trained_per_question": 1.0},
+        {"step": 2, "carl/questions": 48, "carl/degenerate_tree_fraction": 0.25, "carl/zero_advantage_fraction": 0.0,
+         "carl/actions_trained_per_question": 3.0},
         {"step": 3, "val-aux/synthhop/em/mean@4": 0.3},
     ]  # fmt: skip
     shares = tree_shares(rows)
-    assert shares["degenerate_tree_fraction"] == pytest.approx(0.375)
-    assert shares["zero_advantage_fraction"] == pytest.approx(16 / 64)  # 16 of 16 + 48 trained actions
+    assert shares["degenerate_tree_fraction"] == pytest.approx((16 * 0.5 + 48 * 0.25) / 64)  # one tree per question
+    assert shares["zero_advantage_fraction"] == pytest.approx(16 / (16 + 144))  # 16 of 16 + 144 trained actions
+    # GRPO logs its groups, under the same weights.
+    grpo = [{"step": 1, "carl/questions": 4, "carl/no_signal_group_fraction": 0.25, "carl/zero_advantage_fraction": 0.5,
+             "carl/actions_trained_per_question": 8.0}]  # fmt: skip
+    assert tree_shares(grpo) == {"degenerate_tree_fraction": 0.25, "zero_advantage_fraction": 0.5}
     assert tree_shares([{"step": 1, "carl/questions": 2}]) == {
         "degenerate_tree_fraction": None,
         "zero_advantage_fraction": None,
@@ -72,5 +76,5 @@ def test_the_table_names_the_noise_and_the_shares_without_signal():
     assert "trees with no signal (all leaves equal)  37%" in table
     assert "trained actions with advantage 0" in table and "58%" in table
     assert "9.0 min (RL steps 300 s, validations 80 s)" in table
-    grpo = format_table(summary(algo="grpo", degenerate_tree_fraction=None, zero_advantage_fraction=None))
-    assert "- (GRPO scores no trees)" in grpo
+    grpo = format_table(summary(algo="grpo", degenerate_tree_fraction=0.3, zero_advantage_fraction=None))
+    assert "groups with no signal (all rewards equal)  30%" in grpo and "- (not logged)" in grpo
