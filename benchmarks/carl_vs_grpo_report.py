@@ -31,7 +31,7 @@ import numpy as np
 
 from recipe.carl.evaluate.stats import Interval, bootstrap, mean_interval, paired_difference, resample_indices
 from recipe.carl.io import atomic_path, write_json
-from recipe.carl.tiny.report import read_metrics
+from recipe.carl.tiny.report import no_signal_key, read_metrics
 
 MARGIN = 0.02
 """C1's non-inferiority margin (2 points of exact match)."""
@@ -46,6 +46,7 @@ N_BOOT = 10_000
 def run_budget(metrics: list[dict[str, Any]], steps: list[int]) -> dict[str, Any]:
     """Per-step budget of one run, and its totals up to each evaluated step."""
     rows = {int(r["step"]): r for r in metrics if "carl/actions_generated_per_question" in r}
+    silent = no_signal_key(list(rows.values()))
     missing = [s for s in range(1, max(steps) + 1) if s not in rows]
     if missing:
         raise ValueError(f"the run's metrics have no carl/* budget for steps {missing[:5]}: did it finish?")
@@ -57,8 +58,7 @@ def run_budget(metrics: list[dict[str, Any]], steps: list[int]) -> dict[str, Any
         "tokens_generated": [rows[s]["carl/tokens_generated"] for s in sorted(rows)],
         "tokens_trained": [rows[s]["carl/tokens_trained"] for s in sorted(rows)],
         "wall_s": [rows[s].get("timing_s/step", math.nan) for s in sorted(rows)],
-        "no_signal_trees": [rows[s].get("carl/degenerate_tree_fraction",  # GRPO: its groups
-                                        rows[s].get("carl/no_signal_group_fraction", math.nan)) for s in sorted(rows)],
+        "no_signal_trees": [rows[s].get(silent, math.nan) for s in sorted(rows)],  # GRPO: its groups
         "questions": [rows[s]["carl/questions"] for s in sorted(rows)],
         "zero_advantage": [rows[s].get("carl/zero_advantage_fraction", math.nan) for s in sorted(rows)],
         "merged_samples_per_tree": [rows[s].get("carl/merged_samples_per_tree", 0.0) for s in sorted(rows)],
@@ -81,13 +81,13 @@ def fork_profile(dump_dir: Path) -> dict[str, float] | None:
         for line in path.read_text().splitlines():
             nodes = json.loads(line)["nodes"]
             trees += 1
-            for n in nodes:  # every sample of an action: a merged node stands for `count` of them
-                if n["parent"] is not None:
-                    samples += n.get("count", 1)
-                    samples_with_signal += n.get("count", 1) * bool(n.get("trained") and n.get("advantage"))
             values: dict[int, set[float]] = {}
             for n in nodes:
-                if n["parent"] is not None and n["value"] is not None:
+                if n["parent"] is None:
+                    continue
+                samples += n.get("count", 1)  # every sample of an action: a merged node stands for `count` of them
+                samples_with_signal += n.get("count", 1) * bool(n.get("trained") and n.get("advantage"))
+                if n["value"] is not None:
                     values.setdefault(n["parent"], set()).add(round(n["value"], 9))
             for n in nodes:
                 forks += n["forked"]

@@ -49,15 +49,21 @@ def weighted_share(rows: Sequence[Mapping], key: str, weight) -> float | None:
     return sum(v * w for v, w in pairs) / total if total else None
 
 
+NO_SIGNAL_KEYS = ("carl/degenerate_tree_fraction", "carl/no_signal_group_fraction")
+"""The per-step share without signal: CARL's trees, or a baseline's question groups (`baseline_signal_stats`)."""
+
+
+def no_signal_key(rows: Sequence[Mapping]) -> str:
+    """Which of `NO_SIGNAL_KEYS` a run logged (CARL's trees unless only a baseline's groups are there)."""
+    return next((key for key in NO_SIGNAL_KEYS if any(key in row for row in rows)), NO_SIGNAL_KEYS[0])
+
+
 def tree_shares(rows: Sequence[Mapping]) -> dict:
     """Over the run: the share of trees (GRPO: groups of one question's chains) whose outcomes were all equal (no
     signal, every advantage 0), each step weighted by its questions, and the share of trained actions whose
     advantage was exactly 0, each step weighted by its trained actions."""
-    silent = "carl/degenerate_tree_fraction"
-    if not any(silent in row for row in rows):
-        silent = "carl/no_signal_group_fraction"  # a baseline's groups (`trainer.baseline_signal_stats`)
     return {
-        "degenerate_tree_fraction": weighted_share(rows, silent, lambda r: r["carl/questions"]),
+        "degenerate_tree_fraction": weighted_share(rows, no_signal_key(rows), lambda r: r["carl/questions"]),
         "zero_advantage_fraction": weighted_share(
             rows,
             "carl/zero_advantage_fraction",
