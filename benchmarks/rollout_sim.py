@@ -174,12 +174,20 @@ class Replica:
 
     async def _run(self) -> None:
         loop, m = asyncio.get_running_loop(), self.model
+        pending = 0.0  # prefill of sequences admitted for a step that has not run yet
         while True:
             if not self.running and not self.waiting:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            prefill_s = m.prefill_s_per_token * self._admit()
+            prefill_s = pending + m.prefill_s_per_token * self._admit()
+            pending = 0.0
+            # No room for one more token of every sequence: preempt the newest first (vLLM's recompute mode).
+            while len(self.running) > 1 and self._held() + len(self.running) > m.kv_tokens:
+                victim = max(self.running, key=lambda r: r.order)
+                self.running.remove(victim)
+                self.waiting.insert(0, victim)
+                self.preempted += 1
             b = len(self.running)
             context = sum(r.context for r in self.running)
             k = min(r.new_tokens - r.generated for r in self.running)
@@ -192,6 +200,9 @@ class Replica:
             if len(self.running) < m.max_num_seqs:  # an arrival joins at the next step boundary
                 try:
                     await asyncio.wait_for(self.wake.wait(), duration)
+                    if loop.time() == start:  # arrived before the step began: plan it again with the newcomer
+                        pending = prefill_s
+                        continue
                     steps = m.steps_within(loop.time() - start - prefill_s, b, context, k)
                     await asyncio.sleep(max(0.0, prefill_s + m.steps_time(steps, b, context) - (loop.time() - start)))
                 except TimeoutError:
@@ -207,11 +218,6 @@ class Replica:
             self.running = [r for r in self.running if r.generated < r.new_tokens]
             for r in finished:
                 r.done.set_result(None)
-            while len(self.running) > 1 and self._held() > m.kv_tokens:  # preempt the newest (recompute mode)
-                victim = max(self.running, key=lambda r: r.order)
-                self.running.remove(victim)
-                self.waiting.insert(0, victim)
-                self.preempted += 1
 
 
 class Router:

@@ -59,6 +59,7 @@ from carl_core import (
     layout_rows,
     pack_trees,
 )
+from recipe.carl.in_flight import IN_FLIGHT
 from recipe.carl.packing import RUNS_KEY, packing_budget
 from recipe.carl.packing.layout import PackedRow, pack_tree
 from recipe.carl.search.actions import INVALID_ACTION_FEEDBACK, STOP_STRINGS, parse_action, render_observation
@@ -193,6 +194,7 @@ class SearchEnvironment:
         invalid_action: str = "end",
         thinking: bool = False,
         seed: int | None = None,
+        step: int = 0,
     ) -> None:
         if invalid_action not in ("end", "feedback"):
             raise ValueError(f"invalid_action={invalid_action!r} is unknown: use 'end' or 'feedback'.")
@@ -200,7 +202,7 @@ class SearchEnvironment:
         self.request_id = request_id
         self.data_source, self.ground_truth, self.extra_info = data_source, ground_truth, extra_info
         self.max_action_tokens, self.response_length = int(max_action_tokens), int(response_length)
-        self.invalid_action, self.thinking, self.seed = invalid_action, thinking, seed
+        self.invalid_action, self.thinking, self.seed, self.step = invalid_action, thinking, seed, step
         # One turn ends right after its action; the closing tag must stay in the tokens the policy is trained on.
         self.sampling_params = {
             **sampling_params,
@@ -229,7 +231,13 @@ class SearchEnvironment:
                 key = f"{self.seed}:{self.request_id}:{draw.turn}:{draw.rollout + 1}:{len(tokens)}"
                 params["seed"] = zlib.crc32(key.encode())
             start = time.perf_counter()
-            output = await self.generate(request_id=self.request_id, prompt_ids=prefix + tokens, sampling_params=params)
+            IN_FLIGHT.change(self.step, +1)
+            try:
+                output = await self.generate(
+                    request_id=self.request_id, prompt_ids=prefix + tokens, sampling_params=params
+                )
+            finally:
+                IN_FLIGHT.change(self.step, -1)
             self.timing["generate"] += time.perf_counter() - start
             steps = [(output.extra_fields or {}).get(k) for k in ("min_global_steps", "max_global_steps")]
             self.global_steps += [s for s in steps if s is not None]
@@ -379,6 +387,7 @@ class CarlAgentLoop(AgentLoopBase):
             invalid_action=self.settings.invalid_action,
             thinking=self.settings.thinking,
             seed=int(getattr(self.rollout_config, "seed", 0) or 0) if deterministic else None,
+            step=int(kwargs.get("global_steps", 0) or 0),
         )
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> list[AgentLoopOutput]:
@@ -427,6 +436,7 @@ class CarlAgentLoop(AgentLoopBase):
         description = describe_tree(tree, info_keys=("text",) if dumped else ())
         description["reward_info"] = [env.breakdown(tree, i) for i in range(len(tree.nodes))]
         description["search"] = dataclasses.asdict(env.searches)
+        description["in_flight"] = IN_FLIGHT.snapshot(env.step)
         if dumped:
             description["question"] = (kwargs.get("extra_info") or {}).get("question") or tree_question(kwargs)
         steps = env.global_steps or [step]
