@@ -1,4 +1,4 @@
-"""Sequences in flight per agent-loop worker (issue 29 item 4): the summary by hand, the counter, the trainer's metric."""
+"""Sequences in flight per agent-loop worker (issue 29 item 4): the summary by hand, the counter, the metric."""
 
 import pytest
 
