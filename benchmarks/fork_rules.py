@@ -5,7 +5,8 @@
 
 `bias`: the MDP of tests/core/test_unbiased.py (E[R] = 0.625; the root's actions are equally likely, A's subtree
 wins 2 times in 8, B always wins) grown by `ForkPlanner` with each rule, N0 = 1 and N = 8 as in that test, merging off
-and on. The plain-mean backup (Alg. 2) is unbiased when a state's children are i.i.d. samples whose number does not
+and on; and `pool`: density forks with the step-level fork pool (`recipe.carl.pool`), batches of 16 trees sharing
+16 x 8 forks, a floor of 2 forks per tree. The plain-mean backup (Alg. 2) is unbiased when a state's children are i.i.d. samples whose number does not
 depend on what was sampled (`random`); rules that choose where to fork from what they have seen (`density` from the
 sampled actions' entropy, `spread` from the outcomes too) bias it. Printed: the mean root value over the trees, its
 standard error and the bias in standard errors.
@@ -35,8 +36,9 @@ import torch
 from benchmarks.carl_vs_grpo import PROTOCOL, demo_config, prepare
 from carl_core import CARLConfig, ForkPlanner, RolloutTree, compute_node_values, grow_tree, pack_trees, score_trees
 from recipe.carl.io import write_json
+from recipe.carl.pool import allocate, compute_tree_value, tree_outcomes
 from recipe.carl.tiny.local_agent import LocalAgent
-from tests.core.support import EXPECTED, grow_tree_sync, mdp_reward, mdp_step
+from tests.core.support import EXPECTED, SyncEnvironment, grow_tree_sync, mdp_reward, mdp_step
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = ("random", "density", "spread")
@@ -51,19 +53,51 @@ def mdp_root_values(selection: str, merge: bool, trees: int, seed: int = 0) -> l
         for _ in range(trees)
     ]
     a = pack_trees(grown)
-    v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, count=a.count)
+    v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, count=a.weight)
     return [float(v[o]) for o in a.offsets]
 
 
-def bias(trees: int) -> list[dict[str, Any]]:
-    """Mean root value (+- SE) per rule and merging, against E[R] = 0.625."""
+def pooled_root_values(
+    merge: bool, trees: int, batch: int = 16, floor: int = 2, prior: float = 2.0, seed: int = 0
+) -> list[float]:
+    """V(root) of `trees` MDP trees (density forks) grown in batches of `batch` sharing a fork pool
+    (`recipe.carl.pool`): `floor` forks each, then the rest of batch x 8 dealt by the pool's rule."""
+    rng = random.Random(seed)
+    config = CARLConfig(n0=1, n_forks=8, max_actions=2)
+    env = SyncEnvironment(mdp_step(rng), mdp_reward)
+    values: list[float] = []
+    for _ in range(trees // batch):
+        grown = [RolloutTree([1], 2, merge=merge) for _ in range(batch)]
+        planners = [ForkPlanner(config, random.Random(rng.random())) for _ in grown]
+        for tree, planner in zip(grown, planners, strict=True):
+            asyncio.run(grow_tree(tree, planner, env, forks=floor))
+        outcomes = [tree_outcomes(t) for t in grown]
+        rewards = [r for rs, _ in outcomes for r in rs]
+        prior_var = ((max(rewards) - min(rewards)) / 2) ** 2
+        worth = [compute_tree_value(rs, cs, prior, prior_var) for rs, cs in outcomes]
+        used = sum(len(t.fork_points) for t in grown)
+        extra = allocate(worth, [sum(cs) for _, cs in outcomes], batch * config.n_forks - used)
+        for tree, planner, n in zip(grown, planners, extra, strict=True):
+            asyncio.run(grow_tree(tree, planner, env, forks=n))
+        a = pack_trees(grown)
+        v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, count=a.weight)
+        values += [float(v[o]) for o in a.offsets]
+    return values
+
+
+def bias(trees: int, batch: int = 16, floor: int = 2) -> list[dict[str, Any]]:
+    """Mean root value (+- SE) per rule and merging, and under the fork pool, against E[R] = 0.625."""
     rows = []
     for merge in (False, True):
-        for selection in RULES:
-            values = mdp_root_values(selection, merge, trees)
+        for selection in RULES + ("pool",):
+            if selection == "pool":
+                values = pooled_root_values(merge, trees, batch, floor)
+            else:
+                values = mdp_root_values(selection, merge, trees)
             mean, se = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
-            rows.append({"selection": selection, "merge": merge, "trees": trees, "mean_root_value": mean, "se": se,
-                         "bias": mean - EXPECTED, "bias_in_se": (mean - EXPECTED) / se})  # fmt: skip
+            rows.append({"selection": selection, "merge": merge, "trees": len(values), "mean_root_value": mean,
+                         "se": se, "bias": mean - EXPECTED, "bias_in_se": (mean - EXPECTED) / se,
+                         **({"batch": batch, "floor": floor} if selection == "pool" else {})})  # fmt: skip
     return rows
 
 

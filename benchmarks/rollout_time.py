@@ -35,13 +35,14 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.rollout_sim import Replica, Request, Router, ServerModel, VirtualClockLoop, percentile_time
 from carl_core import CARLConfig, Draw, ForkPlanner, RolloutTree, Step, grow_tree
+from recipe.carl.in_flight import InFlight, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "rollout_time.json"
@@ -94,57 +95,117 @@ class SimEnvironment:
 
     _tokens = itertools.count(10)  # a fresh first token per action: no two samples merge
 
-    def __init__(self, sim: Simulation, question: int, request_id: str, stats: dict[str, int]) -> None:
-        self.sim, self.question, self.request_id, self.stats = sim, question, request_id, stats
+    def __init__(self, sim: Simulation, question: int, request_id: str, worker: int = 0) -> None:
+        self.sim, self.question, self.request_id, self.worker = sim, question, request_id, worker
 
     async def step(self, tree: RolloutTree, node_id: int, draw: Draw) -> Step:
         policy = self.sim.policy
         depth = tree.nodes[node_id].depth
-        path = tree.path(node_id)
-        prefix = len(tree.prompt_ids) + sum(len(tree.nodes[v].action.token_ids) +  # type: ignore[union-attr]
-                                             len(tree.nodes[v].action.observation_ids) for v in path[1:])  # fmt: skip
+        # Prefix-cache keys: the prompt (shared by the question's trees on a replica), then each state of the path.
+        lengths = [len(tree.prompt_ids)]
+        keys: list[tuple[Any, int]] = [(("q", self.question), lengths[0])]
+        for v in tree.path(node_id)[1:]:
+            action = tree.nodes[v].action
+            assert action is not None
+            lengths.append(lengths[-1] + len(action.token_ids) + len(action.observation_ids))
+            keys.append(((self.request_id, v), lengths[-1]))
         answers, n, h, obs = policy.draw(self.question, draw, depth)
-        n = min(n, policy.response_length - (prefix - policy.prompt_tokens))
+        n = min(n, policy.response_length - (lengths[-1] - lengths[0]))
         if n < 1:
             return Step((), (), finish_reason="context_overflow")
-        keys = [(("q", self.question), policy.prompt_tokens)]
-        keys += [((self.request_id, v), 0) for v in path[1:]]
-        lengths = itertools.accumulate(
-            [policy.prompt_tokens]
-            + [
-                len(tree.nodes[v].action.token_ids) + len(tree.nodes[v].action.observation_ids)  # type: ignore[union-attr]
-                for v in path[1:]
-            ]  # fmt: skip
-        )
-        keys = [(key, length) for (key, _), length in zip(keys, lengths, strict=True)]
-        request = Request(group=self.request_id, path=keys, prefix=prefix, new_tokens=n)
-        await self.sim.router.replica(self.request_id).generate(request)
-        self.stats["actions"] += 1
-        self.stats["tokens"] += n
-        tokens = [next(self._tokens)] + [1] * (n - 1)
-        done = answers or depth + 1 >= tree.max_actions
-        if done:
+        request = Request(group=self.request_id, path=keys, prefix=lengths[-1], new_tokens=n)
+        counter = self.sim.in_flight[self.worker]
+        counter.change(0, +1)
+        tokens = await self.generate(tree, node_id, request, draw)
+        counter.change(0, -1)
+        self.sim.actions += 1
+        self.sim.tokens += n
+        if answers or depth + 1 >= tree.max_actions:
             return Step(tokens, [-h] * n, done=True, finish_reason="answer" if answers else None)
-        await asyncio.sleep(self.sim.rng.expovariate(1 / policy.search_s) if policy.search_s > 0 else 0.0)
-        return Step(tokens, [-h] * n, observation_ids=[2] * obs)
+        return Step(tokens, [-h] * n, observation_ids=await self.observe(draw, obs))
+
+    async def generate(self, tree: RolloutTree, node_id: int, request: Request, draw: Draw) -> list[int]:
+        """The action's tokens, generated on the simulated server (`benchmarks.rollout_time_cpu`: on vLLM)."""
+        await self.sim.router.replica(self.request_id).generate(request)
+        return [next(self._tokens)] + [1] * (request.new_tokens - 1)
+
+    async def observe(self, draw: Draw, tokens: int) -> list[int]:
+        """A search's observation of `tokens` tokens, after the search tool's latency."""
+        search_s = self.sim.policy.search_s
+        latency = _rng("search", self.question, draw.rollout, draw.turn).expovariate(1 / search_s) if search_s else 0
+        await asyncio.sleep(latency)
+        return [2] * tokens
 
     async def score(self, tree: RolloutTree, leaf_id: int) -> float:
-        return float(_rng(self.question, leaf_id).random() < 0.5)
+        return float(_rng("reward", self.question, leaf_id).random() < 0.5)
 
 
 @dataclass
 class Simulation:
-    """One rollout step on `replicas` simulated replicas."""
+    """One rollout step's simulated servers, router and counters."""
 
     policy: Policy
     server: ServerModel
     replicas: int
+    workers: int
     seed: int = 0
+    actions: int = 0
+    tokens: int = 0
     router: Router = field(init=False)
-    rng: random.Random = field(init=False)
+    in_flight: list[InFlight] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
+        self.in_flight = [InFlight(clock=asyncio.get_event_loop().time) for _ in range(self.workers)]
+
+
+async def grow_step(
+    sim: Simulation,
+    carl: CARLConfig,
+    algo: str,
+    group: int,
+    questions: int,
+    env: Callable[[Simulation, int, str, int], SimEnvironment] = SimEnvironment,
+    prompt: Callable[[int], list[int]] | None = None,
+) -> list[float]:
+    """One rollout step's trees (CARL) or groups (GRPO), each agent-loop worker's concurrently, as verl's
+    `AgentLoopWorker` runs its share of the batch; returns each question's finish time.
+
+    Args:
+        env: makes a question's environment from (simulation, question key, request id, worker).
+        prompt: a question's prompt tokens (default: `policy.prompt_tokens` zeros).
+    """
+    if algo not in ("carl", "grpo"):
+        raise ValueError(f"algo={algo!r}: use carl or grpo")
+    loop, finished = asyncio.get_running_loop(), []
+    chain = dataclasses.replace(carl, n0=1, n_forks=0)
+
+    async def question(q: int, w: int) -> None:
+        prompt_ids = prompt(q) if prompt else [0] * sim.policy.prompt_tokens
+        if algo == "carl":
+            tree = RolloutTree(prompt_ids, carl.max_actions, uid=f"t{q}", merge=False)
+            await grow_tree(tree, ForkPlanner(carl, random.Random(f"{sim.seed}:{q}")), env(sim, q, f"t{q}", w))
+        else:
+            trees = [RolloutTree(prompt_ids, carl.max_actions, uid=f"t{q}.{i}") for i in range(group)]
+            envs = [env(sim, q * 1000 + i, f"t{q}.{i}", w) for i in range(group)]
+            await asyncio.gather(*(grow_tree(t, ForkPlanner(chain), e) for t, e in zip(trees, envs, strict=True)))
+        finished.append(loop.time())
+
+    await asyncio.gather(*(question(q, q * sim.workers // questions) for q in range(questions)))
+    return finished
+
+
+def step_outputs(sim: Simulation, finished: Sequence[float], start: float, questions: int) -> dict[str, Any]:
+    """What a step measured: its duration, sequences in flight per worker, the tail, actions and tokens."""
+    end = max(finished) - start
+    ends = [summarize(c.steps.get(0, []), max(finished)) for c in sim.in_flight]
+    return {
+        "rollout_s": end,
+        "seqs_in_flight_mean": statistics.mean(m for m, _ in ends),
+        "seqs_in_flight_min": min(low for _, low in ends),
+        "tail_share": (max(finished) - percentile_time(finished, 0.9)) / end,
+        "actions_per_question": sim.actions / questions,
+        "tokens_per_question": sim.tokens / questions,
+    }
 
 
 def run_step(
@@ -159,62 +220,40 @@ def run_step(
     questions: int = 128,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One rollout step of `questions` questions: a CARL tree each (`carl`), or a GRPO group of `group` trajectories
-    (`algo="grpo"`; T_max from `carl.max_actions`).
+    """One simulated rollout step of `questions` questions: a CARL tree each (`carl`), or a GRPO group of `group`
+    trajectories (`algo="grpo"`; T_max from `carl.max_actions`), dealt to `workers` agent-loop workers.
 
     Returns:
-        `rollout_s`, `seqs_running_mean` (per replica, time-weighted over the step), `tail_share` (after 90 % of
-        the trees or groups), `actions_per_question`, `tokens_per_question`, `busy_share` (per replica), `preempted`,
-        `prefix_cached_share`, and `worker_end_s` (each agent-loop worker's finish time).
+        `step_outputs` (`rollout_s`; `seqs_in_flight_mean` and `seqs_in_flight_min` per worker, as the trainer logs
+        them: `recipe.carl.in_flight`; `tail_share`, the share of the step after 90 % of the trees or groups had
+        finished; `actions_per_question`, `tokens_per_question`) and, per replica, `seqs_running_mean` (time-weighted)
+        and `busy_share`; `preempted`, `prefix_cached_share`.
     """
-    if algo not in ("carl", "grpo"):
-        raise ValueError(f"algo={algo!r}: use carl or grpo")
     loop = VirtualClockLoop()
-    stats = {"actions": 0, "tokens": 0}
-    finished: list[float] = []
-    worker_end: list[float] = []
-    sim = Simulation(policy, server, replicas, seed)
-    chain = dataclasses.replace(carl, n0=1, n_forks=0)
+    asyncio.set_event_loop(loop)
+    sim = Simulation(policy, server, replicas, workers, seed)
 
-    async def question(q: int) -> None:
-        prompt = [0] * policy.prompt_tokens
-        if algo == "carl":
-            env = SimEnvironment(sim, q, f"t{q}", stats)
-            tree = RolloutTree(prompt, carl.max_actions, uid=f"t{q}", merge=False)
-            await grow_tree(tree, ForkPlanner(carl, random.Random(f"{seed}:{q}")), env)
-        else:
-            envs = [SimEnvironment(sim, q * 1000 + i, f"t{q}.{i}", stats) for i in range(group)]
-            trees = [RolloutTree(prompt, carl.max_actions, uid=f"t{q}.{i}") for i in range(group)]
-            await asyncio.gather(*(grow_tree(t, ForkPlanner(chain), e) for t, e in zip(trees, envs, strict=True)))
-        finished.append(loop.time())
-
-    async def worker(qs: Sequence[int]) -> None:
-        await asyncio.gather(*(question(q) for q in qs))
-        worker_end.append(loop.time())
-
-    async def main() -> list[Replica]:
+    async def main() -> tuple[list[Replica], list[float]]:
         reps = [Replica(server, f"r{i}") for i in range(replicas)]
         sim.router = Router(reps, seed)
-        chunks = [range(w * questions // workers, (w + 1) * questions // workers) for w in range(workers)]
-        await asyncio.gather(*(worker(c) for c in chunks))
+        finished = await grow_step(sim, carl, algo, group, questions)
         for r in reps:
             r.task.cancel()
-        return reps
+        return reps, finished
 
-    reps = loop.run_until_complete(main())
-    loop.close()
-    end = max(finished)
+    try:
+        reps, finished = loop.run_until_complete(main())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    out = step_outputs(sim, finished, 0.0, questions)
     prefilled, cached = sum(r.prefilled for r in reps), sum(r.cached for r in reps)
     return {
-        "rollout_s": end,
-        "seqs_running_mean": statistics.mean(r.seq_s / end for r in reps),
-        "tail_share": (end - percentile_time(finished, 0.9)) / end,
-        "actions_per_question": stats["actions"] / questions,
-        "tokens_per_question": stats["tokens"] / questions,
-        "busy_share": statistics.mean(r.busy_s / end for r in reps),
+        **out,
+        "seqs_running_mean": statistics.mean(r.seq_s / out["rollout_s"] for r in reps),
+        "busy_share": statistics.mean(r.busy_s / out["rollout_s"] for r in reps),
         "preempted": sum(r.preempted for r in reps),
         "prefix_cached_share": cached / max(1, cached + prefilled),
-        "worker_end_s": sorted(worker_end),
     }
 
 
@@ -257,7 +296,7 @@ class _InstantEnvironment(SimEnvironment):
     async def step(self, tree: RolloutTree, node_id: int, draw: Draw) -> Step:
         depth = tree.nodes[node_id].depth
         answers, n, h, obs = self.sim.policy.draw(self.question, draw, depth)
-        self.stats["actions"] += 1
+        self.sim.actions += 1
         tokens = [next(self._tokens)]
         if answers or depth + 1 >= tree.max_actions:
             return Step(tokens, [-h], done=True, finish_reason="answer" if answers else None)
@@ -266,18 +305,16 @@ class _InstantEnvironment(SimEnvironment):
 
 def actions_per_question(policy: Policy, carl: CARLConfig, questions: int, seed: int = 0) -> float:
     """Actions a CARL tree generates per question under `policy` (the real planner, no server)."""
-    stats = {"actions": 0, "tokens": 0}
-    sim = Simulation(policy, ServerModel(t0=0.0, t1=0.0), 1, seed)
 
-    async def main() -> None:
+    async def main() -> float:
+        sim = Simulation(policy, ServerModel(t0=0.0, t1=0.0), 1, 1, seed)
         for q in range(questions):
             tree = RolloutTree([0], carl.max_actions, uid=f"t{q}")
-            await grow_tree(
-                tree, ForkPlanner(carl, random.Random(f"{seed}:{q}")), _InstantEnvironment(sim, q, "", stats)
-            )
+            planner = ForkPlanner(carl, random.Random(f"{seed}:{q}"))
+            await grow_tree(tree, planner, _InstantEnvironment(sim, q, ""))
+        return sim.actions / questions
 
-    asyncio.run(main())
-    return stats["actions"] / questions
+    return asyncio.run(main())
 
 
 def calibrate(
@@ -367,26 +404,45 @@ SHAPES: dict[str, Shape] = {
     ),
 }
 KS = (1, 2, 4, 8, 16)
-"""Forks in flight tried per shape (16 = every fork of N = 16 at once)."""
+"""Forks in flight tried per shape (16 = every fork of N = 16 at once, as soon as the rule lets it start)."""
+DEFAULT_RULE = (
+    "the smallest K whose predicted CARL rollout is <= 1.2x GRPO's; if none is, the smallest K within 10 % of the "
+    "best ratio over KS"
+)
 
 
-def predict_shape(name: str, shape: Shape, seeds: int, ks: Sequence[int] = KS, server: ServerModel | None = None):
-    """GRPO and CARL at each K on one shape, `seeds` seeds each: mean and range of every output."""
+def choose_default(ratios: dict[int, float]) -> int:
+    """`DEFAULT_RULE` over {K: CARL / GRPO rollout time}."""
+    ok = [k for k, r in ratios.items() if r <= 1.2]
+    if ok:
+        return min(ok)
+    best = min(ratios.values())
+    return min(k for k, r in ratios.items() if r <= 1.1 * best)
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+
+def _runs(shape: Shape, server: ServerModel, algo: str, k: int, seeds: int, group: int | None = None) -> dict:
+    carl = CARLConfig(n0=shape.n0, n_forks=shape.n_forks, max_actions=shape.max_actions, forks_in_flight=k)
+    out = [
+        run_step(shape.policy, server, carl, algo=algo, group=group or shape.grpo_group, replicas=shape.replicas,
+                 workers=shape.workers, questions=shape.questions, seed=seed)
+        for seed in range(seeds)
+    ]  # fmt: skip
+    return {key: _summary([o[key] for o in out]) for key in out[0]}
+
+
+def predict_shape(shape: Shape, seeds: int, ks: Sequence[int] = KS, server: ServerModel | None = None) -> dict:
+    """GRPO (the script's group, and as many trajectories as a tree has leaves) and CARL at each K on one shape,
+    `seeds` seeds each: the mean and range over seeds of every output, the ratios, and the default K."""
     server = server or SERVERS[shape.server]
-    carl = CARLConfig(n0=shape.n0, n_forks=shape.n_forks, max_actions=shape.max_actions)
-    common = {"replicas": shape.replicas, "workers": shape.workers, "questions": shape.questions}
-
-    def runs(algo: str, k: int) -> dict[str, Any]:
-        cfg = dataclasses.replace(carl, forks_in_flight=k)
-        out = [run_step(shape.policy, server, cfg, algo=algo, group=shape.grpo_group, seed=s, **common)
-               for s in range(seeds)]  # fmt: skip
-        keys = [k for k, v in out[0].items() if isinstance(v, (int, float))]
-        return {key: summary([o[key] for o in out]) for key in keys}
-
     started = time.time()
-    result = {"grpo": runs("grpo", 1), "carl": {str(k): runs("carl", k) for k in ks}}
-    grpo_s = result["grpo"]["rollout_s"]["mean"]
-    ok = [k for k in ks if result["carl"][str(k)]["rollout_s"]["mean"] <= 1.2 * grpo_s]
+    grpo = _runs(shape, server, "grpo", 1, seeds)
+    carl = {k: _runs(shape, server, "carl", k, seeds) for k in ks}
+    grpo_s = grpo["rollout_s"]["mean"]
+    ratios = {k: v["rollout_s"]["mean"] / grpo_s for k, v in carl.items()}
     return {
         "script": shape.script,
         "server": dataclasses.asdict(server),
@@ -394,31 +450,57 @@ def predict_shape(name: str, shape: Shape, seeds: int, ks: Sequence[int] = KS, s
         "questions": shape.questions,
         "grpo_group": shape.grpo_group,
         "replicas": shape.replicas,
+        "workers": shape.workers,
         "policy": dataclasses.asdict(shape.policy),
         "seeds": seeds,
         "grpo_s": grpo_s,
-        "carl_s": {k: v["rollout_s"]["mean"] for k, v in result["carl"].items()},
-        "carl_over_grpo": {k: v["rollout_s"]["mean"] / grpo_s for k, v in result["carl"].items()},
-        "default_forks_in_flight": min(ok) if ok else None,
-        "detail": result,
+        "carl_s": {str(k): v["rollout_s"]["mean"] for k, v in carl.items()},
+        "carl_over_grpo": {str(k): r for k, r in ratios.items()},
+        "default_forks_in_flight": choose_default(ratios),
+        "default_rule": DEFAULT_RULE,
+        "detail": {"grpo": grpo, "carl": {str(k): v for k, v in carl.items()}},
         "model_seconds": round(time.time() - started, 1),
     }
 
 
-def summary(values: Sequence[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+def with_leaves(shape: Shape, seeds: int) -> dict[str, Any]:
+    """GRPO with as many trajectories per question as a CARL tree has leaves (N0 + N), the CPU protocol's matching."""
+    grpo = _runs(shape, SERVERS[shape.server], "grpo", 1, seeds, group=shape.n0 + shape.n_forks)
+    return {"group": shape.n0 + shape.n_forks, "grpo_s": grpo["rollout_s"]["mean"], "detail": grpo}
 
 
-def sensitivity(shape: Shape, ks: Sequence[int], seeds: int = 1) -> list[dict[str, Any]]:
-    """CARL over GRPO at each K under other plausible step curves (t0, t1 scaled): how much the choice depends on
-    the curve."""
+def latency_bound(shape: Shape, ks: Sequence[int]) -> dict[str, float]:
+    """CARL over GRPO when the server's time does not depend on load (t1 = t2 = prefill = 0, no capacity limit): what
+    Alg. 1's order alone costs, a fork starting only from states of rollouts that have ended."""
+    free = ServerModel(t0=SERVERS[shape.server].t0, t1=0.0, kv_tokens=10**12, max_num_seqs=10**9)
+    out = predict_shape(shape, 1, ks, free)
+    return out["carl_over_grpo"]
+
+
+def sensitivity(shape: Shape, ks: Sequence[int]) -> list[dict[str, Any]]:
+    """CARL over GRPO at each K under other plausible step curves (t0 and t1 scaled) and another trajectory-length
+    tail (a constant answer hazard with the same mean length at T_max 32): how much the ratios depend on them."""
     base = SERVERS[shape.server]
+    flat = fit_constant_hazard(expected_length(shape.policy.hazard, 32), 32)
     rows = []
-    for f0, f1 in itertools.product((0.7, 1.0, 1.5), (0.5, 1.0, 2.0)):
+    for (f0, f1), hazard in itertools.product(
+        itertools.product((0.7, 1.0, 1.5), (0.5, 1.0, 2.0)), (shape.policy.hazard, (flat, 0.0))
+    ):
         server = dataclasses.replace(base, t0=base.t0 * f0, t1=base.t1 * f1)
-        out = predict_shape("", shape, seeds, ks, server)
-        rows.append({"t0_ms": server.t0 * 1e3, "t1_ms": server.t1 * 1e3, "carl_over_grpo": out["carl_over_grpo"]})
+        variant = dataclasses.replace(shape, policy=dataclasses.replace(shape.policy, hazard=hazard))
+        out = predict_shape(variant, 1, ks, server)
+        rows.append({"t0_ms": server.t0 * 1e3, "t1_ms": server.t1 * 1e3, "hazard": list(hazard),
+                     "carl_over_grpo": out["carl_over_grpo"]})  # fmt: skip
     return rows
+
+
+def fit_constant_hazard(mean: float, t_max: int) -> float:
+    """The constant answer probability whose capped geometric length has `mean` actions."""
+    lo, hi = 1e-4, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_length((mid, 0.0), t_max) > mean else (lo, mid)
+    return (lo + hi) / 2
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -430,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pre.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     pre.add_argument("--seeds", type=int, default=3)
     pre.add_argument("--out", type=Path, default=RESULTS)
-    pre.add_argument("--no-sensitivity", action="store_true")
+    pre.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity table and latency bound")
     args = p.parse_args(argv)
     if args.command == "calibrate":
         out = calibrate(args.questions)
@@ -441,10 +523,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"command": "python -m benchmarks.rollout_time " + " ".join(sys.argv[1:]), "shapes": {}}
     for name in args.shapes:
         print(f"{name}: ...", flush=True)
-        results["shapes"][name] = predict_shape(name, SHAPES[name], args.seeds)
-        print(json.dumps({k: results["shapes"][name][k] for k in ("grpo_s", "carl_over_grpo")}), flush=True)
+        shape = SHAPES[name]
+        out = results["shapes"][name] = predict_shape(shape, args.seeds)
+        out["grpo_matched_leaves"] = with_leaves(shape, args.seeds)
+        if not args.no_sensitivity:
+            out["latency_bound"] = latency_bound(shape, KS)
+        print(json.dumps({k: out[k] for k in ("grpo_s", "carl_over_grpo", "default_forks_in_flight")}), flush=True)
     if not args.no_sensitivity and "7b" in args.shapes:
-        results["sensitivity_7b"] = sensitivity(SHAPES["7b"], KS)
+        default = results["shapes"]["7b"]["default_forks_in_flight"]
+        results["sensitivity_7b"] = sensitivity(SHAPES["7b"], sorted({1, default}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     return results

@@ -85,17 +85,12 @@ class CARLConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> CARLConfig:
         """Builds the config from a plain mapping (e.g. an OmegaConf block), rejecting unknown keys by name."""
-        values = dict(values or {})
-        if "wave_size" in values:
-            raise CARLConfigError(
-                f"algorithm.carl.wave_size={values['wave_size']} was replaced by forks_in_flight: up to K forks of a "
-                "tree run at once and the next starts as soon as the oldest ends (no waiting for a whole wave). Set "
-                f"algorithm.carl.forks_in_flight={values['wave_size']} for as many at once (docs/config.md)."
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CARLConfigError(
-                f"algorithm.carl has unknown key(s) {unknown}: the known keys are {sorted(known)} (check the spelling)."
-            )
+        values, known = dict(values or {}), {f.name for f in dataclasses.fields(cls)}
+        if "wave_size" in values:  # the key before forks in flight (issue 29)
+            k = values["wave_size"]
+            raise CARLConfigError(f"algorithm.carl.wave_size={k} was replaced by forks_in_flight (K forks of a tree at "
+                                  f"once, the next as soon as the oldest ends): set forks_in_flight={k}.")  # fmt: skip
+        if unknown := sorted(set(values) - known):
+            raise CARLConfigError(f"algorithm.carl has unknown key(s) {unknown}: the known keys are {sorted(known)} "
+                                  "(check the spelling).")  # fmt: skip
         return cls(**values)

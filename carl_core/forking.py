@@ -221,18 +221,23 @@ async def rollout_from(tree: RolloutTree, rollout: int, env: Environment) -> int
             return node
 
 
-async def grow_tree(tree: RolloutTree, planner: ForkPlanner, env: Environment) -> RolloutTree:
-    """Grows a full CARL tree: N0 rollouts from the root, then N forks (Alg. 1), and numbers its nodes canonically
-    (`RolloutTree.canonicalize`). Rollouts are numbered in start order, the N0 root rollouts first; rollout i > N0 - 1
-    is a fork chosen once rollouts 0 .. i - K have all ended, from what they grew (at least rollout 0 is waited for),
-    with rollouts i - K + 1 .. i - 1 counted at their start states while they run."""
-    k, n0 = planner.config.forks_in_flight, planner.config.n0
-    tasks = [asyncio.ensure_future(rollout_from(tree, tree.start_rollout(tree.root.id), env)) for _ in range(n0)]
+async def grow_tree(tree: RolloutTree, planner: ForkPlanner, env: Environment, forks: int | None = None) -> RolloutTree:
+    """Grows a full CARL tree: N0 rollouts from the root, then `forks` (default N) forks (Alg. 1), and numbers its
+    nodes canonically (`RolloutTree.canonicalize`). Rollouts are numbered in start order, the N0 root rollouts first;
+    fork i is chosen once rollouts 0 .. i - K have all ended (at least rollout 0), from what they grew, with rollouts
+    i - K + 1 .. i - 1 counted at their start states while they run. A tree that has rollouts already (a fork pool's
+    second phase) gets only its forks, and every choice sees at least its earlier rollouts."""
+    k, done = planner.config.forks_in_flight, len(tree.rollout_start)
+    tasks = (
+        [] if done else [rollout_from(tree, tree.start_rollout(tree.root.id), env) for _ in range(planner.config.n0)]
+    )
+    futures = [asyncio.ensure_future(t) for t in tasks]  # futures[j] is rollout done + j
+    first = len(tree.rollout_start)
     try:
-        for i in range(n0, n0 + planner.config.n_forks):
-            last = max(i - k, 0)
+        for i in range(first, first + (planner.config.n_forks if forks is None else forks)):
+            last = max(i - k, done - 1, 0)
             while True:
-                await asyncio.gather(*tasks[: last + 1])
+                await asyncio.gather(*futures[: last + 1 - done])
                 running = [tree.rollout_start[r] for r in range(last + 1, i)]
                 start = planner.choose(tree, set(range(last + 1)), running)
                 if start is not None or last == i - 1:
@@ -241,10 +246,10 @@ async def grow_tree(tree: RolloutTree, planner: ForkPlanner, env: Environment) -
             if start is None:
                 break
             tree.fork_points.append(start)
-            tasks.append(asyncio.ensure_future(rollout_from(tree, tree.start_rollout(start), env)))
-        await asyncio.gather(*tasks)
+            futures.append(asyncio.ensure_future(rollout_from(tree, tree.start_rollout(start), env)))
+        await asyncio.gather(*futures)
     finally:
-        for task in tasks:
-            task.cancel()
+        for future in futures:
+            future.cancel()
     tree.canonicalize()
     return tree

@@ -32,6 +32,7 @@ trained on), `empty_generation`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import logging
@@ -58,10 +59,12 @@ from carl_core import (
     grow_tree,
     layout_rows,
     pack_trees,
+    rollout_from,
 )
 from recipe.carl.in_flight import IN_FLIGHT
 from recipe.carl.packing import RUNS_KEY, packing_budget
 from recipe.carl.packing.layout import PackedRow, pack_tree
+from recipe.carl.pool import POOLS, ForkPool, tree_outcomes
 from recipe.carl.search.actions import INVALID_ACTION_FEEDBACK, STOP_STRINGS, parse_action, render_observation
 from recipe.carl.search.reward import compute_score as default_compute_score
 from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
@@ -202,7 +205,7 @@ class SearchEnvironment:
         self.request_id = request_id
         self.data_source, self.ground_truth, self.extra_info = data_source, ground_truth, extra_info
         self.max_action_tokens, self.response_length = int(max_action_tokens), int(response_length)
-        self.invalid_action, self.thinking, self.seed, self.step = invalid_action, thinking, seed, step
+        self.invalid_action, self.thinking, self.seed, self.global_step = invalid_action, thinking, seed, step
         # One turn ends right after its action; the closing tag must stay in the tokens the policy is trained on.
         self.sampling_params = {
             **sampling_params,
@@ -231,13 +234,13 @@ class SearchEnvironment:
                 key = f"{self.seed}:{self.request_id}:{draw.turn}:{draw.rollout + 1}:{len(tokens)}"
                 params["seed"] = zlib.crc32(key.encode())
             start = time.perf_counter()
-            IN_FLIGHT.change(self.step, +1)
+            IN_FLIGHT.change(self.global_step, +1)
             try:
                 output = await self.generate(
                     request_id=self.request_id, prompt_ids=prefix + tokens, sampling_params=params
                 )
             finally:
-                IN_FLIGHT.change(self.step, -1)
+                IN_FLIGHT.change(self.global_step, -1)
             self.timing["generate"] += time.perf_counter() - start
             steps = [(output.extra_fields or {}).get(k) for k in ("min_global_steps", "max_global_steps")]
             self.global_steps += [s for s in steps if s is not None]
@@ -362,6 +365,8 @@ class CarlAgentLoop(AgentLoopBase):
         # A chain is a tree with one rollout and no fork; "all" trains each of its actions.
         self.carl: CARLConfig = carl if self.mode == "tree" else dataclasses.replace(carl, n0=1, n_forks=0)
         self.update_set = self.carl.update_set if self.mode == "tree" else "all"
+        self.pooled = mode == "auto"  # training rows may share a fork pool; validation's chains never do
+        self.pool_record: dict[str, int] | None = None
         self.prompt_length = int(self.rollout_config.prompt_length)
         self.response_length = int(self.rollout_config.response_length)
         self.searcher = resolve_searcher(search, tools)
@@ -391,30 +396,68 @@ class CarlAgentLoop(AgentLoopBase):
         )
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> list[AgentLoopOutput]:
+        # Deterministic per row (not the random uid), so full determinism reproduces across runs.
+        key = f"{kwargs.get('index', '')}:{kwargs.get('session_id', 0)}:{kwargs.get('global_steps', 0)}"
+        pool = self.join_pool(key, kwargs)  # before the first await: every tree of the worker joins first
         messages = list(kwargs["raw_prompt"])
         prompt_ids = await self.loop.run_in_executor(
             None, lambda: self.continuous_token_builder.build_initial_tokens(messages)
         )
         uid = f"{kwargs.get('uid', '')}_{kwargs.get('session_id', 0)}"
-        # Deterministic per row (not the random uid), so full determinism reproduces across runs.
-        key = f"{kwargs.get('index', '')}:{kwargs.get('session_id', 0)}:{kwargs.get('global_steps', 0)}"
         request_id = uuid.uuid4().hex if not getattr(self.rollout_config, "full_determinism", False) else key
         env = self.environment(sampling_params, request_id, kwargs)
         tree = RolloutTree(prompt_ids, self.carl.max_actions, uid=uid, merge=self.mode == "tree" and self.carl.merge)
+        reported = False
         try:
             if len(prompt_ids) > self.prompt_length:
                 # verl would left-truncate the prompt (losing the instructions); CARL ends the tree at its root.
                 logger.warning("prompt of %d tokens > rollout.prompt_length=%d", len(prompt_ids), self.prompt_length)
                 tree.terminate(tree.root.id, "prompt_too_long")
                 tree.set_reward(tree.root.id, await env.score(tree, tree.root.id))
-            else:
+            elif pool is None:
                 # One generator per tree: with `selection: random` the trees of a batch must not draw the same forks.
                 await grow_tree(tree, ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}")), env)
+            else:
+                self.pool_record = await self.grow_pooled(tree, env, pool, key, uid)
+                reported = True
         finally:
+            if pool is not None and not reported:
+                pool.leave(key)  # failed, or nothing to grow: its share goes to the other trees
             release = getattr(self.searcher, "release", None)
             if callable(release):
                 release(request_id)
         return self.outputs(tree, env, kwargs)
+
+    def join_pool(self, key: str, kwargs: dict[str, Any]) -> ForkPool | None:
+        """The step's fork pool of this worker (`algorithm.carl.fork_pool`; training rows only), joined under `key`."""
+        settings = self.settings.fork_pool
+        if settings is None or not self.pooled:
+            return None
+        share = self.carl.n_forks if self.mode == "tree" else settings.group
+        pool = POOLS.get(int(kwargs.get("global_steps", 0) or 0), settings, share)
+        pool.join(key)
+        return pool
+
+    async def grow_pooled(
+        self, tree: RolloutTree, env: SearchEnvironment, pool: ForkPool, key: str, uid: str
+    ) -> dict[str, int]:
+        """Phase 1, the barrier and phase 2 of the fork pool (`recipe.carl.pool`); returns the tree's record."""
+        settings = self.settings.fork_pool
+        assert settings is not None
+        planner = ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}"))
+        if self.mode == "tree":  # N0 root rollouts and `floor` forks; then the extra forks
+            await grow_tree(tree, planner, env, forks=settings.floor)
+            used = len(tree.fork_points)
+        else:  # GRPO: `floor` trajectories; then the extra ones, each a chain of its own
+            await grow_tree(tree, ForkPlanner(dataclasses.replace(self.carl, n0=settings.floor)), env)
+            used = settings.floor
+        extra = await pool.report(key, *tree_outcomes(tree), used)
+        if extra and self.mode == "tree":
+            await grow_tree(tree, planner, env, forks=extra)
+        elif extra:
+            await asyncio.gather(*(rollout_from(tree, tree.start_rollout(tree.root.id), env) for _ in range(extra)))
+            tree.canonicalize()
+        return {"total": used + extra, "floor": settings.floor, "left_out": pool.stats()["left_out"]}
 
     def outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
         """One `AgentLoopOutput` per `layout_rows` row; a tree without any action gives one all-masked row."""
@@ -436,7 +479,8 @@ class CarlAgentLoop(AgentLoopBase):
         description = describe_tree(tree, info_keys=("text",) if dumped else ())
         description["reward_info"] = [env.breakdown(tree, i) for i in range(len(tree.nodes))]
         description["search"] = dataclasses.asdict(env.searches)
-        description["in_flight"] = IN_FLIGHT.snapshot(env.step)
+        description["in_flight"] = IN_FLIGHT.snapshot(env.global_step)
+        description["pool"] = self.pool_record
         if dumped:
             description["question"] = (kwargs.get("extra_info") or {}).get("question") or tree_question(kwargs)
         steps = env.global_steps or [step]

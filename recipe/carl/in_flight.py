@@ -33,11 +33,10 @@ def summarize(events: Sequence[tuple[float, int]], end: float, windows: int = 10
     area = [0.0] * windows
     points = [*events, (end, events[-1][1])]
     for (t, count), (t_next, _) in zip(points, points[1:], strict=False):
-        while t < t_next:  # spread the segment [t, t_next) over the windows it covers
-            w = min(int((t - start) / span), windows - 1)
-            stop = min(t_next, start + (w + 1) * span) if w < windows - 1 else t_next
-            area[w] += count * (stop - t)
-            t = stop
+        first, last = int((t - start) / span), int((t_next - start) / span)  # the windows the segment touches
+        for w in range(max(first, 0), min(last, windows - 1) + 1):
+            lo, hi = max(t, start + w * span), min(t_next, start + (w + 1) * span if w < windows - 1 else end)
+            area[w] += count * max(0.0, hi - lo)
     means = [a / span for a in area]
     return sum(means) / windows, min(means)
 

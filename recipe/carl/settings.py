@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from carl_core import CARLConfig, CARLConfigError
 from recipe.carl.packing import PACKING_MODES, check_packing_config
+from recipe.carl.pool import PoolSettings
 
 ESTIMATOR = "carl"
 TRAINER_MODE = "carl"
@@ -48,6 +49,9 @@ class RecipeSettings:
     packing: str = "path"
     """Training rows: `path` (one row per leaf path with a new trained action) or `tree` (one row per tree, each
     token once, with a tree attention mask: `recipe.carl.packing`)."""
+    fork_pool: PoolSettings | None = None
+    """The step-level fork pool (`recipe.carl.pool`): null (the paper: every tree gets N forks) or a mapping
+    `{floor, prior, group, wait_s}`."""
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -92,6 +96,7 @@ def read_settings(config: Any) -> RecipeSettings:
     block = config.get("algorithm", {}).get("carl") if _is_trainer_config(config) else config
     values = _as_dict(block)
     recipe = {key: values.pop(key, default) for key, default in RECIPE_KEYS.items()}
+    recipe["fork_pool"] = PoolSettings.from_value(recipe["fork_pool"])
     return RecipeSettings(carl=CARLConfig.from_dict(values), **recipe)
 
 
@@ -109,6 +114,15 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
         CARLConfigError: with the override that fixes the problem.
     """
     settings = read_settings(config)
+    if settings.fork_pool is not None:
+        grpo = config.algorithm.adv_estimator != ESTIMATOR
+        settings.fork_pool.check(settings.carl.n_forks, grpo)
+        if grpo and config.actor_rollout_ref.rollout.n != 1:
+            raise CARLConfigError(
+                f"algorithm.carl.fork_pool under GRPO needs actor_rollout_ref.rollout.n=1 (got "
+                f"{config.actor_rollout_ref.rollout.n}): the pool grows each question's group itself "
+                f"(fork_pool.group={settings.fork_pool.group} trajectories per question on average)."
+            )
     if config.algorithm.adv_estimator != ESTIMATOR:
         return settings
     problems = []

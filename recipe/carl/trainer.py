@@ -44,6 +44,7 @@ from recipe.carl.cluster import check_cluster
 from recipe.carl.estimator import CarlBatch, carl_batch_from_rows, is_tree_row
 from recipe.carl.in_flight import in_flight_metrics
 from recipe.carl.io import write_jsonl
+from recipe.carl.pool import pool_metrics
 from recipe.carl.preflight import hide_secrets
 from recipe.carl.run_record import run_record, write_run_record
 from recipe.carl.schedule import (
@@ -220,6 +221,7 @@ class CARLTrainer(PPOTrainerSync):
         trees = carl_batch_from_rows(extra_fields, uids, response_mask.shape[1])
         metrics.update(search_metrics(trees, self.carl_settings, self.config, self.global_steps))
         metrics.update(in_flight_metrics(d.get("in_flight") for d in trees.descriptions))
+        metrics.update(pool_metrics([d.get("pool") for d in trees.descriptions]))
         if not carl:
             metrics.update(compute_budget_stats(trees.arrays, trees.arrays.parent >= 0, trees.questions))
             metrics.update({k: v for k, v in baseline_signal_stats(trees).items() if not math.isnan(v)})

@@ -812,3 +812,71 @@ def test_a_failed_search_carries_no_outcome(monkeypatch, tmp_path):
     ]
     assert again.trained.tolist() == [n["trained"] for n in nodes]
     check_rows(rows, [tree], read_settings(config).carl, advantages)
+
+
+# ----------------------------------------------------------------------------------------------------- fork pool
+def grow_pooled(config, server, n=4):
+    """n samples of one worker grown concurrently (as verl's AgentLoopWorker starts them), each its own loop."""
+    from recipe.carl.pool import POOLS
+
+    POOLS.pools.clear()
+    samples = [{**sample(uid=f"t{i}", question=f"what is the capital of q{i}"), "index": i} for i in range(n)]
+
+    async def main():
+        loops = [make_loop(config, server) for _ in samples]
+        params = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
+        return await asyncio.gather(*(loop.run(params, **s) for loop, s in zip(loops, samples, strict=True)),
+                                    return_exceptions=True)  # fmt: skip
+
+    RecordingLoop.trees = []
+    return asyncio.run(main()), list(RecordingLoop.trees)
+
+
+POOL = ("algorithm.carl.n_forks=5", "+algorithm.carl.fork_pool={floor: 1, prior: 2.0}")
+
+
+def test_a_pool_spends_exactly_the_budget_and_repeats():
+    config = make_config(*POOL)
+    results, trees = grow_pooled(config, ScriptedServer(searching_policy))
+    records = [out[0].extra_fields["carl_tree"]["pool"] for out in results]
+    forks = {t.uid: len(t.fork_points) for t in trees}
+    # 4 trees x N = 5 forks: every one handed out, each tree at least its floor, the record = the forks it grew.
+    assert sum(r["total"] for r in records) == 20 and all(r["total"] >= 1 for r in records)
+    assert sorted(forks.values()) == sorted(r["total"] for r in records)
+    again, _ = grow_pooled(config, ScriptedServer(searching_policy))
+    assert [out[0].extra_fields["carl_tree"]["pool"] for out in again] == records  # the same allocation
+    # The trees' rows go through the estimator as any tree's.
+    metrics = in_flight_free_pool_metrics([out[0].extra_fields["carl_tree"] for out in results])
+    assert metrics["carl/pool_total"] == 20 and metrics["carl/pool_per_tree_min"] >= 1
+
+
+def in_flight_free_pool_metrics(descriptions):
+    from recipe.carl.pool import pool_metrics
+
+    return pool_metrics([d.get("pool") for d in descriptions])
+
+
+def test_a_failing_tree_does_not_hang_the_pool():
+    class FailsForQ2(ScriptedServer):
+        async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+            if "capital of q2" in TOKENIZER.decode(prompt_ids):
+                raise ConnectionError("server lost")
+            return await super().generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+
+    results, trees = grow_pooled(make_config(*POOL), FailsForQ2(searching_policy))
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], ConnectionError)
+    records = [out[0].extra_fields["carl_tree"]["pool"] for out in results if not isinstance(out, BaseException)]
+    # The failed tree's share (5 forks) went to the three others: 20 - their 3 floors = 17 extras, 20 in all.
+    assert len(records) == 3 and sum(r["total"] for r in records) == 20 and records[0]["left_out"] == 1
+
+
+def test_grpo_with_a_pool_grows_groups_of_different_sizes():
+    config = make_config("algorithm.adv_estimator=grpo", "+algorithm.carl.fork_pool={floor: 2, group: 4}")
+    results, trees = grow_pooled(config, ScriptedServer(searching_policy))
+    sizes = [len(t.leaves()) for t in trees]
+    # 4 questions x 4 trajectories: 16 chains, at least 2 per question, each a row of its own (GRPO's group).
+    assert sum(sizes) == 16 and min(sizes) >= 2
+    leaves = {t.uid: len(t.leaves()) for t in trees}
+    assert all(len(out) == leaves[out[0].extra_fields["carl_tree_id"]] for out in results)
+    assert all(t.fork_points == [] for t in trees)
