@@ -6,9 +6,10 @@
 `bias`: the MDP of tests/core/test_unbiased.py (E[R] = 0.625; the root's actions are equally likely, A's subtree
 wins 2 times in 8, B always wins) grown by `ForkPlanner` with each rule, N0 = 1 and N = 8 as in that test, merging off
 and on; and `pool`: density forks with the step-level fork pool (`recipe.carl.pool`), batches of 16 trees sharing
-16 x 8 forks, a floor of 2 forks per tree. The plain-mean backup (Alg. 2) is unbiased when a state's children are i.i.d. samples whose number does not
-depend on what was sampled (`random`); rules that choose where to fork from what they have seen (`density` from the
-sampled actions' entropy, `spread` from the outcomes too) bias it. Printed: the mean root value over the trees, its
+16 x 8 forks, a floor of 2 forks per tree. The plain-mean backup (Alg. 2) is unbiased when a state's children are
+i.i.d. samples whose number does not depend on what was sampled (`random`); rules that choose where to fork from what
+they have seen (`density` from the sampled actions' entropy, `spread` from the outcomes too, the pool from the trees'
+outcomes) bias it. Printed: the mean root value over the trees, its
 standard error and the bias in standard errors.
 
 `pilot`: how the rule's constant (`spread_prior`, lambda) was chosen without the held-out questions. At the SFT start,
