@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.carl_vs_grpo_report import build_report, reproduction
+from benchmarks.carl_vs_grpo_report import build_report, export_scores, reproduction
 from recipe.carl.io import write_json, write_text
 from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
 from recipe.carl.tiny import launch
@@ -216,21 +216,23 @@ def score_policy(policy: Path, shared: Path, rows: list[dict[str, Any]], protoco
 
 
 # ------------------------------------------------------------------------------------------------- training
-def train(arm: str, seed: int, out: Path, shared: Path, url: str, protocol: Protocol) -> Path:
-    """One (arm, seed) run through verl's trainer, unless it finished before; returns its folder."""
+def train(arm: str, seed: int, out: Path, shared: Path, url: str, protocol: Protocol, cfg=None) -> Path:
+    """One (arm, seed) run through verl's trainer, unless it finished before; returns its folder (`cfg`: the run's
+    `DemoConfig`, default this protocol's for the arm and seed)."""
     run_dir = out / "runs" / arm / f"seed{seed}"
     if (run_dir / "done.json").exists():
         return run_dir
     if run_dir.exists():  # an unfinished run: verl cannot resume the tree dumps and metrics cleanly, so start over
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    cfg = demo_config(protocol, arm, seed)
+    cfg = cfg or demo_config(protocol, arm, seed)
     cmd = trainer_command(cfg, run_dir, shared, launch.write_tool_yaml(run_dir, cfg.topk))
     write_text(run_dir / "command.txt", " ".join(cmd[1:]) + "\n")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="carl-") as ray_dir:  # short: Ray's socket paths stay < 108 bytes
         env = {**launch.trainer_env(run_dir, url, REPO), "RAY_TMPDIR": ray_dir}
-        sessions = cfg.batch_prompts * (1 if cfg.algo == "carl" else cfg.grpo_group or cfg.n0 + cfg.n_forks)
+        per_question = 1 if cfg.algo == "carl" or cfg.pool_floor else cfg.grpo_group or cfg.n0 + cfg.n_forks
+        sessions = cfg.batch_prompts * per_question
         trainer = launch.TrainerRun(cmd, env, run_dir, cfg.steps, [], cfg.timeout_s, sessions)
         if trainer.run(cwd=REPO) != 0:
             print("\n".join(trainer.tail[-15:]), file=sys.stderr)
@@ -297,7 +299,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "experiment folder (the reproduction check; writes reproduction.json)",
     )
     p.add_argument("--lock", help="a file to flock around each heavy unit (one heavy job at a time on a shared box)")
+    p.add_argument("--export-scores", type=Path, metavar="JSON", help="write every scored policy's per-question "
+                   "held-out scores of the experiment in --out to this file (compact) and stop")  # fmt: skip
     args = p.parse_args(argv)
+    if args.export_scores:
+        return export_scores(args.out.resolve(), args.export_scores)
     protocol = SMOKE if args.smoke else PROTOCOL
     arms = args.arms or (list(SMOKE_ARMS) if args.smoke else list(ARMS))
     out = args.out.resolve()

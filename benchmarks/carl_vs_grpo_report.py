@@ -485,6 +485,34 @@ def reproduction(rerun: Path, original: Path) -> dict[str, Any]:
     return result
 
 
+def export_scores(out: Path, path: Path) -> dict[str, Any]:
+    """Every scored policy's per-question held-out exact match, compactly, so that every interval can be recomputed.
+
+    Writes `{"questions", "eval_samples", "start", "runs": {arm: {seed: {step: {"sampled", "greedy"}}}}}`: a sampled
+    score is stored as the number of the question's `eval_samples` episodes that were right (an integer), greedy as
+    0 or 1. Reads `start_eval.json` and every `runs/<arm>/seed<k>/eval/step_<s>.json` under `out`.
+    """
+    start = json.loads((out / "start_eval.json").read_text())
+    samples = int(json.loads((out / "protocol.json").read_text())["protocol"]["eval_samples"])
+
+    def compact(score: dict[str, Any]) -> dict[str, list[int]]:
+        if score["questions"] != start["questions"]:
+            raise ValueError(f"a policy was scored on other questions than the start ({score.get('policy')}).")
+        sampled = [round(x * samples) for x in score["sampled"]]
+        if any(abs(k / samples - x) > 1e-9 for k, x in zip(sampled, score["sampled"], strict=True)):
+            raise ValueError(f"sampled scores that are not multiples of 1/{samples}: {score.get('policy')}")
+        return {"sampled": sampled, "greedy": [round(x) for x in score["greedy"]]}
+
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for file in sorted((out / "runs").glob("*/seed*/eval/step_*.json")):
+        arm, seed, step = file.parts[-4], file.parts[-3].removeprefix("seed"), file.stem.removeprefix("step_")
+        runs.setdefault(arm, {}).setdefault(seed, {})[str(int(step))] = compact(json.loads(file.read_text()))
+    result = {"questions": start["questions"], "eval_samples": samples, "start": compact(start), "runs": runs}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, separators=(",", ":")) + "\n")
+    return result
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Interval):
         return asdict(value)

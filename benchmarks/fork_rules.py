@@ -29,6 +29,7 @@ import math
 import random
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch
 from benchmarks.carl_vs_grpo import PROTOCOL, demo_config, prepare
 from carl_core import CARLConfig, ForkPlanner, RolloutTree, compute_node_values, grow_tree, pack_trees, score_trees
 from recipe.carl.io import write_json
-from recipe.carl.pool import allocate, compute_tree_value, tree_outcomes
+from recipe.carl.pool import ForkPool, PoolSettings, allocate, compute_tree_value, grow_pooled, tree_outcomes
 from recipe.carl.tiny.local_agent import LocalAgent
 from tests.core.support import EXPECTED, SyncEnvironment, grow_tree_sync, mdp_reward, mdp_step
 
@@ -136,6 +137,95 @@ def pilot(questions: int, priors: list[float], seed: int = 0, root: Path = REPO 
     return out
 
 
+#: The pool pilot's grid and its rule, written before it ran (issue 32): on the first `questions` training questions in
+#: batches of 16 (the experiment's step, one agent-loop worker), at the SFT start, the setting with the most trained
+#: actions with A != 0 per generated action (CARL) or generated actions with A != 0 per generated action (GRPO, whose
+#: every action is trained); ties to the first in this order. The chosen values go into the second protocol.
+POOL_GRID = {
+    "carl": [(f, p) for f in (1, 2, 3) for p in (1.0, 4.0)],
+    "grpo": [(f, p) for f in (2, 4) for p in (1.0, 4.0)],
+}
+
+
+def pool_pilot(questions: int, seed: int = 0, root: Path = REPO / "runs" / "carl_vs_grpo_2") -> dict[str, Any]:
+    """The pool's floor and prior chosen on training questions (`POOL_GRID`), with the no-pool rows beside."""
+    shared = prepare(root, PROTOCOL)
+    cfg = demo_config(PROTOCOL, "carl", seed)
+    agent = LocalAgent(shared / "policy_sft", shared / "data", topk=cfg.topk, max_actions=cfg.max_actions,
+                       response_length=cfg.max_response_length, seed=seed)  # fmt: skip
+    agent.request_seed = seed
+    rows = agent.rows("train", questions)
+    config = CARLConfig(n0=cfg.n0, n_forks=cfg.n_forks, max_actions=cfg.max_actions, merge=True, seed=seed)
+    group = cfg.n0 + cfg.n_forks
+    out: dict[str, Any] = {"carl": [], "grpo": []}
+    for algo in ("carl", "grpo"):
+        for floor, prior in [(None, None), *POOL_GRID[algo]]:
+            start = time.time()
+            settings = (
+                None if floor is None else PoolSettings(floor=floor, prior=prior, group=group if algo == "grpo" else 0)
+            )
+            trees = asyncio.run(grow_batches(agent, rows, config, settings, cfg.temperature, seed, algo, group))
+            row = {
+                "floor": floor,
+                "prior": prior,
+                **signal_of(trees, config, algo),
+                "wall_s": round(time.time() - start, 1),
+            }
+            out[algo].append(row)
+            print(algo, json.dumps(row), flush=True)
+        pooled = [r for r in out[algo] if r["floor"] is not None]
+        best = max(pooled, key=lambda r: r["nonzero_per_generated"])  # the first of equal ones
+        out[f"{algo}_chosen"] = {"floor": best["floor"], "prior": best["prior"]}
+    return out
+
+
+async def grow_batches(agent, rows, config: CARLConfig, settings: PoolSettings | None, temperature: float, seed: int,
+                       algo: str, group: int) -> list[RolloutTree]:  # fmt: skip
+    """The rows' trees (GRPO: groups) in batches of 16 sharing a pool (none: N forks each, or `group` chains)."""
+    trees: list[RolloutTree] = []
+    for first in range(0, len(rows), 16):
+        batch = rows[first : first + 16]
+        pool = ForkPool(settings, config.n_forks if algo == "carl" else group) if settings else None
+        if pool is not None:
+            for i in range(first, first + len(batch)):
+                pool.join(i)
+        grown = [
+            grow_one(agent, first + j, r, config, pool, temperature, seed, algo, group) for j, r in enumerate(batch)
+        ]
+        trees += await asyncio.gather(*grown)
+    return trees
+
+
+async def grow_one(agent, i: int, row: dict[str, Any], config: CARLConfig, pool: ForkPool | None, temperature: float,
+                   seed: int, algo: str, group: int) -> RolloutTree:  # fmt: skip
+    """One question's tree (GRPO: group), in `pool` if there is one."""
+    tree = RolloutTree(agent.prompt_ids(row), config.max_actions, uid=f"p{i}", merge=config.merge and algo == "carl")
+    env, rng = agent.env(row, temperature, f"p{i}"), random.Random(f"{seed}:{i}")
+    if pool is not None:
+        await grow_pooled(tree, env, pool, i, config, rng, grpo=algo == "grpo")
+        return tree
+    return await grow_tree(
+        tree, ForkPlanner(config if algo == "carl" else replace(config, n0=group, n_forks=0), rng), env
+    )
+
+
+def signal_of(trees: list[RolloutTree], config: CARLConfig, algo: str) -> dict[str, float]:
+    """Generated actions, and those trained with A != 0 (GRPO: in a group whose rewards differ from the mean)."""
+    if algo == "carl":
+        s = score_trees(trees, config)
+        generated = float(s.arrays.count[s.arrays.parent >= 0].sum())
+        nonzero = float((s.trained & (s.advantage != 0)).sum())
+    else:
+        generated = nonzero = 0.0
+        for tree in trees:
+            leaves = [tree.nodes[v] for v in tree.leaves()]
+            mean = sum(n.reward or 0.0 for n in leaves) / len(leaves)
+            generated += sum(n.depth for n in leaves)
+            nonzero += sum(n.depth for n in leaves if (n.reward or 0.0) != mean)
+    return {"trees": len(trees), "generated_actions": generated, "nonzero_advantage_actions": nonzero,
+            "nonzero_per_generated": nonzero / generated if generated else 0.0}  # fmt: skip
+
+
 async def grow_trees(agent, rows: list[dict[str, Any]], config: CARLConfig, temperature: float, seed: int):
     """One tree per row, all concurrently (the engine batches their requests)."""
 
@@ -153,6 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     sub = p.add_subparsers(dest="what", required=True)
     b = sub.add_parser("bias", help="mean root value on the test MDP")
     b.add_argument("--trees", type=int, default=4000)
+    pp = sub.add_parser("pool-pilot", help="the fork pool's floor and prior, on training questions (POOL_GRID)")
+    pp.add_argument("--questions", type=int, default=64)
     q = sub.add_parser("pilot", help="the SFT start's trees on training questions")
     q.add_argument("--questions", type=int, default=64)
     q.add_argument("--priors", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
@@ -164,6 +256,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for r in rows:
             print(f"{r['selection']:8s} merge={r['merge']!s:5s} V(root) = {r['mean_root_value']:.4f} "
                   f"+- {r['se']:.4f} (bias {r['bias']:+.4f} = {r['bias_in_se']:+.1f} SE; E[R] = 0.625)")  # fmt: skip
+    elif args.what == "pool-pilot":
+        if args.questions < 16:
+            raise SystemExit("error: --questions must be >= 16 (the pool works on batches of 16 trees).")
+        torch.set_num_threads(2)
+        rows = pool_pilot(args.questions)
     else:
         if args.questions < 1 or any(x <= 0 for x in args.priors):
             raise SystemExit("error: --questions must be >= 1 and every --priors value > 0.")

@@ -32,7 +32,6 @@ trained on), `empty_generation`.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
 import logging
@@ -59,12 +58,11 @@ from carl_core import (
     grow_tree,
     layout_rows,
     pack_trees,
-    rollout_from,
 )
 from recipe.carl.in_flight import IN_FLIGHT
 from recipe.carl.packing import RUNS_KEY, packing_budget
 from recipe.carl.packing.layout import PackedRow, pack_tree
-from recipe.carl.pool import POOLS, ForkPool, tree_outcomes
+from recipe.carl.pool import POOLS, ForkPool, grow_pooled
 from recipe.carl.search.actions import INVALID_ACTION_FEEDBACK, STOP_STRINGS, parse_action, render_observation
 from recipe.carl.search.reward import compute_score as default_compute_score
 from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
@@ -418,11 +416,12 @@ class CarlAgentLoop(AgentLoopBase):
                 # One generator per tree: with `selection: random` the trees of a batch must not draw the same forks.
                 await grow_tree(tree, ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}")), env)
             else:
-                self.pool_record = await self.grow_pooled(tree, env, pool, key, uid)
+                rng = random.Random(f"{self.carl.seed}:{uid}")
+                self.pool_record = await grow_pooled(tree, env, pool, key, self.carl, rng, grpo=self.mode == "chain")
                 reported = True
         finally:
-            if pool is not None and not reported:
-                pool.leave(key)  # failed, or nothing to grow: its share goes to the other trees
+            if pool is not None and not reported and not pool.members[key].left:
+                pool.leave(key)  # nothing to grow (a prompt too long): its share goes to the other trees
             release = getattr(self.searcher, "release", None)
             if callable(release):
                 release(request_id)
@@ -437,27 +436,6 @@ class CarlAgentLoop(AgentLoopBase):
         pool = POOLS.get(int(kwargs.get("global_steps", 0) or 0), settings, share)
         pool.join(key)
         return pool
-
-    async def grow_pooled(
-        self, tree: RolloutTree, env: SearchEnvironment, pool: ForkPool, key: str, uid: str
-    ) -> dict[str, int]:
-        """Phase 1, the barrier and phase 2 of the fork pool (`recipe.carl.pool`); returns the tree's record."""
-        settings = self.settings.fork_pool
-        assert settings is not None
-        planner = ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}"))
-        if self.mode == "tree":  # N0 root rollouts and `floor` forks; then the extra forks
-            await grow_tree(tree, planner, env, forks=settings.floor)
-            used = len(tree.fork_points)
-        else:  # GRPO: `floor` trajectories; then the extra ones, each a chain of its own
-            await grow_tree(tree, ForkPlanner(dataclasses.replace(self.carl, n0=settings.floor)), env)
-            used = settings.floor
-        extra = await pool.report(key, *tree_outcomes(tree), used)
-        if extra and self.mode == "tree":
-            await grow_tree(tree, planner, env, forks=extra)
-        elif extra:
-            await asyncio.gather(*(rollout_from(tree, tree.start_rollout(tree.root.id), env) for _ in range(extra)))
-            tree.canonicalize()
-        return {"total": used + extra, "floor": settings.floor, "left_out": pool.stats()["left_out"]}
 
     def outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
         """One `AgentLoopOutput` per `layout_rows` row; a tree without any action gives one all-masked row."""

@@ -26,11 +26,22 @@ loop's rows and the trainer's metrics (`carl/pool_*`) follow.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from carl_core import CARLConfigError, RolloutTree, has_outcome
+from carl_core import (
+    CARLConfig,
+    CARLConfigError,
+    Environment,
+    ForkPlanner,
+    RolloutTree,
+    grow_tree,
+    has_outcome,
+    rollout_from,
+)
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,32 @@ class ForkPool:
         result = self.result or {}
         totals = [m.used + result.get(k, 0) for k, m in self.members.items() if m.reported and not m.left]
         return {"totals": totals, "left_out": sum(1 for m in self.members.values() if m.left or not m.reported)}
+
+
+async def grow_pooled(
+    tree: RolloutTree, env: Environment, pool: ForkPool, key: Any, config: CARLConfig, rng: random.Random, grpo: bool
+) -> dict[str, int]:
+    """Phase 1, the barrier and phase 2 of one tree (`grpo`: one question's group of chains) in the pool; returns
+    `{"total", "floor", "left_out"}` (forks or trajectories). Leaves the pool if phase 1 raises."""
+    floor = pool.settings.floor
+    planner = ForkPlanner(config, rng)
+    try:
+        if grpo:  # `floor` trajectories, each a chain from the root
+            await grow_tree(tree, ForkPlanner(dataclasses.replace(config, n0=floor, n_forks=0)), env)
+            used = floor
+        else:  # N0 root rollouts and `floor` forks
+            await grow_tree(tree, planner, env, forks=floor)
+            used = len(tree.fork_points)
+    except BaseException:
+        pool.leave(key)
+        raise
+    extra = await pool.report(key, *tree_outcomes(tree), used)
+    if extra and grpo:
+        await asyncio.gather(*(rollout_from(tree, tree.start_rollout(tree.root.id), env) for _ in range(extra)))
+        tree.canonicalize()
+    elif extra:
+        await grow_tree(tree, planner, env, forks=extra)
+    return {"total": used + extra, "floor": floor, "left_out": pool.stats()["left_out"]}
 
 
 class PoolRegistry:

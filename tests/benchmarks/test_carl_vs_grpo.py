@@ -247,3 +247,26 @@ def test_seeds_outside_the_protocol_are_refused(tmp_path):
     fake_experiment(tmp_path / "rerun", {"grpo": np.zeros((1, 4, 2))}, {"grpo": {"generated": 8, "trained": 8}})
     with pytest.raises(SystemExit, match=r"nowhere holds no experiment \(no start_eval.json\)"):
         exp.main(["--out", str(tmp_path / "rerun"), "--report", "--against", str(tmp_path / "nowhere")])
+
+
+def test_export_scores_is_exact_and_compact(tmp_path):
+    from benchmarks.carl_vs_grpo_report import export_scores
+
+    questions = ["q1", "q2", "q3"]
+    (tmp_path / "protocol.json").write_text(json.dumps({"protocol": {"eval_samples": 4}}))
+    (tmp_path / "start_eval.json").write_text(json.dumps({"questions": questions, "sampled": [0.25, 1.0, 0.0],
+                                                          "greedy": [1.0, 1.0, 0.0]}))  # fmt: skip
+    for arm, seed, step, sampled in (("grpo", 0, 10, [0.5, 0.75, 0.0]), ("carl", 1, 30, [1.0, 0.25, 0.5])):
+        folder = tmp_path / "runs" / arm / f"seed{seed}" / "eval"
+        folder.mkdir(parents=True)
+        (folder / f"step_{step:03d}.json").write_text(json.dumps({"questions": questions, "sampled": sampled,
+                                                                  "greedy": [0.0, 1.0, 1.0]}))  # fmt: skip
+    out = export_scores(tmp_path, tmp_path / "scores.json")
+    assert out == json.loads((tmp_path / "scores.json").read_text())
+    # Sampled scores as correct episodes of 4: 0.5 -> 2, 0.75 -> 3; greedy as 0/1.
+    assert out["runs"]["grpo"]["0"]["10"] == {"sampled": [2, 3, 0], "greedy": [0, 1, 1]}
+    assert out["runs"]["carl"]["1"]["30"]["sampled"] == [4, 1, 2] and out["start"]["sampled"] == [1, 4, 0]
+    bad = tmp_path / "runs" / "carl" / "seed1" / "eval" / "step_030.json"
+    bad.write_text(json.dumps({"questions": questions, "sampled": [0.3, 0.0, 0.0], "greedy": [0, 0, 0]}))
+    with pytest.raises(ValueError, match="not multiples of 1/4"):
+        export_scores(tmp_path, tmp_path / "scores.json")

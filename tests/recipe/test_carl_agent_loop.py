@@ -832,7 +832,7 @@ def grow_pooled(config, server, n=4):
     return asyncio.run(main()), list(RecordingLoop.trees)
 
 
-POOL = ("algorithm.carl.n_forks=5", "+algorithm.carl.fork_pool={floor: 1, prior: 2.0}")
+POOL = ("algorithm.carl.n_forks=5", "algorithm.carl.fork_pool={floor: 1, prior: 2.0}")
 
 
 def test_a_pool_spends_exactly_the_budget_and_repeats():
@@ -872,7 +872,7 @@ def test_a_failing_tree_does_not_hang_the_pool():
 
 
 def test_grpo_with_a_pool_grows_groups_of_different_sizes():
-    config = make_config("algorithm.adv_estimator=grpo", "+algorithm.carl.fork_pool={floor: 2, group: 4}")
+    config = make_config("algorithm.adv_estimator=grpo", "algorithm.carl.fork_pool={floor: 2, group: 4}")
     results, trees = grow_pooled(config, ScriptedServer(searching_policy))
     sizes = [len(t.leaves()) for t in trees]
     # 4 questions x 4 trajectories: 16 chains, at least 2 per question, each a row of its own (GRPO's group).

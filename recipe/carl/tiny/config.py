@@ -62,6 +62,13 @@ class DemoConfig:
     that share a seed share their random numbers wherever their requests coincide."""
     grpo_group: int | None = None
     """GRPO's trajectories per question; None: the CARL tree's N0 + N."""
+    forks_in_flight: int = 1
+    """CARL's K (`algorithm.carl.forks_in_flight`): forks of a tree generated at once; 1 is Alg. 1."""
+    pool_floor: int | None = None
+    """The step-level fork pool (`algorithm.carl.fork_pool`): None (off) or each tree's floor of forks (GRPO: of
+    trajectories, >= 2; the group then varies, `grpo_group` on average)."""
+    pool_prior: float = 2.0
+    """The pool rule's prior weight (`fork_pool.prior`)."""
     max_actions: int = 6
     lr: float = 3e-4
     """With 16 questions per step (docs/measurements.md lists the settings tried: 1e-3 collapses, 1e-4 moves less)."""

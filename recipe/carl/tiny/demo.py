@@ -60,11 +60,15 @@ def trainer_overrides(cfg: DemoConfig, run_dir: Path, data_dir: Path, model_dir:
         settings["actor_rollout_ref.rollout.full_determinism"] = True
         settings["actor_rollout_ref.rollout.seed"] = cfg.rl_seed
     if cfg.algo == "carl":
-        keys = ("n0", "n_forks", "selection", "update_set", "merge", "spread_prior", "packing")
+        keys = ("n0", "n_forks", "selection", "update_set", "merge", "spread_prior", "packing", "forks_in_flight")
         settings.update({f"algorithm.carl.{k}": getattr(cfg, k) for k in keys})
     else:
         settings["algorithm.adv_estimator"] = "grpo"
-        settings["actor_rollout_ref.rollout.n"] = cfg.grpo_group or leaves
+        settings["actor_rollout_ref.rollout.n"] = 1 if cfg.pool_floor else cfg.grpo_group or leaves
+    if cfg.pool_floor:  # the step-level fork pool (GRPO: groups of varying size from the same total)
+        group = 0 if cfg.algo == "carl" else cfg.grpo_group or leaves
+        pool = f"{{floor: {cfg.pool_floor}, prior: {cfg.pool_prior}, group: {group}}}"
+        settings["algorithm.carl.fork_pool"] = pool
     # Questions per update (recipe.carl.schedule; GRPO: prompts): a step's rows in one update, for both algorithms.
     settings["actor_rollout_ref.actor.ppo_mini_batch_size"] = cfg.batch_prompts
     return [f"{key}={value}" for key, value in settings.items()]
