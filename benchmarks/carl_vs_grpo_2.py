@@ -52,7 +52,7 @@ class Protocol2:
     """The first protocol's shared settings (steps: GRPO's; CARL arms run up to `max_steps`)."""
     grpo_steps: int = 30
     """GRPO's steps: its cumulative generated actions after them are the seed's budget B."""
-    max_steps: int = 60
+    max_steps: int = 55
     """The most steps any arm runs to reach B."""
     fractions: tuple[float, ...] = (1 / 3, 2 / 3, 1.0)
     """Budget points at which each arm is scored (and the rules decided at 1.0)."""
