@@ -43,6 +43,8 @@ import numpy as np
 from benchmarks.rollout_sim import Request, ServerModel
 from benchmarks.rollout_time import Policy, SimEnvironment, Simulation, grow_step, run_step, step_outputs
 from carl_core import CARLConfig, Draw, RolloutTree
+from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+from recipe.carl.tiny.trajectory import corpus_search, observation_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +141,7 @@ class RealEnvironment(SimEnvironment):
 
     async def observe(self, draw: Draw, tokens: int) -> list[int]:
         start = time.perf_counter()
-        text = self.search.observation(f"entity {self.question % 97} {draw.turn}")
+        text = observation_text(self.search(f"entity {self.question % 97} {draw.turn}"))
         self.search_s.append(time.perf_counter() - start)
         ids = self.tokenizer.encode(" " + text, add_special_tokens=False) or [2]
         return (ids * math.ceil(tokens / len(ids)))[:tokens]
@@ -186,14 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     from transformers import AutoTokenizer  # here, not at the top: it imports torch
 
-    from recipe.carl.synthhop.make_data import SynthHopConfig, build
-    from recipe.carl.tiny.trajectory import corpus_search
-
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data_dir = REPO / "runs" / "rollout_time_cpu_data"
     if not (data_dir / "corpus.jsonl").exists():
-        from recipe.carl.synthhop.make_data import write
-
         write(build(SynthHopConfig(seed=0, n_entities=300, n_train=200, n_test=10)), data_dir, overwrite=True)
     _, search = corpus_search(data_dir / "corpus.jsonl", 3)
     engine = Engine(args.model, args.threads, int(args.kv_gb * 2**30))
