@@ -285,8 +285,7 @@ def updates_message(questions_per_update: int, train_batch_size: int) -> str | N
         f"actor_rollout_ref.actor.ppo_mini_batch_size={q} counts questions per optimizer update (the CARL trainer's "
         f"meaning under both algorithm.carl.packing layouts, as verl's prompts for GRPO), and "
         f"{'is more than' if q > b else 'does not divide'} data.train_batch_size={b} questions a step. Set "
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes}: the scripts' PPO_MINI_BATCH_QUESTIONS for CARL, "
-        "PPO_MINI_BATCH_PROMPTS for GRPO."
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes}: the scripts' PPO_MINI_BATCH_QUESTIONS."
     )
 
 
