@@ -119,7 +119,9 @@ def test_carl_and_grpo_share_seed_validation_checkpoints_and_logging(tmp_path):
     assert list(cfg.trainer.logger) == ["console", "file"]
     # The update size: one variable, PPO_MINI_BATCH_QUESTIONS, in both (32 questions: 4 updates of 128).
     for script in ("run_carl_qwen7b.sh", "run_grpo_qwen7b.sh"):
-        cfg = compose_carl(script_overrides(ROOT / "scripts" / script, tmp_path / script, PPO_MINI_BATCH_QUESTIONS="32"))
+        cfg = compose_carl(
+            script_overrides(ROOT / "scripts" / script, tmp_path / script, PPO_MINI_BATCH_QUESTIONS="32")
+        )
         assert cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 32
 
 
@@ -179,10 +181,14 @@ def test_the_yaml_and_the_docs_name_the_grpo_scripts_overrides(tmp_path):
     docs = (ROOT / "docs/config.md").read_text()
     grpo = set(script_overrides(ROOT / "scripts" / "run_grpo_qwen7b.sh", tmp_path / "grpo"))
     carl_keys = {o.split("=", 1)[0] for o in script_overrides(ROOT / "scripts" / "run_carl_qwen7b.sh", tmp_path)}
-    assert named == {o for o in grpo if o.split("=", 1)[0] not in carl_keys} == {
-        "algorithm.adv_estimator=grpo",
-        "actor_rollout_ref.rollout.n=16",
-    }
+    assert (
+        named
+        == {o for o in grpo if o.split("=", 1)[0] not in carl_keys}
+        == {
+            "algorithm.adv_estimator=grpo",
+            "actor_rollout_ref.rollout.n=16",
+        }
+    )
     assert all(f"`{o}`" in docs or o in docs for o in named)
 
 
