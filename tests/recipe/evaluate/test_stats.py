@@ -255,4 +255,4 @@ def test_paired_macro_difference_pairs_and_checks():
     with pytest.raises(ValueError, match=r"strata has shape \(11,\): need one stratum \(data set\) per question"):
         macro_interval(a, strata[:11])
     with pytest.raises(ValueError, match="a paired difference needs one shape"):
-        paired_macro_difference(a, a[:1], strata)
+        paired_macro_difference(a, a[..., None].repeat(2, axis=2), strata)
