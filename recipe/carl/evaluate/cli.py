@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         search = make_search(args.retriever_url, settings.topk)
         label = labels[role]
-        with QuestionFiles(out / _safe(label)) as sink:
+        with QuestionFiles(out / safe_name(label)) as sink:
             records[role] = asyncio.run(
                 evaluate_model(
                     folder, datasets, settings, engine, search, reward_fn, options, done.get(label), sink.append
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "notes": {source: diagnose(t) for source, t in tables.items() if diagnose(t)},
         }
         for source, recs in records[role].items():  # in the data's order (they were appended as they finished)
-            write_jsonl(out / _safe(label) / f"{_safe(source)}.jsonl", recs)
+            write_jsonl(out / safe_name(label) / f"{safe_name(source)}.jsonl", recs)
     if args.baseline:
         results["comparison"] = compare(records["model"], records["baseline"], seed=args.seed)
         if len(datasets) > 1:
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
 
 
@@ -287,7 +287,7 @@ class QuestionFiles:
     def append(self, source: str, record: dict[str, Any]) -> None:
         if source not in self.files:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.files[source] = open(self.folder / f"{_safe(source)}.jsonl", "a", encoding="utf-8")
+            self.files[source] = open(self.folder / f"{safe_name(source)}.jsonl", "a", encoding="utf-8")
         self.files[source].write(json.dumps(record) + "\n")
         self.files[source].flush()
 
@@ -325,7 +325,7 @@ def start_or_resume(
         "models": {role: {"path": str(spec[0]), "label": labels[role]} for role, spec in given.items()},
     }
     progress = out / PROGRESS
-    folders = [out / _safe(label) for label in labels.values()]
+    folders = [out / safe_name(label) for label in labels.values()]
     if args.overwrite:
         for path in [out / "results.json", progress, *(f for folder in folders for f in folder.glob("*.jsonl"))]:
             path.unlink(missing_ok=True)
