@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from data_preprocess.common import make_search_row
+from recipe.carl.cpu.tiny_model import save_tiny_model
 from recipe.carl.io import write_jsonl
 from recipe.carl.tiny.run_folder import read_metrics, tree_dumps
 
@@ -77,9 +78,9 @@ def log(message: str) -> None:
 
 def prepare_data(out: Path) -> dict[str, Path]:
     """SynthHop's corpus, and 16 training and 8 validation questions as verl parquet rows with the Search-R1 prompt."""
-    import pandas as pd  # here, not at the top (and below): SynthHop's generator imports transformers
+    import pandas as pd  # here, not at the top: `-h` needs no pandas
 
-    from recipe.carl.synthhop.make_data import SynthHopConfig, build
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build  # here, not at the top: it imports transformers
 
     data = build(SynthHopConfig(seed=0, n_entities=300, n_train=16, n_test=8))
     paths = {"corpus": out / "data" / "corpus.jsonl"}
@@ -98,8 +99,6 @@ def prepare_model(out: Path, model: str) -> str:
     """`random`: a randomly initialised Qwen2 written to `out/model` (nothing downloaded); else `model` itself."""
     if model != "random":
         return model
-    from recipe.carl.cpu.tiny_model import save_tiny_model  # here, not at the top: it imports torch
-
     # Head size 64 (256 / 4), which flash-attn and vLLM's attention kernels take; 2 layers.
     return save_tiny_model(out / "model", hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                            intermediate_size=512, max_position_embeddings=4096)  # fmt: skip
