@@ -20,6 +20,7 @@
 
 # run_settings: sets RUN_OVERRIDES; exits 2 naming a bad value.
 run_settings() {
+    set +x  # the run script traces its commands; these checks would only add noise
     local seed=${SEED:-0} test_freq=${TEST_FREQ:-10} val=${VAL_BEFORE_TRAIN:-auto} save_freq=${SAVE_FREQ:-10}
     local keep=${MAX_CKPT_TO_KEEP:-2} logger=${LOGGER:-console,file,wandb} name
     for name in SEED TEST_FREQ SAVE_FREQ MAX_CKPT_TO_KEEP; do
@@ -60,4 +61,5 @@ run_settings() {
         trainer.max_critic_ckpt_to_keep="$keep"
         trainer.logger="[$logger]"
     )
+    set -x
 }
