@@ -335,9 +335,10 @@ def plot_rollout_tree(
 
     Nodes are coloured by state entropy (colour bar; leaves, which have none, are white) and numbered; the panel on
     the right lists the action entering each node. Trained (critical) actions are thick orange edges labelled with
-    their advantage, the others thin and grey; each node shows its value ``V``. With ``ground_truth``, a leaf whose
-    answer is an exact match gets a green border and a tick, any other leaf a red border; without it, leaves are
-    not marked. Fork points are ringed (``xk`` when forked k > 1 times).
+    their per-sample advantage (`edge_label`: ``A=+0.50 ×3`` for an action sampled 3 times and merged), the others
+    thin and grey (``×m`` when merged); each node shows its value ``V``. With ``ground_truth``, a leaf whose answer
+    is an exact match gets a green border and a tick, any other leaf a red border; without it, leaves are not
+    marked. Fork points are ringed (``k forks`` when picked k > 1 times). The legend names every mark.
 
     Args:
         tree: one tree dump object (see the module docstring).
