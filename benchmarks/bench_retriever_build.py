@@ -8,11 +8,16 @@ as the server's CLI builds it, in its own process (`python -m recipe.carl.search
 then started again (verify the cache and load it, `--build-only` once more). Per run: wall seconds, peak resident
 memory of that process (`wait4`'s `ru_maxrss`), and the index's size on disk.
 
-Extrapolation to `--target` passages (default 21,015,324, wiki-18's count): for each quantity the exponent b of
-`y = a * N^b` is fitted by least squares on log-log over the measured sizes and printed, and the value at the target
-is `y(N_max) * (target / N_max)^b`, i.e. scaled from the largest measurement by the measured exponent (b ~ 1 is
-linear). The smallest sizes carry start-up constants (Python, imports), so the fit uses the sizes at or above
-`--fit-from`.
+Extrapolation to `--target` passages (default 21,015,324, wiki-18's count), two ways, both printed:
+
+- **power law**: the exponent b of `y = a * N^b`, fitted by least squares on log-log over the measured sizes; the
+  value at the target is `y(N_max) * (target / N_max)^b`, the largest measurement scaled by the measured exponent;
+- **linear**: `y = c + d * N` fitted by least squares; the value at the target is `c + d * target`, the fixed cost
+  (Python, imports) plus the measured cost per passage.
+
+Memory and disk grow linearly with what is stored, so their power-law exponents fall below 1 while the fixed costs
+weigh (small sizes) and the linear fit is the one to read for them; the power law shows whether time grows faster
+than linearly. The fits use the sizes at or above `--fit-from`. `--report FILE` prints them again from a `--json` file.
 
     python -m benchmarks.bench_retriever_build --sizes 100000 300000 1000000           # BM25 (~15 min on 2 cores)
     python -m benchmarks.bench_retriever_build --backend dense --encoder <model> --sizes 2000 5000   # an encoder
@@ -108,6 +113,40 @@ def extrapolate(sizes: list[int], values: list[float], target: int) -> tuple[flo
     return b, values[-1] * (target / sizes[-1]) ** b
 
 
+def extrapolate_linear(sizes: list[int], values: list[float], target: int) -> tuple[float, float, float]:
+    """(fixed cost c, cost per passage d, value at `target`) of y = c + d N, least squares (d from the two points
+    if there are two; with one size, c = 0)."""
+    if len(sizes) < 2:
+        return 0.0, values[0] / sizes[0], values[0] / sizes[0] * target
+    d, c = np.polyfit(np.asarray(sizes, dtype=float), np.asarray(values, dtype=float), 1)
+    return float(c), float(d), float(c + d * target)
+
+
+def report(rows: list[dict], target: int, fit_from: int) -> dict:
+    """Both extrapolations of every quantity (module docstring), printed; returns them."""
+    fitted = [r for r in rows if r["passages"] >= fit_from] or rows
+    n = [r["passages"] for r in fitted]
+    result = {}
+    for key in QUANTITIES:
+        values = [r[key] for r in fitted]
+        b, power = extrapolate(n, values, target)
+        c, d, linear = extrapolate_linear(n, values, target)
+        result[key] = {"exponent": b, "at_target": power, "fixed": c, "per_passage": d, "linear_at_target": linear}
+    print(f"fitted on {n}; at {target:,} passages (power law N^b | linear c + d N):")
+    for key, v in result.items():
+        print(f"  {key}: {v['at_target']:.4g} (b = {v['exponent']:.2f}) | {v['linear_at_target']:.4g} "
+              f"(c = {v['fixed']:.3g}, d = {v['per_passage']:.3g} per passage)")  # fmt: skip
+    hours = result["build_s"]["at_target"] / 3600
+    print(
+        f"extrapolated: build {hours:.2f} h (linear {result['build_s']['linear_at_target'] / 3600:.2f} h), "
+        f"build peak {result['build_peak_gb']['linear_at_target']:.1f} GB, serving peak "
+        f"{result['load_peak_gb']['linear_at_target']:.1f} GB, index {result['index_gb']['linear_at_target']:.1f} GB "
+        f"(linear), load {result['load_s']['linear_at_target'] / 60:.1f} min (linear)"
+        + ("" if all(math.isfinite(v["at_target"]) for v in result.values()) else " (some not finite)")
+    )
+    return result
+
+
 def measure(size: int, work: Path, server_flags: list[str], seed: int) -> dict:
     """One size: generate the corpus, build the index, start again on the cache."""
     corpus = work / f"corpus_{size}.jsonl"
@@ -147,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="seconds: 200 and 600 passages (the smoke test)")
     parser.add_argument("--work-dir", default=None, help="where corpora and indexes go (default: a temp folder)")
     parser.add_argument("--json", default=None, help="also write the rows and the extrapolation here")
+    parser.add_argument("--report", default=None, help="print the extrapolations of a --json file, measure nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        report(saved["rows"], args.target, args.fit_from)
+        return 0
     sizes = [200, 600] if args.tiny else sorted(args.sizes)
     flags = ["--backend", args.backend]
     if args.backend == "dense":
@@ -165,24 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"load {r['load_s']:.1f} s, peak {r['load_peak_gb']:.2f} GB; index {r['index_gb']:.3f} GB",
                 flush=True,
             )
-    fitted = [r for r in rows if r["passages"] >= args.fit_from] or rows
-    n = [r["passages"] for r in fitted]
-    result = {}
-    for key in QUANTITIES:
-        b, value = extrapolate(n, [r[key] for r in fitted], args.target)
-        result[key] = {"exponent": b, "at_target": value}
-    shown = ", ".join(f"{k} {v['at_target']:.3g} (N^{v['exponent']:.2f})" for k, v in result.items())
+    result = report(rows, args.target, args.fit_from)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"backend": args.backend, "rows": rows, "target": args.target, "extrapolated": result}, indent=1)
-        )
-    hours = result["build_s"]["at_target"] / 3600
-    print(f"fitted on {n}; at {args.target:,} passages: {shown}")
-    print(
-        f"extrapolated: build {hours:.2f} h, build peak {result['build_peak_gb']['at_target']:.1f} GB, "
-        f"index {result['index_gb']['at_target']:.1f} GB, load {result['load_s']['at_target'] / 60:.1f} min"
-        + ("" if all(math.isfinite(v["at_target"]) for v in result.values()) else " (some not finite)")
-    )
+        record = {"backend": args.backend, "rows": rows, "target": args.target, "extrapolated": result}
+        Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
 
 

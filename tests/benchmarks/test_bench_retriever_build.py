@@ -19,6 +19,18 @@ def test_the_fit_recovers_a_power_law_and_scales_the_largest_size():
     assert bench.extrapolate([500], [2.0], 5_000) == (1.0, pytest.approx(20.0))  # one size: linear
 
 
+def test_the_linear_fit_separates_the_fixed_cost_from_the_cost_per_passage(tmp_path, capsys):
+    sizes = [25_000, 50_000, 100_000]
+    fixed, per = bench.extrapolate_linear(sizes, [0.1 + 4e-6 * n for n in sizes], 21_000_000)[:2]
+    assert (fixed, per) == (pytest.approx(0.1), pytest.approx(4e-6))
+    assert bench.extrapolate_linear(sizes, [0.1 + 4e-6 * n for n in sizes], 1_000_000)[2] == pytest.approx(4.1)
+    rows = [{"passages": n, **{k: 1.0 + n for k in bench.QUANTITIES}} for n in sizes]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    assert bench.main(["--report", str(tmp_path / "r.json"), "--target", "200000"]) == 0
+    printed = capsys.readouterr().out
+    assert "  build_s: 2e+05 (b = 1.00) | 2e+05 (c = 1, d = 1 per passage)" in printed  # y = 1 + N at N = 200,000
+
+
 def test_the_corpus_has_wiki18s_shape(tmp_path):
     terms = bench.make_corpus(tmp_path / "c.jsonl", 50)
     lines = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
