@@ -27,6 +27,7 @@ import torch
 
 from carl_core import (
     CARLConfig,
+    Draw,
     ForkPlanner,
     RolloutTree,
     Step,
@@ -48,7 +49,7 @@ class RandomPolicy:
     def __init__(self, rng: random.Random, action_tokens: int, obs_tokens: int) -> None:
         self.rng, self.action_tokens, self.obs_tokens = rng, action_tokens, obs_tokens
 
-    async def step(self, tree: RolloutTree, node: int) -> Step:
+    async def step(self, tree: RolloutTree, node: int, draw: Draw) -> Step:
         n = max(1, int(self.rng.gauss(self.action_tokens, self.action_tokens / 4)))
         lps = [math.log(self.rng.uniform(0.1, 1.0)) for _ in range(n)]
         return Step([self.rng.randrange(1000) for _ in range(n)], lps, [7] * self.obs_tokens, self.rng.random() < 0.2)
@@ -137,7 +138,7 @@ def legacy_tree_dict(tree: RolloutTree) -> dict[str, Any]:
         "prompt_ids": tree.prompt_ids,
         "max_actions": tree.max_actions,
         "fork_points": tree.fork_points,
-        "aborted": tree.aborted,
+        "aborted": [],  # the legacy payload had this list (always empty since issue 28)
         "nodes": [
             {
                 "id": n.id,

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, grow_tree  # noqa: E402
+from carl_core import CARLConfig, Draw, ForkPlanner, RolloutTree, Step, grow_tree  # noqa: E402
 from recipe.carl.packing.attention import (  # noqa: E402
     build_attention_mask,
     layout_rows,
@@ -315,7 +315,7 @@ class SyntheticEnv:
     def _n(self, low: int, high: int) -> int:
         return max(1, round(self.rng.randint(low, high) * self.scale))
 
-    async def step(self, tree: RolloutTree, node: int) -> Step:
+    async def step(self, tree: RolloutTree, node: int, draw: Draw) -> Step:
         rng, depth = self.rng, tree.nodes[node].depth + 1
         n = self._n(80, 120)
         done = depth >= 6 or (depth >= 4 and rng.random() < 0.5)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.carl_vs_grpo import PROTOCOL, REPO, prepare
-from carl_core import RolloutTree, rollout_from
+from carl_core import Draw, RolloutTree, rollout_from
 from recipe.carl.tiny.local_agent import LocalAgent
 
 
@@ -94,7 +94,8 @@ def compute_criticality_stats(
 
 async def _resample(tree: RolloutTree, state: int, sample_env, greedy_env) -> tuple[float, float]:
     """One a' ~ pi(.|s) then a greedy continuation; returns (h(a'), final reward)."""
-    step = await sample_env.step(tree, state)
+    draw = tree.start_rollout(state)
+    step = await sample_env.step(tree, state, Draw(draw, 0))
     if len(step.token_ids) == 0:
         return float("nan"), float("nan")
     child = tree.add_action(
@@ -104,17 +105,16 @@ async def _resample(tree: RolloutTree, state: int, sample_env, greedy_env) -> tu
     if tree.nodes[child].terminal:
         tree.set_reward(child, float(await greedy_env.score(tree, child)))
         return h, tree.nodes[child].reward
-    leaf = await rollout_from(tree, child, greedy_env)
-    return h, (tree.nodes[leaf].reward if leaf is not None else float("nan"))
+    leaf = await rollout_from(tree, tree.start_rollout(child), greedy_env)
+    return h, tree.nodes[leaf].reward  # a stop (no action) is the policy's outcome too
 
 
 async def _study_question(agent, row: dict, cfg: StudyConfig, uid: str) -> list[tuple[float, float]]:
     sample_env, greedy_env = agent.env(row, 1.0, uid), agent.env(row, 0.0, uid)
     tree = agent.new_tree(row, uid)
-    leaf = await rollout_from(tree, 0, sample_env)
-    if leaf is None:
-        return []
-    states = tree.path(leaf)[:-1]  # every state on the sampled trajectory at which an action was taken
+    leaf = await rollout_from(tree, tree.start_rollout(0), sample_env)
+    # Every state on the sampled trajectory at which an action was taken (a stop is no action).
+    states = tree.path(leaf)[: -2 if tree.nodes[leaf].is_stop else -1]
     results = []
     for state in states:
         first = tree.nodes[tree.nodes[state].children[0]].action.entropy

@@ -22,6 +22,7 @@ How a tree flows to the loss::
 from carl_core.config import CARLConfig, CARLConfigError
 from carl_core.entropy import action_entropy, compute_state_entropy
 from carl_core.forking import (
+    Draw,
     Environment,
     ForkPlanner,
     Step,

@@ -31,8 +31,8 @@ class CARLConfig:
     merge: bool = True
     """One node per distinct action (a state is a token prefix): a repeated action joins its twin, counted twice in
     values, fork rule and loss (`carl_core.tree`); false keeps every sample as its own node (a literal Alg. 1)."""
-    wave_size: int = 1
-    """k: fork points handed out at once so their rollouts generate in parallel; 1 is the paper exactly."""
+    forks_in_flight: int = 1
+    """K: forks of one tree that generate at once; the next starts as soon as the oldest ends. 1 is Alg. 1 exactly."""
     max_actions: int = 32
     """T_max: actions per trajectory; a rollout that reaches it ends cleanly as a leaf."""
     update_set: str = "critical"
@@ -48,7 +48,7 @@ class CARLConfig:
         def fail(msg: str) -> None:
             raise CARLConfigError(f"algorithm.carl.{msg}")
 
-        for key in ("n0", "n_forks", "wave_size", "max_actions"):
+        for key in ("n0", "n_forks", "forks_in_flight", "max_actions"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool):
                 fail(f"{key}={value!r} must be an integer.")
@@ -58,8 +58,8 @@ class CARLConfig:
             fail(f"n0={self.n0} must be >= 1: forks need states, and states come from a full rollout from the root.")
         if self.n_forks < 0:
             fail(f"n_forks={self.n_forks} must be >= 0 (the paper uses 16).")
-        if self.wave_size < 1:
-            fail(f"wave_size={self.wave_size} must be >= 1 (1 reproduces Alg. 1 exactly).")
+        if self.forks_in_flight < 1:
+            fail(f"forks_in_flight={self.forks_in_flight} must be >= 1 (1 reproduces Alg. 1 exactly).")
         if self.max_actions < 1:
             fail(f"max_actions={self.max_actions} must be >= 1 (the paper uses 32, or 10 for Qwen3-4B).")
         if self.selection not in SELECTION_RULES:
@@ -86,6 +86,12 @@ class CARLConfig:
     def from_dict(cls, values: dict[str, Any] | None) -> CARLConfig:
         """Builds the config from a plain mapping (e.g. an OmegaConf block), rejecting unknown keys by name."""
         values = dict(values or {})
+        if "wave_size" in values:
+            raise CARLConfigError(
+                f"algorithm.carl.wave_size={values['wave_size']} was replaced by forks_in_flight: up to K forks of a "
+                "tree run at once and the next starts as soon as the oldest ends (no waiting for a whole wave). Set "
+                f"algorithm.carl.forks_in_flight={values['wave_size']} for as many at once (docs/config.md)."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

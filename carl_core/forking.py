@@ -1,16 +1,18 @@
 """Progressive forking (Alg. 1) as a planner that decides where rollouts start, and the driver that grows a tree.
 
-    wave 0:  N0 rollouts from the root                  next_wave -> [0, 0, ..., 0]      (N0 times)
-    wave i:  k fork points chosen by the rule           next_wave -> [s_1, ..., s_k]     (k = wave_size)
-             each rollout samples a new action at s_j and continues to a terminal state
-    done:    N forks handed out                         next_wave -> []
+    rollouts:  numbered in start order: first N0 from the root, concurrently, then N forks
+    fork i:    chosen once rollouts 0 .. i - K have ended (K = `forks_in_flight`), from what they grew, rollouts
+               i - K + 1 .. i - 1 (running) counted at their start states; it samples a new action there and continues
+               to a terminal state. At most K forks run at once, and with K > 1 forks may start before the last root
+               rollouts end.
+
+Fork i's choice never depends on which rollout happened to finish first: it sees exactly rollouts 0 .. i - K,
+through `RolloutTree.view` (node ids and ties in canonical order). K = 1 is Alg. 1 exactly.
 
 Rules (`CARLConfig.selection`): `density` (the paper: the largest h_hat / n_hat, i.e. the lowest action density d(s) =
 n(s) / H(s) of Eq. 12, ties to the lowest node id); `spread` (the same with C_hat of `compute_outcome_criticality`,
-built on the outcomes seen so far: between waves every leaf is finished); `random` (ablation #2, the planner's seeded
-rng); `entropy` (the largest h_hat). n_hat counts samples, a merged action each time. With k > 1 the picks of a wave are
-made against *virtual* counts (each pick adds 1 to its state's n_hat for the rest of the wave) so a wave spreads over
-the k best states; k = 1 is Alg. 1 exactly. The N0 root rollouts are always one wave.
+built on the outcomes the choice sees); `random` (ablation #2, the planner's seeded rng); `entropy` (the largest
+h_hat). n_hat counts samples, a merged action each time, plus a virtual one per running fork at its start state.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import asyncio
 import random
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from carl_core.config import CARLConfig
 from carl_core.entropy import compute_state_entropy
-from carl_core.tree import RolloutTree, pack_trees
+from carl_core.tree import CLOSED_FINISH, RolloutTree, pack_trees
 from carl_core.values import compute_node_values
 
 
@@ -124,49 +126,41 @@ def compute_fork_points(
 
 
 class ForkPlanner:
-    """Hands out the start states of a tree's rollouts, wave by wave (Alg. 1)."""
+    """Chooses the start state of each fork (Alg. 1, line 6) from the rollouts that the choice may see."""
 
     def __init__(self, config: CARLConfig, rng: random.Random | None = None) -> None:
         self.config, self.rng = config, rng or random.Random(config.seed)
-        self.rollouts_started = self.forks_started = 0
 
-    def next_wave(self, tree: RolloutTree) -> list[int]:
-        """Start states of the next wave of rollouts; empty when the tree is complete.
+    def choose(self, tree: RolloutTree, seen: set[int], running: Sequence[int] = ()) -> int | None:
+        """The next fork point: a node id of `tree`, or None when no state of the seen tree can be forked.
 
-        Call it again only after every rollout of the previous wave has reached a terminal state.
+        Args:
+            tree: the tree being grown.
+            seen: the rollouts (numbers) whose result the choice uses; every one of them has ended.
+            running: start states of forks still running (each adds a virtual count at its state).
         """
-        finished = tree.rollouts_ended()
-        if finished != self.rollouts_started:
-            raise RuntimeError(
-                f"tree {tree.uid!r}: {self.rollouts_started} rollouts were started but {finished} ended; "
-                "finish every rollout of a wave (to a leaf, or record it in tree.aborted) before the next wave."
-            )
-        if self.rollouts_started == 0:
-            wave = [tree.root.id] * self.config.n0
-        else:
-            k = min(self.config.wave_size, self.config.n_forks - self.forks_started)
-            forkable = self.forkable(tree)
-            if k <= 0 or not forkable.any():
-                return []
-            a = pack_trees([tree])
-            h_hat, n_hat = compute_state_entropy(a.parent, a.action_entropy, a.count)
-            if self.config.selection == "spread":
-                v = compute_node_values(
-                    a.parent, a.reward, a.is_leaf, a.depth, count=a.count, has_outcome=a.has_outcome
-                )
-                h_hat = compute_outcome_criticality(a.parent, v, a.count, h_hat, forkable, self.config.spread_prior)
-            wave = compute_fork_points(h_hat, n_hat, forkable, k, self.config.selection, self.rng)
-            self.forks_started += k
-            tree.fork_points.extend(wave)
-        self.rollouts_started += len(wave)
-        return wave
+        view, shows = tree.view(seen)
+        forkable = self.forkable(view)
+        if not forkable.any():
+            return None
+        a = pack_trees([view])
+        h_hat, n_hat = compute_state_entropy(a.parent, a.action_entropy, a.count)
+        index = {node: i for i, node in enumerate(shows)}
+        for start in running:
+            n_hat[index[start]] += 1
+        if self.config.selection == "spread":
+            v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, count=a.weight, has_outcome=a.has_outcome)
+            h_hat = compute_outcome_criticality(a.parent, v, a.weight, h_hat, forkable, self.config.spread_prior)
+        (pick,) = compute_fork_points(h_hat, n_hat, forkable, 1, self.config.selection, self.rng)
+        return shows[pick]
 
     @staticmethod
     def forkable(tree: RolloutTree) -> torch.Tensor:
-        """States where a new action may be sampled: expanded, not terminal, below T_max [shape: (num_nodes,)]."""
-        return torch.tensor(
-            [bool(n.children) and not n.terminal and n.depth < tree.max_actions for n in tree.nodes], dtype=torch.bool
-        )
+        """States where a new action may be sampled: expanded, not terminal, below T_max, not closed by a context
+        overflow [shape: (num_nodes,)]."""
+        closed = {n.parent for n in tree.nodes if n.is_stop and (n.finish_reason or "") in CLOSED_FINISH}
+        free = [bool(n.children) and not n.terminal and n.id not in closed for n in tree.nodes]
+        return torch.tensor(free, dtype=torch.bool) & torch.tensor([n.depth < tree.max_actions for n in tree.nodes])
 
 
 @dataclass
@@ -183,29 +177,32 @@ class Step:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class Draw(NamedTuple):
+    """Which sample an environment step is: the rollout's number (start order) and the turn within that rollout.
+    Unlike node ids and visit counts, it does not depend on the order in which concurrent rollouts ran, so sampling
+    seeds derived from it make runs repeatable."""
+
+    rollout: int
+    turn: int
+
+
 class Environment(Protocol):
     """What `grow_tree` needs: sample-and-execute one action, and score a finished trajectory."""
 
-    def step(self, tree: RolloutTree, node_id: int) -> Awaitable[Step]: ...
+    def step(self, tree: RolloutTree, node_id: int, draw: Draw) -> Awaitable[Step]: ...
 
     def score(self, tree: RolloutTree, leaf_id: int) -> Awaitable[float]: ...
 
 
-async def rollout_from(tree: RolloutTree, start: int, env: Environment) -> int | None:
-    """RolloutFrom(s) of Alg. 1: samples actions from `start` until a terminal state; returns the leaf id.
-
-    Returns None (and records the reason in `tree.aborted`) when the environment could take no action at an
-    already-expanded start state, which can then not become a leaf.
-    """
-    node = start
+async def rollout_from(tree: RolloutTree, rollout: int, env: Environment) -> int:
+    """RolloutFrom(s) of Alg. 1 for a rollout registered with `tree.start_rollout(s)`: samples actions until a
+    terminal state and returns the leaf. A step without an action ends the rollout in a stop (`RolloutTree.stop`)."""
+    node, turn = tree.rollout_start[rollout], 0
     while True:
-        step = await env.step(tree, node)
+        step = await env.step(tree, node, Draw(rollout, turn))
+        turn += 1
         if len(step.token_ids) == 0:
-            reason = step.finish_reason or "no_action"
-            if tree.nodes[node].children or tree.nodes[node].terminal:  # a sibling rollout got here first
-                tree.aborted.append({"start": start, "node": node, "reason": reason})
-                return None
-            tree.terminate(node, reason)
+            node = tree.stop(node, step.finish_reason or "no_action", rollout)
         else:
             node = tree.add_action(
                 node,
@@ -215,19 +212,39 @@ async def rollout_from(tree: RolloutTree, start: int, env: Environment) -> int |
                 done=step.done,
                 finish_reason=step.finish_reason,
                 info=step.info,
+                rollout=rollout,
             )
         if tree.nodes[node].terminal:
             if tree.nodes[node].reward is None:  # a rollout that merged into a finished leaf has its outcome already
                 tree.set_reward(node, float(await env.score(tree, node)))
+            tree.end_rollout(rollout, node)
             return node
 
 
 async def grow_tree(tree: RolloutTree, planner: ForkPlanner, env: Environment) -> RolloutTree:
-    """Grows a full CARL tree: N0 rollouts from the root, then N forks in waves (Alg. 1).
-
-    The rollouts of one wave run concurrently (`asyncio.gather`); waves run one after another because each wave's
-    fork points depend on the entropies the previous waves measured.
-    """
-    while wave := planner.next_wave(tree):
-        await asyncio.gather(*(rollout_from(tree, start, env) for start in wave))
+    """Grows a full CARL tree: N0 rollouts from the root, then N forks (Alg. 1), and numbers its nodes canonically
+    (`RolloutTree.canonicalize`). Rollouts are numbered in start order, the N0 root rollouts first; rollout i > N0 - 1
+    is a fork chosen once rollouts 0 .. i - K have all ended, from what they grew (at least rollout 0 is waited for),
+    with rollouts i - K + 1 .. i - 1 counted at their start states while they run."""
+    k, n0 = planner.config.forks_in_flight, planner.config.n0
+    tasks = [asyncio.ensure_future(rollout_from(tree, tree.start_rollout(tree.root.id), env)) for _ in range(n0)]
+    try:
+        for i in range(n0, n0 + planner.config.n_forks):
+            last = max(i - k, 0)
+            while True:
+                await asyncio.gather(*tasks[: last + 1])
+                running = [tree.rollout_start[r] for r in range(last + 1, i)]
+                start = planner.choose(tree, set(range(last + 1)), running)
+                if start is not None or last == i - 1:
+                    break
+                last += 1  # nothing to fork in what this choice sees: wait for the next rollout
+            if start is None:
+                break
+            tree.fork_points.append(start)
+            tasks.append(asyncio.ensure_future(rollout_from(tree, tree.start_rollout(start), env)))
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    tree.canonicalize()
     return tree

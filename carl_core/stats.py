@@ -59,7 +59,7 @@ def compute_tree_stats(arrays: TreeArrays, scored: ScoredTrees) -> dict[str, flo
     Returns:
         Per tree: actions generated (samples) and trained, merged samples, leaves; fork depth; entropy at forks vs
         elsewhere; trained token share; shares of trees without signal (outcomes all agree) and of trained actions
-        with A = 0; aborted rollouts; leaves without outcome; root value; leaves per finish reason.
+        with A = 0; leaves without outcome; root value; leaves per finish reason.
     """
     h_hat, n_hat = compute_state_entropy(arrays.parent, arrays.action_entropy, arrays.count)
     num_trees = max(arrays.num_trees, 1)
@@ -89,7 +89,6 @@ def compute_tree_stats(arrays: TreeArrays, scored: ScoredTrees) -> dict[str, flo
         "carl/zero_advantage_fraction": float((trained_adv == 0).sum()) / trained_adv.numel()
         if trained_adv.numel()
         else math.nan,
-        "carl/aborted_rollouts": float(arrays.aborted),
         "carl/no_outcome_leaves": float((arrays.is_leaf & ~arrays.has_outcome).sum()),
         "carl/root_value_mean": float(scored.node_value[arrays.parent < 0].nanmean()),
         "carl/leaf_reward_mean": float(leaf_reward.mean()) if leaf_reward.numel() else math.nan,

@@ -16,11 +16,20 @@ rollout goes on below that child. `RolloutTree` is what a rollout grows; `descri
 needs (per node: parent, leaf reward, action entropy, ...), a small dict of lists that travels with the training rows,
 and `pack_descriptions` turns a batch of descriptions into the node-level tensors (`TreeArrays`) of the vectorised
 `compute_*` functions.
+
+Rollouts are numbered in the order the planner starts them, and every sample records its rollout (`Node.sampled_by`).
+A rollout that can take no action at a state (an empty generation, a context overflow: the policy ended it) ends in
+a *stop*: a terminal child with an empty action there, which has an outcome like any leaf. A state whose only child is
+one stop is shown as that leaf itself (Alg. 1's literal tree), in `view` and after `canonicalize`. A rollout that the
+environment ended (`NO_OUTCOME_FINISH`) counts nowhere: its samples are `lost` and weigh nothing in values. The tree is
+thus a function of the rollouts' trajectories, not of the order in which concurrent rollouts happened to finish, and
+`canonicalize` numbers its nodes by (first rollout, depth) so that two runs give the same ids.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +40,8 @@ from carl_core.entropy import action_entropy
 
 NO_OUTCOME_FINISH = ("tool_error",)
 """Finish reasons (before any `:detail`) of leaves the environment ended, not the policy: no outcome, no value."""
+CLOSED_FINISH = ("context_overflow",)
+"""Stops after which no action can be sampled at that state at all (its prefix fills the context): never forked."""
 
 
 def has_outcome(finish_reason: str | None) -> bool:
@@ -69,6 +80,13 @@ class Node:
     finish_reason: str | None = None  # why a leaf ended: `answer`, `max_actions`, `invalid:<reason>`, `tool_error`
     reward: float | None = None  # outcome reward R, on leaves only
     count: int = 1  # how often the entering action was sampled at the parent (> 1 only when identical ones merge)
+    sampled_by: list[int] = field(default_factory=list)  # the rollout of each sample (empty: built by hand)
+    lost: int = 0  # samples whose rollout the environment ended (no outcome): they weigh nothing (set by `view`)
+
+    @property
+    def is_stop(self) -> bool:
+        """A leaf entered by an empty action: a rollout that could take no action at the parent state."""
+        return self.action is not None and not self.action.token_ids
 
 
 class RolloutTree:
@@ -82,7 +100,8 @@ class RolloutTree:
         self.max_actions = max_actions
         self.nodes: list[Node] = [Node(id=0, parent=None, depth=0)]
         self.fork_points: list[int] = []  # states handed out as fork points, in order (Alg. 1, line 6)
-        self.aborted: list[dict[str, Any]] = []  # rollouts that ended without a leaf (at an expanded state)
+        self.rollout_start: list[int] = []  # per rollout, in start order: the state it started from
+        self.rollout_leaf: list[int | None] = []  # ... and the leaf it ended in (None while it runs)
 
     @property
     def root(self) -> Node:
@@ -98,8 +117,10 @@ class RolloutTree:
         done: bool = False,
         finish_reason: str | None = None,
         info: dict[str, Any] | None = None,
+        rollout: int | None = None,
     ) -> int:
-        """Appends the action sampled at `parent_id` and returns the id of the state it leads to.
+        """Appends the action sampled at `parent_id` (by `rollout`, if given) and returns the id of the state it leads
+        to.
 
         The new state is terminal when `done` is set (answer, invalid action, tool error, ...) or when it is the
         T_max-th action of its trajectory (`finish_reason="max_actions"`). With `merge`, an action equal to an existing
@@ -109,7 +130,7 @@ class RolloutTree:
         if parent.terminal:
             raise TreeError(f"node {parent_id} is terminal ({parent.finish_reason}); no action can be taken from it.")
         if len(token_ids) == 0:
-            raise TreeError(f"empty action at node {parent_id}: an action needs at least one sampled token.")
+            raise TreeError(f"empty action at node {parent_id}: a rollout that takes no action ends with `stop`.")
         if len(log_probs) != len(token_ids):
             raise TreeError(
                 f"action at node {parent_id} has {len(token_ids)} tokens but {len(log_probs)} log-probs; "
@@ -132,19 +153,39 @@ class RolloutTree:
             child.terminal, child.finish_reason = True, finish_reason or "done"
         elif child.depth >= self.max_actions:
             child.terminal, child.finish_reason = True, "max_actions"
+        return self._attach(parent, child, rollout)
+
+    def stop(self, node_id: int, finish_reason: str, rollout: int | None = None) -> int:
+        """Ends a rollout at a state where it could take no action (an empty generation, a context overflow): a stop
+        child with an empty action (a leaf with an outcome; merged with a stop of the same reason under `merge`).
+        Returns its id."""
+        parent = self._node(node_id)
+        if parent.terminal:
+            raise TreeError(f"node {node_id} is terminal ({parent.finish_reason}); no rollout can stop there.")
+        child = Node(len(self.nodes), node_id, parent.depth + 1, Action([], [], entropy=0.0), terminal=True)
+        child.finish_reason = finish_reason
+        return self._attach(parent, child, rollout)
+
+    def _attach(self, parent: Node, child: Node, rollout: int | None) -> int:
+        action = child.action
+        assert action is not None
         for twin in (self.nodes[c] for c in parent.children) if self.merge else ():
             old = twin.action
             assert old is not None
             same_end = (twin.terminal, twin.finish_reason) == (child.terminal, child.finish_reason)
             if same_end and (old.token_ids, old.observation_ids) == (action.token_ids, action.observation_ids):
+                if rollout is not None and twin.sampled_by and rollout < min(twin.sampled_by):
+                    twin.action = action  # the first rollout's sample (its log-probs), whichever ran first
                 twin.count += 1
+                twin.sampled_by += [] if rollout is None else [rollout]
                 return twin.id
+        child.sampled_by = [] if rollout is None else [rollout]
         self.nodes.append(child)
         parent.children.append(child.id)
         return child.id
 
     def terminate(self, node_id: int, finish_reason: str) -> None:
-        """Ends a trajectory at a state where no action could be taken (e.g. the prefix overflows the context)."""
+        """Ends the tree at a state before any rollout (e.g. a prompt longer than the prompt budget)."""
         node = self._node(node_id)
         if node.children:
             raise TreeError(f"node {node_id} already has children and cannot become a leaf ({finish_reason}).")
@@ -167,9 +208,66 @@ class RolloutTree:
     def leaves(self) -> list[int]:
         return [n.id for n in self.nodes if n.terminal]
 
-    def rollouts_ended(self) -> int:
-        """Rollouts that reached a leaf (a merged leaf counts each rollout that ended there) or were aborted."""
-        return sum(n.count for n in self.nodes if n.terminal) + len(self.aborted)
+    def start_rollout(self, start: int) -> int:
+        """Registers a rollout from state `start`; returns its number (rollouts are numbered in start order)."""
+        self.rollout_start.append(self._node(start).id)
+        self.rollout_leaf.append(None)
+        return len(self.rollout_start) - 1
+
+    def end_rollout(self, rollout: int, leaf: int) -> None:
+        if not self._node(leaf).terminal or self.rollout_leaf[rollout] is not None:
+            raise TreeError(f"rollout {rollout} cannot end at node {leaf}: not a leaf, or the rollout already ended.")
+        self.rollout_leaf[rollout] = leaf
+
+    def view(self, rollouts: set[int] | None = None) -> tuple[RolloutTree, list[int]]:
+        """The tree that the given rollouts alone (all that ended: None) grew, stops folded, in canonical order.
+
+        A node is in the view when one of its samples is (the root, and nodes built by hand, always are); its count
+        is the view's samples, `lost` those whose rollout ended without an outcome. A state whose only child is one
+        stop becomes that leaf. Nodes are numbered by (the first rollout that sampled them, depth), so the view does
+        not depend on the order in which concurrent rollouts happened to run.
+
+        Returns:
+            The view (without rollout records) and, per view node, the id of the node it shows.
+        """
+        ended = {r: leaf for r, leaf in enumerate(self.rollout_leaf) if leaf is not None}
+        keep = set(ended) if rollouts is None else rollouts
+        failed = {r for r, leaf in ended.items() if not has_outcome(self.nodes[leaf].finish_reason)}
+        own = {n.id: [r for r in n.sampled_by if r in keep] for n in self.nodes}
+        shown = [n for n in self.nodes if n.parent is None or not n.sampled_by or own[n.id]]
+        kids = Counter(n.parent for n in shown)
+        folded = {n.parent: n for n in shown if n.is_stop and kids[n.parent] == 1}  # state -> its only child, a stop
+        stops = {n.id for n in folded.values()}
+        order = sorted(
+            (n for n in shown if n.id not in stops), key=lambda n: (min(own[n.id], default=-1), n.depth, n.id)
+        )
+        new_id = {n.id: i for i, n in enumerate(order)}
+        view = RolloutTree(self.prompt_ids, self.max_actions, self.uid, self.merge)
+        view.nodes = []
+        for n in order:
+            end, mine = folded.get(n.id, n), own[n.id]
+            parent = None if n.parent is None else new_id[n.parent]
+            copy = Node(new_id[n.id], parent, n.depth, n.action, [], end.terminal, end.finish_reason, end.reward)
+            copy.count, copy.sampled_by = (len(mine), mine) if n.sampled_by else (n.count, [])
+            copy.lost = sum(r in failed for r in mine) if n.sampled_by else n.lost
+            view.nodes.append(copy)
+            if parent is not None:
+                view.nodes[parent].children.append(copy.id)
+        view.fork_points = [new_id[s] for s in self.fork_points if s in new_id]
+        return view, [n.id for n in order]
+
+    def canonicalize(self) -> dict[int, int]:
+        """Replaces the nodes by `view()` of every rollout (stops folded, canonical ids, `lost` counted); returns old
+        id -> new id (a folded stop maps to its state). Rollout records and fork points carry over."""
+        view, ids = self.view()
+        mapping = {old: new for new, old in enumerate(ids)}
+        for node in self.nodes:
+            if node.id not in mapping and node.parent is not None:  # a folded stop: the state it ended at
+                mapping[node.id] = mapping[node.parent]
+        self.nodes, self.fork_points = view.nodes, view.fork_points
+        self.rollout_start = [mapping[s] for s in self.rollout_start]
+        self.rollout_leaf = [None if leaf is None else mapping[leaf] for leaf in self.rollout_leaf]
+        return mapping
 
     def path(self, node_id: int) -> list[int]:
         """Node ids from the root down to `node_id` (both included)."""
@@ -199,8 +297,8 @@ class RolloutTree:
             if len(kids) != len(node.children):
                 raise TreeError(f"node {i} lists children {node.children} whose parent links disagree.")
             if node.parent is not None:
-                if node.action is None or not node.action.token_ids:
-                    raise TreeError(f"node {i} has an empty action: every edge needs sampled tokens.")
+                if node.action is None or not (node.action.token_ids or node.terminal):
+                    raise TreeError(f"node {i} has an empty action: only a stop (a leaf) has no sampled tokens.")
                 if node.depth != self.nodes[node.parent].depth + 1 or i not in self.nodes[node.parent].children:
                     raise TreeError(f"node {i} is not a proper child of node {node.parent}.")
             if node.terminal == bool(node.children):
@@ -208,6 +306,8 @@ class RolloutTree:
                 raise TreeError(f"node {i} {what}: every trajectory must end in exactly one leaf.")
             if not isinstance(node.count, int) or node.count < 1 or (node.parent is None and node.count != 1):
                 raise TreeError(f"node {i} has count {node.count}: an action is sampled >= 1 times, the root once.")
+            if not 0 <= node.lost <= node.count:
+                raise TreeError(f"node {i} lost {node.lost} of its {node.count} samples: between 0 and the count.")
             if node.terminal != (node.reward is not None):
                 what = f"leaf {i} ({node.finish_reason}) has no reward" if node.terminal else f"inner node {i} has one"
                 raise TreeError(f"{what}: rewards belong to leaves, and every leaf needs one.")
@@ -217,8 +317,8 @@ def describe_tree(tree: RolloutTree, info_keys: Sequence[str] = ()) -> dict[str,
     """The tree as the update needs it: one entry per node in each list, plus the fork points.
 
     Keys: `uid`; `parent` (-1 at the root); `reward` (leaves); `entropy` (h of the entering action), `tokens` (its
-    length) and `count` (its samples); `finish` (leaves' finish reasons); `forks` (fork points in pick order);
-    `aborted` (rollouts without a leaf); and per key of `info_keys`, that key of each node's `Action.info`.
+    length), `count` (its samples) and `lost` (those whose rollout had no outcome); `finish` (leaves' finish
+    reasons); `forks` (fork points in pick order); and per key of `info_keys`, that key of each node's `Action.info`.
     """
     tree.validate()
     nodes = tree.nodes
@@ -229,9 +329,9 @@ def describe_tree(tree: RolloutTree, info_keys: Sequence[str] = ()) -> dict[str,
         "entropy": [None if n.action is None else n.action.entropy for n in nodes],
         "tokens": [0 if n.action is None else len(n.action.token_ids) for n in nodes],
         "count": [n.count for n in nodes],
+        "lost": [n.lost for n in nodes],
         "finish": [n.finish_reason for n in nodes],
         "forks": list(tree.fork_points),
-        "aborted": len(tree.aborted),
         **{key: [None if n.action is None else n.action.info.get(key) for n in nodes] for key in info_keys},
     }
 
@@ -250,14 +350,19 @@ class TreeArrays:
     action_entropy: torch.Tensor  # h(a) of the entering action (float64), NaN at roots
     num_tokens: torch.Tensor  # tokens of the entering action, 0 at roots
     count: torch.Tensor  # how often the entering action was sampled (1 at roots; > 1 for merged identical actions)
+    lost: torch.Tensor  # of those samples, the ones whose rollout the environment ended (no outcome)
     forked: torch.Tensor  # how often each state was handed out as a fork point
     offsets: list[int]  # global id of each tree's root
     finish: list[str | None]  # finish reason of each node (leaves only)
-    aborted: int = 0  # rollouts of the batch that ended without a leaf
 
     @property
     def num_trees(self) -> int:
         return len(self.offsets)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Samples with an outcome, `count - lost`: a child's weight in its parent's value and in the loss."""
+        return self.count - self.lost
 
 
 def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
@@ -281,8 +386,11 @@ def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
     reward = [r for d in descriptions for r in d["reward"]]
     entropy = [math.nan if h is None else h for d in descriptions for h in d["entropy"]]
     count = [c for d in descriptions for c in d.get("count") or [1] * len(d["parent"])]
+    lost = [x for d in descriptions for x in d.get("lost") or [0] * len(d["parent"])]
     if len(count) != len(parent) or min(count, default=1) < 1:
         raise TreeError("`count` needs one integer >= 1 per node in every description.")
+    if len(lost) != len(parent) or any(not 0 <= x <= c for x, c in zip(lost, count, strict=True)):
+        raise TreeError("`lost` needs one integer per node, between 0 and the node's count, in every description.")
     forked = [0] * len(parent)
     for base, d in zip(offsets, descriptions, strict=True):
         for s in d["forks"]:
@@ -302,10 +410,10 @@ def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
         action_entropy=torch.tensor(entropy, dtype=torch.float64),
         num_tokens=torch.tensor([t for d in descriptions for t in d["tokens"]], dtype=torch.long),
         count=torch.tensor(count, dtype=torch.long),
+        lost=torch.tensor(lost, dtype=torch.long),
         forked=torch.tensor(forked, dtype=torch.long),
         offsets=offsets,
         finish=finish,
-        aborted=sum(int(d.get("aborted", 0)) for d in descriptions),
     )
 
 

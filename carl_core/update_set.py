@@ -12,7 +12,9 @@ Merged actions (`RolloutTree(merge=True)`): |child(s_t)| counts distinct actions
 with m times its advantage, m = how often it was sampled: the policy gradient's sum (1/n) sum_i A(a_i) grad log
 pi(a_i) has one term per *sample*, while unmerged copies of one action would enter the token-mean denominator m times
 (and, where N0 root rollouts open alike, cancel with +x and -x on the same tokens). Only children with a value count,
-and an action whose subtree has no leaf with an outcome (`NO_OUTCOME_FINISH`) is never trained.
+an action whose subtree has no leaf with an outcome (`NO_OUTCOME_FINISH`) is never trained, and m counts only the
+samples whose rollout had an outcome (`TreeArrays.weight`). A stop (a rollout that took no action) counts as a child
+but has no tokens to train.
 
 The ablations:
 - `all_inherit` (#3): every action is trained; a non-critical action takes the advantage of the action before it
@@ -38,28 +40,34 @@ from carl_core.values import compute_edge_advantages, compute_node_values, depth
 
 
 def compute_trained_mask(
-    parent: torch.Tensor, update_set: str = "critical", has_value: torch.Tensor | None = None
+    parent: torch.Tensor,
+    update_set: str = "critical",
+    has_value: torch.Tensor | None = None,
+    trainable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which actions are trained (D_upd): structural, it depends on child counts only, never on values.
 
-    Math (Eq. 13, over the children that have a value: a subtree whose every leaf failed in the environment has none):
-        critical:  trained(u -> v) = v has a value and |{c in child(u) : c has a value}| > 1
-        all, all_inherit, outcome_only:  every action with a value is trained
+    Math (Eq. 13, over the children that count: a subtree whose every leaf failed in the environment has no value,
+    and a child whose every sample's rollout failed weighs nothing):
+        critical:  trained(u -> v) = v counts, has tokens, and |{c in child(u) : c counts}| > 1
+        all, all_inherit, outcome_only:  every action that counts and has tokens is trained
 
     Args:
         parent: parent id of each node, -1 for roots [shape: (num_nodes,)].
         update_set: "critical" | "all_inherit" | "all" | "outcome_only".
-        has_value: `compute_has_value`; None = every node [shape: (num_nodes,)].
+        has_value: nodes that count (`compute_has_value` and weight > 0); None = every node [shape: (num_nodes,)].
+        trainable: nodes whose action has tokens (a stop has none); None = every node [shape: (num_nodes,)].
 
     Returns:
         True on nodes whose entering action is trained [shape: (num_nodes,)], False at roots.
     """
     has_parent = parent >= 0 if has_value is None else (parent >= 0) & has_value
+    own = has_parent if trainable is None else has_parent & trainable
     if update_set == "critical":
         num_children = torch.bincount(parent[has_parent], minlength=parent.numel())
-        return has_parent & (num_children[parent.clamp(min=0)] > 1)
+        return own & (num_children[parent.clamp(min=0)] > 1)
     if update_set in ("all", "all_inherit", "outcome_only"):
-        return has_parent
+        return own
     raise ValueError(f"update_set={update_set!r} is unknown: use critical, all_inherit, all or outcome_only.")
 
 
@@ -121,6 +129,7 @@ def compute_update_advantages(
     eps: float = 1e-6,
     count: torch.Tensor | None = None,
     has_outcome: torch.Tensor | None = None,
+    trainable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The advantage each action is trained with (m_v * A(u -> v) for a merged action; `outcome_only` weights its
     leaves instead), and whether it is trained at all.
@@ -132,17 +141,18 @@ def compute_update_advantages(
         update_set: "critical" | "all_inherit" | "all" | "outcome_only" (see the module docstring).
         is_leaf, leaf_reward, tree_index, eps: needed by "outcome_only" only (eps: GRPO's std epsilon).
         count, has_outcome: as `compute_node_values` (None: each action once; every leaf counts).
+        trainable: as `compute_trained_mask` (None: every action has tokens).
 
     Returns:
         (advantage, trained) for the action entering each node [shapes: (num_nodes,), (num_nodes,)]; roots are
         never trained and untrained actions carry advantage 0.
     """
     has_parent = parent >= 0
-    has_value = ~torch.isnan(node_value)
-    trained = compute_trained_mask(parent, update_set, has_value)
-    edge_adv = torch.where(trained, compute_edge_advantages(parent, node_value), 0.0)
-    critical = compute_trained_mask(parent, "critical", has_value)
     m = torch.ones_like(node_value) if count is None else count.to(node_value.dtype)
+    has_value = ~torch.isnan(node_value) & (m > 0)
+    trained = compute_trained_mask(parent, update_set, has_value, trainable)
+    edge_adv = torch.where(trained, compute_edge_advantages(parent, node_value), 0.0)
+    critical = compute_trained_mask(parent, "critical", has_value, trainable)
     if update_set in ("critical", "all"):
         return m * edge_adv, trained
     if update_set == "all_inherit":
@@ -192,7 +202,7 @@ def score_trees(trees: TreeArrays | Sequence[RolloutTree], config: CARLConfig) -
         arrays.is_leaf,
         arrays.depth,
         config.value_aggregation,
-        count=arrays.count,
+        count=arrays.weight,
         has_outcome=arrays.has_outcome,
     )
     advantage, trained = compute_update_advantages(
@@ -204,7 +214,8 @@ def score_trees(trees: TreeArrays | Sequence[RolloutTree], config: CARLConfig) -
         leaf_reward=arrays.reward,
         tree_index=arrays.tree_index,
         eps=config.outcome_eps,
-        count=arrays.count,
+        count=arrays.weight,
         has_outcome=arrays.has_outcome,
+        trainable=arrays.num_tokens > 0,
     )
     return ScoredTrees(arrays, value, compute_edge_advantages(arrays.parent, value), advantage, trained)

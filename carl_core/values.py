@@ -4,8 +4,9 @@ Values are backed up bottom-up: a leaf's value is its outcome reward, an inner n
 children's values. The edge advantage is the value difference across the edge; there is no critic, no group mean and
 no std normalisation. Along any root-to-leaf path the advantages telescope to R(leaf) - V(root). Two extensions keep
 V the mean over *sampled* actions: an action sampled m times and merged into one child (`RolloutTree(merge=True)`)
-counts m times; a leaf ended by the environment (`tool_error`) is no sample of the policy's outcome, so it is left
-out, and a subtree without any valued leaf has no value.
+counts m times; a sample whose rollout the environment ended (`tool_error`) is no sample of the policy's outcome, so it
+counts nowhere (its leaf has no value, the actions on its way weigh `count - lost`), and a subtree without any valued
+leaf has no value. A rollout the policy ended without an action (a stop) is an outcome like any other.
 
 Why the plain mean (the paper's App. A.1): each child of u is a sample a ~ pi(.|u), so averaging the children's
 (unbiased) values gives an unbiased estimate of E[R | u] whatever the sizes of the subtrees below them. TreeRL's
@@ -52,7 +53,8 @@ def compute_node_values(
         is_leaf: True on terminal nodes [shape: (num_nodes,)].
         depth: actions between the root and each node [shape: (num_nodes,)].
         aggregation: "mean" (the paper) or "leaf_weighted".
-        count: m, how often each node's entering action was sampled; None = once each [shape: (num_nodes,)].
+        count: m, how often each node's entering action was sampled with an outcome (`TreeArrays.weight`); None =
+            once each [shape: (num_nodes,)].
         has_outcome: leaves whose reward counts; None = every leaf (`TreeArrays.has_outcome`) [shape: (num_nodes,)].
 
     Returns:
@@ -90,15 +92,19 @@ def compute_node_values(
     return value
 
 
-def compute_has_value(parent: torch.Tensor, has_outcome: torch.Tensor) -> torch.Tensor:
-    """Nodes that are, or lie above, a leaf with an outcome: those `compute_node_values` gives a value [shape:
-    (num_nodes,)]. Structural (finish reasons, no rewards): the agent loop lays rows out before any value exists.
+def compute_has_value(
+    parent: torch.Tensor, has_outcome: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Nodes that are, or lie above through children of positive weight, a leaf with an outcome: those
+    `compute_node_values` gives a value [shape: (num_nodes,)]. Structural (finish reasons and counts, no rewards):
+    the agent loop lays rows out before any value exists.
 
     Args:
         parent: parent id of each node, -1 for roots [shape: (num_nodes,)].
         has_outcome: leaves whose reward counts (`TreeArrays.has_outcome`) [shape: (num_nodes,)].
+        weight: samples with an outcome (`TreeArrays.weight`); None = every node counts [shape: (num_nodes,)].
     """
-    out, has_parent = has_outcome.clone(), parent >= 0
+    out, has_parent = has_outcome.clone(), parent >= 0 if weight is None else (parent >= 0) & (weight > 0)
     while True:  # one level up per pass: at most depth + 1 passes
         up = out.clone()
         up[parent[has_parent & out]] = True

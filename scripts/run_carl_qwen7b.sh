@@ -28,7 +28,11 @@ SP_SIZE=${SP_SIZE:-1}  # Ulysses sequence parallelism of the actor (data-paralle
 N0=${N0:-8}
 N_FORKS=${N_FORKS:-16}
 MAX_ACTIONS=${MAX_ACTIONS:-32}
-WAVE_SIZE=${WAVE_SIZE:-1}
+if [ -n "${WAVE_SIZE:-}" ]; then
+  echo "run_carl_qwen7b.sh: WAVE_SIZE was replaced by FORKS_IN_FLIGHT (K forks of a tree at once; the next starts as soon as the oldest ends): set FORKS_IN_FLIGHT=$WAVE_SIZE" >&2
+  exit 2
+fi
+FORKS_IN_FLIGHT=${FORKS_IN_FLIGHT:-1}
 
 # ---- optimisation ----
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}  # prompts (= trees) per step
@@ -95,7 +99,7 @@ python3 -m recipe.carl.main_carl \
     algorithm.carl.n0=$N0 \
     algorithm.carl.n_forks=$N_FORKS \
     algorithm.carl.max_actions=$MAX_ACTIONS \
-    algorithm.carl.wave_size=$WAVE_SIZE \
+    algorithm.carl.forks_in_flight=$FORKS_IN_FLIGHT \
     algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
     algorithm.carl.thinking=$THINKING \
     "${PACKING_OVERRIDES[@]}" \

@@ -6,7 +6,7 @@ validation rows and evaluation), through `recipe/carl/config/carl_agent_loop.yam
 
 One `run()`::
 
-    prompt ──> RolloutTree ──grow_tree (N0 root rollouts, then N forks in waves of k)──> finished tree
+    prompt ──> RolloutTree ──grow_tree (N0 root rollouts, then N forks, K at a time)──> finished tree
            ──compute_trained_mask (structural, Eq. 13) + layout_rows──> rows ──> list[AgentLoopOutput]
 
 No values or advantages are computed here: the registered `carl` estimator scores every tree of the batch at once
@@ -42,12 +42,12 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
 from verl.trainer.ppo.reward import get_custom_reward_fn
 
 from carl_core import (
     CARLConfig,
+    Draw,
     ForkPlanner,
     RolloutTree,
     Step,
@@ -56,9 +56,10 @@ from carl_core import (
     compute_trained_mask,
     describe_tree,
     grow_tree,
-    has_outcome,
     layout_rows,
+    pack_trees,
 )
+from recipe.carl.in_flight import IN_FLIGHT
 from recipe.carl.packing import RUNS_KEY, packing_budget
 from recipe.carl.packing.layout import PackedRow, pack_tree
 from recipe.carl.search.actions import INVALID_ACTION_FEEDBACK, STOP_STRINGS, parse_action, render_observation
@@ -193,6 +194,7 @@ class SearchEnvironment:
         invalid_action: str = "end",
         thinking: bool = False,
         seed: int | None = None,
+        step: int = 0,
     ) -> None:
         if invalid_action not in ("end", "feedback"):
             raise ValueError(f"invalid_action={invalid_action!r} is unknown: use 'end' or 'feedback'.")
@@ -200,7 +202,7 @@ class SearchEnvironment:
         self.request_id = request_id
         self.data_source, self.ground_truth, self.extra_info = data_source, ground_truth, extra_info
         self.max_action_tokens, self.response_length = int(max_action_tokens), int(response_length)
-        self.invalid_action, self.thinking, self.seed = invalid_action, thinking, seed
+        self.invalid_action, self.thinking, self.seed, self.step = invalid_action, thinking, seed, step
         # One turn ends right after its action; the closing tag must stay in the tokens the policy is trained on.
         self.sampling_params = {
             **sampling_params,
@@ -208,24 +210,34 @@ class SearchEnvironment:
             "include_stop_str_in_output": True,
             "logprobs": True,  # the sampled tokens' log-probs: h(a) (Eq. 8) and rollout_log_probs
         }
-        self.leaf_info: dict[int, dict[str, float]] = {}
+        self.leaf_info: dict[tuple[int, ...], dict[str, float]] = {}  # by the leaf's prefix: ids change on renumbering
         self.global_steps: list[int] = []
         self.timing = {"generate": 0.0, "tool": 0.0, "score": 0.0}
         self.searches = SearchStats()
-        self._visits: dict[int, int] = {}
 
-    async def _sample(self, tree: RolloutTree, node_id: int, prefix: list[int], budget: int) -> tuple[list, list]:
+    def breakdown(self, tree: RolloutTree, leaf_id: int) -> dict[str, float] | None:
+        """The reward breakdown `score` recorded for a leaf (None for an inner node)."""
+        return self.leaf_info.get(tuple(tree.prefix_ids(leaf_id))) if tree.nodes[leaf_id].terminal else None
+
+    async def _sample(self, prefix: list[int], budget: int, draw: Draw) -> tuple[list, list]:
         """One turn's tokens and log-probs; with `thinking`, continues past stop strings inside `<think>`."""
         tokens: list[int] = []
         log_probs: list[float] = []
-        visit = self._visits[node_id] = self._visits.get(node_id, 0) + 1  # the k-th action sampled at this state
         while budget - len(tokens) >= 1:
             params = {**self.sampling_params, "max_tokens": budget - len(tokens)}
             if self.seed is not None:
-                key = f"{self.seed}:{self.request_id}:{node_id}:{visit}:{len(tokens)}"
+                # Keyed on the draw (rollout, turn), which does not depend on which concurrent rollout ran first. For
+                # a single chain (rollout 0) the key is the one node id and visit gave before forks ran concurrently.
+                key = f"{self.seed}:{self.request_id}:{draw.turn}:{draw.rollout + 1}:{len(tokens)}"
                 params["seed"] = zlib.crc32(key.encode())
             start = time.perf_counter()
-            output = await self.generate(request_id=self.request_id, prompt_ids=prefix + tokens, sampling_params=params)
+            IN_FLIGHT.change(self.step, +1)
+            try:
+                output = await self.generate(
+                    request_id=self.request_id, prompt_ids=prefix + tokens, sampling_params=params
+                )
+            finally:
+                IN_FLIGHT.change(self.step, -1)
             self.timing["generate"] += time.perf_counter() - start
             steps = [(output.extra_fields or {}).get(k) for k in ("min_global_steps", "max_global_steps")]
             self.global_steps += [s for s in steps if s is not None]
@@ -246,12 +258,12 @@ class SearchEnvironment:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return any(text.rstrip().endswith(s) for s in STOP_STRINGS) and text.rfind("<think>") > text.rfind("</think>")
 
-    async def step(self, tree: RolloutTree, node_id: int) -> Step:
+    async def step(self, tree: RolloutTree, node_id: int, draw: Draw) -> Step:
         prefix = tree.prefix_ids(node_id)
         max_tokens = min(self.max_action_tokens, self.response_length - (len(prefix) - len(tree.prompt_ids)))
         if max_tokens < 1:
             return Step((), (), finish_reason="context_overflow")
-        tokens, log_probs = await self._sample(tree, node_id, prefix, max_tokens)
+        tokens, log_probs = await self._sample(prefix, max_tokens, draw)
         if not tokens:
             return Step((), (), finish_reason="empty_generation")
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -307,7 +319,7 @@ class SearchEnvironment:
         path = [tree.nodes[v].action for v in tree.path(leaf_id)[1:]]
         breakdown["search_calls"] = float(sum(bool(a and (a.info.get("searched") or "error" in a.info)) for a in path))
         breakdown["search_errors"] = float(sum(bool(a and "error" in a.info) for a in path))
-        self.leaf_info[leaf_id] = breakdown
+        self.leaf_info[tuple(tree.prefix_ids(leaf_id))] = breakdown
         self.timing["score"] += time.perf_counter() - start
         return float(info["score"])
 
@@ -375,6 +387,7 @@ class CarlAgentLoop(AgentLoopBase):
             invalid_action=self.settings.invalid_action,
             thinking=self.settings.thinking,
             seed=int(getattr(self.rollout_config, "seed", 0) or 0) if deterministic else None,
+            step=int(kwargs.get("global_steps", 0) or 0),
         )
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> list[AgentLoopOutput]:
@@ -405,11 +418,11 @@ class CarlAgentLoop(AgentLoopBase):
 
     def outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
         """One `AgentLoopOutput` per `layout_rows` row; a tree without any action gives one all-masked row."""
-        parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes])
-        # A tree trains no action for a leaf without outcome (tool_error); a chain (GRPO, validation) keeps verl's rows.
-        outcome = torch.tensor([n.terminal and has_outcome(n.finish_reason) for n in tree.nodes], dtype=torch.bool)
-        valued = compute_has_value(parent, outcome) if self.mode == "tree" else None
-        trained = compute_trained_mask(parent, self.update_set, valued).tolist()
+        a = pack_trees([tree])
+        # A tree trains no action for a leaf without outcome (tool_error), nor a sample of a rollout that ended without
+        # one (weight count - lost); a chain (GRPO, validation) keeps verl's rows. A stop has no tokens to train.
+        counted = compute_has_value(a.parent, a.has_outcome, a.weight) & (a.weight > 0) if self.mode == "tree" else None
+        trained = compute_trained_mask(a.parent, self.update_set, counted, a.num_tokens > 0).tolist()
         if self.mode == "tree" and self.settings.packing == "tree":  # one row per tree (recipe.carl.packing)
             rows = pack_tree(tree, trained, packing_budget(self.config, len(tree.prompt_ids)))
         else:
@@ -421,8 +434,9 @@ class CarlAgentLoop(AgentLoopBase):
         step = int(kwargs.get("global_steps", 0) or 0)
         dumped = self.mode == "tree" and self.settings.dump_every > 0 and step % self.settings.dump_every == 0
         description = describe_tree(tree, info_keys=("text",) if dumped else ())
-        description["reward_info"] = [env.leaf_info.get(i) for i in range(len(tree.nodes))]
+        description["reward_info"] = [env.breakdown(tree, i) for i in range(len(tree.nodes))]
         description["search"] = dataclasses.asdict(env.searches)
+        description["in_flight"] = IN_FLIGHT.snapshot(env.step)
         if dumped:
             description["question"] = (kwargs.get("extra_info") or {}).get("question") or tree_question(kwargs)
         steps = env.global_steps or [step]
@@ -447,7 +461,7 @@ class CarlAgentLoop(AgentLoopBase):
                         "carl_token_nodes": row.token_nodes,
                         "carl_leaf": row.leaf,
                         "carl_tree": description if i == 0 else None,
-                        "reward_extra_info": env.leaf_info.get(row.leaf, {}),
+                        "reward_extra_info": env.breakdown(tree, row.leaf) or {},
                         **({RUNS_KEY: row.tree_runs} if isinstance(row, PackedRow) else {}),
                     },
                 )

@@ -43,6 +43,7 @@ from verl.workers.utils.padding import response_to_nested
 from carl_core import compute_budget_stats, compute_tree_stats, tree_records
 from recipe.carl.cluster import check_cluster
 from recipe.carl.estimator import CarlBatch, carl_batch_from_rows, is_tree_row
+from recipe.carl.in_flight import in_flight_metrics
 from recipe.carl.io import write_jsonl
 from recipe.carl.preflight import hide_secrets
 from recipe.carl.run_record import run_record, write_run_record
@@ -221,6 +222,7 @@ class CARLTrainer(PPOTrainerSync):
             return batch  # rows of other agent loops: nothing to log
         trees = carl_batch_from_rows(extra_fields, uids, response_mask.shape[1])
         metrics.update(search_metrics(trees, self.carl_settings, self.config, self.global_steps))
+        metrics.update(in_flight_metrics(d.get("in_flight") for d in trees.descriptions))
         if not carl:
             budget = compute_budget_stats(trees.arrays, trees.arrays.parent >= 0, trees.questions)
             metrics.update(budget | self.carl_totals.add(self.global_steps, budget))

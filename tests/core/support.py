@@ -6,6 +6,7 @@ None of this is used in production; it lives here so that carl_core stays the al
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch
 
 from carl_core import (
     CARLConfig,
+    Draw,
     ForkPlanner,
     RolloutTree,
     ScoredTrees,
@@ -33,7 +35,7 @@ class SyncEnvironment:
     def __init__(self, step: Callable[[RolloutTree, int], Step], score: Callable[[RolloutTree, int], float]) -> None:
         self._step, self._score = step, score
 
-    async def step(self, tree: RolloutTree, node_id: int) -> Step:
+    async def step(self, tree: RolloutTree, node_id: int, draw: Draw) -> Step:
         return self._step(tree, node_id)
 
     async def score(self, tree: RolloutTree, leaf_id: int) -> float:
@@ -186,3 +188,88 @@ def mdp_step(rng):
 
 def mdp_reward(tree, leaf):
     return 1.0 if tree.nodes[leaf].action.token_ids[0] in (20, 21, 30) else 0.0
+
+
+def _hash(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
+
+
+class ScriptedEnvironment:
+    """A policy keyed on (seed, prefix, rollout, turn): the same draws give the same actions, whatever the order in
+    which concurrent rollouts run. `yields(draw)` asyncio yields before a step returns reorder the rollouts (a stand-in
+    for an inference server's varying latency); `stop(tree, node, draw)` may return a no-action finish reason.
+
+    Actions come from a small vocabulary (`vocab`), so identical actions at a state happen and merge.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        vocab: int = 4,
+        p_answer: float = 0.3,
+        yields: Callable[[Draw], int] | None = None,
+        stop: Callable[[RolloutTree, int, Draw], str | None] | None = None,
+    ) -> None:
+        self.seed, self.vocab, self.p_answer = seed, vocab, p_answer
+        self.yields, self.stop = yields or (lambda draw: 0), stop or (lambda tree, node, draw: None)
+        self.scored: list[int] = []
+
+    async def step(self, tree: RolloutTree, node_id: int, draw: Draw) -> Step:
+        prefix = tuple(tree.prefix_ids(node_id))
+        for _ in range(self.yields(draw)):
+            await asyncio.sleep(0)
+        reason = self.stop(tree, node_id, draw)
+        if reason is not None:
+            return Step((), (), finish_reason=reason)
+        h = _hash(self.seed, prefix, draw.rollout, draw.turn)
+        done = (h >> 40) % 1000 < self.p_answer * 1000
+        log_prob = -((h >> 8) % 1_000_003) / 400_000 - 0.01
+        return Step([10 + h % self.vocab], [log_prob], () if done else (99,), done, "answer" if done else None)
+
+    async def score(self, tree: RolloutTree, leaf_id: int) -> float:
+        self.scored.append(leaf_id)
+        return float(_hash(self.seed, tuple(tree.prefix_ids(leaf_id))) % 3) / 2
+
+
+def reference_alg1(prompt: list[int], config: CARLConfig, env: ScriptedEnvironment) -> RolloutTree:
+    """Alg. 1 as the paper writes it, one rollout after another (K = 1), with h_hat and n_hat kept per state in plain
+    Python floats: an independent reference for `grow_tree` (which uses `view`, tensors and canonical order)."""
+
+    def run(tree: RolloutTree, start: int) -> None:
+        rollout, node, turn = tree.start_rollout(start), start, 0
+        while True:
+            step = asyncio.run(env.step(tree, node, Draw(rollout, turn)))
+            turn += 1
+            if step.token_ids:
+                node = tree.add_action(node, step.token_ids, step.log_probs, step.observation_ids, done=step.done,
+                                       finish_reason=step.finish_reason, rollout=rollout)  # fmt: skip
+            else:
+                node = tree.stop(node, step.finish_reason or "no_action", rollout)
+            if tree.nodes[node].terminal:
+                if tree.nodes[node].reward is None:
+                    tree.set_reward(node, asyncio.run(env.score(tree, node)))
+                tree.end_rollout(rollout, node)
+                return
+
+    tree = RolloutTree(prompt, config.max_actions, merge=config.merge)
+    for _ in range(config.n0):
+        run(tree, 0)
+    for _ in range(config.n_forks):
+        best, best_key = None, None
+        for s in tree.nodes:  # creation order: with one rollout at a time it is the canonical order
+            if not s.children or s.terminal or s.depth >= tree.max_actions:
+                continue
+            kids = [tree.nodes[c] for c in s.children]
+            n = sum(c.count for c in kids)
+            h = sum(c.count * (c.action.entropy if c.action else 0.0) for c in kids) / n
+            if best_key is None or h / n > best_key:
+                best, best_key = s.id, h / n
+        assert best is not None
+        tree.fork_points.append(best)
+        run(tree, best)
+    return tree
+
+
+def ended(tree: RolloutTree) -> int:
+    """Rollouts of a tree that ended in a leaf."""
+    return sum(leaf is not None for leaf in tree.rollout_leaf)

@@ -1,4 +1,4 @@
-"""Progressive forking (Alg. 1): fork choice, waves, T_max, the planner protocol, and density vs random."""
+"""Progressive forking (Alg. 1): fork choice, forks in flight, T_max, the planner, stops, and density vs random."""
 
 import asyncio
 import math
@@ -10,7 +10,7 @@ import torch
 from carl_core import CARLConfig, ForkPlanner, RolloutTree, Step, compute_fork_points, compute_outcome_criticality
 
 from .conftest import build_tree
-from .support import grow_tree_sync
+from .support import ended, grow_tree_sync
 
 
 def test_density_picks_largest_h_over_n_and_breaks_ties_by_id():
@@ -75,58 +75,79 @@ def test_t_max_ends_rollouts_cleanly():
         assert tree.nodes[leaf].depth == 3 and tree.nodes[leaf].finish_reason == "max_actions"
 
 
-def test_next_wave_refuses_to_run_before_the_previous_wave_finished():
-    planner = ForkPlanner(CARLConfig(n0=2, n_forks=1))
+def test_a_choice_sees_only_the_rollouts_it_is_given():
+    # Two ended rollouts from the root: r0 = 0 -> 1 (h 0.5) -> 2 (h 2.0, leaf), r1 = 0 -> 3 (h 1.0, leaf).
     tree = RolloutTree([1], 4)
-    assert planner.next_wave(tree) == [0, 0]
-    tree.add_action(0, [5], [-1.0], done=True)
-    with pytest.raises(RuntimeError, match="2 rollouts were started but 1 ended"):
-        planner.next_wave(tree)
+    r0, r1 = tree.start_rollout(0), tree.start_rollout(0)
+    s1 = tree.add_action(0, [5], [-0.5], [9], rollout=r0)
+    for rollout, leaf in ((r0, tree.add_action(s1, [6], [-2.0], done=True, rollout=r0)),
+                          (r1, tree.add_action(0, [7], [-1.0], done=True, rollout=r1))):  # fmt: skip
+        tree.set_reward(leaf, 1.0)
+        tree.end_rollout(rollout, leaf)
+    planner = ForkPlanner(CARLConfig(n0=2, n_forks=1))
+    # Seeing both: root h/n = 0.75 / 2, state 1: 2.0 / 1 -> state 1.
+    assert planner.choose(tree, {r0, r1}) == s1
+    # Seeing r1 alone, state 1 is not in the tree: the root is the only state to fork.
+    assert planner.choose(tree, {r1}) == 0
+    # A fork running at state 1 counts there: 2.0 / 2 = 1.0 > 0.375, still state 1; two running: 0.67 > 0.375.
+    assert planner.choose(tree, {r0, r1}, [s1, s1]) == s1
+    # Five running there: 2.0 / 6 = 0.33 < 0.375 -> the root.
+    assert planner.choose(tree, {r0, r1}, [s1] * 5) == 0
 
 
-def test_empty_step_at_a_fresh_state_makes_a_leaf_and_at_a_fork_point_aborts():
+def test_a_step_without_an_action_is_a_stop_with_an_outcome():
     calls = []
 
     def step(tree, node):
         calls.append(node)
         if len(calls) == 1:
             return Step([7], [-1.0], done=True)  # first rollout: one answer action
-        return Step([], [], finish_reason="context_overflow")  # the fork at the root cannot generate
+        return Step([], [], finish_reason="empty_generation")  # the fork at the root generates nothing
 
-    tree = grow_tree_sync(RolloutTree([1], 4), CARLConfig(n0=1, n_forks=1), step, lambda t, n: 1.0)
-    assert tree.aborted == [{"start": 0, "node": 0, "reason": "context_overflow"}]
-    assert len(tree.leaves()) == 1
-    # A root that cannot take any action becomes the (only) leaf.
-    lone = grow_tree_sync(
-        RolloutTree([1], 4),
-        CARLConfig(n0=1, n_forks=0),
-        lambda t, n: Step([], [], finish_reason="context_overflow"),
-        lambda t, n: 0.0,
-    )
-    assert lone.leaves() == [0] and lone.root.finish_reason == "context_overflow"
+    tree = grow_tree_sync(RolloutTree([1], 4), CARLConfig(n0=1, n_forks=1), step, lambda t, n: float(n))
+    # The fork's sample at the expanded root is a terminal child with an empty action, scored like any leaf.
+    (stop,) = [n for n in tree.nodes if n.is_stop]
+    assert stop.parent == 0 and stop.finish_reason == "empty_generation" and stop.reward == float(stop.id)
+    assert len(tree.leaves()) == 2 and ended(tree) == 2
+    tree.validate()
+    # A root that cannot take any action: merged, its one child (a stop sampled twice) is folded into it, and the
+    # root becomes the only leaf; unmerged, each root rollout is a stop of its own. A context overflow closes the
+    # state, so no fork is started at all.
+    overflow = lambda t, n: Step([], [], finish_reason="context_overflow")  # noqa: E731
+    lone = grow_tree_sync(RolloutTree([1], 4, merge=True), CARLConfig(n0=2, n_forks=3), overflow, lambda t, n: 0.0)
+    assert lone.leaves() == [0] and lone.root.finish_reason == "context_overflow" and len(lone.nodes) == 1
+    apart = grow_tree_sync(RolloutTree([1], 4), CARLConfig(n0=2, n_forks=3, merge=False), overflow, lambda t, n: 0.0)
+    assert apart.leaves() == [1, 2] and all(n.is_stop for n in apart.nodes[1:]) and apart.fork_points == []
 
 
-def test_wave_rollouts_run_concurrently():
-    # With wave_size 4, the four rollouts of a wave are in flight together (asyncio.gather).
+def test_at_most_k_forks_run_at_once():
     from carl_core import grow_tree
 
-    in_flight, peak = 0, 0
+    running, peak = {"n0": set(), "forks": set()}, {"n0": 0, "forks": 0}
 
     class Env:
-        async def step(self, tree, node):
-            nonlocal in_flight, peak
-            in_flight += 1
-            peak = max(peak, in_flight)
-            await asyncio.sleep(0)
-            in_flight -= 1
-            return Step([3], [-1.0], done=tree.nodes[node].depth >= 1)
+        async def step(self, tree, node, draw):
+            phase = "n0" if draw.rollout < 4 else "forks"
+            running[phase].add(draw.rollout)
+            peak[phase] = max(peak[phase], len(running[phase]))
+            for _ in range(5 * (draw.rollout % 3 + 1)):  # slow (forks overlap), uneven (they end out of order)
+                await asyncio.sleep(0)
+            done = tree.nodes[node].depth >= 2
+            if done:
+                running[phase].discard(draw.rollout)
+            return Step([3 + draw.rollout], [-1.0], [1], done=done)
 
         async def score(self, tree, leaf):
             return 0.0
 
-    config = CARLConfig(n0=4, n_forks=8, wave_size=4, max_actions=5)
-    asyncio.run(grow_tree(RolloutTree([1], 5), ForkPlanner(config), Env()))
-    assert peak == 4
+    for k in (1, 3, 8):
+        peak.update(n0=0, forks=0)
+        config = CARLConfig(n0=4, n_forks=8, forks_in_flight=k, max_actions=5)
+        tree = asyncio.run(grow_tree(RolloutTree([1], 5), ForkPlanner(config), Env()))
+        assert peak["n0"] == 4 and 1 <= peak["forks"] <= k and len(tree.fork_points) == 8
+        # K = 8: forks 4 .. 8 (rollouts i with i - K <= 0) wait for root rollout 0 alone and run together; the rest
+        # wait for root rollouts 1 .. 3, which are slower than those five forks.
+        assert peak["forks"] == {1: 1, 3: peak["forks"], 8: 5}[k]
 
 
 def decisive_state_policy(rng):
@@ -169,9 +190,7 @@ def test_hand_built_tree_forks_where_h_over_n_is_largest():
     # States: 0 (children 1, 4: h = mean(0.5, 1.5) = 1.0, n = 2 -> 0.5), 1 (child 2: h = 2.0 -> 2.0),
     # 2 (child 3: h = 0.25). Leaves 3, 4. Density picks state 1.
     tree = build_tree([(0, [-0.5], None), (1, [-2.0], None), (2, [-0.25], 1.0), (0, [-1.5], 0.0)])
-    planner = ForkPlanner(CARLConfig(n0=2, n_forks=1))
-    planner.rollouts_started = 2  # the two root rollouts above are done
-    assert planner.next_wave(tree) == [1]
+    assert ForkPlanner(CARLConfig(n0=2, n_forks=1)).choose(tree, set()) == 1
 
 
 # ------------------------------------------------------------------- selection=spread (Eq. 12'), merged counts
@@ -235,21 +254,21 @@ def test_planner_spread_sees_merged_counts_and_matches_the_pure_function():
     config = CARLConfig(n0=2, n_forks=1, max_actions=4, selection="spread")
     tree = RolloutTree([1], 4, merge=True)
     planner = ForkPlanner(config)
-    for start in planner.next_wave(tree):
-        asyncio.run(rollout_sync(tree, start, step))
+    for rollout in (tree.start_rollout(0), tree.start_rollout(0)):
+        asyncio.run(rollout_sync(tree, rollout, step))
     assert tree.nodes[1].count == 2 and len(tree.nodes[1].children) == 2  # two samples merged; two leaves below
     c, h_hat, n_hat, cand = criticality_of(tree, config.spread_prior)
     assert n_hat[0] == 2  # the fork rule sees the two samples at the root
-    (fork,) = planner.next_wave(tree)
+    fork = planner.choose(tree, {0, 1})
     assert fork == compute_fork_points(c, n_hat, cand, 1, "spread")[0] == 1
 
 
-async def rollout_sync(tree, start, step):
+async def rollout_sync(tree, rollout, step):
     from carl_core import rollout_from
 
     from .support import SyncEnvironment
 
-    return await rollout_from(tree, start, SyncEnvironment(step, lambda t, n: float(n % 2)))
+    return await rollout_from(tree, rollout, SyncEnvironment(step, lambda t, n: float(n % 2)))
 
 
 def test_a_duplicate_rollout_into_a_finished_leaf_is_not_scored_again():
@@ -266,5 +285,5 @@ def test_a_duplicate_rollout_into_a_finished_leaf_is_not_scored_again():
         lambda t, n: Step([4], [-0.1], done=True, finish_reason="answer"),
         score,
     )
-    assert len(tree.nodes) == 2 and tree.nodes[1].count == 3 and tree.rollouts_ended() == 3
+    assert len(tree.nodes) == 2 and tree.nodes[1].count == 3 and ended(tree) == 3
     assert scored == [1]

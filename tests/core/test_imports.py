@@ -15,12 +15,12 @@ def test_import_carl_core_imports_no_framework():
 
 
 def test_carl_core_is_small_and_strictly_typed():
-    """carl_core stays readable in one sitting (<= 1,350 lines) and passes `mypy --strict`."""
+    """carl_core stays readable in one sitting (<= 1,500 lines) and passes `mypy --strict`."""
     from pathlib import Path
 
     package = Path(__file__).resolve().parents[2] / "carl_core"
     lines = sum(len(p.read_text().splitlines()) for p in package.glob("*.py"))
-    assert lines <= 1350, f"carl_core has {lines} lines; keep it <= 1,350 (test-only code belongs in tests/)"
+    assert lines <= 1500, f"carl_core has {lines} lines; keep it <= 1,500 (test-only code belongs in tests/)"
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(package)], capture_output=True, text=True
     )

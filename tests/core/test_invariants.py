@@ -27,7 +27,7 @@ def test_path_advantages_telescope_to_leaf_reward_minus_root_value(seed):
 def test_eq15_bounds_for_carl_lite(seed):
     rng = random.Random(seed)
     n = rng.randint(1, 16)
-    config = CARLConfig(n0=1, n_forks=n, max_actions=rng.randint(2, 6), wave_size=rng.choice([1, 2, 4]))
+    config = CARLConfig(n0=1, n_forks=n, max_actions=rng.randint(2, 6), forks_in_flight=rng.choice([1, 2, 4]))
     tree = random_tree(rng, config, p_stop=0.2)
     s = score_trees([tree], config)
     d_upd = int(s.trained.sum())

@@ -49,7 +49,7 @@ def test_every_trained_action_once_and_observations_never(update_set, seed):
     config = CARLConfig(
         n0=rng.choice([1, 3]),
         n_forks=rng.randint(0, 8),
-        wave_size=rng.choice([1, 3]),
+        forks_in_flight=rng.choice([1, 3]),
         max_actions=rng.randint(1, 5),
         update_set=update_set,
     )

@@ -65,7 +65,7 @@ def test_production_matches_reference(update_set, aggregation, seed):
     config = CARLConfig(
         n0=rng.randint(1, 5),
         n_forks=rng.randint(0, 12),
-        wave_size=rng.randint(1, 4),
+        forks_in_flight=rng.randint(1, 4),
         max_actions=rng.randint(1, 6),
         selection=rng.choice(["density", "random", "entropy"]),
         update_set=update_set,

@@ -18,6 +18,7 @@ from carl_core import (
 )
 
 from .conftest import build_tree
+from .support import ended
 
 
 def test_prefix_path_and_state_entropy(fig_tree):
@@ -73,14 +74,19 @@ def test_bad_log_probs_are_refused(lps):
 
 def test_empty_action_and_length_mismatch_are_refused():
     tree = RolloutTree([1], 4)
-    with pytest.raises(TreeError, match="empty action at node 0"):
+    with pytest.raises(TreeError, match="empty action at node 0: a rollout that takes no action ends with `stop`"):
         tree.add_action(0, [], [])
     with pytest.raises(TreeError, match="2 tokens but 1 log-probs"):
         tree.add_action(0, [5, 6], [-1.0])
-    tree = build_tree([(0, [-1.0], 1.0)])
-    tree.nodes[1].action.token_ids = []
-    with pytest.raises(TreeError, match="empty action"):
+    tree = build_tree([(0, [-1.0], None), (1, [-1.0], 1.0)])
+    tree.nodes[1].action.token_ids = []  # an inner node without tokens; only a stop (a leaf) may have none
+    with pytest.raises(TreeError, match="empty action: only a stop"):
         tree.validate()
+    tree.nodes[1].action.token_ids = [5]
+    tree.set_reward(tree.stop(1, "empty_generation"), 0.0)
+    tree.validate()
+    with pytest.raises(TreeError, match="node 3 is terminal"):
+        tree.stop(3, "empty_generation")
 
 
 def test_cycle_is_named(fig_tree):
@@ -106,8 +112,10 @@ def test_config_errors_say_how_to_fix():
         CARLConfig(selection="densty")
     with pytest.raises(CARLConfigError, match="unknown key.*'nforks'"):
         CARLConfig.from_dict({"nforks": 3})
-    with pytest.raises(CARLConfigError, match="wave_size"):
-        CARLConfig(wave_size=0)
+    with pytest.raises(CARLConfigError, match="forks_in_flight"):
+        CARLConfig(forks_in_flight=0)
+    with pytest.raises(CARLConfigError, match=r"wave_size=4 was replaced by forks_in_flight.*forks_in_flight=4"):
+        CARLConfig.from_dict({"wave_size": 4})
     assert CARLConfig.from_dict({"n0": 8}).num_leaves == 24
 
 
@@ -134,11 +142,16 @@ def test_a_twin_is_only_a_twin_with_the_same_observation_and_end():
 
 def test_rollouts_ended_counts_merged_leaves_each_time():
     tree = RolloutTree([1], max_actions=4, merge=True)
-    leaf = tree.add_action(0, [5], [-1.0], done=True, finish_reason="answer")
+    r0, r1 = tree.start_rollout(0), tree.start_rollout(0)
+    leaf = tree.add_action(0, [5], [-1.0], done=True, finish_reason="answer", rollout=r0)
     tree.set_reward(leaf, 1.0)
-    assert tree.add_action(0, [5], [-1.0], done=True, finish_reason="answer") == leaf
-    tree.aborted.append({"start": 0, "node": 0, "reason": "x"})
-    assert tree.rollouts_ended() == 3  # two rollouts ended in the leaf, one aborted
+    assert tree.add_action(0, [5], [-1.0], done=True, finish_reason="answer", rollout=r1) == leaf
+    tree.end_rollout(r0, leaf)
+    assert ended(tree) == 1
+    tree.end_rollout(r1, leaf)
+    assert ended(tree) == 2 and tree.nodes[leaf].sampled_by == [r0, r1]  # two rollouts ended in the leaf
+    with pytest.raises(TreeError, match="rollout 1 cannot end at node 0"):
+        tree.end_rollout(r1, 0)
     description = describe_tree(tree)
     assert description["count"] == [1, 2]
     assert pack_descriptions([description]).count.tolist() == [1, 2]

@@ -157,3 +157,68 @@ def test_outcome_only_weights_each_leaf_by_its_rollouts():
     z2, z3, z4 = 0.625 / std, -0.375 / std, 0.125 / std
     # A(1) = z2 + 2 z3 (the three rollouts through a), A(2) = z2, A(3) = 2 z3, A(4) = z4.
     assert s.advantage.tolist() == pytest.approx([0.0, z2 + 2 * z3, z2, 2 * z3, z4, 0.0], rel=1e-5)
+
+
+# ------------------------------------------------ merging on and off give the same values when rollouts fail (#28)
+class TableEnvironment:
+    """Each (rollout, turn) draw's action from a table: (token, log-prob, done, finish) or None for no action."""
+
+    def __init__(self, table, rewards):
+        self.table, self.rewards = table, rewards
+
+    async def step(self, tree, node, draw):
+        from carl_core import Step
+
+        entry = self.table[draw.rollout][draw.turn]
+        if entry[0] is None:
+            return Step((), (), finish_reason=entry[3])
+        token, log_prob, done, finish = entry
+        return Step([token], [log_prob], () if done else (99,), done, finish)
+
+    async def score(self, tree, leaf):
+        actions = tuple(t for n in tree.path(leaf)[1:] for t in tree.nodes[n].action.token_ids)
+        return self.rewards[actions]
+
+
+def root_value(table, rewards, n0, n_forks, merge):
+    import asyncio
+    import random
+
+    from carl_core import CARLConfig, ForkPlanner, RolloutTree, grow_tree, score_trees
+
+    config = CARLConfig(n0=n0, n_forks=n_forks, max_actions=4, merge=merge)
+    tree = asyncio.run(grow_tree(RolloutTree([1], 4, merge=merge), ForkPlanner(config, random.Random(0)),
+                                 TableEnvironment(table, rewards)))  # fmt: skip
+    return float(score_trees([tree], config).node_value[0]), tree
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_sample_the_environment_ended_counts_nowhere_merged_or_not(merge):
+    # r0: root -a-> s -c-> answer (R 1); r1: root -a-> s -d-> tool_error; r2: root -b-> answer (R 0).
+    # r1's sample of a has no outcome: it counts nowhere, so V(root) = mean(1, 0) = 0.5 whether r0's and r1's a are
+    # one node (count 2, one of them lost) or two (the second without value). Before issue 28: 0.667 merged.
+    a, b, c, d = (
+        (1, -0.5, False, None),
+        (2, -0.5, True, "answer"),
+        (3, -0.1, True, "answer"),
+        (4, -0.1, True, "tool_error"),
+    )
+    table = {0: [a, c], 1: [a, d], 2: [b]}
+    value, tree = root_value(table, {(1, 3): 1.0, (1, 4): 0.0, (2,): 0.0}, n0=3, n_forks=0, merge=merge)
+    assert value == pytest.approx(0.5)
+    if merge:
+        (s,) = [n for n in tree.nodes if n.action and n.action.token_ids == [1]]
+        assert (s.count, s.lost) == (2, 1)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_sample_the_policy_ended_without_an_action_is_an_outcome_merged_or_not(merge):
+    # r0: root -x-> s -c-> answer (R 1); r1: root -b-> answer (R 0). The fork (r2) goes to the root (h/n: root
+    # (2.0 + 2.0) / 2 / 2 = 1.0 > s's 0.1) and samples x again, then generates nothing at s: an outcome scored R 0.
+    # Merged, s holds both samples (V(s) = (1 + 0) / 2, weight 2); unmerged, the second copy of s is a leaf (R 0):
+    # V(root) = (1 + 0 + 0) / 3 either way. Before issue 28: 0.667 merged (the empty step was an abort).
+    x, b, c = (1, -2.0, False, None), (2, -2.0, True, "answer"), (3, -0.1, True, "answer")
+    table = {0: [x, c], 1: [b], 2: [x, (None, 0, False, "empty_generation")]}
+    value, tree = root_value(table, {(1, 3): 1.0, (2,): 0.0, (1,): 0.0}, n0=2, n_forks=1, merge=merge)
+    assert tree.fork_points == [0]
+    assert value == pytest.approx(1 / 3)

@@ -32,7 +32,7 @@ from carl_core import ForkPlanner, RolloutTree, compute_state_entropy, describe_
 from carl_core import tree_records as records_of
 from recipe.carl.agent_loop import CarlAgentLoop
 from recipe.carl.settings import read_settings
-from tests.core.support import check_tree_record
+from tests.core.support import check_tree_record, ended
 
 
 def tree_records(trees, scored, carl):
@@ -279,25 +279,27 @@ def test_tree_shape_forks_and_budget(monkeypatch):
     picks = []
 
     class RecordingPlanner(ForkPlanner):
-        def next_wave(self, tree):
-            before = self.rollouts_started
-            wave = super().next_wave(tree)
-            if before and wave:  # a fork wave: the pick must be the largest h_hat / n_hat (ties: lowest id)
-                cands = [n.id for n in tree.nodes if n.children and not n.terminal and n.depth < tree.max_actions]
-                parent = torch.tensor([-1 if n.parent is None else n.parent for n in tree.nodes])
-                ent = torch.tensor([n.action.entropy if n.action else 0.0 for n in tree.nodes], dtype=torch.float64)
-                count = torch.tensor([n.count for n in tree.nodes])  # merged identical actions count each sample
-                h_hat, n_hat = compute_state_entropy(parent, ent, count)
-                density = {c: float(h_hat[c] / n_hat[c]) for c in cands}
-                best = max(density.values())
-                picks.append((wave[0], min(c for c in cands if density[c] >= best - 1e-12)))
-            return wave
+        def choose(self, tree, seen, running=()):
+            pick = super().choose(tree, seen, running)
+            # With one fork in flight every rollout has ended when a fork is chosen; the pick must be the largest
+            # h_hat / n_hat over the tree (ties: the lowest id in canonical order, i.e. in the view).
+            assert not running and seen == set(range(len(tree.rollout_start)))
+            view, shows = tree.view(seen)
+            cands = [n.id for n in view.nodes if n.children and not n.terminal and n.depth < view.max_actions]
+            parent = torch.tensor([-1 if n.parent is None else n.parent for n in view.nodes])
+            ent = torch.tensor([n.action.entropy if n.action else 0.0 for n in view.nodes], dtype=torch.float64)
+            count = torch.tensor([n.count for n in view.nodes])  # merged identical actions count each sample
+            h_hat, n_hat = compute_state_entropy(parent, ent, count)
+            density = {c: float(h_hat[c] / n_hat[c]) for c in cands}
+            best = max(density.values())
+            picks.append((pick, shows[min(c for c in cands if density[c] >= best - 1e-12)]))
+            return pick
 
     monkeypatch.setattr(carl_agent_loop, "ForkPlanner", RecordingPlanner)
     (outputs,) = grow(config, server, sample())
     tree = outputs.tree
     carl = read_settings(config).carl
-    assert tree.rollouts_ended() == carl.n0 + carl.n_forks  # every rollout ends in a leaf (merged ones share it)
+    assert ended(tree) == carl.n0 + carl.n_forks  # every rollout ends in a leaf (merged ones share it)
     assert len(picks) == carl.n_forks and all(chosen == best for chosen, best in picks)
     assert all(tree.nodes[leaf].depth <= carl.max_actions for leaf in tree.leaves())
     assert {tree.nodes[leaf].finish_reason for leaf in tree.leaves()} <= {"answer", "max_actions"}
@@ -338,8 +340,8 @@ def test_max_actions_ends_leaves():
     assert len(tool.queries) == sum(1 for n in tree.nodes if n.action is not None and n.depth < 3)
 
 
-def test_wave_runs_concurrently():
-    config = make_config("algorithm.carl.wave_size=4", "algorithm.carl.n_forks=8")
+def test_forks_run_concurrently():
+    config = make_config("algorithm.carl.forks_in_flight=4", "algorithm.carl.n_forks=8")
     server = ScriptedServer(searching_policy)
     grow(config, server, sample())
     assert server.max_in_flight >= 2
@@ -472,7 +474,7 @@ def test_auto_agent_follows_the_estimator(estimator, leaves):
     extra = ["actor_rollout_ref.rollout.n=4"] if estimator != "carl" else []
     config = make_config(f"algorithm.adv_estimator={estimator}", *extra)
     (outputs,) = grow(config, ScriptedServer(searching_policy), sample(), mode="auto")
-    assert outputs.tree.rollouts_ended() == leaves
+    assert ended(outputs.tree) == leaves
 
 
 def test_grpo_budget_counts_every_session(monkeypatch):
@@ -539,7 +541,7 @@ def test_bad_turns_end_leaves_cleanly(policy, expected, monkeypatch):
     (outputs,) = grow(config, ScriptedServer(policy), sample())
     found, tree = reasons(outputs)
     assert found == expected
-    assert tree.rollouts_ended() == 7  # every rollout still ends in a leaf: N0 + N (identical ones share it)
+    assert ended(tree) == 7  # every rollout still ends in a leaf: N0 + N (identical ones share it)
     category = next(iter(expected)).split(":")[0]
     assert all(o.extra_fields["reward_extra_info"][f"finish_{category}"] == 1.0 for o in outputs)
     rows = verl_postprocess(outputs, monkeypatch, sample())
@@ -548,15 +550,17 @@ def test_bad_turns_end_leaves_cleanly(policy, expected, monkeypatch):
 
 
 def test_empty_generation_ends_the_trajectory_at_its_state(monkeypatch):
-    """The engine returns no token: the state becomes a leaf; concurrent rollouts that find it a leaf are aborted."""
-    (outputs,) = grow(make_config(), ScriptedServer(lambda d, rng: ""), sample())
+    """The engine returns no token: both root rollouts stop at the root (one stop sampled twice), which is folded
+    into the root: the root is the tree's only leaf, with an outcome, and no fork can start there."""
+    server = ScriptedServer(lambda d, rng: "")
+    (outputs,) = grow(make_config(), server, sample())
     found, tree = reasons(outputs)
-    assert found == {"empty_generation"} and tree.leaves() == [0]
-    assert len(tree.aborted) == 1 and tree.aborted[0]["reason"] == "empty_generation"  # the second root rollout
+    assert found == {"empty_generation"} and tree.leaves() == [0] and tree.fork_points == []
+    assert len(server.calls) == 2  # the two root rollouts; no fork
     assert outputs[0].extra_fields["reward_extra_info"]["finish_empty_generation"] == 1.0
     rows = verl_postprocess(outputs, monkeypatch, sample())
     advantages, _, metrics = trainer_advantage(rows, make_config(), monkeypatch)
-    assert advantages.abs().sum() == 0 and metrics["carl/aborted_rollouts"] == 1
+    assert advantages.abs().sum() == 0 and metrics["carl/finish/empty_generation"] == 1
 
 
 def test_missing_log_probs_are_a_clear_error():
@@ -745,7 +749,7 @@ def test_identical_actions_merge_into_one_node_and_are_counted(monkeypatch):
     (apart,) = grow(make_config("algorithm.carl.merge=false"), ScriptedServer(same_start), sample())
     tree = merged.tree
     (child,) = tree.root.children
-    assert tree.nodes[child].count >= 2 and tree.rollouts_ended() == 7
+    assert tree.nodes[child].count >= 2 and ended(tree) == 7
     assert all(tree.nodes[c].count == 1 or tree.nodes[c].terminal for c in tree.nodes[child].children)
     assert len(apart.tree.root.children) >= 2 and all(n.count == 1 for n in apart.tree.nodes)
     # No two children of a state hold the same action text.

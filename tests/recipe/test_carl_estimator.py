@@ -42,7 +42,7 @@ def test_estimator_matches_the_recursive_reference(update_set, aggregation, seed
     config = CARLConfig(
         n0=rng.randint(1, 4),
         n_forks=rng.randint(1, 10),
-        wave_size=rng.randint(1, 3),
+        forks_in_flight=rng.randint(1, 3),
         max_actions=rng.randint(2, 5),
         update_set=update_set,
         value_aggregation=aggregation,

@@ -99,12 +99,13 @@ class Evaluator:
                 tree.set_reward(tree.root.id, await env.score(tree, tree.root.id))
                 leaf = tree.root.id
             else:
-                leaf = await rollout_from(tree, 0, env)
+                leaf = await rollout_from(tree, tree.start_rollout(tree.root.id), env)
+                leaf = tree.canonicalize()[leaf]  # a stop (no action) is shown as the state it ended at
         finally:
             release = getattr(self.search, "release", None)
             if callable(release):
                 release(uid)
-        return tree, leaf, env.leaf_info.get(leaf, {}) if leaf is not None else {}
+        return tree, leaf, env.breakdown(tree, leaf) or {}
 
     def trajectory_record(self, tree: RolloutTree, leaf: int, breakdown: dict, gold: list[str] | None) -> dict:
         """What one trajectory did: its actions (text, query, observation), prediction, finish reason, scores."""

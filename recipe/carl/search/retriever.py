@@ -1,7 +1,8 @@
 """Local retrieval for the search agent: corpus loading, cached BM25/dense indexes with verified content.
 
 Corpus: a JSONL file, one ``{"id": ..., "contents": "Title\\ntext"}`` object per line (Search-R1's wiki-18 format;
-``id`` defaults to the line number). Backends:
+``id`` defaults to the line number). Hits are ordered by score, equal scores by corpus position, on every machine
+(``stable_top_k``). Backends:
 
 * ``bm25`` (default): bm25s with the PyStemmer English stemmer and English stop words. Sub-second to index 10k
   passages on CPU. Documents that match no query term (score 0) are not returned. ``BM25Backend.from_texts`` is the
@@ -69,6 +70,7 @@ __all__ = [
     "RetrieverError",
     "StaleIndexError",
     "load_corpus",
+    "stable_top_k",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -286,6 +288,35 @@ def load_encoder(name: str, device: str | None = None, fp16: bool = False, batch
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def stable_top_k(scores: np.ndarray, k: int, positions: np.ndarray | None = None) -> list[Hit]:
+    """The ``k`` best hits by the key (score descending, then corpus position ascending): the same on every machine.
+
+    Which of several equal scores makes a top-k cut must not be left to a selection algorithm: numpy's partition and
+    sort (under bm25s' and faiss' top-k) order equal elements by whatever SIMD kernel the CPU dispatches to, so the
+    same query returned different documents on an AVX2 and an AVX-512 machine. The cut here is by value: every
+    candidate scoring at least the k-th best score is kept (all ties, however many), then ordered by the key.
+
+    Args:
+        scores: one score per candidate [shape: (n,)].
+        k: hits wanted (fewer when there are fewer candidates).
+        positions: the candidates' corpus positions [shape: (n,)]; default ``arange(n)`` (``scores`` covers the
+            whole corpus).
+
+    Returns:
+        Up to ``k`` ``(position, score)`` pairs, best first.
+    """
+    scores = np.asarray(scores)
+    positions = np.arange(len(scores)) if positions is None else np.asarray(positions)
+    if k < 1 or not len(scores):
+        return []
+    if k < len(scores):
+        kth = np.partition(scores, len(scores) - k)[len(scores) - k]  # the k-th best value (a value: no order)
+        keep = np.flatnonzero(scores >= kth)
+        scores, positions = scores[keep], positions[keep]
+    order = np.lexsort((positions, -scores))[:k]  # the last key is the primary one
+    return [(int(positions[i]), float(scores[i])) for i in order]
+
+
 class BM25Backend:
     """bm25s index over stemmed, stop-word-filtered tokens (the project's one BM25: the server and SynthHop use it)."""
 
@@ -331,21 +362,25 @@ class BM25Backend:
         Args:
             queries: The queries.
             topk: Hits per query (clamped to the corpus size).
-            keep_unmatched: Also return documents that match no query term (score 0), filling the ``topk`` in bm25s'
+            keep_unmatched: Also return documents that match no query term (score 0), filling the ``topk`` in corpus
                 order. Off for the server (they are noise); SynthHop's observations keep them, as its seed-0 data
                 (and the shipped SFT start, keyed on those tokens) was generated that way.
+
+        Equal scores are cut and ordered by corpus position (``stable_top_k``), the same on every machine.
         """
         import bm25s
 
-        k = min(topk, self.num_docs)  # bm25s refuses k larger than the corpus
         tokens = bm25s.tokenize(
             list(queries), stopwords="en", stemmer=self._stemmer, return_ids=False, show_progress=False
         )
-        docs, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
-        return [
-            [(int(d), float(s)) for d, s in zip(row_docs, row_scores, strict=True) if keep_unmatched or s > 0]
-            for row_docs, row_scores in zip(docs, scores, strict=True)
-        ]
+        out = []
+        for terms in tokens:
+            # bm25s' own `retrieve` cuts the k best with numpy's partition and sort, which leave equal scores in an
+            # order that depends on the CPU's SIMD kernels: the scores are taken here and cut by (score, position).
+            scores = self.model.get_scores(terms) if terms else np.zeros(self.num_docs, dtype=np.float32)
+            hits = stable_top_k(np.asarray(scores), topk)
+            out.append([(p, s) for p, s in hits if keep_unmatched or s > 0])
+        return out
 
 
 class DenseBackend:
@@ -403,13 +438,26 @@ class DenseBackend:
         return cls(index, encoder, cfg.query_prefix, cfg.nprobe)
 
     def search(self, queries: Sequence[str], topk: int) -> list[list[Hit]]:
+        """Up to ``topk`` hits per query, best first, equal scores in corpus order (see ``stable_top_k``).
+
+        faiss keeps the k best in a heap whose order among equal scores is its own, so the cut is made here: a query
+        is searched again with twice the candidates until the last one scores below the k-th (every tie is in).
+        """
         vectors = self.encoder.encode([self.query_prefix + q for q in queries])
-        scores, positions = self.index.search(vectors, min(topk, self.index.ntotal))
-        # faiss pads with -1 when an IVF probe finds fewer than k vectors.
-        return [
-            [(int(p), float(s)) for p, s in zip(row_pos, row_scores, strict=True) if p >= 0]
-            for row_pos, row_scores in zip(positions, scores, strict=True)
-        ]
+        out: list[list[Hit]] = []
+        for vector in vectors:
+            k = min(topk, self.index.ntotal)
+            fetch = min(k + 8, self.index.ntotal)
+            while True:
+                scores, positions = self.index.search(vector[None, :], fetch)
+                found = positions[0] >= 0  # faiss pads with -1 when an IVF probe finds fewer than asked
+                row_scores, row_pos = scores[0][found], positions[0][found]
+                complete = fetch >= self.index.ntotal or len(row_pos) < fetch or len(row_pos) <= k
+                if complete or row_scores[-1] < row_scores[k - 1]:
+                    break
+                fetch = min(2 * fetch, self.index.ntotal)
+            out.append(stable_top_k(row_scores, k, row_pos))
+        return out
 
 
 def _is_ivf(index: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -56,6 +57,43 @@ def sft_key(cfg, tokenizer, examples: Sequence[Example]) -> dict:
     }
 
 
+MUST_MATCH_ENV = "CARL_SFT_MUST_MATCH"
+"""Set to 1 (the test suite does) to refuse, rather than train for half an hour, a default-sized SFT start whose
+settings are the shipped one's but whose training data differ."""
+DATA_FIELDS = ("vocab_sha256", "data_sha256")
+"""Key fields that the settings do not set: they follow the generated data (and its search results)."""
+
+
+class ShippedStartMismatch(RuntimeError):
+    """The shipped SFT start was built from other training data than this run's (names the differing key fields)."""
+
+
+def key_mismatch(shipped: dict, key: dict) -> dict[str, tuple]:
+    """The key fields that differ, as `{field: (shipped value, this run's value)}`."""
+    return {f: (shipped.get(f), key.get(f)) for f in sorted(set(shipped) | set(key)) if shipped.get(f) != key.get(f)}
+
+
+def mismatch_message(differ: dict[str, tuple], manifest: dict, cfg) -> str:
+    """Why the shipped start is not reused, and what training one here costs (from the shipped start's own build)."""
+    fields = ", ".join(f"{f} (shipped {str(a)[:12]}, here {str(b)[:12]})" for f, (a, b) in differ.items())
+    built = manifest.get("result") or {}
+    minutes = ""
+    if built.get("wall_s") and built.get("steps") and "policy" not in differ:
+        est = built["wall_s"] * cfg.sft_steps / built["steps"] / 60
+        minutes = f", about {est:.0f} min on a 2-core machine (the shipped start took {built['wall_s'] / 60:.0f} min)"
+    why = ""
+    if set(differ) <= set(DATA_FIELDS):
+        why = (
+            " The settings are the shipped start's, so its demonstrations differ: the data generator, tokenizer or "
+            "search results changed (retrieval ties are broken by corpus position, the same on every machine, since "
+            "issue 28; a change there must rebuild the start with its manifest's command)."
+        )
+    return (
+        f"the shipped SFT start does not fit this run: {fields}.{why} Training a new start: {cfg.sft_steps} steps"
+        f"{minutes}. Rebuild the shipped one with: {manifest.get('command')}"
+    )
+
+
 def warm_start(run_dir: Path, data_dir: Path, search, cfg, shipped: Path | None) -> tuple[Path, dict]:
     """The run's SFT start in `run_dir/policy_sft`: the shipped start when its key matches this run's (see
     :func:`sft_key`), otherwise a tiny policy (or SmolLM2) trained here on the data's demonstrations.
@@ -83,6 +121,11 @@ def warm_start(run_dir: Path, data_dir: Path, search, cfg, shipped: Path | None)
         with atomic_dir(out) as tmp:  # public modes, whatever the checkout's
             shutil.copytree(shipped, tmp, dirs_exist_ok=True)
         return out, {**manifest["result"], "shipped": str(shipped)}
+    if manifest:
+        differ = key_mismatch(manifest["key"], key)
+        if os.environ.get(MUST_MATCH_ENV) == "1" and set(differ) <= set(DATA_FIELDS):
+            raise ShippedStartMismatch(f"{MUST_MATCH_ENV}=1 and {mismatch_message(differ, manifest, cfg)}")
+        print(f"note: {mismatch_message(differ, manifest, cfg)}", flush=True)
     torch.manual_seed(cfg.seed)
     if cfg.policy != "smollm2":
         model = build_tiny_policy(tokenizer, seed=cfg.seed)

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 DIFF_KEY = "training/rollout_probs_diff_max"
 #: CARL run: 2 questions per step, trees of N0 = 2 root rollouts + N = 4 forks handed out 2 at a time (so two
 #: forks of a tree are in the server together), at most 4 actions per trajectory.
-CARL = {"n0": 2, "n_forks": 4, "wave_size": 2, "max_actions": 4}
+CARL = {"n0": 2, "n_forks": 4, "forks_in_flight": 2, "max_actions": 4}
 
 
 def check_tree_record(record: dict) -> None:
@@ -171,7 +171,7 @@ def test_vllm_server_overlaps_forks_of_a_tree_and_serves_their_prefix_from_cache
     # The rebuild is exact: 2 trees per step, N forks each.
     assert len(forks) == 4 and all(len(f) == CARL["n_forks"] for f in forks.values()), [len(f) for f in forks.values()]
     pairs = [(a, b) for f in forks.values() for i, a in enumerate(f) for b in f[i + 1 :] if _overlap(a, b) > 0]
-    # wave_size=2: two forks of one tree are in the vLLM server at the same time.
+    # forks_in_flight=2: two forks of one tree are in the vLLM server at the same time.
     assert pairs, "no two forks of one tree were in the vLLM server at the same time"
     lengths = [(a["prompt_tokens"], b["prompt_tokens"]) for a, b in pairs]
     print(f"{len(pairs)} pairs of concurrent forks; their prompt lengths: {lengths}")

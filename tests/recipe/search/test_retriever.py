@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from recipe.carl.search import retriever as retriever_mod
@@ -572,3 +573,39 @@ def test_launch_script_keeps_the_encoder_off_the_first_training_gpu(corpus_path,
     assert args[args.index("--device") + 1] == "cpu"
     args = launch([], {**env, "DEVICE": "cuda:7"}, cwd=tmp_path).stdout.split()
     assert args[args.index("--device") + 1] == "cuda:7"
+
+
+# --------------------------------------------------------------------------------------------------- ties
+
+
+def test_stable_top_k_cuts_ties_by_corpus_position():
+    # Scores by position: 0.5 at 1, 3, 4, 6 (four tied, more than k), 0.9 at 5, 0 elsewhere. k = 3: 5 first, then
+    # the two lowest positions among the tied ones, 1 and 3. Any order of the input gives the same answer.
+    scores = np.array([0.0, 0.5, 0.0, 0.5, 0.5, 0.9, 0.5, 0.0], dtype=np.float32)
+    assert retriever_mod.stable_top_k(scores, 3) == [(5, pytest.approx(0.9)), (1, 0.5), (3, 0.5)]
+    perm = np.random.default_rng(0).permutation(len(scores))
+    assert retriever_mod.stable_top_k(scores[perm], 3, perm) == retriever_mod.stable_top_k(scores, 3)
+    assert [p for p, _ in retriever_mod.stable_top_k(scores, 20)] == [5, 1, 3, 4, 6, 0, 2, 7]  # k > n: all, by key
+    assert retriever_mod.stable_top_k(scores, 0) == [] and retriever_mod.stable_top_k(scores[:0], 2) == []
+
+
+def _tied_corpus(tmp_path: Path, copies: int = 6) -> Path:
+    # `copies` identical passages (equal BM25 and dense scores for any query) among distinct ones, at known positions.
+    lines = [{"id": f"d{i}", "contents": f"Filler {i}\nunrelated words number {i} about weather"} for i in range(4)]
+    tied = [{"id": f"t{j}", "contents": "Twin\nthe twin passage about rivers and bridges"} for j in range(copies)]
+    rows = lines[:2] + tied[:3] + lines[2:] + tied[3:]  # tied ones at positions 2, 3, 4, 7, 8, ...
+    path = tmp_path / "tied.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["bm25", "dense"])
+def test_planted_ties_beyond_k_return_the_lowest_positions(tmp_path, backend):
+    path = _tied_corpus(tmp_path)
+    cfg = RetrieverConfig(str(path), backend=backend, encoder="hash:64", index_dir=str(tmp_path / f"{backend}_idx"))
+    retriever = Retriever.from_config(cfg)
+    hits = retriever.search(["twin passage rivers bridges"], 2)[0]
+    assert [p for p, _ in hits] == [2, 3]  # six documents tie at the top; the cut keeps the first two in the corpus
+    assert hits[0][1] == hits[1][1]
+    # Four of the six tied: still the first four positions (faiss is asked again with more candidates).
+    assert [p for p, _ in retriever.search(["twin passage rivers bridges"], 4)[0]] == [2, 3, 4, 7]

@@ -121,7 +121,7 @@ def test_files_are_public_and_no_temporary_files_are_left(out_dir):
 #: to SynthHop's KB, questions, agent, search or parser that alters them must rebuild it (see its sft_manifest.json).
 SEED0_SHA256 = {
     "corpus.jsonl": "6305578e92143a44",
-    "demos.jsonl": "6428ff18329ca30a",
+    "demos.jsonl": "2c6582e28524cab5",
 }
 
 

@@ -2,7 +2,13 @@
 
 import json
 import os
+import platform
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
+
+import pytest
 
 import recipe.carl.tiny.warm_start as start
 from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
@@ -25,6 +31,61 @@ def test_the_shipped_sft_start_matches_the_default_data(tmp_path):
     # rebuild it with the command in its manifest instead.
     manifest = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())
     assert manifest["key"] == _sft_key_of(DemoConfig(), tmp_path), f"rebuild with: {manifest['command']}"
+
+
+#: numpy dispatches sorting and partitioning to SIMD kernels by CPU features; disabling some imitates another machine
+#: (here: an AVX2 machine without AVX-512, and one without AVX2). Before ties were cut by corpus position, the seed-0
+#: demonstrations hashed differently under each (issue 28: 6428ff18, 7d70d08f, f4d76d26).
+AVX512 = "X86_V4 AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
+CPU_LEVELS = {"this machine": "", "no AVX-512": AVX512, "no AVX2": f"X86_V3 {AVX512}"}
+KEY_SCRIPT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from tests.recipe.tiny.test_tiny_warm_start import _sft_key_of
+from recipe.carl.tiny.config import DemoConfig
+print(json.dumps(_sft_key_of(DemoConfig(), Path({out!r}))))
+"""
+
+
+@pytest.mark.parametrize("level", list(CPU_LEVELS))
+def test_the_demo_key_matches_the_shipped_start_on_other_cpu_feature_levels(tmp_path, level):
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"the feature names are x86's; this is {platform.machine()}")
+    manifest = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": CPU_LEVELS[level]}
+    script = KEY_SCRIPT.format(repo=str(Path(__file__).resolve().parents[3]), out=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == manifest["key"], f"{level}: {out.stderr[-500:]}"
+
+
+def test_a_start_that_does_not_fit_says_why_and_the_suite_refuses_to_train_it(tmp_path, monkeypatch, capsys):
+    # A shipped manifest with the default settings but other data: under CARL_SFT_MUST_MATCH=1 (the suite's setting)
+    # warm_start fails fast naming the field; without it, it says why and how long training takes, up front.
+    cfg = DemoConfig(n_entities=60, n_train=50, n_test=5)
+    write(build(SynthHopConfig(seed=0, n_entities=60, n_train=50, n_test=5)), tmp_path / "data")
+    _, search = corpus_search(tmp_path / "data" / "corpus.jsonl", cfg.topk)
+    key = _sft_key_of(cfg, tmp_path / "k")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    result = {"steps": 6000, "wall_s": 1800.0}
+    manifest = {"key": {**key, "data_sha256": "0" * 64}, "result": result, "command": "python -m rebuild"}
+    (shipped / "sft_manifest.json").write_text(json.dumps(manifest))
+    assert os.environ.get(start.MUST_MATCH_ENV) == "1"  # tests/conftest.py
+    with pytest.raises(start.ShippedStartMismatch, match=r"data_sha256 \(shipped 000000000000, here"):
+        start.warm_start(tmp_path / "run", tmp_path / "data", search, cfg, shipped)
+    monkeypatch.setenv(start.MUST_MATCH_ENV, "0")
+    monkeypatch.setattr(start, "train_sft", lambda *a, **k: SFTResult(1, 0.0, 1.0, 1, 1))
+    start.warm_start(tmp_path / "run", tmp_path / "data", search, cfg, shipped)
+    said = capsys.readouterr().out
+    # 6000 steps at the shipped build's 1800 s / 6000 steps: 30 min.
+    assert "data_sha256" in said and "6000 steps, about 30 min" in said and "python -m rebuild" in said
+    # Other settings (not only other data) are trained without refusal, with the settings named.
+    manifest["key"] = {**key, "sft_lr": 1.0}
+    (shipped / "sft_manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv(start.MUST_MATCH_ENV, "1")
+    start.warm_start(tmp_path / "run2", tmp_path / "data", search, cfg, shipped)
+    assert "sft_lr (shipped 1.0, here 0.003)" in capsys.readouterr().out
 
 
 def test_the_sft_key_follows_the_training_data_not_only_the_knobs(tmp_path):

@@ -1,0 +1,154 @@
+"""The rollout-time model (issue 29 item 1): the simulated server and clock, and whole steps, against hand-derived
+times."""
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from benchmarks.rollout_sim import Replica, Request, Router, ServerModel, VirtualClockLoop, percentile_time
+from benchmarks.rollout_time import Policy, expected_length, fit_hazard, run_step
+from carl_core import CARLConfig, Draw
+
+
+def simulate(main):
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_the_clock_jumps_instead_of_waiting():
+    async def main():
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(3600)
+        await asyncio.gather(asyncio.sleep(1), asyncio.sleep(2))
+        return loop.time()
+
+    assert simulate(main) == 3602.0
+
+
+def request(n, prefix=10, group="g", path=()):
+    return Request(group=group, path=list(path), prefix=prefix, new_tokens=n)
+
+
+def test_continuous_batching_by_hand():
+    model = ServerModel(t0=0.010, t1=0.001)
+
+    async def main():
+        rep = Replica(model)
+        loop = asyncio.get_running_loop()
+
+        async def one(delay, n):
+            await asyncio.sleep(delay)
+            await rep.generate(request(n))
+            return loop.time()
+
+        # Four sequences of 10 tokens together: 10 steps of 0.010 + 4 * 0.001 s.
+        together = await asyncio.gather(*(one(0, 10) for _ in range(4)))
+        t0 = loop.time()
+        # One alone (0.011 s a step); a second arrives at 0.05 s, during step 5, and joins after it (0.055 s). Both
+        # then step at 0.012 s: the first's last 5 tokens end at 0.115 s; the second's 10 tokens: 5 more at 0.012 s,
+        # then 5 alone at 0.011 s: 0.170 s.
+        staggered = await asyncio.gather(one(0, 10), one(0.05, 10))
+        rep.task.cancel()
+        return together, [t - t0 for t in staggered]
+
+    together, staggered = simulate(main)
+    assert together == pytest.approx([0.14] * 4) and staggered == pytest.approx([0.115, 0.170])
+
+
+def test_prefill_counts_only_what_the_prefix_cache_does_not_hold():
+    # 1 ms per prefilled token, blocks of 4 tokens. The first request computes a 10-token prefix (state A): 10 ms of
+    # prefill + one 1 ms step. The second extends A to 18 tokens: its cache hit is A's 10 tokens rounded down to whole
+    # blocks, 8, so it prefills 10 tokens: 10 ms + 1 ms.
+    model = ServerModel(t0=0.001, t1=0.0, prefill_s_per_token=0.001, block=4)
+
+    async def main():
+        rep, loop = Replica(model), asyncio.get_running_loop()
+        await rep.generate(request(1, prefix=10, path=[("A", 10)]))
+        first = loop.time()
+        await rep.generate(request(1, prefix=18, path=[("A", 10), ("B", 18)]))
+        rep.task.cancel()
+        return first, loop.time() - first, rep.prefilled, rep.cached
+
+    assert simulate(main) == pytest.approx((0.011, 0.011, 20, 8))
+
+
+def test_a_full_kv_cache_preempts_the_newest_sequence():
+    # Room for 25 tokens. Two 10-token prefixes, 5 new tokens each: 20 tokens held, +2 per step, so after 2 steps (24
+    # held) the next step would overflow: the newest sequence is preempted and recomputed after the first finishes.
+    model = ServerModel(t0=0.01, t1=0.0, kv_tokens=25, prefix_caching=False)
+
+    async def main():
+        rep, loop = Replica(model), asyncio.get_running_loop()
+        ends = []
+
+        async def one(group):
+            await rep.generate(request(5, prefix=10, group=group))
+            ends.append((group, loop.time()))
+
+        await asyncio.gather(one("a"), one("b"))
+        rep.task.cancel()
+        return ends, rep.preempted
+
+    ends, preempted = simulate(main)
+    # a: steps 1-2 with b, then alone (b preempted): 3 more -> 5 steps, 0.05 s. b: re-admitted at 0.05 s with 12
+    # tokens of context (2 generated), 3 more steps -> 0.08 s.
+    assert preempted == 1 and ends == [("a", pytest.approx(0.05)), ("b", pytest.approx(0.08))]
+
+
+def test_the_router_sticks_and_balances():
+    async def main():
+        reps = [Replica(ServerModel(t0=1.0, t1=0.0), f"r{i}") for i in range(2)]
+        router = Router(reps, seed=0)
+        first = router.replica("tree-a")
+        first.waiting.append(request(1))  # tree-a's request in flight there
+        second = router.replica("tree-b")
+        again = router.replica("tree-a")
+        for r in reps:
+            r.task.cancel()
+        return first, second, again
+
+    first, second, again = simulate(main)
+    assert second is not first and again is first
+
+
+def test_policy_draws_are_seeded_and_the_hazard_is_as_stated():
+    policy = Policy(hazard=(0.2, 0.1))
+    assert policy.draw(3, Draw(1, 2), 4) == policy.draw(3, Draw(1, 2), 4)
+    assert policy.answer_probability(0) == pytest.approx(0.2) and policy.answer_probability(30) == 1.0
+    # A constant hazard a gives a geometric length capped at T: sum_{d<T} (1 - a)^d = (1 - (1 - a)^T) / a.
+    assert expected_length((0.25, 0.0), 6) == pytest.approx((1 - 0.75**6) / 0.25)
+    # Two lengths, two unknowns: the fit recovers a hazard that gives them back.
+    target = {10: expected_length((0.15, -0.03), 10), 32: expected_length((0.15, -0.03), 32)}
+    fitted = fit_hazard(target)
+    assert all(expected_length(fitted, t) == pytest.approx(v, rel=2e-3) for t, v in target.items())
+
+
+#: Every action is one token and answers: a rollout is one engine step of 1 s (no prefill, no search latency).
+ONE_STEP = Policy(prompt_tokens=1, answer_tokens=1.0, action_sigma=0.0, hazard=(1.0, 0.0), entropy=(1.0, 0.0, 0.0),
+                  search_s=0.0)  # fmt: skip
+SECOND = ServerModel(t0=1.0, t1=0.0)
+
+
+@pytest.mark.parametrize(("algo", "k", "seconds"), [("grpo", 1, 1.0), ("carl", 1, 3.0), ("carl", 2, 2.0)])
+def test_a_step_by_hand(algo, k, seconds):
+    # GRPO: 4 one-step chains together: 1 s. CARL, N0 = 2, N = 2: the root rollouts together (1 s), then with K = 1
+    # each fork after the previous one (2 s more); with K = 2, fork 2 waits for rollout 0 and fork 3 for rollouts
+    # 0-1, so both start at 1 s and run together: 2 s.
+    carl = CARLConfig(n0=2, n_forks=2, max_actions=4, forks_in_flight=k)
+    out = run_step(ONE_STEP, SECOND, carl, algo=algo, group=4, replicas=1, workers=1, questions=1)
+    assert out["rollout_s"] == pytest.approx(seconds)
+    assert out["actions_per_question"] == 4 and out["tail_share"] == 0.0
+
+
+def test_two_replicas_halve_a_step_of_two_trees():
+    carl = CARLConfig(n0=2, n_forks=2, max_actions=4)
+    one = run_step(ONE_STEP, dataclasses.replace(SECOND, t1=0.5), carl, replicas=1, workers=1, questions=2)
+    two = run_step(ONE_STEP, dataclasses.replace(SECOND, t1=0.5), carl, replicas=2, workers=2, questions=2)
+    # One replica: 4 root rollouts at 1 + 4 * 0.5 = 3 s a step, then the two trees' forks in pairs (2 s a step) twice:
+    # 3 + 2 + 2 = 7 s. Two replicas, one tree each: 2 + 1.5 + 1.5 = 5 s.
+    assert one["rollout_s"] == pytest.approx(7.0) and two["rollout_s"] == pytest.approx(5.0)
+    assert percentile_time([3.0, 1.0, 2.0], 0.5) == 2.0
