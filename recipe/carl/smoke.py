@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
     results: list[tuple[str, bool]] = []
     try:
         env = {**os.environ, **env, "RETRIEVER_URL": url}
+        # The script runs `python3`: this interpreter's (its environment's bin first), importing this checkout.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         log(f"training: {' '.join(f'{k}={v}' for k, v in env.items() if k in SMOKE_ENV)} {' '.join(command)}")
         started = time.monotonic()
         with open(out / "train.log", "wb") as f:
