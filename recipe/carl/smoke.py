@@ -18,7 +18,8 @@ follows the prompt's tags and exercises searches and answers too.
 
 The data: SynthHop's corpus (300 documents, served by `scripts/launch_retriever.sh` on a free port) and 16 training
 and 8 validation questions in the Search-R1 prompt (`data_preprocess.common.make_search_row`). Everything is written
-under `--out`; the last lines list each check with `ok` or `FAILED`, and the exit code is 1 if one failed.
+under `--out` (a smoke run's checkpoints there from before are deleted first: they would be resumed, not rerun); the
+last lines list each check with `ok` or `FAILED`, and the exit code is 1 if one failed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -149,9 +151,10 @@ def checks(run: Path, algo: str) -> list[tuple[str, bool]]:
         ("each step logged its budget (carl/questions)", all("carl/questions" in rows.get(s, {}) for s in (1, 2))),
         ("running totals (carl/total/actions_generated)", last.get("carl/total/actions_generated", 0) > 0),
         (f"validation at step {STEPS}", any(k.startswith("val-") for k in last)),
-        ("the search tool answered (no failed search)", last.get("search/errors", 0) == 0),
+        ("the search tool answered (no failed search)", bool(last) and last.get("search/errors", 0) == 0),
         (f"checkpoint global_step_{STEPS}/actor", (run / f"global_step_{STEPS}" / "actor").is_dir()),
-        ("MAX_CKPT_TO_KEEP=1 deleted global_step_1/actor", not (run / "global_step_1" / "actor").exists()),
+        ("MAX_CKPT_TO_KEEP=1 deleted global_step_1/actor",
+         (run / "global_step_1").is_dir() and not (run / "global_step_1" / "actor").exists()),
         ("run record and totals beside the checkpoint", all(
             (run / f"global_step_{STEPS}" / name).exists() for name in ("carl_run_config.json", "carl_totals.json"))),
     ]  # fmt: skip
@@ -171,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = out / "ckpt"
     command, env = train_command(args.algo, model, files, ckpt, args.gpus, args.device)
     run_dir = ckpt / f"smoke_{args.algo}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier smoke run's checkpoints would be resumed, not rerun
     results: list[tuple[str, bool]] = []
     try:
         env = {**os.environ, **env, "RETRIEVER_URL": url}

@@ -106,6 +106,8 @@ def test_the_checks_pass_a_finished_run_and_name_what_is_missing(tmp_path):
     (run / "carl_trees" / "step_000002.jsonl").unlink()
     failed = [name for name, ok in smoke.checks(run, "carl") if not ok]
     assert failed == ["MAX_CKPT_TO_KEEP=1 deleted global_step_1/actor", "tree dumps (carl_trees/)"]
+    empty = [name for name, ok in smoke.checks(tmp_path / "never_ran", "grpo") if not ok]
+    assert len(empty) == 8  # no check passes on a folder the run never wrote
 
 
 @pytest.mark.slow
