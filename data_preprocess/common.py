@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -416,8 +417,75 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_split: str, hub:
         help=f"verl agent loop for these rows (default: {TRAIN_AGENT_NAME} for --split train, else {EVAL_AGENT_NAME})",
     )
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
-    parser.add_argument("--limit", type=int, default=None, help="convert at most this many records")
+    parser.add_argument("--limit", type=int, default=None, help="convert at most this many records (the first ones)")
+    parser.add_argument(
+        "--per-source",
+        type=int,
+        default=None,
+        help="keep a seeded random sample of this many rows of each data_source (all of a smaller one), e.g. a "
+        "validation file of 500 questions per test set",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --per-source's sample (default 0)")
+    parser.add_argument(
+        "--rest-output", default=None, help="with --per-source: write the rows not sampled here (a held-out test file)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A stratified sample of rows (`sample_per_source`)."""
+
+    rows: list[dict[str, Any]]
+    """The sampled rows, in their input order."""
+    rest: list[dict[str, Any]]
+    """The other rows, in their input order."""
+    counts: dict[str, tuple[int, int]]
+    """data_source -> (rows sampled, rows there were), sources sorted by name."""
+
+
+def sample_per_source(rows: Sequence[dict[str, Any]], per_source: int, seed: int = 0) -> Sample:
+    """A seeded random sample of `per_source` rows of each `data_source`; a source with fewer rows is kept whole.
+
+    Each source's draw depends only on `seed`, the source's name and its rows (numpy's generator seeded with
+    `[seed, crc32(name)]`), so adding or removing another source leaves it unchanged, and the same input gives the
+    same sample on every run. Rows keep their input order.
+
+    Raises:
+        ValueError: `per_source` below 1.
+    """
+    if per_source < 1:
+        raise ValueError(f"--per-source {per_source}: must be >= 1 (rows to keep of each data_source)")
+    import numpy as np
+
+    by_source: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_source.setdefault(str(row["data_source"]), []).append(i)
+    keep: set[int] = set()
+    counts = {}
+    for source in sorted(by_source):
+        members = by_source[source]
+        if len(members) <= per_source:
+            chosen = members
+        else:
+            rng = np.random.default_rng([seed, zlib.crc32(source.encode())])
+            chosen = [members[j] for j in rng.choice(len(members), size=per_source, replace=False)]
+        keep.update(chosen)
+        counts[source] = (len(chosen), len(members))
+    return Sample(
+        rows=[r for i, r in enumerate(rows) if i in keep],
+        rest=[r for i, r in enumerate(rows) if i not in keep],
+        counts=counts,
+    )
+
+
+def sample_report(sample: Sample, per_source: int) -> str:
+    """One line per data source: sampled of total, and which sources were smaller than asked (kept whole)."""
+    lines = [f"  {source}: {kept} of {total}" for source, (kept, total) in sample.counts.items()]
+    small = [source for source, (_, total) in sample.counts.items() if total < per_source]
+    if small:
+        lines.append(f"  fewer rows than --per-source {per_source}, all taken: {', '.join(small)}")
+    return "\n".join(lines)
 
 
 def run(
@@ -428,6 +496,10 @@ def run(
 ) -> int:
     """Converts and writes; prints a one-line summary. Returns the exit code (2 on a bad row or input)."""
     reasons: list[str] = []
+    per_source, rest_output = getattr(args, "per_source", None), getattr(args, "rest_output", None)
+    if rest_output and per_source is None:
+        print("error: --rest-output needs --per-source (the rows not sampled go there)", file=sys.stderr)
+        return 2
     try:
         rows, skipped = convert(
             records,
@@ -439,12 +511,23 @@ def run(
             source=getattr(args, "input", None),
             skipped_reasons=reasons,
         )
+        sample = None
+        if per_source is not None:
+            sample = sample_per_source(rows, per_source, args.seed)
+            rows = sample.rows
         out = write_parquet_atomic(rows, args.output)
+        if rest_output and sample is not None:
+            write_parquet_atomic(sample.rest, rest_output)
     except (RowError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if reasons:
         more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
         print(f"skipped: {reasons[0]}{more}", file=sys.stderr)
+    if sample is not None:
+        print(f"sampled up to {per_source} rows per data_source (seed {args.seed}):")
+        print(sample_report(sample, per_source))
+        if rest_output:
+            print(f"wrote the other {len(sample.rest)} rows to {rest_output}")
     print(f"wrote {len(rows)} rows to {out} (skipped {skipped} bad rows)")
     return 0

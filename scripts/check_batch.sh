@@ -23,7 +23,7 @@ check_updates() {
     echo "error: actor_rollout_ref.actor.ppo_mini_batch_size=$q counts questions per optimizer update (the CARL" \
         "trainer's meaning under both algorithm.carl.packing layouts, as verl's prompts for GRPO), and $why" \
         "data.train_batch_size=$b questions a step. Set actor_rollout_ref.actor.ppo_mini_batch_size=$sizes: the" \
-        "scripts' PPO_MINI_BATCH_QUESTIONS for CARL, PPO_MINI_BATCH_PROMPTS for GRPO." >&2
+        "scripts' PPO_MINI_BATCH_QUESTIONS." >&2
     exit 2
 }
 

@@ -4,6 +4,7 @@
 # (python -m recipe.carl.search.server --help lists them all), e.g.
 #   CORPUS=data/wiki18.jsonl BACKEND=dense ENCODER=intfloat/e5-base-v2 INDEX_TYPE=ivf FP16=1 \
 #     QUERY_PREFIX="query: " DOC_PREFIX="passage: " bash scripts/launch_retriever.sh
+# (wiki-18, 21M passages, step by step: docs/retriever.md)
 # The first start builds the index next to the corpus (<corpus>.<backend>_index/, with a manifest of checksums); later
 # starts verify and load it, and rebuild it when the corpus or index settings changed (ON_STALE=error refuses instead).
 # Python: $PYTHON if set, else $CARL_VENV/bin/python if CARL_VENV is set (scripts/install_cpu.sh's venv), else the
@@ -31,7 +32,10 @@ FP16="${FP16:-0}"                          # 1 = store vectors as float16 (half 
 NPROBE="${NPROBE:-16}"
 QUERY_PREFIX="${QUERY_PREFIX:-}"           # e5: "query: "
 DOC_PREFIX="${DOC_PREFIX:-}"               # e5: "passage: "
-DEVICE="${DEVICE:-}"                       # encoder device: cuda | cpu (default: sentence-transformers' choice)
+# Encoder device, dense only: cpu (default) | cuda | cuda:N. Not the sentence-transformers default (cuda:0 when there
+# is a GPU): on a training node that is the first training GPU. Build a large index on a GPU ahead of training
+# (DEVICE=cuda ... --build-only), then serve with the query encoder on the CPU or a GPU outside trainer's set.
+DEVICE="${DEVICE:-cpu}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -n "${CARL_VENV:-}" ]]; then PYTHON="$CARL_VENV/bin/python"; else PYTHON="$(command -v python3 || true)"; fi
 fi

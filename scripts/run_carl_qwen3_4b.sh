@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# CARL (N0=8, N=16) on Qwen3-4B: scripts/run_carl_qwen7b.sh with the paper's Qwen3-4B setting
-# (arXiv 2512.04949 v3, Table 2): batch 64, lr 1e-5, T_max=10. A step has at most 64 * 24 = 1536 rows, in 64 / 16 = 4
+# CARL (N0=8, N=16) on Qwen3-4B: scripts/run_carl_qwen7b.sh with the paper's Qwen3-4B optimisation
+# (arXiv 2512.04949 v3, Table 2): batch 64, lr 1e-5, T_max=10 (its data, reward, action space and metric differ:
+# docs/reproducing.md). A step has at most 64 * 24 = 1536 rows, in 64 / 16 = 4
 # updates (PPO_MINI_BATCH_QUESTIONS). Every setting of run_carl_qwen7b.sh applies, PACKING=path|tree included.
 set -xeuo pipefail
 export MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-4B}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # CARL (N0=8, N=16) on Qwen2.5-7B-Instruct: 1 node x 8 GPUs, FSDP actor, vLLM async rollout, 100 steps.
-# Paper setting (arXiv 2512.04949 v3): batch 128, lr 5e-6, T_max=32. Needs a retriever at RETRIEVER_URL.
+# The paper's optimisation for Qwen2.5 (arXiv 2512.04949 v3): batch 128, lr 5e-6, T_max=32, 100 steps; its data,
+# reward, action space and metric differ (docs/reproducing.md). Needs a retriever at RETRIEVER_URL.
+# Before renting a node for this: scripts/smoke_gpu.sh runs 2 steps of the same path on a tiny model in minutes.
 # Several nodes (NNODES > 1, Ray started on each): serve the retriever on an address every node reaches and export
 # RETRIEVER_URL=http://<host>:<port>/retrieve; main_carl forwards it to every Ray worker and refuses a loopback URL.
 # A head node started without CPUs (ray start --head --num-cpus=0) also needs
@@ -36,8 +38,8 @@ FORKS_IN_FLIGHT=${FORKS_IN_FLIGHT:-1}
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}  # prompts (= trees) per step
 LR=${LR:-5e-6}
 TOTAL_STEPS=${TOTAL_STEPS:-100}
-# Questions per optimizer update (ppo_mini_batch_size: questions in both PACKING layouts, as GRPO's prompts):
-# 128 / 16 = 8 updates a step, as the GRPO script's. The CARL trainer splits a step's rows (up to N0 + N = 24 per
+# Questions per optimizer update (ppo_mini_batch_size: questions in both PACKING layouts, as GRPO's prompts), the
+# variable the GRPO script reads too: 128 / 16 = 8 updates a step in both. The CARL trainer splits a step's rows (up to N0 + N = 24 per
 # tree with PACKING=path, about one per tree with PACKING=tree) into those 8 updates with the same number of rows
 # each (+-1), padded to a multiple of the data-parallel ranks (recipe/carl/schedule.py); it must divide
 # TRAIN_BATCH_SIZE (checked below, before Ray starts).
@@ -64,8 +66,8 @@ MAX_RESPONSE_LENGTH=${MAX_RESPONSE_LENGTH:-12288}
 # What binds first: context, not T_max. A turn costs its action (Qwen2.5: ~100-300 tokens, at most
 # MAX_ACTION_TOKENS) plus an observation (3 passages, ~450 tokens, at most max_obs_chars=4000 characters ~ 1,000
 # tokens): ~550-1,500 tokens, so 12,288 tokens hold ~8-22 turns and a trajectory overflows long before T_max=32.
-# The paper's trajectories average 6-7 actions (Table 2: 115 actions per 16 GRPO trajectories at T_max=32), so the
-# budget trims the longest ones only. MAX_RESPONSE_LENGTH=24576 would let T_max=32 bind at ~750 tokens per turn
+# The paper's Qwen3-4B trajectories average 6-7 actions (Table 2: GRPO generated 115 actions per question at
+# T_max=32, over a group of probably 16), so the budget trims the longest ones only. MAX_RESPONSE_LENGTH=24576 would let T_max=32 bind at ~750 tokens per turn
 # (not run on GPUs: rows twice as long).
 source "$(dirname "$0")/check_batch.sh"
 print_turn_budget
@@ -77,6 +79,11 @@ if (( MAX_TOKENS_PER_GPU < MAX_PROMPT_LENGTH + MAX_RESPONSE_LENGTH )); then
     exit 2
 fi
 EXPERIMENT=${EXPERIMENT:-carl_n0${N0}_qwen2.5_7b}
+
+# ---- seed, validation, checkpoints, logging (SEED, TEST_FREQ, VAL_BEFORE_TRAIN, SAVE_FREQ, MAX_CKPT_TO_KEEP, LOGGER:
+# scripts/run_settings.sh, shared with the GRPO script) ----
+source "$(dirname "$0")/run_settings.sh"
+run_settings
 
 check_updates "$PPO_MINI_BATCH_QUESTIONS" "$TRAIN_BATCH_SIZE"
 packing_overrides "$PACKING"
@@ -116,13 +123,11 @@ python3 -m recipe.carl.main_carl \
     actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True \
     actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=$MAX_TOKENS_PER_GPU \
     actor_rollout_ref.rollout.multi_turn.tool_config_path="$TOOL_CONFIG" \
-    trainer.logger='["console","wandb"]' \
+    "${RUN_OVERRIDES[@]}" \
     trainer.project_name=carl \
     trainer.experiment_name="$EXPERIMENT" \
     trainer.default_local_dir="$CKPT_DIR/$EXPERIMENT" \
     trainer.nnodes=$NNODES \
     trainer.n_gpus_per_node=$GPUS_PER_NODE \
     trainer.total_training_steps=$TOTAL_STEPS \
-    trainer.save_freq=50 \
-    trainer.test_freq=10 \
     "$@"

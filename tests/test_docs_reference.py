@@ -15,8 +15,9 @@ from carl_core import CARLConfig
 from recipe.carl.settings import RECIPE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
-#: The modules that put metrics into the trainer's step metrics (`compute_*_stats`, `search_metrics`, `plan_metrics`).
-LOGGING_SOURCES = ["carl_core/stats.py", "recipe/carl/trainer.py", "recipe/carl/schedule.py"]
+#: The modules that put metrics into the trainer's step metrics (`compute_*_stats`, `search_metrics`, `plan_metrics`,
+#: `BudgetTotals`).
+LOGGING_SOURCES = ["carl_core/stats.py", "recipe/carl/trainer.py", "recipe/carl/schedule.py", "recipe/carl/totals.py"]
 METRIC = re.compile(r"""["']((?:carl|search)/[a-z_]+(?:/\{[a-z_]+\})?)["']""")
 
 

@@ -2,9 +2,12 @@
 
 verl 0.9.1's `FileLogger` (`verl/utils/tracking.py`) opens its JSON-lines file with mode "wb", so a run resumed from
 a checkpoint erases the metrics of every step before it. Importing this module (the recipe's verl plugin does so in
-every process right after `verl.utils.tracking` is imported) replaces it by `ResumingFileLogger`: the same file
-(`VERL_FILE_LOGGER_PATH`, else `$VERL_FILE_LOGGER_ROOT/<project>/<experiment>.jsonl`), the same lines
-(`{"step": s, "data": {...}}`), but an existing file is kept up to the checkpoint the trainer resumed from.
+every process right after `verl.utils.tracking` is imported) replaces it by `ResumingFileLogger`: the same lines
+(`{"step": s, "data": {...}}`), but an existing file is kept up to the checkpoint the trainer resumed from. The file
+is `VERL_FILE_LOGGER_PATH`, else `$VERL_FILE_LOGGER_ROOT/<project>/<experiment>.jsonl` as in verl, else (neither
+set) `metrics.jsonl` in the checkpoint folder (`trainer.default_local_dir`), where it survives with the checkpoints
+it resumes from and where the plots look (`python -m recipe.carl.tiny.plots`); verl's own default is
+`./<project>/<experiment>.jsonl` in whichever directory the TaskRunner runs.
 
 The trainer's first line tells where that is: verl's V1 `fit()` logs the validation before training at the loaded
 step N (`trainer.val_before_train`, read from the config `Tracking` gets), else step N + 1 first. Then:
@@ -56,17 +59,30 @@ def _dumps(step: int, data: Mapping[str, Any]) -> bytes:
     return orjson.dumps({"step": step, "data": data}, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
 
+METRICS_FILE = "metrics.jsonl"
+"""The file's name in the checkpoint folder when neither `VERL_FILE_LOGGER_PATH` nor `VERL_FILE_LOGGER_ROOT` is set."""
+
+
+def default_path(project_name: str, experiment_name: str, checkpoint_dir: str | None) -> str:
+    """Where the metrics go: `VERL_FILE_LOGGER_PATH`; else verl's `$VERL_FILE_LOGGER_ROOT/<project>/<experiment>.jsonl`;
+    else `<checkpoint_dir>/metrics.jsonl` for a local checkpoint folder; else verl's default under `.`."""
+    if os.getenv("VERL_FILE_LOGGER_PATH"):
+        return os.environ["VERL_FILE_LOGGER_PATH"]
+    local = checkpoint_dir and "://" not in checkpoint_dir
+    if os.getenv("VERL_FILE_LOGGER_ROOT") or not local:
+        directory = os.path.join(os.path.expanduser(os.getenv("VERL_FILE_LOGGER_ROOT", ".")), project_name)
+        os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, f"{experiment_name}.jsonl")
+    return os.path.join(os.path.expanduser(str(checkpoint_dir)), METRICS_FILE)
+
+
 class ResumingFileLogger:
     """Drop-in for verl's `FileLogger(project_name, experiment_name)` with `log(data, step)` and `finish()`."""
 
     def __init__(self, project_name: str, experiment_name: str):
-        self.filepath = os.getenv("VERL_FILE_LOGGER_PATH", None)
-        if self.filepath is None:  # verl's own default path
-            directory = os.path.join(os.path.expanduser(os.getenv("VERL_FILE_LOGGER_ROOT", ".")), project_name)
-            os.makedirs(directory, exist_ok=True)
-            self.filepath = os.path.join(directory, f"{experiment_name}.jsonl")
         config = _TRACKING_CONFIG.get()
         trainer = (config or {}).get("trainer") or {}
+        self.filepath = default_path(project_name, experiment_name, trainer.get("default_local_dir"))
         # Without the trainer's config (built outside `Tracking`), the first line is taken for a training step.
         self.val_before_train = config is not None and bool(trainer.get("val_before_train", True))
         self.fp = None

@@ -35,6 +35,8 @@ inside a worker, or never. `run` does, in this order:
    workers will resolve it: the tool yaml with the forwarded environment. Runs without such a tool skip the check;
    `CARL_SKIP_RETRIEVER_CHECK=1` skips it on purpose (e.g. a driver outside the cluster's network);
    `CARL_RETRIEVER_WAIT_S=600` retries for up to 600 s a retriever that does not answer yet (still loading its index).
+6. **Loggers** (`recipe.carl.loggers.check_wandb`): `trainer.logger` with wandb needs credentials (`WANDB_API_KEY`,
+   `wandb login`) or `WANDB_MODE=offline`; verl would otherwise fail in the TaskRunner once the models are loaded.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from carl_core import CARLConfigError
 from recipe.carl import gpu_stack
 from recipe.carl.io import atomic_path, write_jsonl
+from recipe.carl.loggers import check_wandb
 from recipe.carl.search.client import RETRIEVER_WAIT_ENV, RetrievalClient, retriever_wait_s, until_it_answers
 from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, TRAINER_MODE, read_settings
 
@@ -160,6 +163,7 @@ def run(config: DictConfig) -> None:
     forward_environment(config)
     record_driver_view(config)
     check_retriever(config)
+    check_wandb(config)
 
 
 # ---- 0. GPU stack -----------------------------------------------------------------------------------------------
@@ -285,8 +289,7 @@ def updates_message(questions_per_update: int, train_batch_size: int) -> str | N
         f"actor_rollout_ref.actor.ppo_mini_batch_size={q} counts questions per optimizer update (the CARL trainer's "
         f"meaning under both algorithm.carl.packing layouts, as verl's prompts for GRPO), and "
         f"{'is more than' if q > b else 'does not divide'} data.train_batch_size={b} questions a step. Set "
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes}: the scripts' PPO_MINI_BATCH_QUESTIONS for CARL, "
-        "PPO_MINI_BATCH_PROMPTS for GRPO."
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes}: the scripts' PPO_MINI_BATCH_QUESTIONS."
     )
 
 

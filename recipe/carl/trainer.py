@@ -18,7 +18,8 @@ and `_step_once()` run unchanged; changed lines are tagged `# CARL:`.
   same per-question budget, search metrics and shares without signal (`baseline_signal_stats`) are logged.
 - A step whose share of failed searches exceeds `algorithm.carl.max_search_error_rate` stops the run.
 - `_save_checkpoint`: after verl's, writes the run's agent settings (`recipe.carl.run_record`) into the step's folder
-  and `trainer.default_local_dir`, where `python -m recipe.carl.evaluate` finds them (verl saves no run config).
+  and `trainer.default_local_dir`, where `python -m recipe.carl.evaluate` finds them (verl saves no run config), and
+  the running totals `carl/total/*` (`recipe.carl.totals`), which `_load_checkpoint` reads back on resume.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from recipe.carl.schedule import (
     spread_padding,
 )
 from recipe.carl.settings import ESTIMATOR, TRAINER_MODE, RecipeSettings, check_trainer_config
+from recipe.carl.totals import BudgetTotals, checkpoint_folder
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +170,7 @@ class CARLTrainer(PPOTrainerSync):
         hide_secrets(config)  # CARL: verl hands this config to its loggers; the workers have the values already
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"  # CARL: verl's sync code paths (it compares the name)
+        self.carl_totals = BudgetTotals()  # CARL: carl/total/*, restored by `_load_checkpoint` on resume
         super().__init__(config)
 
     def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
@@ -223,7 +226,8 @@ class CARLTrainer(PPOTrainerSync):
         metrics.update(in_flight_metrics(d.get("in_flight") for d in trees.descriptions))
         metrics.update(pool_metrics([d.get("pool") for d in trees.descriptions]))
         if not carl:
-            metrics.update(compute_budget_stats(trees.arrays, trees.arrays.parent >= 0, trees.questions))
+            budget = compute_budget_stats(trees.arrays, trees.arrays.parent >= 0, trees.questions)
+            metrics.update(budget | self.carl_totals.add(self.global_steps, budget))
             metrics.update({k: v for k, v in baseline_signal_stats(trees).items() if not math.isnan(v)})
             return batch
 
@@ -238,7 +242,8 @@ class CARLTrainer(PPOTrainerSync):
         scored = trees.scored
         assert scored is not None
         metrics.update(compute_tree_stats(trees.arrays, scored))
-        metrics.update(compute_budget_stats(trees.arrays, scored.trained, trees.questions))
+        budget = compute_budget_stats(trees.arrays, scored.trained, trees.questions)
+        metrics.update(budget | self.carl_totals.add(self.global_steps, budget))
         self._dump_trees(trees)
 
         rm_scores = leaf_reward_scores(trees, response_mask)  # CARL: undo verl's copy of the last row's score
@@ -259,6 +264,12 @@ class CARLTrainer(PPOTrainerSync):
         root = self.config.trainer.default_local_dir
         write_run_record(record, os.path.join(root, f"global_step_{self.global_steps}"))
         write_run_record(record, root)
+        self.carl_totals.save(os.path.join(root, f"global_step_{self.global_steps}"))  # CARL: carl/total/* so far
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if self.global_steps > 0:  # CARL: resumed; go on counting carl/total/* from the checkpoint's totals
+            self.carl_totals = BudgetTotals.load(checkpoint_folder(self.config, self.global_steps), self.global_steps)
 
     def _dump_trees(self, trees: CarlBatch) -> None:
         """Writes the step's trees to `{trainer.default_local_dir}/carl_trees/step_XXXXXX.jsonl`."""

@@ -324,3 +324,88 @@ def test_verl_rlhf_dataset_reads_the_output(tmp_path, monkeypatch):
     assert item["agent_name"] == "carl_agent" and item["index"] == 0  # --split train (asearcher's default)
     assert item["tools_kwargs"] == {"search": {"create_kwargs": {"data_source": "asearcher_base", "question_index": 0}}}
     assert item["reward_model"]["ground_truth"] == {"target": ["Georges Seurat"], "aug_target": ["Seurat"]}
+
+
+# ----------------------------------------------------------------------------------------- --per-source sample
+#: Search-R1's test split in small: three data sources of 20, 12 and 3 questions, interleaved as a file may be.
+TEST_SPLIT = [
+    {"question": f"{source} question {i}", "golden_answers": [f"a{i}"], "data_source": source}
+    for i in range(20)
+    for source in ("nq", "hotpotqa", "bamboogle")
+    if (source == "nq") or (source == "hotpotqa" and i < 12) or (source == "bamboogle" and i < 3)
+]
+
+
+def sample_cli(tmp_path, *flags, records=TEST_SPLIT, name="val"):
+    source = write_jsonl(tmp_path / f"{name}_in.jsonl", records)
+    out, rest = tmp_path / f"{name}.parquet", tmp_path / f"{name}_rest.parquet"
+    argv = ["--input", str(source), "--output", str(out), "--split", "test", "--no-progress", *flags]
+    code = search_r1_nq_hotpotqa.main([a.replace("REST", str(rest)) for a in argv])
+    return code, out, rest
+
+
+def questions(path) -> list[str]:
+    return [e["question"] for e in pd.read_parquet(path)["extra_info"]]
+
+
+def test_per_source_samples_each_test_set_and_keeps_the_rest(tmp_path, capsys):
+    code, out, rest = sample_cli(tmp_path, "--per-source", "5", "--rest-output", "REST")
+    assert code == 0
+    val = pd.read_parquet(out)
+    assert val["data_source"].value_counts().to_dict() == {
+        "searchR1_nq": 5,
+        "searchR1_hotpotqa": 5,
+        "searchR1_bamboogle": 3,
+    }
+    assert set(questions(out)).isdisjoint(questions(rest))
+    assert sorted(questions(out) + questions(rest)) == sorted(r["question"] + "?" for r in TEST_SPLIT)
+    order = [r["question"] + "?" for r in TEST_SPLIT]
+    assert questions(out) == sorted(questions(out), key=order.index)  # input order kept
+    assert (val["agent_name"] == "carl_chain_agent").all()  # validation rows never grow trees
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "searchR1_nq: 5 of 20" in printed and "searchR1_bamboogle: 3 of 3" in printed
+    assert "fewer rows than --per-source 5, all taken: searchR1_bamboogle" in printed
+    assert "wrote the other 22 rows" in printed
+
+
+def test_per_source_is_seeded_and_each_sources_draw_is_its_own(tmp_path):
+    first = questions(sample_cli(tmp_path, "--per-source", "5", name="a")[1])
+    assert questions(sample_cli(tmp_path, "--per-source", "5", name="b")[1]) == first
+    other_seed = questions(sample_cli(tmp_path, "--per-source", "5", "--seed", "1", name="c")[1])
+    assert [q for q in other_seed if q.startswith("nq")] != [q for q in first if q.startswith("nq")]
+    without_hotpotqa = [r for r in TEST_SPLIT if r["data_source"] != "hotpotqa"]
+    alone = questions(sample_cli(tmp_path, "--per-source", "5", records=without_hotpotqa, name="d")[1])
+    assert [q for q in alone if q.startswith("nq")] == [q for q in first if q.startswith("nq")]
+
+
+def test_per_source_draws_every_row_equally_often():
+    """Over 4,000 seeds, each of 20 rows is drawn with probability 5/20 (binomial sd 0.0068: 5 sd allowed)."""
+    rows = [{"data_source": "nq", "i": i} for i in range(20)]
+    hits = np.zeros(20)
+    for seed in range(4_000):
+        for row in common.sample_per_source(rows, 5, seed).rows:
+            hits[row["i"]] += 1
+    assert np.abs(hits / 4_000 - 0.25).max() < 5 * 0.0068
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--per-source", "0"], "--per-source 0: must be >= 1"),
+        (["--rest-output", "REST"], "--rest-output needs --per-source"),
+    ],
+)
+def test_per_source_bad_flags_are_named(flags, message, tmp_path, capsys):
+    code, out, _ = sample_cli(tmp_path, *flags)
+    assert code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_limit_then_per_source(tmp_path):
+    """--limit keeps its meaning (the first N records), and the sample is drawn from those."""
+    code, out, _ = sample_cli(tmp_path, "--limit", "9", "--per-source", "2")
+    assert code == 0
+    assert pd.read_parquet(out)["data_source"].value_counts().to_dict() == {
+        "searchR1_nq": 2,
+        "searchR1_hotpotqa": 2,
+        "searchR1_bamboogle": 2,
+    }

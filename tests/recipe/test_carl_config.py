@@ -28,6 +28,7 @@ SCRIPTS = sorted((ROOT / "scripts").glob("run_*qwen*.sh"))
 def run_script(script: pathlib.Path, tmp_path: pathlib.Path, **env_vars: str) -> subprocess.CompletedProcess:
     """Runs the script with `python3` replaced by a recorder (`tmp_path/args`), so shell defaults and arithmetic are
     evaluated."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     shim = tmp_path / "python3"
     shim.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$CARL_ARGS_OUT"\n')
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
@@ -89,6 +90,56 @@ def test_script_overrides_compose(script, packing, tmp_path):
     assert attention == ("flex_attention" if packing == "tree" else None)  # path: verl's default (flash-attn)
     assert cfg.actor_rollout_ref.actor.optim.lr == (1e-5 if qwen3 else 5e-6)
     assert cfg.trainer.total_training_steps == 100
+    # scripts/run_settings.sh, the same in every script: one seed everywhere, validation every 10 steps and before
+    # step 1 of a fresh run, a checkpoint every 10 steps with the last 2 kept, the metrics file and wandb on.
+    seeds = (cfg.data.seed, cfg.actor_rollout_ref.rollout.seed, cfg.actor_rollout_ref.actor.data_loader_seed)
+    assert seeds == (0, 0, 0) and settings.carl.seed == 0
+    assert (cfg.trainer.test_freq, cfg.trainer.val_before_train) == (10, True)
+    assert (cfg.trainer.save_freq, cfg.trainer.max_actor_ckpt_to_keep) == (10, 2)
+    assert list(cfg.trainer.logger) == ["console", "file", "wandb"]
+
+
+def run_settings_overrides(overrides: list[str]) -> dict[str, str]:
+    """The overrides of keys that scripts/run_settings.sh sets, as {key: value}."""
+    keys = ("data.seed", "rollout.seed", "data_loader_seed", "carl.seed", "trainer.test_freq", "val_before_train")
+    keys += ("trainer.save_freq", "ckpt_to_keep", "trainer.logger")
+    return dict(o.split("=", 1) for o in overrides if any(k in o.split("=", 1)[0] for k in keys))
+
+
+def test_carl_and_grpo_share_seed_validation_checkpoints_and_logging(tmp_path):
+    """One definition (scripts/run_settings.sh) for both arms: the same variables give the same overrides."""
+    env = {"SEED": "3", "TEST_FREQ": "5", "SAVE_FREQ": "20", "MAX_CKPT_TO_KEEP": "1", "LOGGER": "console,file"}
+    carl = script_overrides(ROOT / "scripts" / "run_carl_qwen7b.sh", tmp_path / "carl", **env)
+    grpo = script_overrides(ROOT / "scripts" / "run_grpo_qwen7b.sh", tmp_path / "grpo", **env)
+    assert run_settings_overrides(carl) == run_settings_overrides(grpo)
+    cfg = compose_carl(grpo)
+    seeds = (cfg.data.seed, cfg.actor_rollout_ref.rollout.seed, cfg.actor_rollout_ref.actor.data_loader_seed)
+    assert seeds == (3, 3, 3) and read_settings(cfg).carl.seed == 3
+    assert (cfg.trainer.test_freq, cfg.trainer.save_freq, cfg.trainer.max_actor_ckpt_to_keep) == (5, 20, 1)
+    assert list(cfg.trainer.logger) == ["console", "file"]
+    # The update size: one variable, PPO_MINI_BATCH_QUESTIONS, in both (32 questions: 4 updates of 128).
+    for script in ("run_carl_qwen7b.sh", "run_grpo_qwen7b.sh"):
+        cfg = compose_carl(
+            script_overrides(ROOT / "scripts" / script, tmp_path / script, PPO_MINI_BATCH_QUESTIONS="32")
+        )
+        assert cfg.actor_rollout_ref.actor.ppo_mini_batch_size == 32
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_a_resumed_run_skips_the_validation_before_training(script, tmp_path):
+    """VAL_BEFORE_TRAIN=auto: false once $CKPT_DIR/$EXPERIMENT holds verl's tracker file (resume_mode=auto resumes
+    from it); an explicit value wins either way."""
+    ckpt = tmp_path / "ckpt"
+    fresh = compose_carl(script_overrides(script, tmp_path / "a", CKPT_DIR=str(ckpt)))
+    assert fresh.trainer.val_before_train is True
+    folder = pathlib.Path(fresh.trainer.default_local_dir)
+    folder.mkdir(parents=True)
+    (folder / "latest_checkpointed_iteration.txt").write_text("20")
+    resumed = run_script(script, tmp_path / "b", CKPT_DIR=str(ckpt))
+    assert "resuming from" in resumed.stderr + resumed.stdout and "(step 20)" in resumed.stderr + resumed.stdout
+    assert compose_carl(script_overrides(script, tmp_path / "b", CKPT_DIR=str(ckpt))).trainer.val_before_train is False
+    forced = script_overrides(script, tmp_path / "c", CKPT_DIR=str(ckpt), VAL_BEFORE_TRAIN="true")
+    assert compose_carl(forced).trainer.val_before_train is True
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -105,16 +156,40 @@ def test_scripts_stop_when_the_questions_do_not_split_into_updates(script, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("env", "error"),
+    ("script", "env", "error"),
     [
-        ({"PPO_MINI_BATCH_ROWS": "256"}, "PPO_MINI_BATCH_ROWS is gone: ppo_mini_batch_size counts questions"),
-        ({"PACKING": "trees"}, "PACKING=trees: use path (one row per leaf path) or tree"),
+        ("carl", {"PPO_MINI_BATCH_ROWS": "256"}, "PPO_MINI_BATCH_ROWS is gone: ppo_mini_batch_size counts questions"),
+        ("carl", {"PACKING": "trees"}, "PACKING=trees: use path (one row per leaf path) or tree"),
+        ("grpo", {"PPO_MINI_BATCH_PROMPTS": "16"}, "PPO_MINI_BATCH_PROMPTS is gone: CARL and GRPO share one variable"),
+        ("carl", {"VAL_BEFORE_TRAIN": "yes"}, "VAL_BEFORE_TRAIN=yes: use auto (true unless the run resumes), true or"),
+        ("grpo", {"SEED": "x"}, "SEED=x must be an integer"),
+        ("carl", {"MAX_CKPT_TO_KEEP": "0"}, "MAX_CKPT_TO_KEEP=0 must be >= 1"),
+        ("grpo", {"LOGGER": "[console]"}, "LOGGER=[console]: give trainer.logger's backends comma-separated"),
     ],
 )
-def test_the_carl_scripts_refuse_unknown_settings_by_name(env, error, tmp_path):
-    result = run_script(ROOT / "scripts" / "run_carl_qwen7b.sh", tmp_path, **env)
+def test_the_scripts_refuse_unknown_settings_by_name(script, env, error, tmp_path):
+    result = run_script(ROOT / "scripts" / f"run_{script}_qwen7b.sh", tmp_path, **env)
     assert result.returncode == 2 and not (tmp_path / "args").exists()
     assert error in " ".join(result.stderr.split()), result.stderr[-800:]
+
+
+def test_the_yaml_and_the_docs_name_the_grpo_scripts_overrides(tmp_path):
+    """The GRPO baseline's overrides, as the yaml's header and docs/config.md name them, are what the script sets
+    beyond the CARL script's keys (carl_agent runs one trajectory under GRPO: no agent-loop override)."""
+    header = (ROOT / "recipe/carl/config/carl_trainer.yaml").read_text().split("\n\n", 1)[0]
+    named = set(re.findall(r"(?:algorithm|actor_rollout_ref)\.[\w.]+=\w+", header))
+    docs = (ROOT / "docs/config.md").read_text()
+    grpo = set(script_overrides(ROOT / "scripts" / "run_grpo_qwen7b.sh", tmp_path / "grpo"))
+    carl_keys = {o.split("=", 1)[0] for o in script_overrides(ROOT / "scripts" / "run_carl_qwen7b.sh", tmp_path)}
+    assert (
+        named
+        == {o for o in grpo if o.split("=", 1)[0] not in carl_keys}
+        == {
+            "algorithm.adv_estimator=grpo",
+            "actor_rollout_ref.rollout.n=16",
+        }
+    )
+    assert all(f"`{o}`" in docs or o in docs for o in named)
 
 
 @pytest.mark.parametrize(("script", "tokens"), [("run_carl_qwen3_4b.sh", "4096"), ("run_grpo_qwen7b.sh", "1024")])

@@ -29,6 +29,7 @@ BASE = [
     "actor_rollout_ref.actor.use_dynamic_bsz=True",
     "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
     "trainer.val_before_train=False",
+    "trainer.logger=[console,file]",  # wandb: its own test below
 ]
 
 
@@ -168,3 +169,20 @@ def test_bad_training_rows_stop_the_run_naming_file_and_row(launched, tmp_path):
     with pytest.raises(Exception, match=r"(?s)2 data rows.*train.parquet row 1.*ground_truth.*row 2.*carl_agnt"):
         run_carl(compose_carl(f"data.train_files={path}"))
     assert launched == []
+
+
+def test_wandb_without_credentials_stops_the_run_before_any_worker(launched, monkeypatch, tmp_path):
+    """The recipe's default loggers include wandb: no key, no netrc entry, not offline -> stopped in the driver."""
+    for name in [n for n in os.environ if n.startswith("WANDB_") or n == "NETRC"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    wandb = "trainer.logger=[console,file,wandb]"
+    with pytest.raises(Exception, match=r"wandb has no credentials for https://api.wandb.ai.*WANDB_MODE=offline"):
+        run_carl(compose_carl(wandb))
+    assert launched == []
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")  # `wandb login`
+    run_carl(compose_carl(wandb))
+    monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_carl(compose_carl(wandb))
+    assert len(launched) == 2

@@ -80,3 +80,23 @@ def test_a_run_that_logs_nothing_leaves_the_file_alone(tmp_path, monkeypatch):
     before = path.read_text()
     run(path, monkeypatch, steps=[])
     assert path.read_text() == before
+
+
+def test_without_a_path_the_metrics_go_beside_the_checkpoints(tmp_path, monkeypatch):
+    """No VERL_FILE_LOGGER_PATH or _ROOT: `<trainer.default_local_dir>/metrics.jsonl`, resumable there; _ROOT keeps
+    verl's layout, `<root>/<project>/<experiment>.jsonl`."""
+    monkeypatch.delenv("VERL_FILE_LOGGER_PATH", raising=False)
+    monkeypatch.delenv("VERL_FILE_LOGGER_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    checkpoints = tmp_path / "ckpt" / "exp"
+    config = {"trainer": {"val_before_train": False, "default_local_dir": str(checkpoints)}}
+    for steps in ([1, 2], [3]):
+        logger = tracking.Tracking("p", "e", default_backend=["file"], config=config)
+        for step in steps:
+            logger.log({"loss": float(step)}, step=step)
+        logger.finish()
+    assert [r["step"] for r in lines(checkpoints / "metrics.jsonl")] == [1, 2, 3]
+    assert not (tmp_path / "p").exists()  # verl's default folder, in the working directory
+    monkeypatch.setenv("VERL_FILE_LOGGER_ROOT", str(tmp_path / "root"))
+    tracking.Tracking("p", "e", default_backend=["file"], config=config).log({"loss": 0.0}, step=1)
+    assert lines(tmp_path / "root" / "p" / "e.jsonl") == [{"step": 1, "data": {"loss": 0.0}}]

@@ -19,6 +19,7 @@ from recipe.carl.run_record import (
     search_topk,
     write_run_record,
 )
+from recipe.carl.totals import BudgetTotals
 from tests.recipe.test_carl_config import compose_carl, script_overrides
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -79,6 +80,7 @@ def test_the_trainer_writes_the_record_into_each_checkpoint_it_saves(tmp_path, m
     monkeypatch.setattr(carl_trainer.PPOTrainerSync, "_save_checkpoint", lambda self: saved.append(self.global_steps))
     trainer = object.__new__(carl_trainer.CARLTrainer)
     trainer.config, trainer.global_steps = config, 50
+    trainer.carl_totals = BudgetTotals()  # set by CARLTrainer.__init__, saved beside the record
     trainer._save_checkpoint()
     assert saved == [50]  # verl's own save ran first
     step_record = tmp_path / "ckpt" / "global_step_50" / RUN_RECORD

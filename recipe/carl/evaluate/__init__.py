@@ -2,8 +2,8 @@
 
     python -m recipe.carl.evaluate --model <model folder | hub id | .../global_step_N/actor> --data <test.parquet> ...
 
-One module per job, importing in one direction (`cli` -> `runner` / `report` -> `engines`, `models`, `data`,
-`stats` -> `settings`):
+One module per job, importing in one direction (`study` -> `cli` -> `runner` / `report` -> `engines`, `models`,
+`data`, `stats` -> `settings`):
 
 - `settings`: `EvalSettings` (how a question is rolled out) and `EvalError` (every bad input);
 - `engines`: the inference engines (`HFEngine`, the CPU backend; `VLLMEngine`) and `choose_engine`;
@@ -12,7 +12,9 @@ One module per job, importing in one direction (`cli` -> `runner` / `report` -> 
 - `runner`: `Evaluator`, which rolls questions out through the agent loop's `SearchEnvironment`;
 - `stats`: the bootstrap intervals (shared with the CARL-against-GRPO experiment);
 - `report`: per-data-set tables, diagnosis, the comparison of two models, `results.md`;
-- `cli`: the command line, the retriever and reward plumbing, `main`.
+- `cli`: the command line, the retriever and reward plumbing, the per-question files and resuming, `main`;
+- `study`: several models and RL seeds compared from their saved per-question files
+  (`python -m recipe.carl.evaluate.study`).
 
 The names below are re-exported so that `from recipe.carl.evaluate import Evaluator` keeps working.
 """

@@ -25,7 +25,11 @@ Outputs in `--out`:
   searches and generated tokens per question, finish reasons, search errors (and pass@k with `--samples k`); with
   `--baseline`, both models side by side with the difference and a 95 % paired bootstrap interval;
 - `<label>/<data_source>.jsonl`: one line per question: question, gold answers, and per trajectory the prediction,
-  every action's text and observation, the finish reason and the reward.
+  every action's text and observation, the finish reason and the reward. Each line is appended as soon as its
+  question is done, so a crash loses only the questions in flight: the same command again (same `--out`, same
+  settings, recorded in `evaluation.json`) evaluates only the questions still missing; `--overwrite` starts over.
+  The tables give each data set and the macro average over the data sets (the number papers report);
+  `python -m recipe.carl.evaluate.study` compares saved per-question files of several models and RL seeds.
 
 A verl checkpoint is rolled out as its training run rolled out: the CARL trainer records the run's agent settings
 beside every checkpoint (`global_step_N/carl_run_config.json`, `recipe.carl.run_record`): T_max, the turn and
@@ -66,7 +70,7 @@ from omegaconf import OmegaConf
 from recipe.carl.evaluate.data import load_datasets
 from recipe.carl.evaluate.engines import choose_engine
 from recipe.carl.evaluate.models import is_unrecorded_checkpoint, model_label, recorded_run, resolve_model
-from recipe.carl.evaluate.report import compare, diagnose, markdown, summarize
+from recipe.carl.evaluate.report import compare, compare_macro, diagnose, macro_average, markdown, summarize
 from recipe.carl.evaluate.runner import evaluate_model
 from recipe.carl.evaluate.settings import RECORDED_FLAGS, EvalError, EvalSettings, Override, with_recorded
 from recipe.carl.io import write_json, write_jsonl, write_text
@@ -224,6 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         recorded_run=str(record_path) if record_path else None,
         overrides={o.key: {"recorded": o.recorded, "used": o.used} for o in overrides},
     )
+    done = start_or_resume(out, results["settings"], labels, given, args)
     results["settings_summary"] = (
         f"{'greedy' if settings.temperature == 0 else f'T={settings.temperature}, {settings.samples} sample(s)'}, "
         f"T_max {settings.max_actions}, {settings.max_action_tokens} tokens/turn, top-{settings.topk}, "
@@ -232,10 +237,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for role, folder in models.items():
         started = time.perf_counter()
         search = make_search(args.retriever_url, settings.topk)
-        records[role] = asyncio.run(
-            evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=options)
-        )
         label = labels[role]
+        with QuestionFiles(out / safe_name(label)) as sink:
+            records[role] = asyncio.run(
+                evaluate_model(
+                    folder, datasets, settings, engine, search, reward_fn, options, done.get(label), sink.append
+                )
+            )
         tables = {source: summarize(recs) for source, recs in records[role].items()}
         results["models"][label] = {
             "role": role,
@@ -244,12 +252,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "engine": engine,
             "wall_s": time.perf_counter() - started,
             "tables": tables,
+            "macro": macro_average(tables),
             "notes": {source: diagnose(t) for source, t in tables.items() if diagnose(t)},
         }
-        for source, recs in records[role].items():
-            write_jsonl(out / _safe(label) / f"{_safe(source)}.jsonl", recs)
+        for source, recs in records[role].items():  # in the data's order (they were appended as they finished)
+            write_jsonl(out / safe_name(label) / f"{safe_name(source)}.jsonl", recs)
     if args.baseline:
         results["comparison"] = compare(records["model"], records["baseline"], seed=args.seed)
+        if len(datasets) > 1:
+            results["comparison_macro"] = compare_macro(records["model"], records["baseline"], seed=args.seed)
     results["command"] = shlex.join([sys.executable, "-m", "recipe.carl.evaluate", *args.argv])
     write_json(out / "results.json", results)
     text = markdown(results)
@@ -259,8 +270,94 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
+
+
+PROGRESS = "evaluation.json"
+"""What an evaluation in `--out` was started with; a run with the same content resumes it."""
+
+
+class QuestionFiles:
+    """Appends each finished question's record to `<folder>/<data_source>.jsonl` at once (one line, flushed)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.files = folder, {}
+
+    def append(self, source: str, record: dict[str, Any]) -> None:
+        if source not in self.files:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.files[source] = open(self.folder / f"{safe_name(source)}.jsonl", "a", encoding="utf-8")
+        self.files[source].write(json.dumps(record) + "\n")
+        self.files[source].flush()
+
+    def __enter__(self) -> QuestionFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def read_question_file(path: Path) -> list[dict[str, Any]]:
+    """The records of a per-question file; a last line cut off by a crash is dropped (that question runs again)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def start_or_resume(
+    out: Path, settings: dict[str, Any], labels: dict[str, str], given: dict[str, Any], args: argparse.Namespace
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Records what this evaluation runs (`evaluation.json`) and returns the questions a crashed run with the same
+    content already wrote, by label and data set. `--overwrite` deletes the earlier per-question files.
+
+    Raises:
+        EvalError: `--out` holds a partial evaluation of something else, naming what differs.
+    """
+    job = {
+        "settings": settings,
+        "limit": args.limit,
+        "models": {role: {"path": str(spec[0]), "label": labels[role]} for role, spec in given.items()},
+    }
+    progress = out / PROGRESS
+    folders = [out / safe_name(label) for label in labels.values()]
+    if args.overwrite:
+        for path in [out / "results.json", progress, *(f for folder in folders for f in folder.glob("*.jsonl"))]:
+            path.unlink(missing_ok=True)
+    elif progress.exists():
+        before = json.loads(progress.read_text())
+        if before != job:
+            differ = sorted({*_differences(before, job)})
+            raise EvalError(
+                f"--out {out} holds a partial evaluation of something else (it differs in: {', '.join(differ)}); "
+                "pass --overwrite to start it again, or choose another --out."
+            )
+    elif any(any(folder.glob("*.jsonl")) for folder in folders):
+        raise EvalError(f"--out {out} holds per-question files but no {PROGRESS}; pass --overwrite, or another --out.")
+    write_json(progress, job)
+    done: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for label, folder in zip(labels.values(), folders, strict=True):
+        for path in sorted(folder.glob("*.jsonl")):
+            kept = read_question_file(path)
+            write_jsonl(path, kept)  # without a cut-off last line, which the next append would extend
+            if kept:
+                done.setdefault(label, {})[kept[0]["data_source"]] = kept
+    count = sum(len(r) for sources in done.values() for r in sources.values())
+    if count:
+        print(f"resuming {out}: {count} questions already evaluated are kept", file=sys.stderr, flush=True)
+    return done
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in {*a, *b} for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "(all)"]
 
 
 def _json_arg(text: str | None, flag: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from recipe.carl.evaluate.runner import COMPARED, finite_mean
-from recipe.carl.evaluate.stats import paired_difference
+from recipe.carl.evaluate.stats import paired_difference, paired_macro_difference
 
 #: The comparison's bootstrap: replicates and interval level (results.md names both).
 N_BOOT = 10_000
@@ -40,6 +40,17 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     if samples > 1:
         table["em_pass_at_k"] = finite_mean([max(t["em"] for t in r["samples"]) for r in records])
     return table
+
+
+def macro_average(tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The mean over data sets of each data set's mean (`COMPARED` metrics): every data set weighs the same, whatever
+    its size, as papers report an average over test sets (the pooled mean over all questions would let the largest
+    set dominate)."""
+    return {
+        "data_sets": len(tables),
+        "questions": sum(t["questions"] for t in tables.values()),
+        **{k: finite_mean([t[k] for t in tables.values()]) for k in COMPARED},
+    }
 
 
 def diagnose(table: dict[str, Any]) -> list[str]:
@@ -99,6 +110,37 @@ def compare(model: dict[str, list[dict]], baseline: dict[str, list[dict]], seed:
     return out
 
 
+def compare_macro(model: dict[str, list[dict]], baseline: dict[str, list[dict]], seed: int = 0) -> dict[str, Any]:
+    """The macro average's difference with its paired interval: questions resampled within their data set
+    (`stats.paired_macro_difference`, one seed). Questions where either value is NaN are dropped."""
+    out: dict[str, Any] = {}
+    for metric in COMPARED:
+        x, y, strata = [], [], []
+        for source, records in model.items():
+            base = {(r["file"], r["row"]): r for r in baseline.get(source, [])}
+            for r in records:
+                b = base.get((r["file"], r["row"]))
+                if b is not None and not (math.isnan(r[metric]) or math.isnan(b[metric])):
+                    x.append(r[metric])
+                    y.append(b[metric])
+                    strata.append(source)
+        if not x:
+            continue
+        labels = np.array(strata)
+        interval = paired_macro_difference(np.array([x]), np.array([y]), labels, n_boot=N_BOOT, seed=seed, level=LEVEL)
+        means = [(np.mean(np.array(x)[labels == d]), np.mean(np.array(y)[labels == d])) for d in dict.fromkeys(strata)]
+        out[metric] = {
+            "model": float(np.mean([m for m, _ in means])),
+            "baseline": float(np.mean([b for _, b in means])),
+            "diff": interval.estimate,
+            "low": interval.low,
+            "high": interval.high,
+            "n": len(x),
+            "data_sets": len(means),
+        }
+    return out
+
+
 def _pct(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
@@ -123,6 +165,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{t['actions_per_question']:.2f} | {t['searches_per_question']:.2f} | "
                 f"{t['generated_tokens_per_question']:.0f} | {errors} | {reasons} |"
             )
+        macro = info.get("macro")
+        if macro and macro["data_sets"] > 1:
+            em = _pct(macro["em"]) + (" | " if k > 1 else "")
+            lines.append(
+                f"| **macro average ({macro['data_sets']} data sets)** | {macro['questions']} | {em} | "
+                f"{_pct(macro['f1'])} | {_pct(macro['format'])} | {macro['reward']:.3f} | | | | | |"
+            )
         for source, notes in info["notes"].items():
             lines += [f"- {source}: {note}" for note in notes]
         lines.append("")
@@ -132,12 +181,17 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {a} vs {b}",
             "",
             f"Difference model − baseline over the same questions, with a {100 * LEVEL:.0f} % paired bootstrap "
-            f"interval ({N_BOOT:,} resamples of the questions; percentages for EM, F1 and format).",
+            f"interval ({N_BOOT:,} resamples of the questions, within each data set for the macro average; "
+            "percentages for EM, F1 and format). It covers the questions drawn, not the RL seed: another training "
+            "run of the same recipe differs by more (`python -m recipe.carl.evaluate.study` over seeds).",
             "",
             f"| data set | metric | {a} | {b} | difference | {100 * LEVEL:.0f} % interval |",
             "|---|---|---|---|---|---|",
         ]
-        for source, metrics in results["comparison"].items():
+        rows = list(results["comparison"].items())
+        if results.get("comparison_macro"):
+            rows.append((f"macro average ({len(results['comparison'])} data sets)", results["comparison_macro"]))
+        for source, metrics in rows:
             for metric, c in metrics.items():
                 f = (lambda x: f"{x:+.3f}") if metric == "reward" else (lambda x: f"{100 * x:+.1f}")
                 g = (lambda x: f"{x:.3f}") if metric == "reward" else _pct

@@ -138,12 +138,24 @@ class Evaluator:
             "reward_info": breakdown,
         }
 
-    async def evaluate_rows(self, rows: list[dict[str, Any]], progress: Any = None) -> list[dict[str, Any]]:
-        """One record per row: the question, its gold answers, and `settings.samples` trajectories."""
+    async def evaluate_rows(
+        self, rows: list[dict[str, Any]], progress: Any = None, on_record: Callable[[dict], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """One record per row: the question, its gold answers, and `settings.samples` trajectories.
+
+        Args:
+            rows: the questions.
+            progress: a tqdm bar, advanced once per trajectory.
+            on_record: called with each question's record as soon as all its trajectories are done (in completion
+                order), e.g. to write it to disk, so that a crash loses only the questions in flight.
+
+        Returns:
+            The records, in the order of `rows`.
+        """
         s = self.settings
         limit = asyncio.Semaphore(s.concurrency)
 
-        async def one(i: int, j: int) -> dict:
+        async def trajectory(i: int, j: int) -> dict:
             async with limit:
                 uid = f"eval{i}" if s.samples == 1 else f"eval{i}.{j}"
                 tree, leaf, breakdown = await self.rollout(rows[i], s.temperature, uid)
@@ -152,25 +164,36 @@ class Evaluator:
             record = self.trajectory_record(tree, leaf, breakdown, gold_answers(rows[i]))
             return {"sample": j, **record}
 
-        jobs = [one(i, j) for i in range(len(rows)) for j in range(s.samples)]
-        done = await asyncio.gather(*jobs)
-        records = []
-        for i, row in enumerate(rows):
-            samples = done[i * s.samples : (i + 1) * s.samples]
-            extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
-            records.append(
-                {
-                    "data_source": row["data_source"],
-                    "file": row.get("_file"),
-                    "row": row.get("_row", i),
-                    "index": extra.get("index"),
-                    "question": question_text(row),
-                    "gold": gold_answers(row),
-                    **{k: finite_mean([t[k] for t in samples]) for k in COMPARED},
-                    "samples": samples,
-                }
-            )
-        return records
+        async def question(i: int) -> dict:
+            samples = await asyncio.gather(*(trajectory(i, j) for j in range(s.samples)))
+            record = question_record(rows[i], i, list(samples))
+            if on_record is not None:
+                on_record(record)
+            return record
+
+        return list(await asyncio.gather(*(question(i) for i in range(len(rows)))))
+
+
+def row_key(row_or_record: dict[str, Any]) -> tuple[str | None, int]:
+    """Which question a data row (`_file`, `_row`) or a question record (`file`, `row`) is: its file and position."""
+    if "_row" in row_or_record:
+        return row_or_record.get("_file"), int(row_or_record["_row"])
+    return row_or_record.get("file"), int(row_or_record["row"])
+
+
+def question_record(row: dict[str, Any], i: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A question's record: where it is from, the question and gold answers, its means over the samples, the samples."""
+    extra = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+    return {
+        "data_source": row["data_source"],
+        "file": row.get("_file"),
+        "row": row.get("_row", i),
+        "index": extra.get("index"),
+        "question": question_text(row),
+        "gold": gold_answers(row),
+        **{k: finite_mean([t[k] for t in samples]) for k in COMPARED},
+        "samples": samples,
+    }
 
 
 def finite_mean(values: Sequence[float | None]) -> float:
@@ -187,22 +210,43 @@ async def evaluate_model(
     search: Any,
     reward_fn: Callable[..., Any],
     engine_options: dict[str, Any] | None = None,
+    done: dict[str, list[dict[str, Any]]] | None = None,
+    on_record: Callable[[str, dict], None] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every data set's question records for one model (the engine is started here and shut down after)."""
+    """Every data set's question records for one model (the engine is started here and shut down after).
+
+    Args:
+        done: records of questions already evaluated (a resumed run), by data set: those rows are not rolled out
+            again, and their records take their place in the result.
+        on_record: `on_record(data_source, record)` for each newly evaluated question, as soon as it is done.
+
+    Returns:
+        Per data set, one record per row, in the rows' order.
+    """
     from transformers import AutoTokenizer  # deferred: transformers is heavy, and the input checks come first
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    options = dict(engine_options or {})
-    if engine == "vllm":
-        server = await VLLMEngine.start(model_dir, tokenizer, settings, **options)
-    else:
-        server = HFEngine(model_dir, tokenizer, settings, dtype=options.get("dtype", "auto"))
-    evaluator = Evaluator(server, tokenizer, search, reward_fn, settings, request_seed=settings.seed)
-    out = {}
-    try:
-        for source, rows in datasets.items():
-            with tqdm(total=len(rows) * settings.samples, desc=source, unit="traj", file=sys.stderr) as bar:
-                out[source] = await evaluator.evaluate_rows(rows, progress=bar)
-    finally:
-        await server.close()
-    return out
+    known = {source: {row_key(r): r for r in records} for source, records in (done or {}).items()}
+    todo = {source: [r for r in rows if row_key(r) not in known.get(source, {})] for source, rows in datasets.items()}
+    new: dict[str, dict] = {source: {} for source in datasets}
+    if any(todo.values()):
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        options = dict(engine_options or {})
+        if engine == "vllm":
+            server = await VLLMEngine.start(model_dir, tokenizer, settings, **options)
+        else:
+            server = HFEngine(model_dir, tokenizer, settings, dtype=options.get("dtype", "auto"))
+        evaluator = Evaluator(server, tokenizer, search, reward_fn, settings, request_seed=settings.seed)
+        try:
+            for source, rows in todo.items():
+                if not rows:
+                    continue
+                sink = (lambda record, source=source: on_record(source, record)) if on_record else None
+                with tqdm(total=len(rows) * settings.samples, desc=source, unit="traj", file=sys.stderr) as bar:
+                    records = await evaluator.evaluate_rows(rows, progress=bar, on_record=sink)
+                new[source] = {row_key(r): r for r in records}
+        finally:
+            await server.close()
+    return {
+        source: [new[source].get(row_key(r)) or known[source][row_key(r)] for r in rows]
+        for source, rows in datasets.items()
+    }

@@ -2,6 +2,12 @@
 
     python -m recipe.carl.tiny.plots compare runs/carl runs/grpo -o cmp.png   # overlay runs (CARL vs GRPO)
     python -m recipe.carl.tiny.plots tree runs/carl -o tree.png               # redraw a run's tree picture
+    python -m recipe.carl.tiny.plots compare $CKPT_DIR/carl_n08_qwen2.5_7b $CKPT_DIR/grpo_qwen2.5_7b -o cmp.png
+    python -m recipe.carl.tiny.plots tree $CKPT_DIR/carl_n08_qwen2.5_7b --data ~/data/carl_search/train.parquet \
+        -o tree.png                                                          # a GPU run's checkpoint folder
+
+Both read either layout (`recipe.carl.tiny.run_folder`): a CPU demo's run folder, or a GPU run's checkpoint folder
+(`$CKPT_DIR/$EXPERIMENT`, with its `metrics.jsonl` and `carl_trees/`).
 
 Learning curve input (:func:`plot_learning_curves`), one dict per run::
 
@@ -16,8 +22,10 @@ fixed at 0-100 %, so a change is drawn at its true size against the whole scale,
 Rollout tree input (:func:`plot_rollout_tree`): one object of the trainer's JSON-lines tree dump (format in
 ``carl_core/stats.py``): ``{"uid", "question", "n0", "n_forks", "nodes": [{"id", "parent", "depth", "entropy",
 "action_entropy", "num_children", "value", "advantage", "trained", "reward", "finish_reason", "num_action_tokens",
-"forked", "text"}]}``. ``advantage``, ``trained`` and ``text`` describe the action entering a node; ``entropy`` (the
-state's) is null on leaves, which carry ``reward``.
+"forked", "count", "text"}]}``. ``advantage``, ``trained``, ``count`` and ``text`` describe the action entering a
+node; ``entropy`` (the state's) is null on leaves, which carry ``reward``. ``count`` is how often that action was
+sampled (identical samples are merged into one node, `algorithm.carl.merge`), and ``advantage`` is what the loss
+weighs it with: ``count`` times the per-sample A = V(child) - V(parent) (older dumps have no ``count``: 1).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from recipe.carl.io import atomic_path
 from recipe.carl.search.actions import parse_action
 from recipe.carl.search.reward import exact_match, parse_ground_truth
 from recipe.carl.tiny.noise import curve_se, validation_size
+from recipe.carl.tiny.run_folder import TREE_FOLDERS, gpu_curve, ground_truths, tree_dumps
 
 NODE_KEYS = (
     "id",
@@ -88,6 +97,8 @@ def plot_learning_curves(
     sft_start: float | None = None,
     title: str = "Held-out accuracy",
     note: str | None = None,
+    budget: str = "trained",
+    y_label: str = "accuracy (exact match)",
 ) -> Path:
     """Held-out accuracy against training step (left) and cumulative actions trained (right), runs overlaid.
 
@@ -97,6 +108,8 @@ def plot_learning_curves(
         sft_start: accuracy of the SFT start all runs share, drawn as a dashed line; None to omit.
         title: figure title.
         note: a line under the panels (e.g. how the band was derived).
+        budget: what the runs' ``actions`` count, ``trained`` or ``generated`` (the right panel's axis).
+        y_label: the accuracy's name.
 
     Returns:
         The PNG path.
@@ -106,7 +119,7 @@ def plot_learning_curves(
     """
     _check_runs(runs)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, layout="constrained")
-    for ax, x_key, x_label in ((axes[0], "step", "training step"), (axes[1], "actions", "actions trained")):
+    for ax, x_key, x_label in ((axes[0], "step", "training step"), (axes[1], "actions", f"actions {budget}")):
         for run in runs:
             (line,) = ax.plot(run[x_key], run["accuracy"], marker="o", markersize=3.5, label=run["label"])
             if run.get("se") is not None:
@@ -118,7 +131,7 @@ def plot_learning_curves(
         ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0.0, 1.0)  # fixed: a change is drawn at its size on the whole scale
-    axes[0].set_ylabel("accuracy (exact match)")
+    axes[0].set_ylabel(y_label)
     axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 4))
     axes[1].legend(loc="upper left", fontsize=9)
@@ -322,9 +335,10 @@ def plot_rollout_tree(
 
     Nodes are coloured by state entropy (colour bar; leaves, which have none, are white) and numbered; the panel on
     the right lists the action entering each node. Trained (critical) actions are thick orange edges labelled with
-    their advantage, the others thin and grey; each node shows its value ``V``. With ``ground_truth``, a leaf whose
-    answer is an exact match gets a green border and a tick, any other leaf a red border; without it, leaves are
-    not marked. Fork points are ringed (``xk`` when forked k > 1 times).
+    their per-sample advantage (`edge_label`: ``A=+0.50 ×3`` for an action sampled 3 times and merged), the others
+    thin and grey (``×m`` when merged); each node shows its value ``V``. With ``ground_truth``, a leaf whose answer
+    is an exact match gets a green border and a tick, any other leaf a red border; without it, leaves are not
+    marked. Fork points are ringed (``k forks`` when picked k > 1 times). The legend names every mark.
 
     Args:
         tree: one tree dump object (see the module docstring).
@@ -355,6 +369,7 @@ def plot_rollout_tree(
         1, 2, figsize=(width + 4.6, height), width_ratios=[width, 4.6], layout="constrained"
     )
 
+    summed = tree.get("update_set") == "outcome_only"
     for n in nodes:  # edges first, under the nodes
         if n["parent"] is None:
             continue
@@ -363,13 +378,14 @@ def plot_rollout_tree(
         ax.plot(
             [x0, x1], [y0, y1], color="tab:orange" if trained else "0.7", linewidth=3.2 if trained else 1.0, zorder=1
         )
-        if n["advantage"] is not None and trained:
+        label = edge_label(n, summed)
+        if label:
             ax.annotate(
-                f"A={n['advantage']:+.2f}",
+                label,
                 # Nearer the child than the midpoint: sibling edges leave a fork together and would overlap.
                 (x0 + 0.62 * (x1 - x0), y0 + 0.62 * (y1 - y0)),
                 fontsize=7,
-                color="tab:orange",
+                color="tab:orange" if trained else "0.35",
                 ha="center",
                 va="center",
                 backgroundcolor="white",
@@ -386,7 +402,7 @@ def plot_rollout_tree(
         if n["forked"]:
             ax.scatter([x], [y], s=1150, facecolors="none", edgecolors="black", linewidths=1.0, zorder=3)
             if n["forked"] > 1:
-                ax.text(x + 0.2, y + 0.25, f"x{n['forked']}", fontsize=7, ha="left", va="bottom", zorder=5)
+                ax.text(x + 0.2, y + 0.25, f"{n['forked']} forks", fontsize=7, ha="left", va="bottom", zorder=5)
         ax.scatter([x], [y], s=800, c=[face], edgecolors=edge, linewidths=2.2 if leaf else 1.0, zorder=4)
         value = "" if n["value"] is None else f"V={n['value']:.2f}"
         text_color = "black" if leaf or norm(n["entropy"]) > 0.5 else "white"
@@ -398,9 +414,20 @@ def plot_rollout_tree(
 
     sm = plt.cm.ScalarMappable(norm=norm, cmap=colormap)
     fig.colorbar(sm, ax=ax, shrink=0.8, label="state entropy h (nats per token)", location="left")
+    a_label = (
+        "trained action, \u03a3z = its summed GRPO-normalised leaf outcomes (outcome_only)"
+        if summed
+        else "trained (critical) action, A = V(child) \u2212 V(parent) per sample"
+    )
     handles = [
-        plt.Line2D([], [], color="tab:orange", linewidth=3.2, label="trained (critical) action, A = advantage"),
+        plt.Line2D([], [], color="tab:orange", linewidth=3.2, label=a_label),
         plt.Line2D([], [], color="0.7", linewidth=1.0, label="untrained action"),
+        plt.Line2D(
+            [],
+            [],
+            linestyle="",
+            label="\u00d7m on an edge: action sampled m times, merged into one node; the loss weighs it m\u00b7A",
+        ),  # fmt: skip
         plt.Line2D(
             [],
             [],
@@ -409,8 +436,11 @@ def plot_rollout_tree(
             markerfacecolor="none",
             markeredgecolor="black",
             markersize=14,
-            label="fork point",
+            label="fork point ('k forks': picked k times)",
         ),
+        plt.Line2D(
+            [], [], linestyle="", label="V: state value (mean of its children's); r: leaf reward; grey number: node id"
+        ),  # fmt: skip
     ]
     if ground_truth is not None:
         ring = dict(marker="o", linestyle="", markerfacecolor="white", markeredgewidth=2.2, markersize=11)
@@ -446,6 +476,24 @@ def plot_rollout_tree(
     return _save(fig, out)
 
 
+def edge_label(node: Mapping, summed: bool = False) -> str:
+    """The label of the edge into `node`: a trained action's per-sample advantage, and its multiplicity when its node
+    merges several samples; an untrained merged action shows its multiplicity only.
+
+    The dump's ``advantage`` is what the loss weighs the action with, ``count`` times the per-sample A (one node
+    stands for ``count`` identical samples), so A is shown as ``advantage / count``: an action sampled 3 times from
+    V = 0.60 into V = 1.10 reads ``A=+0.50 ×3``, not ``+1.50``. Under ``outcome_only`` the advantage is a sum of
+    normalised leaf outcomes, shown as such (``Σz``).
+    """
+    count = int(node.get("count") or 1)
+    times = f" \u00d7{count}" if count > 1 else ""
+    if not node["trained"] or node["advantage"] is None:
+        return times.strip()
+    if summed:
+        return f"\u03a3z={node['advantage']:+.2f}{times}"
+    return f"A={node['advantage'] / count:+.2f}{times}"
+
+
 def _save(fig, out: str | os.PathLike) -> Path:
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -457,25 +505,14 @@ def _save(fig, out: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------------ a run's tree
 
 
-def ground_truths(data_dir: Path) -> dict[str, object]:
-    """`{question: ground truth}` of a SynthHop folder's training and test splits (to mark a tree's answers)."""
-    import pandas as pd
-
-    out = {}
-    for split in ("train", "test"):
-        path = data_dir / f"{split}.parquet"
-        if path.exists():
-            frame = pd.read_parquet(path, columns=["extra_info", "reward_model"])
-            for extra, reward in zip(frame["extra_info"], frame["reward_model"], strict=True):
-                out[extra["question"]] = reward["ground_truth"]
-    return out
-
-
-def draw_tree(run_dir: Path, out: Path, step: int | None = None, uid: str | None = None) -> Path | None:
+def draw_tree(
+    run_dir: Path, out: Path, step: int | None = None, uid: str | None = None, data: Sequence[Path] | None = None
+) -> Path | None:
     """A run's tree picture: the representative tree of the last dump (or of `step`, or the tree `uid`), with its
-    question, its actions and its correct answers marked. None when the run dumped no trees (GRPO)."""
+    question, its actions and its correct answers marked (answers from `data`, else the demo's `data/` folder).
+    None when the run dumped no trees (GRPO). Reads either layout (`recipe.carl.tiny.run_folder`)."""
     run_dir = Path(run_dir)
-    dumps = sorted((run_dir / "ckpt" / "carl_trees").glob("step_*.jsonl"))
+    dumps = tree_dumps(run_dir)
     if step is not None:
         dumps = [d for d in dumps if d.name == f"step_{step:06d}.jsonl"]
     if not dumps:
@@ -490,7 +527,8 @@ def draw_tree(run_dir: Path, out: Path, step: int | None = None, uid: str | None
     else:
         tree, info = representative_tree(trees)
         caption = f"{info['rule']} ({info['candidates']} of {info['trees']} trees qualified)"
-    truth = ground_truths(run_dir / "data").get(tree.get("question"))
+    files = list(data) if data else [run_dir / "data" / f"{split}.parquet" for split in ("train", "test")]
+    truth = ground_truths([f for f in files if Path(f).exists()]).get(tree.get("question"))
     title = f"A rollout tree of training step {dump_step} (n0={tree['n0']}, N={tree['n_forks']})"
     return plot_rollout_tree(tree, out, title=title, ground_truth=truth, caption=caption)
 
@@ -504,17 +542,23 @@ def main(argv: list[str] | None = None) -> Path:
     cmp = sub.add_parser("compare", help="overlay the learning curves of finished demo runs (e.g. CARL vs GRPO)")
     cmp.add_argument("runs", nargs="+", type=Path, help="run folders (each with its summary.json)")
     cmp.add_argument("--label", action="append", help="a label per run, in order (default: algorithm and seed)")
+    cmp.add_argument("--metric", default="em", help="GPU runs: the validation metric (default em; f1, score, ...)")
+    cmp.add_argument("--budget", choices=sorted(BUDGET_CHOICES), default="trained", help="GPU runs: the right panel's "
+                     "actions, trained or generated (carl/total/*)")  # fmt: skip
     cmp.add_argument("-o", "--out", type=Path, required=True, help="PNG to write")
     tree = sub.add_parser("tree", help="draw a run's representative tree (or one of your choice)")
-    tree.add_argument("run", type=Path, help="a demo run folder")
+    tree.add_argument("run", type=Path, help="a demo run folder, or a GPU run's checkpoint folder")
     tree.add_argument("--step", type=int, help="the dump of this step (default: the last)")
     tree.add_argument("--uid", help="this tree instead of the representative one")
+    tree.add_argument("--data", type=Path, nargs="+", help="parquet files with the questions' answers (GPU runs)")
     tree.add_argument("-o", "--out", type=Path, required=True, help="PNG to write")
     args = p.parse_args(argv)
     if args.command == "compare":
         labels = args.label or []
         if labels and len(labels) != len(args.runs):
             p.error(f"--label given {len(labels)} times for {len(args.runs)} runs: give one per run or none.")
+        if not (args.runs[0] / "summary.json").exists() and (args.runs[0] / "metrics.jsonl").exists():
+            return compare_gpu_runs(args.runs, labels, args.metric, args.budget, args.out)
         runs = [run_curve(r, labels[i] if labels else None) for i, r in enumerate(args.runs)]
         starts = {run["accuracy"][0] for run in runs}
         summary = runs[0]["summary"]
@@ -527,7 +571,33 @@ def main(argv: list[str] | None = None) -> Path:
             note=runs_note(runs),
         )
     else:
-        path = draw_tree(args.run, args.out, step=args.step, uid=args.uid)
+        path = draw_tree(args.run, args.out, step=args.step, uid=args.uid, data=args.data)
+        if path is None:
+            where = " or ".join(str(args.run / f) for f in TREE_FOLDERS)
+            raise SystemExit(
+                f"error: no tree dump{f' of step {args.step}' if args.step is not None else ''} in {where}: CARL "
+                "dumps its trees every algorithm.carl.dump_every steps; a GRPO run dumps none."
+            )
+    print(path)
+    return path
+
+
+BUDGET_CHOICES = ("trained", "generated")
+
+
+def compare_gpu_runs(runs: Sequence[Path], labels: Sequence[str], metric: str, budget: str, out: Path) -> Path:
+    """`compare` for checkpoint folders of GPU runs: their validation curves from `metrics.jsonl` (no band: the file
+    does not hold the validation's size)."""
+    curves = [gpu_curve(r, metric, budget, labels[i] if labels else None) for i, r in enumerate(runs)]
+    sources = sorted({s for c in curves for s in c["sources"]})
+    path = plot_learning_curves(
+        curves,
+        out,
+        title=f"Validation {metric}: macro average over {len(sources)} data source(s)",
+        note=f"data sources: {', '.join(sources)}; no band: give the validation's size with the evaluation",
+        budget=budget,
+        y_label=f"validation {metric}",
+    )
     print(path)
     return path
 

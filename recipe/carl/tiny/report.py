@@ -6,7 +6,6 @@ Every accuracy is printed with its standard error, and every change says whether
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics
@@ -14,23 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from recipe.carl.tiny.noise import binomial_se, change_text, paired_change, validation_size
+from recipe.carl.tiny.run_folder import read_metrics
 
 # ----------------------------------------------------------------------------------------------------- metrics
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The trainer's metrics file (`VERL_FILE_LOGGER_PATH`) as `[{"step", **metrics}]`; a half-written line is
-    skipped (the trainer may be writing it right now)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows.append({"step": row["step"], **row["data"]})
-    return rows
 
 
 def val_accuracy_key(rows: list[dict]) -> str | None:

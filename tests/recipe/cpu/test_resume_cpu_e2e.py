@@ -3,7 +3,8 @@
 verl's own file logger opens metrics.jsonl for writing, so the resumed run used to erase steps 1..N. Here: GRPO on
 CPU through main_carl, 4 steps with a checkpoint every 2, SIGKILL as soon as step 3 is logged (its checkpoint is
 never written), then the same command again: it resumes from step 2, runs steps 3 and 4, and the file must read
-steps 1, 2, 3, 4, each once (step 3 from the resumed run).
+steps 1, 2, 3, 4, each once (step 3 from the resumed run). The running totals `carl/total/*` go on from the
+checkpoint's: at every step they are the sums of the per-step counts of the steps logged before, resumed or not.
 
 Slow (two trainer start-ups, about 2.5 min on 2 cores); run with ``pytest -m slow tests/recipe/cpu``.
 """
@@ -35,3 +36,9 @@ def test_a_killed_and_resumed_run_keeps_every_steps_metrics_once(tmp_path):
     assert [m["step"] for m in resumed.metrics] == [1, 2, 3, 4]
     assert resumed.metrics[:2] == first.metrics[:2]  # the earlier steps, untouched
     assert resumed.metrics[2]["timing_s/step"] != killed_step3  # step 3 is the resumed run's
+    for i, step in enumerate(resumed.metrics):  # carl/total/*: step 2's totals (saved in its checkpoint) + 3 + 4
+        so_far = resumed.metrics[: i + 1]
+        generated = sum(m["carl/actions_generated_per_question"] * m["carl/questions"] for m in so_far)
+        assert step["carl/total/actions_generated"] == round(generated), step
+        assert step["carl/total/tokens_trained"] == sum(m["carl/tokens_trained"] for m in so_far), step
+    assert (ckpt / "global_step_4" / "carl_totals.json").exists()

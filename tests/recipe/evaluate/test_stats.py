@@ -16,7 +16,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from recipe.carl.evaluate.stats import Interval, bootstrap, mean_interval, paired_difference, resample_indices
+from recipe.carl.evaluate.stats import (
+    Interval,
+    bootstrap,
+    macro_interval,
+    mean_interval,
+    paired_difference,
+    paired_macro_difference,
+    resample_indices,
+)
 
 #: Enough replicates that the empirical CDF is within ~6 standard deviations of the exact one at the tested quantiles.
 MANY = 40_000
@@ -190,3 +198,61 @@ def test_10000_replicates_of_4_seeds_by_479_questions_take_well_under_a_second()
         mean_interval(a)
         best = min(best, time.perf_counter() - started)
     assert best < 1.0, f"{best:.2f} s for a paired difference and a mean"
+
+
+# ------------------------------------------------------------------------------------------- macro over data sets
+# One seed, three questions in two data sets: A = questions 0, 1 (values 0, 1), B = question 2 (value 4).
+# Macro = (mean A + mean B) / 2 = (0.5 + 4) / 2 = 2.25. A stratified replicate draws 2 questions from A and 1 from B:
+#   A (0,0) -> 0: macro 2.0 (1/4);  A (1,1) -> 1: macro 2.5 (1/4);  A (0,1) or (1,0) -> 0.5: macro 2.25 (1/2).
+# CDF: 2.0 at 1/4, 2.25 at 3/4, 2.5 at 1. (An unstratified draw could take question 2 three times: macro undefined,
+# and a plain mean of 4.)
+M = np.array([[0.0, 1.0, 4.0]])
+M_STRATA = np.array(["A", "A", "B"])
+
+
+def reference_macro(x, strata, seed_idx, question_idx):
+    """A replicate's macro mean, written out: per drawn seed, each data set's mean over its drawn questions."""
+    labels = strata[question_idx]
+    per_seed = [np.mean([x[s, question_idx[labels == d]].mean() for d in dict.fromkeys(strata)]) for s in seed_idx]
+    return float(np.mean(per_seed))
+
+
+def test_stratified_draws_keep_each_data_set_and_land_on_the_hand_distribution():
+    seed_idx, question_idx = resample_indices(1, 3, MANY, seed=1, strata=M_STRATA)
+    assert (np.isin(question_idx[:, :2], [0, 1]).all(), (question_idx[:, 2] == 2).all()) == (True, True)
+    counts = Counter(reference_macro(M, M_STRATA, s, q) for s, q in zip(seed_idx, question_idx, strict=True))
+    for value, p in {2.0: 0.25, 2.25: 0.5, 2.5: 0.25}.items():
+        assert abs(counts[value] / MANY - p) < 6 * np.sqrt(p * (1 - p) / MANY), (value, counts)
+    assert set(counts) == {2.0, 2.25, 2.5}
+    # tails 0.2 / 0.8 -> 2.0 and 2.5; tails 0.3 / 0.7 -> both in the 2.25 atom
+    assert macro_interval(M, M_STRATA, n_boot=MANY, seed=2, level=0.6) == Interval(2.25, 2.0, 2.5, 0.6, MANY)
+    interval = macro_interval(M, M_STRATA, n_boot=MANY, seed=2, level=0.4)
+    assert (interval.low, interval.high) == (2.25, 2.25)
+
+
+def test_macro_fast_path_gives_the_written_out_replicates():
+    """3 seeds x 30 questions x 2 samples in data sets of 5, 10 and 15 questions (interleaved)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 30, 2))
+    strata = np.array(["nq", "hotpotqa", "hotpotqa", "bamboogle", "hotpotqa", "nq"] * 5)
+    seed_idx, question_idx = resample_indices(3, 30, 500, seed=4, strata=strata)
+    per_question = x.mean(axis=2)
+    replicates = [reference_macro(per_question, strata, s, q) for s, q in zip(seed_idx, question_idx, strict=True)]
+    interval = macro_interval(x, strata, n_boot=500, seed=4, level=0.9)
+    assert interval.low == pytest.approx(np.quantile(replicates, 0.05), abs=1e-12)
+    assert interval.high == pytest.approx(np.quantile(replicates, 0.95), abs=1e-12)
+    by_set = [per_question[:, strata == d].mean() for d in ("nq", "hotpotqa", "bamboogle")]
+    assert interval.estimate == pytest.approx(np.mean(by_set), abs=1e-12)  # not the plain mean over questions
+    assert abs(interval.estimate - per_question.mean()) > 1e-3
+
+
+def test_paired_macro_difference_pairs_and_checks():
+    rng = np.random.default_rng(1)
+    a = rng.random((2, 12))
+    strata = np.repeat(["x", "y", "z"], [2, 4, 6])
+    shift = paired_macro_difference(a, a + 0.25, strata)  # weights 1/6, 1/12, 1/18: exact up to rounding
+    assert [shift.estimate, shift.low, shift.high] == pytest.approx([-0.25] * 3, abs=1e-12)
+    with pytest.raises(ValueError, match=r"strata has shape \(11,\): need one stratum \(data set\) per question"):
+        macro_interval(a, strata[:11])
+    with pytest.raises(ValueError, match="a paired difference needs one shape"):
+        paired_macro_difference(a, a[..., None].repeat(2, axis=2), strata)

@@ -565,6 +565,16 @@ def test_launch_script_uses_carl_venv_and_names_a_python_without_the_packages(co
     assert "set PYTHON=/path/to/python" in done.stderr
 
 
+def test_launch_script_keeps_the_encoder_off_the_first_training_gpu(corpus_path, tmp_path):
+    """DEVICE defaults to cpu (sentence-transformers' own default is cuda:0, the first GPU verl trains on); a GPU
+    outside the trainer's is asked for by name."""
+    env = {**os.environ, "PYTHON": str(fake_python(tmp_path / "echo", 'echo "$@"')), "CORPUS": str(corpus_path)}
+    args = launch([], {**env, "BACKEND": "dense", "ENCODER": "hash:32"}, cwd=tmp_path).stdout.split()
+    assert args[args.index("--device") + 1] == "cpu"
+    args = launch([], {**env, "DEVICE": "cuda:7"}, cwd=tmp_path).stdout.split()
+    assert args[args.index("--device") + 1] == "cuda:7"
+
+
 # --------------------------------------------------------------------------------------------------- ties
 
 

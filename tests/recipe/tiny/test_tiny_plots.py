@@ -238,3 +238,89 @@ def test_tree_command_draws_the_representative_tree_of_a_run(tmp_path, tree):
     frame.to_parquet(run / "data" / "train.parquet")
     out = plots.main(["tree", str(run), "-o", str(tmp_path / "tree.png")])
     assert out.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------- merged actions (issue 28)
+def merged_tree():
+    """root (V=0.60) -> 1: a search sampled 3 times (merged), V=1.10, trained with 3 x 0.50 = 1.50 in the loss;
+    root -> 2: an answer sampled once, V=0.10, trained with A = 0.10 - 0.60 = -0.50; the root forked twice;
+    1 -> 3: a leaf reached 3 times, untrained (node 1 has one child)."""
+    nodes = [
+        {**node(0, None, 0, entropy=0.9, children=4, value=0.60, forked=2), "count": 1},
+        {**node(1, 0, 1, entropy=0.2, trained=True, children=3, value=1.10), "advantage": 1.50, "count": 3},
+        {**node(2, 0, 1, reward=0.1, trained=True, value=0.10), "advantage": -0.50, "count": 1},
+        {**node(3, 1, 2, reward=1.1, value=1.10), "count": 3},
+    ]
+    return {"uid": "q1", "question": "Who?", "n0": 2, "n_forks": 2, "update_set": "critical", "nodes": nodes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "summed", "label"),
+    [
+        ({"trained": True, "advantage": 1.5, "count": 3}, False, "A=+0.50 \u00d73"),  # per sample, and how many
+        ({"trained": True, "advantage": -0.25, "count": 1}, False, "A=-0.25"),
+        ({"trained": True, "advantage": 0.25}, False, "A=+0.25"),  # a dump from before `count`
+        ({"trained": False, "advantage": 0.0, "count": 2}, False, "\u00d72"),
+        ({"trained": False, "advantage": 0.0, "count": 1}, False, ""),
+        ({"trained": True, "advantage": 1.2, "count": 2}, True, "\u03a3z=+1.20 \u00d72"),  # outcome_only: a sum
+    ],
+)
+def test_edge_labels_give_the_per_sample_advantage_and_the_multiplicity(changes, summed, label):
+    assert plots.edge_label({**node(1, 0, 1), **changes}, summed) == label
+
+
+def test_the_tree_picture_explains_merged_actions_and_repeated_forks(tmp_path, monkeypatch):
+    figures = _capture_figure(monkeypatch)
+    plot_rollout_tree(merged_tree(), tmp_path / "tree.png")
+    ax = figures[0].axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert {"A=+0.50 \u00d73", "A=-0.50", "\u00d73", "2 forks"} <= set(texts)
+    assert not any(t.startswith("x") for t in texts)  # the old unexplained "x2"
+    legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    for mark in ("\u00d7m on an edge: action sampled m times", "m\u00b7A", "'k forks': picked k times", "V: state",
+                 "r: leaf reward", "node id", "A = V(child) \u2212 V(parent) per sample"):  # fmt: skip
+        assert mark in legend
+
+
+# ------------------------------------------------------------------------------- a GPU run's checkpoint folder
+def gpu_run(root, name, lines):
+    """$CKPT_DIR/<name> as a GPU run leaves it: metrics.jsonl beside the checkpoints, carl_trees/ under it."""
+    run = root / name
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "data": d}) + "\n" for s, d in lines))
+    return run
+
+
+def val(nq, hotpotqa):
+    return {"val-aux/searchR1_nq/em/mean@1": nq, "val-aux/searchR1_hotpotqa/em/mean@1": hotpotqa}
+
+
+def test_the_tree_command_reads_a_gpu_runs_checkpoint_folder(tmp_path, tree):
+    run = gpu_run(tmp_path, "carl_n08_qwen2.5_7b", [(1, {"carl/questions": 2.0})])
+    with pytest.raises(SystemExit, match=r"no tree dump in .*carl_trees or .*ckpt/carl_trees: CARL dumps its trees"):
+        plots.main(["tree", str(run), "-o", str(tmp_path / "none.png")])  # was: printed None
+    (run / "carl_trees").mkdir()
+    (run / "carl_trees" / "step_000010.jsonl").write_text(json.dumps(tree) + "\n")
+    frame = pd.DataFrame(
+        {"extra_info": [{"question": tree["question"]}], "reward_model": [{"ground_truth": {"target": ["Drein"]}}]}
+    )
+    frame.to_parquet(tmp_path / "train.parquet")
+    args = ["tree", str(run), "--data", str(tmp_path / "train.parquet"), "-o", str(tmp_path / "tree.png")]
+    assert plots.main(args).stat().st_size > 10_000
+
+
+def test_compare_reads_the_metrics_file_of_gpu_runs(tmp_path, monkeypatch):
+    """Validation at steps 0, 2 (and a resumed run's step 2 line holding both); the macro average over the data
+    sources against carl/total/actions_* so far."""
+    carl = gpu_run(tmp_path, "carl", [(0, val(0.2, 0.1)), (1, {"carl/total/actions_trained": 30.0}),
+                                      (2, {"carl/total/actions_trained": 64.0, **val(0.4, 0.2)})])  # fmt: skip
+    grpo = gpu_run(tmp_path, "grpo", [(0, val(0.2, 0.1)), (2, {"carl/total/actions_trained": 500.0, **val(0.3, 0.3)})])
+    figures = _capture_figure(monkeypatch)
+    plots.main(["compare", str(carl), str(grpo), "-o", str(tmp_path / "cmp.png")])
+    right = figures[0].axes[1]
+    lines = {line.get_label(): line.get_xydata().ravel().tolist() for line in right.get_lines()}
+    assert lines["carl"] == pytest.approx([0.0, 0.15, 64.0, 0.3])  # (actions, macro em) at steps 0 and 2
+    assert lines["grpo"] == pytest.approx([0.0, 0.15, 500.0, 0.3])
+    assert right.get_xlabel() == "actions trained"
+    with pytest.raises(SystemExit, match=r"holds no validation of 'f1' \(it has \['em'\]\)"):
+        plots.main(["compare", str(carl), "--metric", "f1", "-o", str(tmp_path / "x.png")])
