@@ -30,6 +30,7 @@ import random
 import statistics
 import time
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -217,11 +218,11 @@ def signal_of(trees: list[RolloutTree], config: CARLConfig, algo: str) -> dict[s
         nonzero = float((s.trained & (s.advantage != 0)).sum())
     else:
         generated = nonzero = 0.0
-        for tree in trees:
+        for tree in trees:  # exact arithmetic: eight rewards of 0.1 have a float mean that is not 0.1
             leaves = [tree.nodes[v] for v in tree.leaves()]
-            mean = sum(n.reward or 0.0 for n in leaves) / len(leaves)
+            mean = sum(Fraction(n.reward or 0.0) for n in leaves) / len(leaves)
             generated += sum(n.depth for n in leaves)
-            nonzero += sum(n.depth for n in leaves if (n.reward or 0.0) != mean)
+            nonzero += sum(n.depth for n in leaves if Fraction(n.reward or 0.0) != mean)
     return {"trees": len(trees), "generated_actions": generated, "nonzero_advantage_actions": nonzero,
             "nonzero_per_generated": nonzero / generated if generated else 0.0}  # fmt: skip
 

@@ -168,7 +168,7 @@ async def grow_step(
     prompt: Callable[[int], list[int]] | None = None,
 ) -> list[float]:
     """One rollout step's trees (CARL) or groups (GRPO), each agent-loop worker's concurrently, as verl's
-    `AgentLoopWorker` runs its share of the batch; returns each question's finish time.
+    `AgentLoopWorker` runs its share of the batch; returns each question's (finish time, worker).
 
     Args:
         env: makes a question's environment from (simulation, question key, request id, worker).
@@ -188,21 +188,24 @@ async def grow_step(
             trees = [RolloutTree(prompt_ids, carl.max_actions, uid=f"t{q}.{i}") for i in range(group)]
             envs = [env(sim, q * 1000 + i, f"t{q}.{i}", w) for i in range(group)]
             await asyncio.gather(*(grow_tree(t, ForkPlanner(chain), e) for t, e in zip(trees, envs, strict=True)))
-        finished.append(loop.time())
+        finished.append((loop.time(), w))
 
     await asyncio.gather(*(question(q, q * sim.workers // questions) for q in range(questions)))
     return finished
 
 
-def step_outputs(sim: Simulation, finished: Sequence[float], start: float, questions: int) -> dict[str, Any]:
-    """What a step measured: its duration, sequences in flight per worker, the tail, actions and tokens."""
-    end = max(finished) - start
-    ends = [summarize(c.steps.get(0, []), max(finished)) for c in sim.in_flight]
+def step_outputs(sim: Simulation, finished: Sequence[tuple[float, int]], start: float, questions: int) -> dict:
+    """What a step measured: its duration, sequences in flight per worker (each over its own span, as the trainer
+    sees it: until its last tree ends), the tail, actions and tokens."""
+    times = [t for t, _ in finished]
+    end = max(times) - start
+    worker_end = {w: max(t for t, v in finished if v == w) for _, w in finished}
+    ends = [summarize(c.steps.get(0, []), worker_end[w]) for w, c in enumerate(sim.in_flight) if w in worker_end]
     return {
         "rollout_s": end,
         "seqs_in_flight_mean": statistics.mean(m for m, _ in ends),
         "seqs_in_flight_min": min(low for _, low in ends),
-        "tail_share": (max(finished) - percentile_time(finished, 0.9)) / end,
+        "tail_share": (max(times) - percentile_time(times, 0.9)) / end,
         "actions_per_question": sim.actions / questions,
         "tokens_per_question": sim.tokens / questions,
     }

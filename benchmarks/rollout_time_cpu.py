@@ -43,8 +43,6 @@ import numpy as np
 from benchmarks.rollout_sim import Request, ServerModel
 from benchmarks.rollout_time import Policy, SimEnvironment, Simulation, grow_step, run_step, step_outputs
 from carl_core import CARLConfig, Draw, RolloutTree
-from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
-from recipe.carl.tiny.trajectory import corpus_search, observation_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +131,11 @@ class RealEnvironment(SimEnvironment):
 
     def __init__(self, sim: Simulation, question: int, request_id: str, worker: int, real: dict[str, Any]) -> None:
         super().__init__(sim, question, request_id, worker)
+        # Here, not at the top: vLLM's worker processes import this module again, and with the SynthHop and
+        # retrieval modules imported at the top vLLM's CPU kernel registration failed in them (vLLM 0.32, CPU build).
+        from recipe.carl.tiny.trajectory import observation_text
+
+        self.render = observation_text
         self.engine, self.tokenizer, self.search, self.search_s = real["engine"], real["tokenizer"], real["search"], \
             real["search_s"]  # fmt: skip
 
@@ -141,7 +144,7 @@ class RealEnvironment(SimEnvironment):
 
     async def observe(self, draw: Draw, tokens: int) -> list[int]:
         start = time.perf_counter()
-        text = observation_text(self.search(f"entity {self.question % 97} {draw.turn}"))
+        text = self.render(self.search(f"entity {self.question % 97} {draw.turn}"))
         self.search_s.append(time.perf_counter() - start)
         ids = self.tokenizer.encode(" " + text, add_special_tokens=False) or [2]
         return (ids * math.ceil(tokens / len(ids)))[:tokens]
@@ -186,7 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--kv-gb", type=float, default=2.0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    from transformers import AutoTokenizer  # here, not at the top: it imports torch
+    # Here, not at the top: it imports torch; and vLLM's worker processes import this module again (see above).
+    from transformers import AutoTokenizer
+
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+    from recipe.carl.tiny.trajectory import corpus_search
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data_dir = REPO / "runs" / "rollout_time_cpu_data"

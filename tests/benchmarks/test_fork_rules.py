@@ -34,3 +34,22 @@ def test_pilot_counts_signal_on_training_questions(tmp_path):
         assert r["trees"] == 3 and 0 < r["trained_actions"] <= r["generated_actions"]
         assert r["nonzero_per_generated"] == pytest.approx(r["nonzero_advantage_actions"] / r["generated_actions"])
         assert 0 <= r["signal_tree_share"] <= 1
+
+
+def test_grpo_signal_is_counted_in_exact_arithmetic():
+    from benchmarks.fork_rules import signal_of
+    from carl_core import CARLConfig, RolloutTree
+
+    # A group of eight chains all scored 0.1 (one action each) has no signal, though its float mean is not 0.1; a
+    # group of 0.1, 0.1, 1.1 (two actions each) has signal on every chain: 6 of 6 actions.
+    def group(rewards, depth):
+        tree = RolloutTree([1], 4)
+        for i, r in enumerate(rewards):
+            node = 0
+            for d in range(depth):
+                node = tree.add_action(node, [10 + i * 10 + d], [-0.5], done=d == depth - 1, finish_reason="answer")
+            tree.set_reward(node, r)
+        return tree
+
+    out = signal_of([group([0.1] * 8, 1), group([0.1, 0.1, 1.1], 2)], CARLConfig(), "grpo")
+    assert out["generated_actions"] == 14 and out["nonzero_advantage_actions"] == 6

@@ -152,3 +152,11 @@ def test_two_replicas_halve_a_step_of_two_trees():
     # 3 + 2 + 2 = 7 s. Two replicas, one tree each: 2 + 1.5 + 1.5 = 5 s.
     assert one["rollout_s"] == pytest.approx(7.0) and two["rollout_s"] == pytest.approx(5.0)
     assert percentile_time([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_sequences_in_flight_by_hand():
+    # CARL, N0 = 2, N = 2, K = 1, one-step rollouts of 1 s: 2 in flight on [0, 1), then 1 on [1, 2) and [2, 3):
+    # a mean of 4/3 over the worker's 3 s, and no tenth below 1.
+    carl = CARLConfig(n0=2, n_forks=2, max_actions=4)
+    out = run_step(ONE_STEP, SECOND, carl, replicas=1, workers=1, questions=1)
+    assert out["seqs_in_flight_mean"] == pytest.approx(4 / 3) and out["seqs_in_flight_min"] == pytest.approx(1.0)
