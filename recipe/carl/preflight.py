@@ -5,8 +5,10 @@ inside a worker, or never. `run` does, in this order:
 
 0. **GPU stack** (`check_gpu_stack`): on a machine with an NVIDIA driver, unless `trainer.device=cpu`, the driver must
    be new enough for torch's CUDA build (R580 for PyPI's CUDA 13.0 torch 2.11.0), torch must see the GPUs, and
-   flash-attn must import when the model uses verl's default `flash_attention_2` (`recipe.carl.gpu_stack`); otherwise
-   every worker fails on its own. `CARL_SKIP_GPU_CHECK=1` skips it.
+   flash-attn must import (`recipe.carl.gpu_stack`): verl's default attention `flash_attention_2` needs it, and
+   without it verl's log-prob code loops in Python over every token whatever the attention
+   (`CARL_ALLOW_NO_FLASH_ATTN=1` accepts that for another attention); otherwise every worker fails on its own, or
+   crawls. `CARL_SKIP_GPU_CHECK=1` skips the whole check.
 1. **Paths** (`resolve_paths`): every local path a Ray worker opens becomes absolute. verl resolves a relative
    agent-loop or tool yaml against the *worker's* working directory (`verl.utils.import_utils.resolve_config_path`),
    which on another node (or a pre-started Ray cluster) is not the launching directory: `FileNotFoundError` in
@@ -192,7 +194,7 @@ def check_gpu_stack(config: DictConfig, stack: gpu_stack.GpuStack | None = None)
     attn = (config.actor_rollout_ref.model.get("override_config") or {}).get(
         "attn_implementation", gpu_stack.FLASH_ATTENTION
     )
-    stack = gpu_stack.probe(import_flash_attn=attn == gpu_stack.FLASH_ATTENTION) if stack is None else stack
+    stack = gpu_stack.probe() if stack is None else stack  # imports flash-attn: verl's log-prob kernel needs it too
     found = gpu_stack.problems(stack, attn)
     if found:
         raise CARLConfigError(
