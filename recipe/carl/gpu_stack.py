@@ -407,7 +407,7 @@ def _check_build_tools(cuda: str) -> int:
 
 def _print_flash_attn_archs() -> int:
     given = os.environ.get("FLASH_ATTN_CUDA_ARCHS")
-    if given is not None:
+    if given:  # set and not empty (an empty one, as the Dockerfile's default build argument, means unset)
         found = archs_problem(given)
         if found:
             print(f"PROBLEM: {found}", file=sys.stderr, flush=True)
