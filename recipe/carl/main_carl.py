@@ -2,7 +2,8 @@
 
 Validates `algorithm.carl` once, checks that verl resolves every `carl` name in this process (the `verl.plugins`
 entry point fails silently otherwise), runs the start-up checks of `recipe.carl.preflight` (paths, batch, data,
-worker environment, retriever), then hands over to verl's own `run_ppo` with its V1 TaskRunner: the trainer
+worker environment, retriever), starts Ray with the workers' secrets kept out of what verl prints
+(`recipe.carl.ray_start`), then hands over to verl's own `run_ppo` with its V1 TaskRunner: the trainer
 (`trainer.v1.trainer_mode=carl`), estimator and agent loops are found through verl's registries in every Ray process,
 because each of them imports verl and so the plugin.
 """
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 import recipe.carl.plugin as plugin
 from recipe.carl import preflight
 from recipe.carl.cpu.vllm_cpu import check_rollout_config
+from recipe.carl.ray_start import start_ray
 from recipe.carl.settings import check_trainer_config
 
 
@@ -30,7 +32,8 @@ def run_carl(config: DictConfig) -> None:
     check_rollout_config(config)  # CARL_DEVICE=cpu with rollout.name=vllm: vLLM's CPU build and +device=cpu_vllm
     auto_set_device(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
-    preflight.run(config)
+    secrets = preflight.run(config)
+    start_ray(config, secrets)  # before run_ppo: verl would print the secrets with its own ray.init's arguments
     run_ppo(config, task_runner_class=TaskRunnerV1)
 
 

@@ -5,8 +5,10 @@ inside a worker, or never. `run` does, in this order:
 
 0. **GPU stack** (`check_gpu_stack`): on a machine with an NVIDIA driver, unless `trainer.device=cpu`, the driver must
    be new enough for torch's CUDA build (R580 for PyPI's CUDA 13.0 torch 2.11.0), torch must see the GPUs, and
-   flash-attn must import when the model uses verl's default `flash_attention_2` (`recipe.carl.gpu_stack`); otherwise
-   every worker fails on its own. `CARL_SKIP_GPU_CHECK=1` skips it.
+   flash-attn must import (`recipe.carl.gpu_stack`): verl's default attention `flash_attention_2` needs it, and
+   without it verl's log-prob code loops in Python over every token whatever the attention
+   (`CARL_ALLOW_NO_FLASH_ATTN=1` accepts that for another attention); otherwise every worker fails on its own, or
+   crawls. `CARL_SKIP_GPU_CHECK=1` skips the whole check.
 1. **Paths** (`resolve_paths`): every local path a Ray worker opens becomes absolute. verl resolves a relative
    agent-loop or tool yaml against the *worker's* working directory (`verl.utils.import_utils.resolve_config_path`),
    which on another node (or a pre-started Ray cluster) is not the launching directory: `FileNotFoundError` in
@@ -24,8 +26,10 @@ inside a worker, or never. `run` does, in this order:
    back to its default, verl's file logger would write somewhere else, wandb would find no API key (the TaskRunner
    starts the loggers) and the Hugging Face hub no token or cache. The driver's values (`FORWARDED_ENV`: the
    retriever, every logger verl's `Tracking` can start, the model hubs) go into
-   `ray_kwargs.ray_init.runtime_env.env_vars` (which verl's `run_ppo` passes to `ray.init`); the CARL trainer hides
-   the secret ones again in its copy of the config before verl hands the config to the loggers (`hide_secrets`). A
+   `ray_kwargs.ray_init.runtime_env.env_vars`; the secret ones (`take_secrets`, last of all) leave the config again,
+   `***` in their place, and `main_carl` gives them to `ray.init` alone (`recipe.carl.ray_start`), since verl prints
+   its Ray init arguments and the whole config at start-up. The CARL trainer hides any left in its copy of the
+   config before verl hands it to the loggers (`hide_secrets`). A
    loopback retriever URL is refused when `trainer.nnodes > 1`; `recipe.carl.cluster` refuses it again inside the
    cluster when its nodes are on several hosts, whatever `trainer.nnodes` says. What the driver sees of the files
    the workers open (`record_driver_view`: sizes, and a probe file in the checkpoint folder) goes along, for
@@ -96,7 +100,8 @@ OUTPUT_PATHS = (
 #: Environment variables of the driver that workers read (besides those the tool yaml reads through `oc.env`); a name
 #: ending in `_` stands for every variable it begins. The retriever; the loggers verl's `Tracking` can start
 #: (`trainer.logger`: file, wandb, vemlp_wandb, mlflow, swanlab, clearml, trackio, tensorboard); the model hubs
-#: (Hugging Face, ModelScope).
+#: (Hugging Face, ModelScope); NCCL's settings (`NCCL_SOCKET_IFNAME`, `NCCL_IB_HCA`, ...: on a cluster started with
+#: `ray start`, workers would otherwise use each node's own, or none).
 FORWARDED_ENV = (
     "RETRIEVER_URL",
     "VERL_FILE_LOGGER_PATH",
@@ -115,6 +120,7 @@ FORWARDED_ENV = (
     "TRANSFORMERS_",
     "MODELSCOPE_",
     "VERL_USE_MODELSCOPE",
+    "NCCL_",
 )
 #: Of those, the ones holding a path (made absolute against the launching directory).
 PATH_ENV = (
@@ -131,7 +137,7 @@ PATH_ENV = (
     "MODELSCOPE_CACHE",
 )
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-"""A forwarded variable whose name holds one of these is a secret: never printed, hidden from the loggers."""
+"""A forwarded variable whose name holds one of these is a secret: never printed (`take_secrets`), never logged."""
 VIEW_ENV = "CARL_DRIVER_VIEW"
 """Worker environment variable with what the driver saw of the files workers open (`record_driver_view`)."""
 PROBE_NAME = ".carl_shared_fs_probe"
@@ -149,8 +155,12 @@ def log(message: str) -> None:
     print(f"[carl preflight] {message}", flush=True)
 
 
-def run(config: DictConfig) -> None:
+def run(config: DictConfig) -> dict[str, str]:
     """All start-up checks, in the order of the module docstring; fixes paths and the worker environment in place.
+
+    Returns:
+        The secrets for the workers' environment, taken out of the config (`take_secrets`): `main_carl` hands them
+        to `ray.init` itself (`recipe.carl.ray_start`), so that verl prints neither.
 
     Raises:
         CARLConfigError: a path, the batch, the data or the retriever URL, with the fix.
@@ -164,6 +174,7 @@ def run(config: DictConfig) -> None:
     record_driver_view(config)
     check_retriever(config)
     check_wandb(config)
+    return take_secrets(config)
 
 
 # ---- 0. GPU stack -----------------------------------------------------------------------------------------------
@@ -187,7 +198,7 @@ def check_gpu_stack(config: DictConfig, stack: gpu_stack.GpuStack | None = None)
     attn = (config.actor_rollout_ref.model.get("override_config") or {}).get(
         "attn_implementation", gpu_stack.FLASH_ATTENTION
     )
-    stack = gpu_stack.probe(import_flash_attn=attn == gpu_stack.FLASH_ATTENTION) if stack is None else stack
+    stack = gpu_stack.probe() if stack is None else stack  # imports flash-attn: verl's log-prob kernel needs it too
     found = gpu_stack.problems(stack, attn)
     if found:
         raise CARLConfigError(
@@ -616,6 +627,21 @@ def hide_secrets(config: DictConfig) -> list[str]:
     if hidden:
         _set(config, "ray_kwargs.ray_init.runtime_env.env_vars", {**env, **{name: "***" for name in hidden}})
     return hidden
+
+
+def take_secrets(config: DictConfig) -> dict[str, str]:
+    """Takes the secret values out of `ray_kwargs.ray_init.runtime_env.env_vars`, leaving `***` in their place.
+
+    verl prints the Ray init arguments in the driver and the whole config in the TaskRunner (verl/trainer/main_ppo.py)
+    before any CARL code could hide them; `recipe.carl.ray_start` passes the values to `ray.init` alone.
+
+    Returns:
+        The secret variables and their values (those already `***` are left out).
+    """
+    env = runtime_env_vars(config)
+    secrets = {name: value for name, value in env.items() if is_secret(name) and value != "***"}
+    hide_secrets(config)
+    return secrets
 
 
 def shared_paths(config: DictConfig) -> list[tuple[str, str]]:

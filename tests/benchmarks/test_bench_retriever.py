@@ -23,3 +23,8 @@ def test_tiny_run_reports_every_phase(capsys):
     assert all(int(n) > 0 for n in counts["small_requests"].split("+"))
     assert any(line.startswith("in process, single queries:") for line in lines)
     assert any(line.startswith("HTTP, one client, single queries:") for line in lines)
+    # CARL's burst through the recipe's client: one worker, then both (--tiny: 2 workers x 16 searches, 1 round)
+    bursts = [line for line in lines if line.startswith("CARL burst through RetrievalClient")]
+    assert [re.search(r"(\d+) worker\(s\) x (\d+) searches", b).groups() for b in bursts] == [("1", "16"), ("2", "16")]
+    assert all("errors 0," in b for b in bursts) and lines[-3] == "burst_errors=0"
+    assert [re.search(r"\(n=(\d+)\)", b).group(1) for b in bursts] == ["16", "32"]

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -147,12 +148,32 @@ def test_old_driver_and_missing_flash_attn_are_both_named():
     assert "bash scripts/install_gpu.sh" in found[1]
 
 
-def test_flash_attn_is_needed_only_for_flash_attention_2():
+def test_flash_attn_is_needed_for_flash_attention_2_whatever_the_override():
     no_flash = _stack(packages={**PINNED_OK, "flash-attn": None})
-    assert problems(no_flash, "flex_attention") == []
-    assert problems(no_flash, "sdpa") == []
-    (message,) = problems(no_flash)
-    assert "attn_implementation is flash_attention_2 (verl's default)" in message
+    for allow in (False, True):
+        (message,) = problems(no_flash, allow_no_flash_attn=allow)
+        assert "attn_implementation is flash_attention_2 (verl's default)" in message
+        assert gpu_stack.ALLOW_NO_FLASH_ATTN_ENV not in message  # no override: the model cannot load without it
+
+
+@pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
+def test_a_gpu_run_without_flash_attn_is_refused_with_its_cost_unless_allowed(attn, monkeypatch):
+    """verl's log-prob code loops in Python over every token without flash-attn's cross-entropy kernel (F4)."""
+    no_flash = _stack(packages={**PINNED_OK, "flash-attn": None})
+    (message,) = problems(no_flash, attn, allow_no_flash_attn=False)
+    assert (
+        f"attention {attn} runs without flash-attn, but verl then computes every log-prob with a Python loop" in message
+    )
+    assert "logprobs_from_logits_v2" in message and "CARL_ALLOW_NO_FLASH_ATTN=1 to run without it" in message
+    assert problems(no_flash, attn, allow_no_flash_attn=True) == []
+    broken = _stack(flash_attn_error="ImportError: undefined symbol")  # verl would fall back the same way
+    assert "does not import" in problems(broken, attn, allow_no_flash_attn=False)[0]
+    assert problems(broken, attn, allow_no_flash_attn=True) == []
+    # the default reads the environment
+    monkeypatch.delenv(gpu_stack.ALLOW_NO_FLASH_ATTN_ENV, raising=False)
+    assert len(problems(no_flash, attn)) == 1
+    monkeypatch.setenv(gpu_stack.ALLOW_NO_FLASH_ATTN_ENV, "1")
+    assert problems(no_flash, attn) == []
 
 
 def test_flash_attn_that_does_not_import_is_rebuilt():
@@ -217,11 +238,17 @@ def test_start_up_check_stops_an_old_driver_with_the_fix():
     preflight.check_gpu_stack(_config(), _stack())
 
 
-def test_start_up_check_reads_the_models_attention():
+def test_start_up_check_refuses_a_gpu_run_without_flash_attn_unless_told(monkeypatch):
+    monkeypatch.delenv(gpu_stack.ALLOW_NO_FLASH_ATTN_ENV, raising=False)
     no_flash = _stack(packages={**PINNED_OK, "flash-attn": None})
     with pytest.raises(CARLConfigError, match="flash-attn is not installed"):
         preflight.check_gpu_stack(_config(), no_flash)  # verl's default: flash_attention_2
+    with pytest.raises(CARLConfigError, match="(?s)Python loop.*CARL_ALLOW_NO_FLASH_ATTN=1"):
+        preflight.check_gpu_stack(_config(attn="flex_attention"), no_flash)  # tree packing's attention
+    monkeypatch.setenv(gpu_stack.ALLOW_NO_FLASH_ATTN_ENV, "1")
     preflight.check_gpu_stack(_config(attn="flex_attention"), no_flash)
+    with pytest.raises(CARLConfigError, match="flash-attn is not installed"):
+        preflight.check_gpu_stack(_config(), no_flash)
 
 
 def test_start_up_checks_begin_with_the_gpu_stack(monkeypatch):
@@ -241,16 +268,46 @@ def test_start_up_check_skips_cpu_runs_and_on_request(monkeypatch):
 # ---- scripts/install_gpu.sh ---------------------------------------------------------------------------------------
 
 
-def _install(tmp_path, driver: str | None, nvcc: str, **env) -> subprocess.CompletedProcess:
-    """`install_gpu.sh --print` with a fake nvidia-smi (driver) and a fake CUDA_HOME (nvcc)."""
+def _fake_smi(folder: Path, driver: str, compute_caps: str = "") -> None:
+    """A fake `nvidia-smi` answering the driver query and, when given, the compute-capability query."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tool = folder / "nvidia-smi"
+    tool.write_text(
+        f'#!/bin/sh\ncase "$1" in\n  --query-gpu=compute_cap) printf "{compute_caps}" ;;\n  *) echo {driver} ;;\nesac\n'
+    )
+    tool.chmod(0o755)
+
+
+def _fake_cxx(folder: Path, version: str) -> Path:
+    """A fake g++ of `version` (what torch's extension builder reads: `--version`, `-dumpfullversion`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tool = folder / "g++"
+    tool.write_text(
+        f'#!/bin/sh\ncase "$1" in\n  --version) echo "g++ (GCC) {version}" ;;\n  *) echo {version} ;;\nesac\n'
+    )
+    tool.chmod(0o755)
+    return tool
+
+
+PYTHON_H = Path(sysconfig.get_paths()["include"]) / "Python.h"
+needs_python_h = pytest.mark.skipif(not PYTHON_H.is_file(), reason=f"{PYTHON_H} is missing: the script would stop")
+
+
+def _install(tmp_path, driver: str | None, nvcc: str, compute_caps: str = "", **env) -> subprocess.CompletedProcess:
+    """`install_gpu.sh --print` with a fake nvidia-smi (driver, GPUs), a fake CUDA_HOME (nvcc) and a fake g++ 13."""
     path = [str(tmp_path / "bin")] if driver else []
     if driver:
-        _fake_tool(tmp_path / "bin", "nvidia-smi", driver)
+        _fake_smi(tmp_path / "bin", driver, compute_caps)
     _fake_tool(tmp_path / "cuda" / "bin", "nvcc", nvcc)
     full = {
-        **{k: v for k, v in os.environ.items() if k not in ("TORCH_INDEX_URL", "FLASH_ATTN_WHEEL")},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("TORCH_INDEX_URL", "FLASH_ATTN_WHEEL", "FLASH_ATTN_CUDA_ARCHS", "CXX")
+        },
         "PATH": os.pathsep.join([*path, os.environ["PATH"]]),
         "CUDA_HOME": str(tmp_path / "cuda"),
+        "CXX": str(_fake_cxx(tmp_path / "gcc13", "13.3.0")),
         "PYTHON": sys.executable,
         "PYTHONPATH": str(REPO),
         **env,
@@ -264,6 +321,7 @@ def _commands(out: str) -> list[str]:
     return [line[2:].replace(sys.executable, "python") for line in out.splitlines() if line.startswith("+ ")]
 
 
+@needs_python_h
 @pytest.mark.skipif(HAS_DRIVER, reason="this machine's driver would be read instead of the fake nvidia-smi")
 def test_install_order_torch_then_flash_attn_without_isolation_then_the_extra(tmp_path):
     proc = _install(tmp_path, "580.82.07", "Cuda compilation tools, release 13.0, V13.0.48")
@@ -285,6 +343,7 @@ def test_install_stops_before_downloading_on_an_old_driver(tmp_path):
     assert "driver 550.163.01 is too old for CUDA 13.0, which needs driver >= 580" in proc.stdout
 
 
+@needs_python_h
 @pytest.mark.skipif(HAS_DRIVER, reason="this machine's driver would be read instead of the fake nvidia-smi")
 def test_install_stops_before_building_flash_attn_with_the_wrong_nvcc(tmp_path):
     proc = _install(tmp_path, "580.82.07", "Cuda compilation tools, release 12.4, V12.4.131")
@@ -295,6 +354,94 @@ def test_install_stops_before_building_flash_attn_with_the_wrong_nvcc(tmp_path):
     proc = _install(tmp_path, "580.82.07", "release 12.4", FLASH_ATTN_WHEEL="/wheels/flash_attn-2.8.3-cp311.whl")
     assert proc.returncode == 0, proc.stderr
     assert "python -m pip install /wheels/flash_attn-2.8.3-cp311.whl" in _commands(proc.stdout)
+
+
+TORCH_ONLY = ["python -m pip install torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0"]
+BUILD = "python -m pip install --no-build-isolation flash-attn==2.8.3"
+
+
+@needs_python_h
+@pytest.mark.skipif(HAS_DRIVER, reason="this machine's driver would be read instead of the fake nvidia-smi")
+@pytest.mark.parametrize(
+    ("caps", "given", "archs"),
+    [
+        ("9.0\\n9.0\\n", None, "90"),  # 8 x H100: one architecture instead of flash-attn's four
+        ("8.6\\n", None, "80"),  # an A10 runs the sm_80 build
+        ("9.0\\n12.0\\n", None, "90;120"),
+        ("9.0\\n", "80;90", "80;90"),  # FLASH_ATTN_CUDA_ARCHS wins
+        ("7.0\\n", None, None),  # no GPU flash-attn builds for: its own default
+    ],
+)
+def test_flash_attn_is_built_for_this_nodes_gpus(tmp_path, caps, given, archs):
+    env = {} if given is None else {"FLASH_ATTN_CUDA_ARCHS": given}
+    proc = _install(tmp_path, "580.82.07", "Cuda compilation tools, release 13.0, V13.0.48", caps, **env)
+    assert proc.returncode == 0, proc.stderr
+    arch_env = f" FLASH_ATTN_CUDA_ARCHS={archs}" if archs else ""
+    assert f"env FLASH_ATTENTION_FORCE_BUILD=TRUE{arch_env} {BUILD}" in _commands(proc.stdout)
+
+
+@pytest.mark.skipif(HAS_DRIVER, reason="this machine's driver would be read instead of the fake nvidia-smi")
+def test_install_refuses_architectures_flash_attn_ignores(tmp_path):
+    proc = _install(tmp_path, "580.82.07", "release 13.0, V13.0.48", "8.9\\n", FLASH_ATTN_CUDA_ARCHS="89")
+    assert proc.returncode == 1 and _commands(proc.stdout) == TORCH_ONLY
+    assert "FLASH_ATTN_CUDA_ARCHS='89': flash-attn 2.8.3 builds only for 80;90;100;120 and ignores 89" in proc.stderr
+
+
+@pytest.mark.skipif(HAS_DRIVER, reason="this machine's driver would be read instead of the fake nvidia-smi")
+@pytest.mark.parametrize(
+    ("cxx", "problem"),
+    [
+        ("missing", "no C++ compiler"),
+        ("16.1.0", "is gcc 16.1.0, and torch's extension builder accepts gcc >= 6, < 16 with CUDA 13.0"),
+        ("5.4.0", "is gcc 5.4.0, and torch's extension builder accepts gcc >= 6, < 16 with CUDA 13.0"),
+    ],
+)
+def test_install_stops_before_building_flash_attn_without_a_fitting_compiler(tmp_path, cxx, problem):
+    compiler = str(tmp_path / "none" / "g++") if cxx == "missing" else str(_fake_cxx(tmp_path / "gcc", cxx))
+    proc = _install(tmp_path, "580.82.07", "release 13.0, V13.0.48", CXX=compiler)
+    assert proc.returncode == 1 and _commands(proc.stdout) == TORCH_ONLY
+    assert problem in proc.stdout and "FLASH_ATTN_WHEEL" in proc.stdout
+    # a prebuilt wheel needs no compiler
+    wheel = gpu_stack.FLASH_ATTN_WHEEL_CP312
+    proc = _install(tmp_path, "580.82.07", "release 13.0", CXX=compiler, FLASH_ATTN_WHEEL=wheel)
+    assert proc.returncode == 0 and f"python -m pip install {wheel}" in _commands(proc.stdout)
+
+
+def test_missing_python_headers_stop_the_build_check(tmp_path, monkeypatch, capsys):
+    """What `install_gpu.sh` runs before the flash-attn build (`--build-tools`), no Python.h in sysconfig's place."""
+    monkeypatch.setenv("CXX", str(_fake_cxx(tmp_path / "gcc", "13.3.0")))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path / "include")})
+    assert gpu_stack.main(["--build-tools", "13.0"]) == 1
+    out = capsys.readouterr().out
+    assert f"the Python headers are missing ({tmp_path / 'include' / 'Python.h'} does not exist)" in out
+    assert "-dev" in out and "FLASH_ATTN_WHEEL" in out
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "Python.h").write_text("")
+    assert gpu_stack.main(["--build-tools", "13.0"]) == 0
+    assert "(gcc 13.3.0)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("caps", "archs"),
+    [(["9.0"] * 8, "90"), (["8.0", "8.6", "8.9"], "80"), (["10.0", "10.3"], "100"), (["12.0", "9.0"], "90;120"),
+     (["7.0", "7.5"], ""), ([], "")],
+)  # fmt: skip
+def test_flash_attn_architectures_of_compute_capabilities(caps, archs):
+    assert gpu_stack.flash_attn_archs(caps) == archs
+
+
+@pytest.mark.parametrize(("value", "ok"), [("90", True), ("80;90;100;120", True), ("89", False), ("", False),
+                                            ("90;86", False), ("sm_90", False)])  # fmt: skip
+def test_architecture_lists_flash_attn_would_ignore_are_named(value, ok):
+    assert (gpu_stack.archs_problem(value) is None) == ok
+
+
+def test_gcc_ranges_are_torchs():
+    """Against the installed torch's own table (torch 2.13 here; the review read the same ranges in torch 2.11)."""
+    from torch.utils.cpp_extension import CUDA_GCC_VERSIONS
+
+    for cuda, (low, high) in gpu_stack.CUDA_GCC_VERSIONS.items():
+        assert CUDA_GCC_VERSIONS[cuda][0][0] == low and CUDA_GCC_VERSIONS[cuda][1] == (high, 0), cuda
 
 
 # ---- the pinned set on the package index (network) --------------------------------------------------------------

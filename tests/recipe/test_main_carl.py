@@ -51,9 +51,11 @@ def launching_directory(monkeypatch, tmp_path):
 
 @pytest.fixture
 def launched(monkeypatch):
-    """The configs `run_carl` hands to verl's `run_ppo` (stubbed: nothing starts)."""
+    """The configs `run_carl` hands to verl's `run_ppo` (stubbed, and `ray.init` with it: nothing starts)."""
     configs = []
     monkeypatch.setattr("verl.trainer.main_ppo.run_ppo", lambda config, task_runner_class: configs.append(config))
+    monkeypatch.setattr("ray.init", lambda **kwargs: None)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
     return configs
 
 

@@ -288,6 +288,18 @@ def test_the_drivers_variables_are_forwarded_and_explicit_ones_win(tmp_path):
     assert preflight.retriever_urls(cfg, environ) == ["http://b:1/r"]  # what the workers will resolve
 
 
+def test_nccl_settings_are_forwarded_as_wandb_ones_are():
+    """Without them, workers on a node started with `ray start` use that shell's NCCL interface, or NCCL's guess."""
+    environ = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_IB_HCA": "mlx5_0,mlx5_1", "WANDB_MODE": "offline", "NCCLX": "no"}
+    cfg = compose_carl()
+    added = preflight.forward_environment(cfg, environ)
+    assert added == {k: v for k, v in environ.items() if k != "NCCLX"}
+    # a node-specific value set in the job's env_vars block stays (docs/several_nodes.md)
+    cfg = compose_carl("+ray_kwargs.ray_init.runtime_env.env_vars.NCCL_SOCKET_IFNAME='^lo,docker'")
+    preflight.forward_environment(cfg, environ)
+    assert preflight.runtime_env_vars(cfg)["NCCL_SOCKET_IFNAME"] == "^lo,docker"
+
+
 def test_the_tool_yamls_own_variables_are_forwarded(tmp_path):
     tools = tmp_path / "tools.yaml"
     tools.write_text(

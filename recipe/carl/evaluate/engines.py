@@ -22,6 +22,12 @@ from recipe.carl.evaluate.settings import EvalError, EvalSettings
 
 logger = logging.getLogger(__name__)
 
+EVAL_ATTENTION = "sdpa"
+"""The attention `HFEngine` loads a model with, whatever its `config.json` says. verl writes the training run's
+`override_config.attn_implementation` into every checkpoint's `huggingface/config.json` (its `update_model_config`
+sets the attribute, and transformers saves it), e.g. `flex_attention` for `algorithm.carl.packing=tree`; loaded as it
+is, the evaluation would silently switch to that attention (compiled, and slower to decode). vLLM ignores the key."""
+
 
 class HFEngine:
     """The CPU rollout backend (`HFRolloutServer`) in this process: the engine training uses on a CPU.
@@ -45,7 +51,10 @@ class HFEngine:
         device = select_device()
         # fp32 on a CPU (as the CPU rollout); elsewhere bf16 unless asked otherwise
         torch_dtype = _dtype("bfloat16" if dtype == "auto" else dtype, device)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch_dtype, attn_implementation=EVAL_ATTENTION
+        )
+        model = model.to(device).eval()
         rollout = RolloutConfig(
             name="carl_hf",
             prompt_length=settings.prompt_length,

@@ -17,6 +17,9 @@ A packed row (`recipe.carl.packing.layout`) needs three things a per-path row do
    token at t + 1 (`source`). verl's own log-prob and entropy code then runs unchanged; gathering hidden states
    (T x d) rather than logits (T x vocab) keeps the cost negligible, and the backward pass sums the gradients of a
    shared prefix's last token over its branches, as it should.
+
+Compilation (`dynamic_lengths`): every packed micro-batch has its own length, and flex attention and its compiled
+block mask must not be compiled once per length.
 """
 
 from __future__ import annotations
@@ -27,9 +30,22 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._dynamo
 
 from recipe.carl.packing import tree_attention_problem
 from recipe.carl.packing.layout import compute_tree_attention_mask, compute_tree_layout
+
+BLOCK_MASK_TENSORS = (
+    "kv_num_blocks",
+    "kv_indices",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
+"""A `BlockMask`'s tensors: (batch, heads, query blocks[, kv blocks])."""
 
 
 def layout_rows(
@@ -102,7 +118,7 @@ def build_attention_mask(span_end: torch.Tensor, attn_implementation: str, dtype
 
     Returns:
         `sdpa`: bool (bs, 1, T, T); `eager`: float (bs, 1, T, T), 0 or the dtype's minimum; `flex_attention`: a
-        `BlockMask` evaluated on span_end's device.
+        `BlockMask` evaluated on span_end's device, its block dimensions marked dynamic for `torch.compile`.
 
     Raises:
         ValueError: for an attention implementation that cannot take a tree mask, naming the setting.
@@ -119,11 +135,40 @@ def build_attention_mask(span_end: torch.Tensor, attn_implementation: str, dtype
             return (kv <= q) & (q < span_end[b, kv])
 
         bs, length = span_end.shape
-        # compiled on a GPU, as transformers builds its own block masks: then no T x T mask is ever materialised
-        return create_block_mask(tree_mask, bs, None, length, length, device=span_end.device, _compile=span_end.is_cuda)
+        # compiled on a GPU, as transformers builds its own block masks: then no T x T mask is ever materialised;
+        # without grad in both passes, so that the update pass does not compile it again (dynamo guards the grad mode)
+        with torch.no_grad():
+            mask = create_block_mask(
+                tree_mask, bs, None, length, length, device=span_end.device, _compile=span_end.is_cuda
+            )
+        # the block counts change with the length too: dynamo would compile flex attention for the first count
+        # (it keeps these static even under `dynamic_lengths`), then again for a dynamic one
+        for name in BLOCK_MASK_TENSORS:
+            part = getattr(mask, name, None)
+            if isinstance(part, torch.Tensor):
+                for dim in range(2, part.dim()):
+                    torch._dynamo.maybe_mark_dynamic(part, dim)
+        return mask
     raise ValueError(
         f"algorithm.carl.packing=tree needs {tree_attention_problem(attn_implementation, span_end.device.type)}."
     )
+
+
+@contextmanager
+def dynamic_lengths() -> Iterator[None]:
+    """Within the block, `torch.compile` treats every size as dynamic from its first compilation on.
+
+    Packed micro-batches each have their own length (hundreds of lengths a step). dynamo's default compiles a first
+    graph for the first length's exact sizes, recompiles with a dynamic length at the second, and once more when the
+    number of 128-token blocks changes (12 lengths gave 3 graphs of flex attention on the CPU, torch 2.13). A dynamo
+    that kept the lengths static would pass its `recompile_limit` (8) after 8 lengths and then run flex attention
+    uncompiled, which materialises the whole score matrix: 28 heads x T^2 x 4 bytes, about 90 GB at the 7B scripts'
+    T = 28,672. With every size dynamic from the start, flex attention and the compiled block mask compile once per
+    grad mode (`benchmarks/gpu_check.py` counts the graphs on a GPU). Scoped to the block (dynamo reads the setting
+    when it compiles): vLLM's graphs, in the same process under verl's hybrid engine, are compiled outside it.
+    """
+    with torch._dynamo.config.patch(assume_static_by_default=False):
+        yield
 
 
 @contextmanager

@@ -19,11 +19,14 @@ Not supported with packed rows, each refused by name: Ulysses sequence paralleli
 per-sequence loss aggregations.
 
 The first packed passes are timed and logged (rank 0, `PassTimer`): flex attention compiles its block mask and its
-kernels during the first pass of each kind, which can take minutes, and the log says how much.
+kernels during the first pass of each kind, which can take minutes, and the log says how much. Under flex attention
+every micro-batch runs with dynamic sizes (`recipe.carl.packing.attention.dynamic_lengths`), so that its length,
+different in every micro-batch, does not recompile it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -36,7 +39,13 @@ from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from recipe.carl.packing import PACKED_LOSS_AGG_MODES, RUNS_KEY, tree_attention_problem
-from recipe.carl.packing.attention import build_attention_mask, layout_rows, logits_from_predecessors, to_model_layout
+from recipe.carl.packing.attention import (
+    build_attention_mask,
+    dynamic_lengths,
+    layout_rows,
+    logits_from_predecessors,
+    to_model_layout,
+)
 
 
 def packed_runs(micro_batch: Any) -> list[Any] | None:
@@ -197,16 +206,22 @@ class TreePackedFSDPEngine(FSDPEngineWithLMHead):
             timer.record(kind, time.perf_counter() - start, tokens, self._hf_model().config._attn_implementation)
         return output
 
+    def _compile_scope(self) -> contextlib.AbstractContextManager[None]:
+        """Dynamic sizes under flex attention: packed rows, and GRPO's ordinary rows in transformers' own block mask."""
+        flex = self._hf_model().config._attn_implementation == "flex_attention"
+        return dynamic_lengths() if flex else contextlib.nullcontext()
+
     def forward_step(self, micro_batch: Any, loss_function, forward_only):
-        if packed_runs(micro_batch) is None:
-            return super().forward_step(micro_batch, loss_function, forward_only)
-        self._carl_packed_seen = True
-        check_loss_aggregation(loss_function)
-        try:
-            with logits_from_predecessors(self._hf_model(), lambda: self._carl_source):
+        with self._compile_scope():
+            if packed_runs(micro_batch) is None:
                 return super().forward_step(micro_batch, loss_function, forward_only)
-        finally:
-            self._carl_source = None
+            self._carl_packed_seen = True
+            check_loss_aggregation(loss_function)
+            try:
+                with logits_from_predecessors(self._hf_model(), lambda: self._carl_source):
+                    return super().forward_step(micro_batch, loss_function, forward_only)
+            finally:
+                self._carl_source = None
 
 
 def register_engine() -> type[TreePackedFSDPEngine]:

@@ -8,6 +8,12 @@ client sleeps ``backoff * 2**attempt`` seconds (capped at ``max_backoff``). Conn
 5xx are retried; other 4xx and malformed responses are not (retrying cannot fix them). The worst-case latency of one
 call is therefore bounded by ``(1 + max_retries) * timeout`` plus the backoff sleeps.
 
+Connections: one client keeps up to ``max_connections`` connections open, all of them kept alive between bursts.
+httpx's defaults (100 connections, 20 kept alive) fit CARL badly: an agent-loop worker's N0 phase sends
+N0 x trees-per-worker searches at once (8 x 16 = 128 with the 7B script and verl's 8 agent-loop workers), so 28 of
+them would wait for a connection inside their own timeout, and 108 connections would close after each burst and
+reconnect for the next. The default, 256, holds a burst of twice that.
+
 Per-tree cache: CARL forks a trajectory into sibling branches that share a prefix. When two branches send the same
 query, they should read the same documents, and the retriever should not be asked twice. ``SearchCache`` keys results
 by (tree id, query, topk); the agent loop passes its tree id as ``cache_key`` and calls ``SearchCache.drop`` when the
@@ -152,6 +158,7 @@ class RetrievalClient:
         backoff: float = 0.5,
         max_backoff: float = 8.0,
         cache: SearchCache | None = None,
+        max_connections: int = 256,
     ):
         """Args:
         url: The ``/retrieve`` endpoint; a bare ``http://host:port`` gets ``/retrieve`` appended.
@@ -161,9 +168,13 @@ class RetrievalClient:
         backoff: First sleep between attempts, doubled each time.
         max_backoff: Cap on one sleep.
         cache: Optional per-tree cache used when ``search`` gets a ``cache_key``.
+        max_connections: Connections open at once, all kept alive (the module docstring says why).
         """
-        if max_retries < 0 or timeout <= 0 or topk < 1:
-            raise ValueError(f"need max_retries >= 0, timeout > 0, topk >= 1; got {max_retries}, {timeout}, {topk}")
+        if max_retries < 0 or timeout <= 0 or topk < 1 or max_connections < 1:
+            raise ValueError(
+                f"need max_retries >= 0, timeout > 0, topk >= 1, max_connections >= 1; got {max_retries}, {timeout}, "
+                f"{topk}, {max_connections}"
+            )
         url = url.rstrip("/")
         self.url = url if httpx.URL(url).path not in ("", "/") else f"{url}/retrieve"
         self.topk = topk
@@ -172,6 +183,7 @@ class RetrievalClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.cache = cache
+        self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
 
@@ -180,7 +192,7 @@ class RetrievalClient:
         # Its connections (anyio over asyncio) get TCP_NODELAY, which small requests need (tests/recipe/search).
         loop = asyncio.get_running_loop()
         if self._http is None or self._http_loop is not loop:
-            self._http = httpx.AsyncClient(timeout=self.timeout)
+            self._http = httpx.AsyncClient(timeout=self.timeout, limits=self.limits)
             self._http_loop = loop
         return self._http
 

@@ -16,6 +16,7 @@ Tool yaml (``actor_rollout_ref.rollout.multi_turn.tool_config_path``)::
           timeout: 30
           max_retries: 2
           max_obs_chars: 4000
+          max_connections: 256
 
 The schema defaults to a ``search`` function taking ``{"query": str}``; verl v0.7.1's ``{"query_list": [str]}`` is
 also accepted. The observation is the plain ``Doc 1 (Title: T) text`` listing; the CARL agent loop wraps it in
@@ -53,6 +54,7 @@ DEFAULT_TOOL_CONFIG: dict[str, Any] = {
     "max_obs_chars": 4000,
     "cache": True,
     "cache_max_trees": 4096,
+    "max_connections": 256,
 }
 
 _ERROR_KINDS = ("connect", "timeout", "http", "bad_response", "invalid_args")
@@ -111,6 +113,7 @@ class CarlSearchTool(BaseTool):
             max_retries=int(self.settings["max_retries"]),
             backoff=float(self.settings["backoff"]),
             cache=self.cache,
+            max_connections=int(self.settings["max_connections"]),
         )
         self.max_obs_chars = int(self.settings["max_obs_chars"])
         self._instances: dict[str, Any] = {}

@@ -273,3 +273,24 @@ def test_row_budget_is_what_one_micro_batch_holds():
     assert packing_budget(cfg, prompt_length=30) == 2000 - 30
     # fixed micro-batch row counts: verl's usual row length
     assert packing_budget(_config(use_dynamic_bsz=False), prompt_length=30) == 900
+
+
+@pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
+def test_flex_attention_micro_batches_compile_with_dynamic_sizes(monkeypatch, attn):
+    """Every micro-batch (packed or not) runs verl's forward step inside `dynamic_lengths` under flex attention: its
+    length then does not recompile flex attention (the graph counts: tests/benchmarks/test_gpu_check.py)."""
+    import torch._dynamo
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    seen = []
+
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        seen.append(torch._dynamo.config.assume_static_by_default)
+        return None, {}
+
+    monkeypatch.setattr(FSDPEngineWithLMHead, "forward_step", forward_step)
+    engine, _ = _engine(attn)
+    for rows in ([(3, 4, 2, [[3, -1], [2, 0], [2, 0]])], [(3, 4, 2, None)]):
+        engine.forward_step(_td(rows), None, forward_only=True)
+    assert seen == [attn != "flex_attention"] * 2
+    assert torch._dynamo.config.assume_static_by_default  # restored after the step

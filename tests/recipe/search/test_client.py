@@ -1,7 +1,13 @@
 """The start-up wait for a retriever that does not answer yet (`CARL_RETRIEVER_WAIT_S`), used by `main_carl`'s
-preflight and by `recipe.carl.evaluate`. (The client's requests are tested with the tool in test_search_tool.py.)"""
+preflight and by `recipe.carl.evaluate`, and the client's connection pool at CARL's burst. (The client's requests are
+tested with the tool in test_search_tool.py.)"""
 
 from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import threading
 
 import pytest
 
@@ -55,3 +61,70 @@ def test_the_last_error_is_raised_when_the_time_is_up(monkeypatch):
     with pytest.raises(ConnectionError) as error:
         until_it_answers(check, "u", 0.1, lambda message: None)
     assert 2 <= len(calls) < 100 and str(error.value) == f"refused #{len(calls)}"
+
+
+# ---- connections: CARL's burst ----------------------------------------------------------------------------------
+
+#: CARL's burst per agent-loop worker with the 7B script: N0 = 8 trajectories x 16 trees (128 questions a step over
+#: verl's 8 agent-loop workers), each searching at its first turn.
+BURST = 8 * 16
+
+
+class BarrierServer(http.server.ThreadingHTTPServer):
+    """Answers `/retrieve` only once `BURST` requests are in flight at the same time (each waits at a barrier)."""
+
+    request_queue_size = 2 * BURST  # the listen backlog: a burst connects at once
+    daemon_threads = True
+
+    def __init__(self, parties: int):
+        self.barrier = threading.Barrier(parties, timeout=20)
+        super().__init__(("127.0.0.1", 0), BarrierHandler)
+
+
+class BarrierHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        queries = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["queries"]
+        try:
+            self.server.barrier.wait()
+        except threading.BrokenBarrierError:
+            self.send_error(503)
+            return
+        body = json.dumps({"result": [[{"document": {"id": "0", "contents": "T\nx"}, "score": 1.0}]] * len(queries)})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_one_client_holds_carls_whole_burst_in_flight():
+    """httpx's default pool (100 connections) would hold 28 of the 128 searches back until the others return, and
+    the others wait for them: every search would time out. The client's own limit lets all 128 be in flight."""
+    server = BarrierServer(BURST)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    retrieval = client.RetrievalClient(f"http://127.0.0.1:{server.server_port}", timeout=15, max_retries=0)
+    assert retrieval.limits.max_connections >= BURST and retrieval.limits.max_keepalive_connections >= BURST
+
+    async def burst():
+        try:
+            return await asyncio.gather(*(retrieval.search_one(f"q{i}") for i in range(BURST)), return_exceptions=True)
+        finally:
+            await retrieval.aclose()
+
+    try:
+        results = asyncio.run(burst())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert all(r[0].contents == "T\nx" for r in results)
+
+
+def test_a_bad_connection_limit_is_refused():
+    with pytest.raises(ValueError, match="max_connections >= 1"):
+        client.RetrievalClient(max_connections=0)

@@ -15,6 +15,7 @@ def test_tool_yaml_builds_with_retriever_url_from_env(monkeypatch):
     assert isinstance(tool, CarlSearchTool)
     assert tool.settings["retrieval_service_url"] == "http://10.1.2.3:9000/retrieve"
     assert tool.name == "search" and tool.settings["topk"] == 3
+    assert tool.client.limits.max_connections == tool.client.limits.max_keepalive_connections == 256
 
 
 def test_tool_yaml_default_url(monkeypatch):
