@@ -49,6 +49,8 @@ QWEN3_AGENT = {
     "max_action_tokens": 2048,
     "thinking": True,
     "invalid_action": "end",
+    "action_space": "search_r1",
+    "page_chunk_chars": 4000,
     "prompt_length": 2048,  # rollout.prompt_length = ${data.max_prompt_length}
     "response_length": 16384,
     "chat_template_kwargs": {"enable_thinking": True},

@@ -106,16 +106,33 @@ def check_retriever(url: str, timeout: float = 10.0) -> dict[str, Any]:
         raise EvalError(f"retriever {url}: GET {health} failed ({type(error).__name__}: {error}); {fix}.") from None
 
 
-def make_search(url: str, topk: int, timeout: float = 30.0, max_retries: int = 2):
-    """The recipe's search tool on `url`, as the agent loop calls it (`search(query, tree_id)`, `.release`)."""
+def make_search(
+    url: str,
+    topk: int,
+    timeout: float = 30.0,
+    max_retries: int = 2,
+    show_ids: bool = False,
+    snippet_words: int | None = None,
+):
+    """The recipe's search tool on `url`, as the agent loop calls it (`search(query, tree_id)`, `.release`); the
+    paper's action space shows each result's id (`show_ids`)."""
     # deferred: both import verl, which `-h` and the input checks do without
     from recipe.carl.agent_loop import ToolSearcher
     from recipe.carl.search.search_tool import CarlSearchTool
 
-    tool = CarlSearchTool(
-        {"type": "native", "retrieval_service_url": url, "topk": topk, "timeout": timeout, "max_retries": max_retries}
-    )
-    return ToolSearcher(tool)
+    config = {"type": "native", "retrieval_service_url": url, "topk": topk, "timeout": timeout}
+    config.update(max_retries=max_retries, show_ids=show_ids, snippet_words=snippet_words)
+    return ToolSearcher(CarlSearchTool(config))
+
+
+def make_access(url: str, timeout: float = 30.0, max_retries: int = 2):
+    """The recipe's access tool on the same server (`/access`), as the agent loop calls it (`access(id, tree_id)`)."""
+    # deferred: both import verl, which `-h` and the input checks do without
+    from recipe.carl.agent_loop import ToolAccessor
+    from recipe.carl.search.search_tool import CarlAccessTool
+
+    config = {"type": "native", "retrieval_service_url": url, "timeout": timeout, "max_retries": max_retries}
+    return ToolAccessor(CarlAccessTool(config))
 
 
 def load_reward(path: str | None, name: str | None, kwargs: dict[str, Any] | None) -> Callable[..., Any]:
@@ -200,6 +217,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     datasets = load_datasets(args.data, args.limit)
     health = check_retriever(args.retriever_url)
     print(f"retriever {args.retriever_url}: {json.dumps(health)}", file=sys.stderr)
+    if settings.action_space == "paper" and not health.get("pages"):
+        raise EvalError(
+            f"--action-space paper opens pages, but the retriever at {args.retriever_url} serves none: restart it "
+            "with --pages (python -m recipe.carl.search.server --corpus ... --pages)."
+        )
     reward_fn = load_reward(args.reward_path, args.reward_name, _json_arg(args.reward_kwargs, "--reward-kwargs"))
     models = {role: resolve_model(path, merge_dir, f"--{role}") for role, (path, merge_dir) in given.items()}
     options: dict[str, Any] = {"dtype": args.dtype}
@@ -227,13 +249,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["settings_summary"] = (
         f"{'greedy' if settings.temperature == 0 else f'T={settings.temperature}, {settings.samples} sample(s)'}, "
         f"T_max {settings.max_actions}, {settings.max_action_tokens} tokens/turn, top-{settings.topk}, "
+        f"{'search/access/read/answer, ' if settings.action_space == 'paper' else ''}"
         f"{'thinking, ' if settings.thinking else ''}{engine} engine"
     )
     for role, folder in models.items():
         started = time.perf_counter()
-        search = make_search(args.retriever_url, settings.topk)
+        paper = settings.action_space == "paper"
+        search = make_search(args.retriever_url, settings.topk, show_ids=paper, snippet_words=settings.snippet_words)
+        access = make_access(args.retriever_url) if paper else None
         records[role] = asyncio.run(
-            evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=options)
+            evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=options, access=access)
         )
         label = labels[role]
         tables = {source: summarize(recs) for source, recs in records[role].items()}
@@ -319,6 +344,15 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help=f"as algorithm.carl.thinking, for Qwen3 ({recorded} off)",
     )
+    p.add_argument(
+        "--action-space",
+        choices=["search_r1", "paper"],
+        help=f"search_r1 (search, answer) or paper (search, access, read, answer) ({recorded} {s.action_space})",
+    )
+    p.add_argument(
+        "--page-chunk-chars", type=int, help=f"paper: characters per part of a page ({recorded} {s.page_chunk_chars})"
+    )
+    p.add_argument("--snippet-words", type=int, help=f"words of each search result shown ({recorded} all)")
     p.add_argument(
         "--chat-template-kwargs",
         help=f"JSON, e.g. '{{\"enable_thinking\": false}}' (data.apply_chat_template_kwargs; {recorded} none)",

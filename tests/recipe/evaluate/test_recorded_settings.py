@@ -32,7 +32,7 @@ def scripted(monkeypatch):
     """Replaces the engine with scripted turns; returns the settings each model was evaluated with."""
     seen: list[EvalSettings] = []
 
-    async def evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=None):
+    async def evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=None, access=None):
         from transformers import AutoTokenizer
 
         seen.append(settings)
