@@ -410,8 +410,8 @@ class SearchEnvironment:
             ok, contents = await self._tool(self.access, page_id, info)  # type: ignore[arg-type]
             if not ok:
                 return None
-            info["accessed"] = True
             self.pages[page_id] = contents
+        info["accessed"] = True
         return self.pages[page_id]
 
     async def score(self, tree: RolloutTree, leaf_id: int) -> float:
@@ -430,11 +430,12 @@ class SearchEnvironment:
         reason = (tree.nodes[leaf_id].finish_reason or "").split(":")[0]
         breakdown.update({f"finish_{c}": float(reason == c) for c in FINISH_CATEGORIES})
         path = [tree.nodes[v].action.info for v in tree.path(leaf_id)[1:]]
-        called = [a.get("kind") for a in path if a.get("searched") or a.get("accessed") or "error" in a]
-        breakdown["search_calls"] = float(called.count("search"))
+        breakdown["search_calls"] = float(
+            sum(a.get("kind") == "search" and ("searched" in a or "error" in a) for a in path)
+        )
         breakdown["search_errors"] = float(sum("error" in a for a in path))
         if "access" in self.actions.kinds:  # the paper's action space (the default's breakdown keeps its keys)
-            breakdown["access_calls"] = float(called.count("access"))
+            breakdown["access_actions"] = float(sum(a.get("kind") == "access" for a in path))
             breakdown["read_actions"] = float(sum(a.get("kind") == "read" for a in path))
         self.leaf_info[leaf_id] = breakdown
         self.timing["score"] += time.perf_counter() - start
