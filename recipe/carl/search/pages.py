@@ -12,8 +12,8 @@ A corpus whose documents are whole pages already (SynthHop's pages variant) is t
 passage.
 
 A page longer than the observation budget is shown in parts of at most ``chunk_chars`` characters
-(``split_parts``): each part ends at a sentence end in the second half of its window where there is one, else at a
-space, else at the limit.
+(``split_parts``): each part ends at the last sentence end of its window where there is one, else at a space, else
+at the limit, so no sentence that fits in a part is ever cut.
 
     python -m recipe.carl.search.pages --corpus data/wiki-18.jsonl            # pages, sizes, scattered titles
     python -m recipe.carl.search.pages --corpus data/wiki-18.jsonl --show 17  # the page of passage 17, in parts
@@ -143,8 +143,9 @@ class PageStore:
 def split_parts(text: str, chunk_chars: int) -> list[str]:
     """A page's text cut into parts of at most ``chunk_chars`` characters, in order (whitespace at the cuts dropped).
 
-    A part ends after the last sentence end (``.``, ``!`` or ``?``, then a space) in the second half of its window;
-    without one, at the last space; a single word longer than the window is cut at the limit.
+    A part ends after the last sentence end (``.``, ``!`` or ``?``, then a space) in its window, so a sentence that
+    fits in a part is never cut; without one, at the last space; a single word longer than the window is cut at the
+    limit.
 
     Raises:
         ValueError: ``chunk_chars`` < 1.
@@ -158,7 +159,7 @@ def split_parts(text: str, chunk_chars: int) -> list[str]:
             parts.append(rest)
             break
         window = rest[: chunk_chars + 1]  # one more: a boundary right at the limit counts
-        ends = [m.end() - 1 for m in _SENTENCE_END.finditer(window) if m.end() - 1 >= chunk_chars // 2]
+        ends = [m.end() - 1 for m in _SENTENCE_END.finditer(window)]
         cut = ends[-1] if ends else window.rfind(" ")
         if cut <= 0:
             cut = chunk_chars

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
@@ -80,12 +80,21 @@ class DemoConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the SFT and the actor's update (SmolLM2: 30 layers of activations)."""
     timeout_s: int = 1800
+    action_space: str = "search_r1"
+    """`search_r1` (search, answer: the default) or `paper` (search, access, read, answer on SynthHop's pages
+    variant, `recipe.carl.synthhop.pages`; `with_pages` sets its sizes)."""
+    snippet_words: int = 5
+    """`paper`: words of a page a search result shows (its lead sentence)."""
+    page_chunk_chars: int = 64
+    """`paper`: characters per part of a page (`algorithm.carl.page_chunk_chars`)."""
 
     def __post_init__(self) -> None:
         if self.rollout not in ROLLOUT_DEVICES or self.algo not in ("carl", "grpo"):
             raise ValueError(
                 f"rollout {self.rollout!r} / algo {self.algo!r}: use {sorted(ROLLOUT_DEVICES)} / carl, grpo."
             )
+        if self.action_space not in ("search_r1", "paper"):
+            raise ValueError(f"action_space {self.action_space!r}: use search_r1 or paper.")
         if self.packing not in ("path", "tree"):
             raise ValueError(f"packing {self.packing!r}: use path (one row per leaf path) or tree (one per tree).")
         names = ("steps", "sft_steps", "batch_prompts", "n0", "max_actions", "test_freq", "val_samples", "n_test")
@@ -112,6 +121,21 @@ class DemoConfig:
                    sft_batch_size=8, batch_prompts=4, n0=2, n_forks=4, lr=1e-5, test_freq=5, val_samples=2,
                    max_prompt_length=192, max_response_length=1024, micro_batch_tokens=2048,
                    gradient_checkpointing=True, timeout_s=7200)  # fmt: skip
+
+    def with_pages(self, smoke: bool = False) -> DemoConfig:
+        """This run with the paper's action space on SynthHop's pages: a hop is a search, an access and up to two
+        reads, so T_max 14 (8 in the smoke mode) and room for ~10 observations of ~25 tokens; no shipped start (it
+        was trained on the default data). The smoke mode's SFT gets 150 s (docs/pages.md: what that start does)."""
+        tiny = smoke
+        return replace(
+            self,
+            action_space="paper",
+            max_actions=8 if tiny else 14,
+            max_prompt_length=96,
+            max_response_length=512 if tiny else 768,
+            sft_steps=600 if tiny else self.sft_steps,
+            sft_time_budget_s=150.0 if tiny else self.sft_time_budget_s,
+        )
 
     def validations(self) -> list[int]:
         """The steps after which the trainer validates (0: before training)."""

@@ -80,7 +80,7 @@ def test_each_malformed_paper_turn_has_its_reason(text, reason):
 def test_a_page_opens_at_its_first_part_and_reads_on_until_its_end():
     page = "Uldal\nUldal is a company . Uldal was founded by Nysa_Oax . Uldal is headquartered in Drein ."
     reading = open_page("Uldal", page, 40)
-    # Parts of at most 40 characters, each ending at a sentence end in its second half (" ." then a space).
+    # Parts of at most 40 characters, each ending at the last sentence end of its window (" ." then a space).
     assert reading.parts == (
         "Uldal is a company .",
         "Uldal was founded by Nysa_Oax .",

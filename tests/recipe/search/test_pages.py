@@ -58,15 +58,21 @@ def test_ids_that_are_not_line_numbers_are_looked_up_and_must_be_unique(tmp_path
 
 def test_parts_end_at_sentence_ends_then_spaces_then_the_limit():
     text = "One two three. Four five six seven. Eight nine ten eleven twelve. Thirteen."
-    # Window of 30 (+1): the only sentence end "three. " ends at 14 < 15 (the window's second half): cut at the
-    # last space, after "six". Then "seven. Eight nine ten eleven" ends a sentence at 6 < 15: the last space again.
+    # Windows of 30 (+1) characters: each holds one sentence end, after "three.", "seven.", "twelve.": cut there.
     assert split_parts(text, 30) == [
-        "One two three. Four five six",
-        "seven. Eight nine ten eleven",
-        "twelve. Thirteen.",
+        "One two three.",
+        "Four five six seven.",
+        "Eight nine ten eleven twelve.",
+        "Thirteen.",
     ]
-    # With room for two sentences the cut is at the sentence end in the second half.
+    # With room for two sentences the cut is at the last sentence end of the window.
     assert split_parts(text, 40) == ["One two three. Four five six seven.", "Eight nine ten eleven twelve. Thirteen."]
+    # A sentence longer than a part: the last space ("Uldal is headquartered in Drein ." has 33 characters).
+    assert split_parts("Uldal is a company . Uldal is headquartered in Drein .", 22) == [
+        "Uldal is a company .",
+        "Uldal is headquartered",
+        "in Drein .",
+    ]
     assert split_parts("abcdefghij klm", 4) == ["abcd", "efgh", "ij", "klm"]  # a word longer than a part is cut
     assert split_parts("  short  ", 100) == ["short"] and split_parts("", 5) == []
     for size in (5, 17, 33):  # no part is longer than asked; no word is cut when every word fits
