@@ -65,6 +65,7 @@ from omegaconf import OmegaConf
 
 from recipe.carl.evaluate.data import load_datasets
 from recipe.carl.evaluate.engines import choose_engine
+from recipe.carl.evaluate.judge import Judge, JudgeError, add_lasj
 from recipe.carl.evaluate.models import is_unrecorded_checkpoint, model_label, recorded_run, resolve_model
 from recipe.carl.evaluate.report import compare, diagnose, markdown, summarize
 from recipe.carl.evaluate.runner import evaluate_model
@@ -232,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             engine_kwargs=_json_arg(args.vllm_kwargs, "--vllm-kwargs"),
         )
 
+    judge = Judge(args.judge_url, args.judge_model or "", key_env=args.judge_key_env) if args.judge_url else None
     labels = {"model": args.label or model_label(args.model)}
     if args.baseline:
         labels["baseline"] = args.baseline_label or model_label(args.baseline)
@@ -260,6 +262,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         records[role] = asyncio.run(
             evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=options, access=access)
         )
+        if judge is not None:  # LasJ beside EM and F1 (recipe.carl.evaluate.judge)
+            for recs in records[role].values():
+                try:
+                    asyncio.run(add_lasj(judge, recs))
+                except JudgeError as error:
+                    raise EvalError(str(error)) from None
         label = labels[role]
         tables = {source: summarize(recs) for source, recs in records[role].items()}
         results["models"][label] = {
@@ -360,6 +368,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency", type=int, default=s.concurrency, help="trajectories in flight (default %(default)s)"
     )
+    p.add_argument(
+        "--judge-url",
+        help="LasJ: an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8001/v1, a local vllm serve) that judges each "
+        "prediction correct or incorrect, reported beside EM and F1 (recipe.carl.evaluate.judge)",
+    )
+    p.add_argument("--judge-model", help="the model the judge endpoint serves (needed with --judge-url)")
+    p.add_argument(
+        "--judge-key-env",
+        default="OPENAI_API_KEY",
+        help="the environment variable holding the judge's API key, if it needs one (default %(default)s)",
+    )
     p.add_argument("--reward-path", help="a custom reward file (verl's reward.custom_reward_function.path)")
     p.add_argument("--reward-name", help="its function (default compute_score)")
     p.add_argument("--reward-kwargs", help="JSON keyword arguments of the reward (reward_kwargs)")
@@ -378,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.argv = argv
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"error: --limit {args.limit}: must be >= 1 (omit it for all questions).")
+    if args.judge_url and not args.judge_model:
+        raise SystemExit("error: --judge-url needs --judge-model: the model the judge endpoint serves.")
     try:
         return run(args)
     except EvalError as error:

@@ -57,8 +57,9 @@ class Page:
 class PageStore:
     """The pages of a passage corpus: consecutive passages with the same title form one page.
 
-    Memory: one integer per page (where it starts) plus, when the corpus's ids are not its line numbers, one dict
-    entry per passage. wiki-18's ids are its line numbers, so its ~21M passages cost only the page starts.
+    Memory: one integer per page (where it starts) plus, when the corpus's ids are not consecutive numbers (its line
+    numbers, from any start), one dict entry per passage; a numbered corpus like wiki-18's ~21M passages costs only
+    the page starts.
 
     Args:
         corpus: the retriever's corpus (``load_corpus``).
@@ -70,9 +71,11 @@ class PageStore:
         starts = [0] + [i for i in range(1, len(titles)) if titles[i] != titles[i - 1]]
         self.starts = np.asarray(starts, dtype=np.int64)  # first passage of each page [shape: (num_pages,)]
         self._titles = [titles[s] for s in starts]
-        # Ids that are the line numbers need no lookup table (wiki-18); any other ids get one.
+        # Consecutive numbers as ids (the line numbers, from any start) need no lookup table; any other ids get one.
         self._position: dict[str, int] | None = None
-        if any(doc_id != str(i) for i, doc_id in enumerate(corpus.ids)):
+        first = corpus.ids[0] if corpus.ids else "0"
+        self._offset = int(first) if first.isdigit() and (first == "0" or not first.startswith("0")) else -1
+        if self._offset < 0 or any(doc_id != str(i + self._offset) for i, doc_id in enumerate(corpus.ids)):
             self._position = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
             if len(self._position) != len(corpus.ids):
                 seen: set[str] = set()
@@ -89,8 +92,9 @@ class PageStore:
         """The corpus position of the passage with this id, or None when there is none."""
         if self._position is not None:
             return self._position.get(doc_id)
-        if doc_id.isdigit() and (doc_id == "0" or not doc_id.startswith("0")) and int(doc_id) < len(self.corpus):
-            return int(doc_id)
+        if doc_id.isdigit() and (doc_id == "0" or not doc_id.startswith("0")):
+            position = int(doc_id) - self._offset
+            return position if 0 <= position < len(self.corpus) else None
         return None
 
     def _page_index(self, position: int) -> int:

@@ -44,6 +44,17 @@ def test_a_page_is_every_passage_of_its_article_in_order(wiki):
     assert summary["largest_page"] == {"id": "0", "chars": len(alpha.text)}
 
 
+def test_numbered_ids_from_any_start_need_no_table(tmp_path):
+    """DPR numbers its passages from 1: consecutive numbers from any start are positions plus that start."""
+    rows = [{"id": str(i + 1), "contents": f"T{i // 2}\np{i}"} for i in range(6)]
+    path = tmp_path / "from1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = PageStore(load_corpus(path))
+    assert store._position is None and len(store) == 3
+    assert store.get("1").passage_ids == ("1", "2") and store.get("6").text == "p4\np5"
+    assert store.get("0") is None and store.get("7") is None and store.get("06") is None
+
+
 def test_ids_that_are_not_line_numbers_are_looked_up_and_must_be_unique(tmp_path):
     path = tmp_path / "named.jsonl"
     rows = [{"id": "Uldal", "contents": "Uldal\nUldal is a company ."}, {"id": "Drein", "contents": "Drein\nA city ."}]
