@@ -28,6 +28,7 @@ INCORRECT = '```json\n{"rationale": "another city", "judgement": "Incorrect"}\n`
     [
         (CORRECT, True),  # ASearcher's own format: a trailing comma (not JSON, a Python literal)
         (INCORRECT, False),
+        ("```json\n{'rationale': 'a Python dict', 'judgement': 'Correct'}\n```", True),  # only a literal parses it
         ('{"judgement": "correct"}', True),
         ('The answer is wrong. "judgement": "Incorrect"', False),  # no block: the pattern decides
         ("I cannot decide.", None),
