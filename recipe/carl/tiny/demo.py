@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from recipe.carl.io import write_json, write_text
+from recipe.carl.search.pages import PageStore
 from recipe.carl.tiny import cli, launch, report
 from recipe.carl.tiny.config import REPO, ROLLOUT_DEVICES, SHIPPED_SFT, DemoConfig
 
@@ -82,7 +83,6 @@ def run_demo(
         The summary (also written to `run_dir/summary.json`), or `{"sft", "policy_sft"}` with `sft_only`.
     """
     # Here, not at the top: these import torch and transformers, which `--help` and a refused flag never need.
-    from recipe.carl.search.pages import PageStore
     from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
     from recipe.carl.tiny.trajectory import corpus_search
     from recipe.carl.tiny.warm_start import pages_config, warm_start
