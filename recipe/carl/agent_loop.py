@@ -16,8 +16,8 @@ No values or advantages are computed here: the registered `carl` estimator score
   (-1 on observations); the estimator puts that action's advantage on its tokens;
 - `carl_leaf`: the leaf whose path the row follows (its reward and reward breakdown are in the description);
 - `carl_tree`: on the tree's first row only, `carl_core.describe_tree` (per node: parent, leaf reward, action
-  entropy, tokens, finish reason) plus the per-leaf reward breakdown and the tree's search counts; on steps whose
-  trees are dumped (`algorithm.carl.dump_every`), also the question and each action's text;
+  entropy, tokens, finish reason, action kind) plus the per-leaf reward breakdown and the tree's search counts; on
+  steps whose trees are dumped (`algorithm.carl.dump_every`), also the question and each action's text;
 - `reward_extra_info`: the leaf's reward breakdown, finish-reason flags and search counts (verl requires it on the
   last output once a score is set, and aggregates it into `val-aux/*` metrics during validation).
 
@@ -451,7 +451,8 @@ class CarlAgentLoop(AgentLoopBase):
         search: the search backend (`search(query, tree_id)` or an object with `.search`); default: the verl tool
             named `search`.
         tools: verl's loaded tools (passed by the agent-loop worker).
-    Per-turn token budget, invalid-action behaviour and thinking come from `algorithm.carl` (`recipe.carl.settings`).
+    Per-turn token budget, invalid-action behaviour, thinking and the action space (with the verl tool named `access`
+    under `paper`) come from `algorithm.carl` (`recipe.carl.settings`).
     """
 
     def __init__(
