@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, parser = parse_args(argv)
     start = time.perf_counter()
     try:
+        default_turns = PAGES_MAX_TURNS if args.pages else SynthHopConfig.max_turns
         config = SynthHopConfig(
             seed=args.seed,
             n_entities=args.n_entities,
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             noise=args.noise,
             top_k=args.top_k,
             doc_words=args.doc_words,
-            max_turns=args.max_turns or (PAGES_MAX_TURNS if args.pages else SynthHopConfig.max_turns),
+            max_turns=args.max_turns if args.max_turns is not None else default_turns,
             pages=PagesConfig(args.snippet_words, args.page_chunk_chars) if args.pages else None,
         )
         check_out_dir(args.out, args.overwrite)  # fail before the work, not after
