@@ -2,8 +2,10 @@
 SynthHop's pages variant, trains a short SFT start on its demonstrations (search, access, read, answer), serves pages
 over `POST /access`, and runs 2 CARL steps through verl's real trainer with `algorithm.carl.action_space=paper`.
 
-Slow (~5 min on 2 idle cores: 300 SFT steps ~2 min, the trainer ~3 min). What the trees' page parts do in training
-(never trained, -1 in `carl_token_nodes`) is checked without the trainer in `tests/recipe/test_paper_agent_loop.py`.
+Slow: 648 s on the 2-core development machine under other jobs' load (547 s of them the 300 SFT steps; on idle cores
+the SFT should take ~1.5 min, an estimate: docs/measurements.md). What the trees' page parts do in training (never
+trained, -1 in `carl_token_nodes`) is checked through verl's own row post-processing in
+`tests/recipe/test_paper_agent_loop.py`.
 """
 
 from __future__ import annotations
