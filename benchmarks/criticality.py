@@ -11,6 +11,10 @@ and the CPU rollout server's batched engine (all questions run concurrently, so 
 
 Reported: Spearman's rank correlation of entropy with C, the share of states with near-zero C (the paper: more
 than half), and the Brunner-Munzel test of entropy between high-C and near-zero-C states (the paper: p = 0.002).
+And by action type, the paper's Fig. 5 (search and access more critical than read and answer): for the kind of the
+action the trajectory took at each state, the states' mean criticality and entropy and their shares of high and
+near-zero C (`by_kind`). `--action-space paper` studies SynthHop's pages variant (search, access, read, answer;
+`--data` then names a folder written with `make_data --pages`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class StudyConfig:
     response_length: int = 384
     topk: int = 2
     seed: int = 0
+    action_space: str = "search_r1"
+    """`paper`: SynthHop's pages variant (its data written with `make_data --pages`)."""
+    page_chunk_chars: int = 64
+    snippet_words: int = 5
 
 
 def compute_criticality_stats(
@@ -92,6 +100,44 @@ def compute_criticality_stats(
     }
 
 
+def compute_kind_stats(
+    kinds: Sequence[str],
+    entropy: Sequence[float],
+    reward_std: Sequence[float],
+    near_zero: float = 0.05,
+    high: float = 0.4,
+) -> dict[str, dict[str, float | int]]:
+    """Criticality and entropy by the kind of the action taken at each state (the paper's Fig. 5).
+
+    Args:
+        kinds: the kind of the action the sampled trajectory took at each state (search, access, read, answer,
+            invalid) [len: n_states].
+        entropy: each state's entropy estimate [len: n_states].
+        reward_std: each state's criticality C (Eq. 5) [len: n_states].
+        near_zero: threshold below which C counts as near zero.
+        high: threshold above which C counts as high.
+
+    Returns:
+        Per kind: `n_states`, `criticality_mean`, `entropy_mean`, `frac_high_std`, `frac_near_zero_std`.
+    """
+    h, c = np.asarray(entropy, dtype=float), np.asarray(reward_std, dtype=float)
+    if not len(kinds) == len(h) == len(c):
+        raise ValueError(
+            f"kinds, entropy and reward_std must have one value per state: {len(kinds)}, {len(h)}, {len(c)}"
+        )
+    out: dict[str, dict[str, float | int]] = {}
+    for kind in sorted(set(kinds)):
+        mask = np.array([k == kind for k in kinds])
+        out[kind] = {
+            "n_states": int(mask.sum()),
+            "criticality_mean": float(c[mask].mean()),
+            "entropy_mean": float(h[mask].mean()),
+            "frac_high_std": float((c[mask] > high).mean()),
+            "frac_near_zero_std": float((c[mask] < near_zero).mean()),
+        }
+    return out
+
+
 async def _resample(tree: RolloutTree, state: int, sample_env, greedy_env) -> tuple[float, float]:
     """One a' ~ pi(.|s) then a greedy continuation; returns (h(a'), final reward)."""
     draw = tree.start_rollout(state)
@@ -109,7 +155,7 @@ async def _resample(tree: RolloutTree, state: int, sample_env, greedy_env) -> tu
     return h, tree.nodes[leaf].reward  # a stop (no action) is the policy's outcome too
 
 
-async def _study_question(agent, row: dict, cfg: StudyConfig, uid: str) -> list[tuple[float, float]]:
+async def _study_question(agent, row: dict, cfg: StudyConfig, uid: str) -> list[tuple[float, float, str]]:
     sample_env, greedy_env = agent.env(row, 1.0, uid), agent.env(row, 0.0, uid)
     tree = agent.new_tree(row, uid)
     leaf = await rollout_from(tree, tree.start_rollout(0), sample_env)
@@ -117,12 +163,13 @@ async def _study_question(agent, row: dict, cfg: StudyConfig, uid: str) -> list[
     states = tree.path(leaf)[: -2 if tree.nodes[leaf].is_stop else -1]
     results = []
     for state in states:
-        first = tree.nodes[tree.nodes[state].children[0]].action.entropy
+        taken = tree.nodes[tree.nodes[state].children[0]].action  # the action the trajectory took here
+        first, kind = taken.entropy, str(taken.info.get("kind"))
         draws = await asyncio.gather(*[_resample(tree, state, sample_env, greedy_env) for _ in range(cfg.k)])
         hs = [first] + [h for h, _ in draws if not math.isnan(h)]
         rewards = [r for _, r in draws if not math.isnan(r)]
         if len(rewards) >= 2:
-            results.append((float(np.mean(hs)), float(np.std(rewards))))
+            results.append((float(np.mean(hs)), float(np.std(rewards)), kind))
     return results
 
 
@@ -139,15 +186,20 @@ def run_study(policy_dir: str | Path, data_dir: str | Path, cfg: StudyConfig) ->
         max_action_tokens=cfg.max_action_tokens,
         response_length=cfg.response_length,
         seed=cfg.seed,
+        action_space=cfg.action_space,
+        page_chunk_chars=cfg.page_chunk_chars,
+        snippet_words=cfg.snippet_words if cfg.action_space == "paper" else None,
     )
     rows = agent.rows("test", cfg.questions)
 
     async def run_all():
         return await asyncio.gather(*[_study_question(agent, row, cfg, f"crit{i}") for i, row in enumerate(rows)])
 
-    pairs = [pair for question in asyncio.run(run_all()) for pair in question]
-    out = compute_criticality_stats([h for h, _ in pairs], [c for _, c in pairs], cfg.near_zero, cfg.high)
-    out.update(questions=len(rows), k=cfg.k, policy=str(policy_dir))
+    states = [state for question in asyncio.run(run_all()) for state in question]
+    entropy, spread, kinds = [h for h, _, _ in states], [c for _, c, _ in states], [k for _, _, k in states]
+    out = compute_criticality_stats(entropy, spread, cfg.near_zero, cfg.high)
+    out["by_kind"] = compute_kind_stats(kinds, entropy, spread, cfg.near_zero, cfg.high)
+    out.update(questions=len(rows), k=cfg.k, policy=str(policy_dir), action_space=cfg.action_space)
     return out
 
 
@@ -159,15 +211,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", type=Path, help="a SynthHop folder with test.parquet (default: the experiment's data)")
     p.add_argument("--questions", type=int, default=StudyConfig.questions, help="held-out questions studied")
     p.add_argument("--k", type=int, default=StudyConfig.k, help="actions resampled per state")
+    p.add_argument(
+        "--action-space",
+        choices=["search_r1", "paper"],
+        default="search_r1",
+        help="paper: SynthHop's pages variant (search, access, read, answer; --data written with make_data --pages)",
+    )
+    p.add_argument("--max-actions", type=int, default=None, help="T_max (default 6; 14 with --action-space paper)")
     args = p.parse_args(argv)
     if args.questions < 1 or args.k < 2:
         raise SystemExit(f"error: --questions {args.questions} must be >= 1 and --k {args.k} >= 2 (a spread).")
     if (args.policy is None) != (args.data is None):
         raise SystemExit("error: give both --policy and --data, or neither (the experiment's SFT start and data).")
+    if args.action_space == "paper" and args.policy is None:
+        raise SystemExit("error: --action-space paper needs --policy and --data (a pages-variant SFT start and data).")
     if args.policy is None:
         shared = prepare(REPO / "runs" / "carl_vs_grpo", PROTOCOL)
         args.policy, args.data = shared / "policy_sft", shared / "data"
-    result = run_study(args.policy, args.data, StudyConfig(questions=args.questions, k=args.k))
+    paper = args.action_space == "paper"
+    sizes = {"max_actions": args.max_actions or (14 if paper else StudyConfig.max_actions)}
+    if paper:
+        sizes["response_length"] = 768
+    cfg = StudyConfig(questions=args.questions, k=args.k, action_space=args.action_space, **sizes)
+    result = run_study(args.policy, args.data, cfg)
     print(json.dumps(result, indent=1))
     return result
 

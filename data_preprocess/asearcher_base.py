@@ -41,7 +41,9 @@ HUB_SPLIT = "ASearcherBase35k"
 DATA_SOURCE = "asearcher_base"
 
 
-def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: str | None = None) -> dict[str, Any]:
+def make_row(
+    example: Mapping[str, Any], split: str, idx: int, *, agent_name: str | None = None, action_space: str = "search_r1"
+) -> dict[str, Any]:
     """Converts one ASearcher record (fields in the module docstring)."""
     question = clean_question(require(example, ["question"], idx))
     if not question:
@@ -61,6 +63,7 @@ def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: st
         agent_name=agent_name,
         source_id=next((example[k] for k in ("qid", "id", "idx") if example.get(k) is not None), None),
         extra={"source": None if example.get("source") is None else str(example["source"])},
+        action_space=action_space,
     )
 
 
@@ -69,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_args(parser, default_split="train")
     args = parser.parse_args(argv)
     records = load_hub_records(HUB_NAME, HUB_SPLIT) if args.hub else read_records(args.input, keep_bad=True)
-    return run(records, lambda ex, i: make_row(ex, args.split, i, agent_name=args.agent_name), args, "asearcher")
+    make = lambda ex, i: make_row(ex, args.split, i, agent_name=args.agent_name, action_space=args.action_space)  # noqa: E731
+    return run(records, make, args, "asearcher")
 
 
 if __name__ == "__main__":

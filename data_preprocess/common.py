@@ -16,7 +16,9 @@ column               content
                      ``--agent-name`` overrides; verl picks the agent loop per row
 ===================  ============================================================================================
 
-The prompt asks for Search-R1's tag protocol (``recipe/carl/search/actions.py`` explains the choice).
+The prompt asks for Search-R1's tag protocol (``recipe/carl/search/actions.py`` explains the choice); with
+``--action-space paper``, for the paper's action space (``<access>`` and ``<read>`` too:
+``recipe/carl/search/action_space.py``), the run's ``algorithm.carl.action_space`` must then be ``paper``.
 
 Input files (``read_records``): ``.jsonl``, ``.json`` (a list of records), ``.parquet`` or ``.csv`` (with a header).
 A JSONL or CSV line that is not valid UTF-8 or (JSONL) not valid JSON is a bad row like any other: named by file and
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.carl.io import atomic_path
+from recipe.carl.search.action_space import PAPER_INSTRUCTION_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,9 @@ INSTRUCTION_TEMPLATE = (
     "Question: {question}"
 )
 
+#: The instruction of each action space (`algorithm.carl.action_space`).
+INSTRUCTION_TEMPLATES = {"search_r1": INSTRUCTION_TEMPLATE, "paper": PAPER_INSTRUCTION_TEMPLATE}
+
 REQUIRED_COLUMNS = ("data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name")
 
 
@@ -83,11 +89,14 @@ class BadRecord:
     """Names the file, the line and what is wrong, e.g. ``data.jsonl:7: not valid JSON (Expecting value)``."""
 
 
-def build_prompt(question: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
-    """The chat prompt for one question: a system message and the instruction + question as the user message."""
+def build_prompt(
+    question: str, system_prompt: str = SYSTEM_PROMPT, action_space: str = "search_r1"
+) -> list[dict[str, str]]:
+    """The chat prompt for one question: a system message and the instruction of `action_space` + question as the
+    user message."""
     return [
         {"role": "system", "content": system_prompt},
-        {"role": "user", "content": INSTRUCTION_TEMPLATE.format(question=question)},
+        {"role": "user", "content": INSTRUCTION_TEMPLATES[action_space].format(question=question)},
     ]
 
 
@@ -176,6 +185,7 @@ def make_search_row(
     aug_answers: Sequence[str] | None = None,
     source_id: Any = None,
     extra: Mapping[str, Any] | None = None,
+    action_space: str = "search_r1",
 ) -> dict[str, Any]:
     """Assembles one verl row (the schema in the module docstring) and validates it.
 
@@ -189,6 +199,7 @@ def make_search_row(
         aug_answers: ASearcher's augmented aliases; stored as ``ground_truth.aug_target`` when given.
         source_id: The row's id in its source data, stored as ``extra_info.source_id`` (a string, or None).
         extra: Additional ``extra_info`` fields.
+        action_space: Whose instruction the prompt holds: ``search_r1`` (default) or ``paper``.
 
     Raises:
         RowError: When the question or answers are empty; the message names ``idx``.
@@ -198,7 +209,7 @@ def make_search_row(
         ground_truth["aug_target"] = list(aug_answers)
     row = {
         "data_source": data_source,
-        "prompt": build_prompt(question),
+        "prompt": build_prompt(question, action_space=action_space),
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": ground_truth},
         "extra_info": {
@@ -415,6 +426,13 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_split: str, hub:
         "--agent-name",
         default=None,
         help=f"verl agent loop for these rows (default: {TRAIN_AGENT_NAME} for --split train, else {EVAL_AGENT_NAME})",
+    )
+    parser.add_argument(
+        "--action-space",
+        choices=sorted(INSTRUCTION_TEMPLATES),
+        default="search_r1",
+        help="the prompt's instruction: search_r1 (default: search, answer) or paper (search, access, read, answer; "
+        "train with algorithm.carl.action_space=paper)",
     )
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
     parser.add_argument("--limit", type=int, default=None, help="convert at most this many records (the first ones)")

@@ -82,6 +82,7 @@ def make_row(
     answer_sep: str | None = None,
     question_mark: str = "auto",
     agent_name: str | None = None,
+    action_space: str = "search_r1",
 ) -> dict[str, Any]:
     """Converts one record of a generic QA file (see the module docstring)."""
     if not isinstance(example, Mapping):
@@ -105,6 +106,7 @@ def make_row(
         idx=idx,
         agent_name=agent_name,
         source_id=example.get(id_field) if id_field else None,
+        action_space=action_space,
     )
 
 
@@ -145,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             answer_sep=args.answer_sep,
             question_mark=args.question_mark,
             agent_name=args.agent_name,
+            action_space=args.action_space,
         )
 
     return run(read_records(args.input, keep_bad=True), make, args, data_source)

@@ -46,7 +46,13 @@ DATASETS = tuple(HUB_SPLITS)
 
 
 def make_row(
-    example: Mapping[str, Any], split: str, idx: int, *, dataset: str, agent_name: str | None = None
+    example: Mapping[str, Any],
+    split: str,
+    idx: int,
+    *,
+    dataset: str,
+    agent_name: str | None = None,
+    action_space: str = "search_r1",
 ) -> dict[str, Any]:
     """Converts one FlashRAG-shaped record of ``dataset`` (one of ``DATASETS``)."""
     if dataset not in HUB_SPLITS:
@@ -65,6 +71,7 @@ def make_row(
         idx=idx,
         agent_name=agent_name,
         source_id=example.get("id"),
+        action_space=action_space,
     )
 
 
@@ -78,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = load_hub_records(HUB_NAME, args.hub_split or HUB_SPLITS[args.dataset], config=args.dataset)
     else:
         records = read_records(args.input, keep_bad=True)
-    make = lambda ex, i: make_row(ex, args.split, i, dataset=args.dataset, agent_name=args.agent_name)  # noqa: E731
+    make = lambda ex, i: make_row(  # noqa: E731
+        ex, args.split, i, dataset=args.dataset, agent_name=args.agent_name, action_space=args.action_space
+    )
     return run(records, make, args, args.dataset)
 
 

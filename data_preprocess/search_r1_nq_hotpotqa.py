@@ -42,7 +42,9 @@ def _answers(example: Mapping[str, Any], idx: int) -> list[str]:
     return as_answer_list(value)
 
 
-def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: str | None = None) -> dict[str, Any]:
+def make_row(
+    example: Mapping[str, Any], split: str, idx: int, *, agent_name: str | None = None, action_space: str = "search_r1"
+) -> dict[str, Any]:
     """Converts one NQ/HotpotQA record; ``data_source`` becomes ``searchR1_<source>`` (e.g. ``searchR1_nq``)."""
     question = clean_question(require(example, ["question"], idx), add_question_mark=True)
     if question in ("", "?"):
@@ -60,6 +62,7 @@ def make_row(example: Mapping[str, Any], split: str, idx: int, *, agent_name: st
         idx=idx,
         agent_name=agent_name,
         source_id=example.get("id"),
+        action_space=action_space,
     )
 
 
@@ -68,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_args(parser, default_split="train")
     args = parser.parse_args(argv)
     records = load_hub_records(HUB_NAME, args.split) if args.hub else read_records(args.input, keep_bad=True)
-    return run(records, lambda ex, i: make_row(ex, args.split, i, agent_name=args.agent_name), args, "nq+hotpotqa")
+    make = lambda ex, i: make_row(ex, args.split, i, agent_name=args.agent_name, action_space=args.action_space)  # noqa: E731
+    return run(records, make, args, "nq+hotpotqa")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,14 @@ MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2.5-7B-Instruct}
 TRAIN_FILE=${TRAIN_FILE:-$HOME/data/carl_search/train.parquet}
 VAL_FILE=${VAL_FILE:-$HOME/data/carl_search/val.parquet}
 export RETRIEVER_URL=${RETRIEVER_URL:-http://127.0.0.1:8000/retrieve}
-# verl tool yaml declaring the tool named `search` (recipe/carl/search, issue 4); it reads RETRIEVER_URL.
-TOOL_CONFIG=${TOOL_CONFIG:-recipe/carl/search/search_tool.yaml}
+# What the agent may do (algorithm.carl.action_space): search_r1 = <search>, <answer>; paper = also <access> id
+# </access> and <read> </read>, the paper's agent (docs/pages.md: a retriever started with --pages, data written with
+# --action-space paper). PAGE_CHUNK_CHARS: characters per part of a long page.
+ACTION_SPACE=${ACTION_SPACE:-search_r1}
+PAGE_CHUNK_CHARS=${PAGE_CHUNK_CHARS:-4000}
+# verl tool yaml declaring the tool named `search` (recipe/carl/search, issue 4), and `access` for the paper's action
+# space; it reads RETRIEVER_URL.
+TOOL_CONFIG=${TOOL_CONFIG:-recipe/carl/search/$([[ $ACTION_SPACE == paper ]] && echo pages_tool || echo search_tool).yaml}
 CKPT_DIR=${CKPT_DIR:-$HOME/checkpoints/carl}
 
 # ---- cluster ----
@@ -102,6 +108,8 @@ python3 -m recipe.carl.main_carl \
     algorithm.carl.forks_in_flight=$FORKS_IN_FLIGHT \
     algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
     algorithm.carl.thinking=$THINKING \
+    algorithm.carl.action_space=$ACTION_SPACE \
+    algorithm.carl.page_chunk_chars=$PAGE_CHUNK_CHARS \
     "${PACKING_OVERRIDES[@]}" \
     actor_rollout_ref.model.path="$MODEL_PATH" \
     actor_rollout_ref.model.use_remove_padding=True \

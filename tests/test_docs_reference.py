@@ -16,8 +16,14 @@ from recipe.carl.settings import RECIPE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 #: The modules that put metrics into the trainer's step metrics (`compute_*_stats`, `search_metrics`, `plan_metrics`,
-#: `BudgetTotals`).
-LOGGING_SOURCES = ["carl_core/stats.py", "recipe/carl/trainer.py", "recipe/carl/schedule.py", "recipe/carl/totals.py"]
+#: `BudgetTotals`, the action kinds' stats).
+LOGGING_SOURCES = [
+    "carl_core/stats.py",
+    "recipe/carl/trainer.py",
+    "recipe/carl/schedule.py",
+    "recipe/carl/totals.py",
+    "recipe/carl/action_kinds.py",
+]
 METRIC = re.compile(r"""["']((?:carl|search)/[a-z_]+(?:/\{[a-z_]+\})?)["']""")
 
 
@@ -32,7 +38,7 @@ def test_config_reference_has_a_row_per_key():
 
 def test_metrics_reference_names_every_logged_metric():
     logged = {m for path in LOGGING_SOURCES for m in METRIC.findall((REPO / path).read_text(encoding="utf-8"))}
-    logged = {re.sub(r"\{[a-z_]+\}", "<reason>", m) for m in logged}  # f"carl/finish/{reason}"
+    logged = {re.sub(r"\{([a-z_]+)\}", r"<\1>", m) for m in logged}  # f"carl/finish/{reason}" -> carl/finish/<reason>
     assert len(logged) >= 30  # the sources were read: about 30 names
     named = set(re.findall(r"`((?:carl|search)/[\w<>/]+)`", (REPO / "docs" / "metrics.md").read_text(encoding="utf-8")))
     assert sorted(logged - named) == []

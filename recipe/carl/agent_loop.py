@@ -16,14 +16,16 @@ No values or advantages are computed here: the registered `carl` estimator score
   (-1 on observations); the estimator puts that action's advantage on its tokens;
 - `carl_leaf`: the leaf whose path the row follows (its reward and reward breakdown are in the description);
 - `carl_tree`: on the tree's first row only, `carl_core.describe_tree` (per node: parent, leaf reward, action
-  entropy, tokens, finish reason) plus the per-leaf reward breakdown and the tree's search counts; on steps whose
-  trees are dumped (`algorithm.carl.dump_every`), also the question and each action's text;
+  entropy, tokens, finish reason, action kind) plus the per-leaf reward breakdown and the tree's search counts; on
+  steps whose trees are dumped (`algorithm.carl.dump_every`), also the question and each action's text;
 - `reward_extra_info`: the leaf's reward breakdown, finish-reason flags and search counts (verl requires it on the
   last output once a score is set, and aggregates it into `val-aux/*` metrics during validation).
 
 `SearchEnvironment.step` is one agent turn: generate from the state's prefix (one request id per tree, so a server's
 prefix cache sees every fork of the tree), stop at `</search>`, `</answer>` or EOS, parse the turn, run the search
-and append the `<information>...</information>` observation. A leaf ends on an answer, at T_max, or with a recorded
+and append the `<information>...</information>` observation. Under `algorithm.carl.action_space: paper` a turn may
+also open a page (`<access> id </access>`, the verl tool named `access`) or read on in it (`<read> </read>`), whose
+part is the observation (`recipe.carl.search.action_space`). A leaf ends on an answer, at T_max, or with a recorded
 reason: `prompt_too_long`, `context_overflow` (no room left in `rollout.response_length`), `action_too_long` (the turn
 used its whole budget without an action), `invalid:<reason>` (a malformed action, see `recipe.carl.search.actions`),
 `tool_error` (the search failed after the tool's retries: the failure never becomes an observation that is
@@ -63,7 +65,16 @@ from recipe.carl.in_flight import IN_FLIGHT
 from recipe.carl.packing import RUNS_KEY, packing_budget
 from recipe.carl.packing.layout import PackedRow, pack_tree
 from recipe.carl.pool import POOLS, ForkPool, grow_pooled
-from recipe.carl.search.actions import INVALID_ACTION_FEEDBACK, STOP_STRINGS, parse_action, render_observation
+from recipe.carl.search.action_space import (
+    ActionSpace,
+    SearchR1Actions,
+    make_action_space,
+    open_page,
+    read_part,
+    reading_on_path,
+    render_part,
+)
+from recipe.carl.search.actions import render_observation
 from recipe.carl.search.reward import compute_score as default_compute_score
 from recipe.carl.settings import AUTO_AGENT, CHAIN_AGENT, ESTIMATOR, read_settings
 
@@ -146,14 +157,54 @@ def resolve_searcher(search: Any, tools: Any) -> Callable[[str, str], Any]:
     )
 
 
+class ToolAccessor:
+    """The verl tool named `access` (`CarlAccessTool`) as `access(page_id, tree_id)`: the page's `Title\ntext`, or
+    None when the retriever knows no such id; a failure (`search/ok` = 0) is raised as `SearchError`. A tree's pages
+    are kept by its `SearchEnvironment` (one per tree), so the tool needs no per-tree cache to release."""
+
+    def __init__(self, tool: Any) -> None:
+        self.tool = tool
+
+    async def __call__(self, page_id: str, tree_id: str) -> str | None:
+        instance_id, _ = await self.tool.create(create_kwargs={"tree_id": tree_id})
+        try:
+            response, _, metrics = await self.tool.execute(instance_id, {"id": page_id})
+        finally:
+            await self.tool.release(instance_id)
+        if metrics.get("search/ok", 1.0) == 0:
+            raise SearchError(response.text or "the access tool reported a failure")
+        return response.text if metrics.get("search/page_found", 1.0) else None
+
+
+def resolve_accessor(tools: Any) -> ToolAccessor:
+    """The verl tool named `access`, for the paper's action space; its `search` tool must show result ids.
+
+    Raises:
+        ValueError: when the tool yaml lacks `access` or hides the ids, naming the yaml to use.
+    """
+    fix = "set actor_rollout_ref.rollout.multi_turn.tool_config_path to recipe/carl/search/pages_tool.yaml"
+    named = {getattr(tool, "name", None): tool for tool in getattr(tools, "tools", tools) or []}
+    if "access" not in named:
+        raise ValueError(f"algorithm.carl.action_space=paper needs a verl tool named `access`: {fix}.")
+    settings = getattr(named.get("search"), "settings", None)
+    if isinstance(settings, dict) and not settings.get("show_ids", False):
+        raise ValueError(
+            "algorithm.carl.action_space=paper: the `search` tool hides the result ids an <access> names; set its "
+            f"config show_ids: true, or {fix}."
+        )
+    return ToolAccessor(named["access"])
+
+
 @dataclasses.dataclass
 class SearchStats:
-    """Searches of one tree: how many ran, how many failed, and their summed latency."""
+    """Tool calls of one tree (searches, and accesses under the paper's action space): how many ran, how many failed,
+    and their summed latency; `accesses` counts the accesses among them."""
 
     calls: int = 0
     errors: int = 0
     latency_s: float = 0.0
     last_error: str = ""
+    accesses: int = 0
 
 
 class SearchEnvironment:
@@ -176,6 +227,9 @@ class SearchEnvironment:
             (for thinking models such as Qwen3, which may mention tags while reasoning).
         seed: when given, every request gets its own seed derived from it and the state (verl's full determinism
             otherwise gives every request of a replica the same seed, so all rollouts of a tree would coincide).
+        actions: the action space (default: Search-R1's search and answer).
+        access: the paper's action space: `access(page_id, tree_id) -> "Title\ntext"`, or None for an unknown id
+            (may be async; raises on failure).
     """
 
     def __init__(
@@ -196,6 +250,8 @@ class SearchEnvironment:
         thinking: bool = False,
         seed: int | None = None,
         step: int = 0,
+        actions: ActionSpace | None = None,
+        access: Callable[[str, str], Any] | None = None,
     ) -> None:
         if invalid_action not in ("end", "feedback"):
             raise ValueError(f"invalid_action={invalid_action!r} is unknown: use 'end' or 'feedback'.")
@@ -204,10 +260,16 @@ class SearchEnvironment:
         self.data_source, self.ground_truth, self.extra_info = data_source, ground_truth, extra_info
         self.max_action_tokens, self.response_length = int(max_action_tokens), int(response_length)
         self.invalid_action, self.thinking, self.seed, self.global_step = invalid_action, thinking, seed, step
+        self.actions = actions or SearchR1Actions()
+        if "access" in self.actions.kinds and access is None:
+            raise ValueError(f"the {self.actions.name} action space opens pages: give SearchEnvironment an access=.")
+        self.access = access
+        self.chunk_chars = int(getattr(self.actions, "chunk_chars", 0))
+        self.pages: dict[str, str | None] = {}  # page id -> "Title\ntext" (None: unknown), fetched once per tree
         # One turn ends right after its action; the closing tag must stay in the tokens the policy is trained on.
         self.sampling_params = {
             **sampling_params,
-            "stop": list(STOP_STRINGS),
+            "stop": list(self.actions.stop_strings),
             "include_stop_str_in_output": True,
             "logprobs": True,  # the sampled tokens' log-probs: h(a) (Eq. 8) and rollout_log_probs
         }
@@ -257,7 +319,8 @@ class SearchEnvironment:
     def _inside_think(self, tokens: list[int]) -> bool:
         """The turn stopped at an action tag that sits inside a `<think>` block not closed yet."""
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return any(text.rstrip().endswith(s) for s in STOP_STRINGS) and text.rfind("<think>") > text.rfind("</think>")
+        stops = self.actions.stop_strings
+        return any(text.rstrip().endswith(s) for s in stops) and text.rfind("<think>") > text.rfind("</think>")
 
     async def step(self, tree: RolloutTree, node_id: int, draw: Draw) -> Step:
         prefix = tree.prefix_ids(node_id)
@@ -268,39 +331,101 @@ class SearchEnvironment:
         if not tokens:
             return Step((), (), finish_reason="empty_generation")
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        action = parse_action(text)
+        action = self.actions.parse(text)
         info: dict[str, Any] = {"kind": action.kind, "text": text}
         last = tree.nodes[node_id].depth + 1 >= tree.max_actions  # the T_max-th action ends the trajectory
         if action.kind == "answer":
             return Step(tokens, log_probs, done=True, finish_reason="answer", info={**info, "answer": action.answer})
         if action.kind == "invalid":
-            info["reason"] = action.reason
             if len(tokens) >= max_tokens:
+                info["reason"] = action.reason
                 return Step(tokens, log_probs, done=True, finish_reason="action_too_long", info=info)
-            if self.invalid_action == "end" or last:
-                return Step(tokens, log_probs, done=True, finish_reason=f"invalid:{action.reason}", info=info)
-            feedback = self.tokenizer.encode(render_observation(INVALID_ACTION_FEEDBACK), add_special_tokens=False)
-            return Step(tokens, log_probs, observation_ids=feedback, info=info)
+            return self._invalid(tokens, log_probs, info, str(action.reason), last)
+        if action.kind in ("access", "read"):
+            return await self._page_step(tree, node_id, tokens, log_probs, action, info, last)
         info["query"] = action.query
         if last:
             return Step(tokens, log_probs, info=info)  # no observation follows the last action: no search needed
-        start = time.perf_counter()
-        self.searches.calls += 1
-        try:
-            result = self.search(action.query, self.request_id)
-            content = await result if inspect.isawaitable(result) else result
-            observation = render_observation(content)
-        except Exception as error:  # a failing search ends this leaf only; the step goes on
-            logger.warning("search failed for %r: %s", action.query, error)
-            self.searches.errors += 1
-            info["error"] = self.searches.last_error = f"{type(error).__name__}: {error}"[:300]
+        ok, observation = await self._tool(self.search, action.query, info, finish=render_observation)
+        if not ok:
             return Step(tokens, log_probs, done=True, finish_reason="tool_error", info=info)
-        finally:
-            self.searches.latency_s += time.perf_counter() - start
-            self.timing["tool"] += time.perf_counter() - start
         info["searched"] = True
         obs_ids = self.tokenizer.encode(observation, add_special_tokens=False)
         return Step(tokens, log_probs, observation_ids=obs_ids, info=info)
+
+    def _invalid(self, tokens: list, log_probs: list, info: dict, reason: str, last: bool, **detail: Any) -> Step:
+        """A turn without a usable action: its leaf ends as `invalid:<reason>`, or it gets the action space's feedback
+        for `reason` and the episode goes on (`invalid_action: feedback`)."""
+        info["reason"] = reason
+        if self.invalid_action == "end" or last:
+            return Step(tokens, log_probs, done=True, finish_reason=f"invalid:{reason}", info=info)
+        feedback = self.tokenizer.encode(
+            render_observation(self.actions.feedback(reason, **detail)), add_special_tokens=False
+        )
+        return Step(tokens, log_probs, observation_ids=feedback, info=info)
+
+    async def _tool(
+        self, call: Callable[[str, str], Any], argument: Any, info: dict, finish: Callable[[Any], Any] = lambda x: x
+    ) -> tuple[bool, Any]:
+        """One call of the search or access backend, counted in `searches`: `(True, finish(result))`, or
+        `(False, None)` with the error in `info` when it (or `finish`, e.g. rendering what came back) raised; the
+        caller then ends the leaf as `tool_error`, so a failure never becomes an observation that is trained on."""
+        start = time.perf_counter()
+        self.searches.calls += 1
+        self.searches.accesses += int(info["kind"] != "search")
+        try:
+            result = call(argument, self.request_id)
+            return True, finish(await result if inspect.isawaitable(result) else result)
+        except Exception as error:  # a failing tool call ends this leaf only; the step goes on
+            logger.warning("%s failed for %r: %s", info["kind"], argument, error)
+            self.searches.errors += 1
+            info["error"] = self.searches.last_error = f"{type(error).__name__}: {error}"[:300]
+            return False, None
+        finally:
+            self.searches.latency_s += time.perf_counter() - start
+            self.timing["tool"] += time.perf_counter() - start
+
+    async def _page_step(
+        self, tree: RolloutTree, node_id: int, tokens: list, log_probs: list, action: Any, info: dict, last: bool
+    ) -> Step:
+        """An `<access>` (a page opens at its first part) or a `<read>` (another part of the page open on this path);
+        an unknown id or a part the page lacks is an invalid turn, a failed access a `tool_error` leaf."""
+        if action.kind == "access":
+            info["page_id"] = action.page
+        if last:  # no observation follows the last action: nothing to fetch
+            return Step(tokens, log_probs, info=info)
+        if action.kind == "access":
+            contents = await self._page(action.page, info)
+            if "error" in info:
+                return Step(tokens, log_probs, done=True, finish_reason="tool_error", info=info)
+            if contents is None:
+                return self._invalid(tokens, log_probs, info, "unknown_page", last, page=action.page)
+            reading = open_page(action.page, contents, self.chunk_chars)
+        else:
+            open_at = reading_on_path([tree.nodes[v].action.info for v in tree.path(node_id)[1:]])
+            current = None
+            if open_at is not None:
+                contents = await self._page(open_at[0], info)
+                if "error" in info:
+                    return Step(tokens, log_probs, done=True, finish_reason="tool_error", info=info)
+                current = dataclasses.replace(open_page(open_at[0], contents, self.chunk_chars), part=open_at[1])
+            result = read_part(current, action.part)
+            if isinstance(result, tuple):
+                return self._invalid(tokens, log_probs, info, result[0], last, **result[1])
+            reading = result
+        info.update(page=reading.page, part=reading.part + 1, parts=len(reading.parts))
+        observation = self.tokenizer.encode(render_observation(render_part(reading)), add_special_tokens=False)
+        return Step(tokens, log_probs, observation_ids=observation, info=info)
+
+    async def _page(self, page_id: str, info: dict) -> str | None:
+        """A page's `Title\ntext` (None: unknown id), fetched once per environment: reads reuse the access's."""
+        if page_id not in self.pages:
+            ok, contents = await self._tool(self.access, page_id, info)  # type: ignore[arg-type]
+            if not ok:
+                return None
+            self.pages[page_id] = contents
+        info["accessed"] = True
+        return self.pages[page_id]
 
     async def score(self, tree: RolloutTree, leaf_id: int) -> float:
         start = time.perf_counter()
@@ -317,9 +442,14 @@ class SearchEnvironment:
         breakdown = {k: float(v) for k, v in info.items() if isinstance(v, (int, float))}
         reason = (tree.nodes[leaf_id].finish_reason or "").split(":")[0]
         breakdown.update({f"finish_{c}": float(reason == c) for c in FINISH_CATEGORIES})
-        path = [tree.nodes[v].action for v in tree.path(leaf_id)[1:]]
-        breakdown["search_calls"] = float(sum(bool(a and (a.info.get("searched") or "error" in a.info)) for a in path))
-        breakdown["search_errors"] = float(sum(bool(a and "error" in a.info) for a in path))
+        path = [tree.nodes[v].action.info for v in tree.path(leaf_id)[1:]]
+        breakdown["search_calls"] = float(
+            sum(a.get("kind") == "search" and ("searched" in a or "error" in a) for a in path)
+        )
+        breakdown["search_errors"] = float(sum("error" in a for a in path))
+        if "access" in self.actions.kinds:  # the paper's action space (the default's breakdown keeps its keys)
+            breakdown["access_actions"] = float(sum(a.get("kind") == "access" for a in path))
+            breakdown["read_actions"] = float(sum(a.get("kind") == "read" for a in path))
         self.leaf_info[tuple(tree.prefix_ids(leaf_id))] = breakdown
         self.timing["score"] += time.perf_counter() - start
         return float(info["score"])
@@ -334,7 +464,8 @@ class CarlAgentLoop(AgentLoopBase):
         search: the search backend (`search(query, tree_id)` or an object with `.search`); default: the verl tool
             named `search`.
         tools: verl's loaded tools (passed by the agent-loop worker).
-    Per-turn token budget, invalid-action behaviour and thinking come from `algorithm.carl` (`recipe.carl.settings`).
+    Per-turn token budget, invalid-action behaviour, thinking and the action space (with the verl tool named `access`
+    under `paper`) come from `algorithm.carl` (`recipe.carl.settings`).
     """
 
     def __init__(
@@ -368,6 +499,8 @@ class CarlAgentLoop(AgentLoopBase):
         self.prompt_length = int(self.rollout_config.prompt_length)
         self.response_length = int(self.rollout_config.response_length)
         self.searcher = resolve_searcher(search, tools)
+        self.actions = make_action_space(self.settings.action_space, self.settings.page_chunk_chars)
+        self.accessor = resolve_accessor(tools) if "access" in self.actions.kinds else None
         self.reward_fn = get_custom_reward_fn(self.config) or default_compute_score
 
     def environment(
@@ -391,6 +524,8 @@ class CarlAgentLoop(AgentLoopBase):
             thinking=self.settings.thinking,
             seed=int(getattr(self.rollout_config, "seed", 0) or 0) if deterministic else None,
             step=int(kwargs.get("global_steps", 0) or 0),
+            actions=self.actions,
+            access=self.accessor,
         )
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> list[AgentLoopOutput]:
@@ -454,7 +589,8 @@ class CarlAgentLoop(AgentLoopBase):
             rows = [TrainingRow(tree.leaves()[0], prompt, [pad], [0], [0.0], [[-1, 1]])]
         step = int(kwargs.get("global_steps", 0) or 0)
         dumped = self.mode == "tree" and self.settings.dump_every > 0 and step % self.settings.dump_every == 0
-        description = describe_tree(tree, info_keys=("text",) if dumped else ())
+        # Every node's action kind (search, answer, ...: per-kind metrics), and on dumped steps its text.
+        description = describe_tree(tree, info_keys=("kind", "text") if dumped else ("kind",))
         description["reward_info"] = [env.breakdown(tree, i) for i in range(len(tree.nodes))]
         description["search"] = dataclasses.asdict(env.searches)
         description["in_flight"] = IN_FLIGHT.snapshot(env.global_step)
@@ -515,6 +651,8 @@ __all__ = [
     "CarlChainAgentLoop",
     "SearchEnvironment",
     "SearchError",
+    "ToolAccessor",
     "ToolSearcher",
+    "resolve_accessor",
     "resolve_searcher",
 ]

@@ -5,8 +5,9 @@ verl 0.9.1 saves no run config with a checkpoint (`global_step_N/` holds `actor/
 `.hydra/config.yaml` lands in the launch directory's `outputs/`, far from the checkpoint). So the CARL trainer
 (`recipe.carl.trainer`, CARL and its baselines alike) writes `carl_run_config.json` into every `global_step_N/` it saves
 and, as the latest, into `trainer.default_local_dir`; `python -m recipe.carl.evaluate` given a checkpoint reads it
-(`find_run_record`) and takes T_max, the turn and trajectory budgets, thinking, the invalid-action rule, the search
-tool's top-k and the chat-template arguments from it, unless a flag says otherwise.
+(`find_run_record`) and takes T_max, the turn and trajectory budgets, thinking, the invalid-action rule, the action
+space and its page part size, the search tool's top-k and snippet length and the chat-template arguments from it,
+unless a flag says otherwise.
 
     {"format": 1, "experiment": ..., "model": ..., "adv_estimator": ..., "global_step": 100,
      "agent": {"max_actions": 10, "max_action_tokens": 2048, "thinking": true, ...}, "sources": {...}}
@@ -34,10 +35,13 @@ SOURCES = {
     "max_action_tokens": "algorithm.carl.max_action_tokens",
     "thinking": "algorithm.carl.thinking",
     "invalid_action": "algorithm.carl.invalid_action",
+    "action_space": "algorithm.carl.action_space",
+    "page_chunk_chars": "algorithm.carl.page_chunk_chars",
     "prompt_length": "actor_rollout_ref.rollout.prompt_length",
     "response_length": "actor_rollout_ref.rollout.response_length",
     "chat_template_kwargs": "data.apply_chat_template_kwargs",
     "topk": f"{TOOL_KEY}: the search tool's config.topk",
+    "snippet_words": f"{TOOL_KEY}: the search tool's config.snippet_words",
 }
 #: The type each recorded value must have (a record is read back by another program, maybe another version).
 TYPES: dict[str, type | tuple[type, ...]] = {
@@ -45,23 +49,31 @@ TYPES: dict[str, type | tuple[type, ...]] = {
     "max_action_tokens": int,
     "thinking": bool,
     "invalid_action": str,
+    "action_space": str,
+    "page_chunk_chars": int,
     "prompt_length": int,
     "response_length": int,
     "chat_template_kwargs": dict,
     "topk": int,
+    "snippet_words": int,
 }
 
 
-def search_topk(tool_config_path: str | None) -> int | None:
-    """`topk` of the tool yaml's search tool (the first tool with a retriever URL or a `topk`); None if not set."""
+def search_tool_setting(tool_config_path: str | None, key: str) -> int | None:
+    """`key` of the tool yaml's search tool (the first tool with a retriever URL or a `topk`); None if not set."""
     if not tool_config_path or not os.path.exists(tool_config_path):
         return None
     for tool in OmegaConf.load(tool_config_path).get("tools") or []:
         config = tool.get("config") or {}
         if "topk" in config or "retrieval_service_url" in config:
-            topk = config.get("topk")
-            return int(topk) if topk is not None else None
+            value = config.get(key)
+            return int(value) if value is not None else None
     return None
+
+
+def search_topk(tool_config_path: str | None) -> int | None:
+    """`topk` of the tool yaml's search tool; None if not set."""
+    return search_tool_setting(tool_config_path, "topk")
 
 
 def run_record(config: Any, global_step: int | None = None) -> dict[str, Any]:
@@ -73,14 +85,17 @@ def run_record(config: Any, global_step: int | None = None) -> dict[str, Any]:
         "max_action_tokens": settings.max_action_tokens,
         "thinking": settings.thinking,
         "invalid_action": settings.invalid_action,
+        "action_space": settings.action_space,
+        "page_chunk_chars": settings.page_chunk_chars,
         "prompt_length": int(config.actor_rollout_ref.rollout.prompt_length),
         "response_length": int(config.actor_rollout_ref.rollout.response_length),
         "chat_template_kwargs": OmegaConf.to_container(kwargs, resolve=True) if kwargs is not None else {},
     }
     tool_path = OmegaConf.select(config, TOOL_KEY, default=None)
-    topk = search_topk(tool_path)
-    if topk is not None:
-        agent["topk"] = topk
+    for key in ("topk", "snippet_words"):
+        value = search_tool_setting(tool_path, key)
+        if value is not None:
+            agent[key] = value
     return {
         "format": FORMAT,
         "experiment": OmegaConf.select(config, "trainer.experiment_name", default=None),

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from carl_core import CARLConfig, CARLConfigError
 from recipe.carl.packing import PACKING_MODES, check_packing_config
 from recipe.carl.pool import PoolSettings
+from recipe.carl.search.action_space import ACTION_SPACES
 
 ESTIMATOR = "carl"
 TRAINER_MODE = "carl"
@@ -52,6 +53,11 @@ class RecipeSettings:
     fork_pool: PoolSettings | None = None
     """The step-level fork pool (`recipe.carl.pool`): null (the paper: every tree gets N forks) or a mapping
     `{floor, prior, group, wait_s}`."""
+    action_space: str = "search_r1"
+    """What the agent may do: `search_r1` (search, answer: Search-R1's tags) or `paper` (search, access, read,
+    answer: the paper's agent; `recipe.carl.search.action_space`, docs/pages.md)."""
+    page_chunk_chars: int = 4000
+    """`paper`: a page longer than this many characters is shown in parts, read on with `<read>`."""
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -71,6 +77,14 @@ class RecipeSettings:
             fail(f"bad_rows={self.bad_rows!r} is unknown: use error (stop at bad rows) or skip (train on the rest).")
         if self.packing not in PACKING_MODES:
             fail(f"packing={self.packing!r} is unknown: use path (the default) or tree (tree-packed rows).")
+        if self.action_space not in ACTION_SPACES:
+            fail(
+                f"action_space={self.action_space!r} is unknown: use search_r1 (search, answer; the default) or "
+                "paper (search, access, read, answer)."
+            )
+        chunk = self.page_chunk_chars
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            fail(f"page_chunk_chars={chunk!r} must be an integer >= 1 (characters per part of a page, e.g. 4000).")
 
 
 RECIPE_KEYS = {f.name: f.default for f in fields(RecipeSettings) if f.name != "carl"}

@@ -16,7 +16,9 @@ and `_step_once()` run unchanged; changed lines are tagged `# CARL:`.
   post-processing overwrote with the last output's; logs `carl/*` and `search/*` and dumps the trees, all from the
   estimator's one result. Under any other estimator (the GRPO baseline) the advantages are verl's exactly, and the
   same per-question budget, search metrics and shares without signal (`baseline_signal_stats`) are logged.
-- A step whose share of failed searches exceeds `algorithm.carl.max_search_error_rate` stops the run.
+- A step whose share of failed searches exceeds `algorithm.carl.max_search_error_rate` stops the run (accesses of the
+  paper's action space count as searches).
+- Metrics by action kind (`recipe.carl.action_kinds`), and each dumped node's kind.
 - `_save_checkpoint`: after verl's, writes the run's agent settings (`recipe.carl.run_record`) into the step's folder
   and `trainer.default_local_dir`, where `python -m recipe.carl.evaluate` finds them (verl saves no run config), and
   the running totals `carl/total/*` (`recipe.carl.totals`), which `_load_checkpoint` reads back on resume.
@@ -41,6 +43,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from carl_core import compute_budget_stats, compute_tree_stats, tree_records
+from recipe.carl.action_kinds import action_kind_stats, node_kinds
 from recipe.carl.cluster import check_cluster
 from recipe.carl.estimator import CarlBatch, carl_batch_from_rows, is_tree_row
 from recipe.carl.in_flight import in_flight_metrics
@@ -86,12 +89,14 @@ def search_metrics(batch: CarlBatch, settings: RecipeSettings, config: Any, step
             "set algorithm.carl.max_search_error_rate=1.0 to train through failures."
         )
     latency = sum(s.get("latency_s", 0.0) for s in stats)
-    return {
+    out = {
         "search/calls": float(calls),
         "search/errors": float(errors),
         "search/error_rate": rate,
         "search/latency_mean_s": latency / calls,
     }
+    accesses = sum(s.get("accesses", 0) for s in stats)  # the paper's action space: pages opened (in `calls`)
+    return out | ({"search/accesses": float(accesses)} if accesses else {})
 
 
 def baseline_signal_stats(batch: CarlBatch) -> dict[str, float]:
@@ -225,10 +230,12 @@ class CARLTrainer(PPOTrainerSync):
         metrics.update(search_metrics(trees, self.carl_settings, self.config, self.global_steps))
         metrics.update(in_flight_metrics(d.get("in_flight") for d in trees.descriptions))
         metrics.update(pool_metrics([d.get("pool") for d in trees.descriptions]))
+        kinds, questions = node_kinds(trees.descriptions), len(set(trees.questions))
         if not carl:
             budget = compute_budget_stats(trees.arrays, trees.arrays.parent >= 0, trees.questions)
             metrics.update(budget | self.carl_totals.add(self.global_steps, budget))
             metrics.update({k: v for k, v in baseline_signal_stats(trees).items() if not math.isnan(v)})
+            metrics.update(action_kind_stats(trees.arrays, kinds, trees.arrays.parent >= 0, questions))
             return batch
 
         estimator = core_algos.get_adv_estimator_fn(ESTIMATOR)  # CARL: the registered estimator, with the trees
@@ -244,6 +251,7 @@ class CARLTrainer(PPOTrainerSync):
         metrics.update(compute_tree_stats(trees.arrays, scored))
         budget = compute_budget_stats(trees.arrays, scored.trained, trees.questions)
         metrics.update(budget | self.carl_totals.add(self.global_steps, budget))
+        metrics.update(action_kind_stats(trees.arrays, kinds, scored.trained, questions, scored.advantage))
         self._dump_trees(trees)
 
         rm_scores = leaf_reward_scores(trees, response_mask)  # CARL: undo verl's copy of the last row's score
@@ -277,6 +285,9 @@ class CARLTrainer(PPOTrainerSync):
         if every <= 0 or self.global_steps % every or trees.scored is None:
             return
         records = tree_records(trees.arrays, trees.scored, self.carl_settings.carl, trees.descriptions)
+        for record, description in zip(records, trees.descriptions, strict=True):  # CARL: each action's kind
+            for node, kind in zip(record["nodes"], description.get("kind") or [], strict=False):
+                node["kind"] = kind
         path = os.path.join(self.config.trainer.default_local_dir, "carl_trees", f"step_{self.global_steps:06d}.jsonl")
         write_jsonl(path, records)
         logger.info("CARL: wrote %d trees to %s", len(records), path)

@@ -30,9 +30,15 @@ def make_data(shift_pool: float, shift_carl: float, n_q: int = 400, seeds=(0, 1,
         runs[arm] = {}
         for s in seeds:
             scores = start + shift + rng.normal(0, 0.001, n_q)
-            runs[arm][s] = {"points": {"points": {"1.000": 30}, "cumulative": [100.0 * (i + 1) for i in range(30)],
-                                       "short": False},  # fmt: skip
-                            "sampled": {30: scores}, "greedy": {30: scores}}
+            runs[arm][s] = {
+                "points": {
+                    "points": {"1.000": 30},
+                    "cumulative": [100.0 * (i + 1) for i in range(30)],
+                    "short": False,
+                },  # fmt: skip
+                "sampled": {30: scores},
+                "greedy": {30: scores},
+            }
     return {"protocol": {"fractions": [1.0], "equal_steps": [30]}, "start": {"sampled": start.tolist()},
             "runs": runs, "arms": list(shifts)}  # fmt: skip
 

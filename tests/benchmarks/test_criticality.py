@@ -53,3 +53,45 @@ def test_the_command_line_names_bad_flags():
         main(["--k", "1"])
     with pytest.raises(SystemExit, match="give both --policy and --data"):
         main(["--policy", "x"])
+
+
+def test_criticality_and_entropy_by_kind_by_hand():
+    """The paper's Fig. 5: states grouped by the kind of the action taken there."""
+    from benchmarks.criticality import compute_kind_stats
+
+    kinds = ["search", "access", "search", "read", "answer", "access"]
+    entropy = [0.2, 0.8, 0.4, 0.1, 0.3, 1.0]
+    spread = [0.5, 0.45, 0.0, 0.01, 0.02, 0.3]
+    s = compute_kind_stats(kinds, entropy, spread, near_zero=0.05, high=0.4)
+    assert sorted(s) == ["access", "answer", "read", "search"]
+    assert s["search"] == {"n_states": 2, "criticality_mean": 0.25, "entropy_mean": pytest.approx(0.3),
+                           "frac_high_std": 0.5, "frac_near_zero_std": 0.5}  # fmt: skip
+    assert s["access"]["criticality_mean"] == pytest.approx(0.375) and s["access"]["frac_high_std"] == 0.5
+    assert s["read"] == {"n_states": 1, "criticality_mean": 0.01, "entropy_mean": 0.1, "frac_high_std": 0.0,
+                         "frac_near_zero_std": 1.0}  # fmt: skip
+    with pytest.raises(ValueError, match="one value per state: 2, 1, 1"):
+        compute_kind_stats(["search", "read"], [0.1], [0.2])
+
+
+def test_study_by_kind_runs_on_the_pages_variant(tmp_path):
+    """The study under the paper's action space: every state's kind is one the pages variant's policy can take."""
+    from benchmarks.criticality import StudyConfig, run_study
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
+    from recipe.carl.synthhop.pages import PagesConfig
+    from recipe.carl.tiny.policy import TinyPolicyConfig, build_tiny_policy, save_policy
+
+    data = build(SynthHopConfig(n_entities=60, n_train=20, n_test=4, seed=3, pages=PagesConfig(), max_turns=8))
+    write(data, tmp_path / "data")
+    shape = TinyPolicyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    save_policy(build_tiny_policy(data.tokenizer, shape, seed=0), data.tokenizer, tmp_path / "policy")
+    cfg = StudyConfig(questions=2, k=2, max_actions=3, action_space="paper", response_length=256)
+    out = run_study(tmp_path / "policy", tmp_path / "data", cfg)
+    assert out["action_space"] == "paper" and sum(v["n_states"] for v in out["by_kind"].values()) == out["n_states"]
+    assert set(out["by_kind"]) <= {"search", "access", "read", "answer", "invalid"}
+
+
+def test_the_paper_study_needs_its_policy_and_data():
+    from benchmarks.criticality import main
+
+    with pytest.raises(SystemExit, match="--action-space paper needs --policy and --data"):
+        main(["--action-space", "paper"])

@@ -409,3 +409,24 @@ def test_limit_then_per_source(tmp_path):
         "searchR1_hotpotqa": 2,
         "searchR1_bamboogle": 2,
     }
+
+
+@pytest.mark.parametrize("script", ["asearcher_base", "qa_test_sets", "search_r1_nq_hotpotqa"])
+def test_the_paper_action_space_gets_its_own_instruction(tmp_path, script):
+    """--action-space paper: the prompt names <access> and <read> (algorithm.carl.action_space=paper); the default
+    prompt is Search-R1's, unchanged."""
+    from recipe.carl.search.action_space import PAPER_INSTRUCTION_TEMPLATE
+
+    module = {"qa_test_sets": qa_test_sets, "search_r1_nq_hotpotqa": search_r1_nq_hotpotqa}.get(script, asearcher_base)
+    examples = {"asearcher_base": ASEARCHER, "qa_test_sets": NQ_HOTPOT[:2], "search_r1_nq_hotpotqa": NQ_HOTPOT[:2]}
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(ex, default=list) + "\n" for ex in examples[script]))
+    extra = ["--dataset", "nq"] if script == "qa_test_sets" else []
+    for space, template in (("paper", PAPER_INSTRUCTION_TEMPLATE), ("search_r1", INSTRUCTION_TEMPLATE)):
+        out = tmp_path / f"{space}.parquet"
+        args = ["--input", str(source), "--output", str(out), "--no-progress", "--action-space", space, *extra]
+        assert module.main(args) == 0
+        row = pd.read_parquet(out).iloc[0]
+        question = row["extra_info"]["question"]
+        assert row["prompt"][1]["content"] == template.format(question=question)
+    assert "<access> id </access>" in PAPER_INSTRUCTION_TEMPLATE and "<read> </read>" in PAPER_INSTRUCTION_TEMPLATE

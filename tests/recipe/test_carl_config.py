@@ -49,9 +49,15 @@ def compose_carl(overrides):
         return compose(config_name="carl_trainer", overrides=list(overrides))
 
 
-def test_four_scripts_exist():
+def test_five_scripts_exist():
     names = {s.name for s in SCRIPTS}
-    assert names == {"run_carl_qwen7b.sh", "run_carl_lite_qwen7b.sh", "run_grpo_qwen7b.sh", "run_carl_qwen3_4b.sh"}
+    assert names == {
+        "run_carl_qwen7b.sh",
+        "run_carl_lite_qwen7b.sh",
+        "run_grpo_qwen7b.sh",
+        "run_carl_qwen3_4b.sh",
+        "run_carl_asearcher_qwen3_4b.sh",
+    }
 
 
 @pytest.mark.parametrize("packing", ["path", "tree"])
@@ -97,6 +103,11 @@ def test_script_overrides_compose(script, packing, tmp_path):
     assert (cfg.trainer.test_freq, cfg.trainer.val_before_train) == (10, True)
     assert (cfg.trainer.save_freq, cfg.trainer.max_actor_ckpt_to_keep) == (10, 2)
     assert list(cfg.trainer.logger) == ["console", "file", "wandb"]
+    # The paper's main setting: its action space, with the tools that show ids and open pages.
+    paper = "asearcher" in script.name
+    assert settings.action_space == ("paper" if paper else "search_r1") and settings.page_chunk_chars == 4000
+    tools = cfg.actor_rollout_ref.rollout.multi_turn.tool_config_path
+    assert tools == f"recipe/carl/search/{'pages_tool' if paper else 'search_tool'}.yaml"
 
 
 def run_settings_overrides(overrides: list[str]) -> dict[str, str]:
@@ -190,6 +201,22 @@ def test_the_yaml_and_the_docs_name_the_grpo_scripts_overrides(tmp_path):
         }
     )
     assert all(f"`{o}`" in docs or o in docs for o in named)
+
+
+def test_the_paper_action_space_is_one_variable_of_every_carl_script(tmp_path):
+    """ACTION_SPACE=paper on the Qwen2.5 script: the paper's action space, its tool yaml, a chosen part size; the
+    ASearcher script's data paths and experiment name; an unknown action space fails by name at start."""
+    cfg = compose_carl(script_overrides(ROOT / "scripts" / "run_carl_qwen7b.sh", tmp_path, ACTION_SPACE="paper",
+                                        PAGE_CHUNK_CHARS="2000"))  # fmt: skip
+    settings = check_trainer_config(cfg)
+    assert (settings.action_space, settings.page_chunk_chars) == ("paper", 2000)
+    assert cfg.actor_rollout_ref.rollout.multi_turn.tool_config_path == "recipe/carl/search/pages_tool.yaml"
+    paper = compose_carl(script_overrides(ROOT / "scripts" / "run_carl_asearcher_qwen3_4b.sh", tmp_path))
+    assert paper.data.train_files == "/home/x/data/asearcher_paper/train.parquet"
+    assert paper.trainer.experiment_name == "carl_n08_qwen3_4b_asearcher_paper"
+    bad = compose_carl(script_overrides(ROOT / "scripts" / "run_carl_qwen7b.sh", tmp_path, ACTION_SPACE="pages"))
+    with pytest.raises(CARLConfigError, match="action_space='pages' is unknown: use search_r1"):
+        check_trainer_config(bad)
 
 
 @pytest.mark.parametrize(("script", "tokens"), [("run_carl_qwen3_4b.sh", "4096"), ("run_grpo_qwen7b.sh", "1024")])

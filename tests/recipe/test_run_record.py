@@ -50,6 +50,8 @@ QWEN3_AGENT = {
     "max_action_tokens": 2048,
     "thinking": True,
     "invalid_action": "end",
+    "action_space": "search_r1",
+    "page_chunk_chars": 4000,
     "prompt_length": 2048,  # rollout.prompt_length = ${data.max_prompt_length}
     "response_length": 16384,
     "chat_template_kwargs": {"enable_thinking": True},
@@ -126,3 +128,18 @@ def test_a_bad_record_is_named_with_the_fix(tmp_path):
         read_run_record(path)
     path.write_text(json.dumps({"agent": {"max_actions": 4, "a_newer_key": 1}}))
     assert read_run_record(path) == {"max_actions": 4}  # what this version does not know is left out
+
+
+def test_the_record_holds_the_paper_action_space_and_the_tools_snippet(tmp_path):
+    """run_carl_asearcher_qwen3_4b.sh records the paper's action space; a tool yaml's snippet_words is recorded."""
+    overrides = script_overrides(ROOT / "scripts" / "run_carl_asearcher_qwen3_4b.sh", tmp_path)
+    record = run_record(compose_carl([*overrides, f"trainer.default_local_dir={tmp_path / 'ckpt'}"]))
+    assert record["agent"]["action_space"] == "paper" and record["agent"]["page_chunk_chars"] == 4000
+    assert "snippet_words" not in record["agent"]  # pages_tool.yaml shows whole passages (null)
+    tool = tmp_path / "pages.yaml"
+    tool.write_text(
+        "tools:\n  - class_name: recipe.carl.search.search_tool.CarlSearchTool\n    config:\n      type: native\n"
+        "      retrieval_service_url: http://127.0.0.1:8000/retrieve\n      topk: 2\n      snippet_words: 5\n"
+    )
+    record = run_record(compose_carl([*overrides, f"actor_rollout_ref.rollout.multi_turn.tool_config_path={tool}"]))
+    assert record["agent"]["snippet_words"] == 5 and record["sources"]["snippet_words"].endswith("snippet_words")

@@ -11,6 +11,7 @@ One module per job, importing in one direction (`study` -> `cli` -> `runner` / `
 - `data`: the test parquet files;
 - `runner`: `Evaluator`, which rolls questions out through the agent loop's `SearchEnvironment`;
 - `stats`: the bootstrap intervals (shared with the CARL-against-GRPO experiment);
+- `judge`: LasJ, an LLM judge's verdict on each prediction (`--judge-url`);
 - `report`: per-data-set tables, diagnosis, the comparison of two models, `results.md`;
 - `cli`: the command line, the retriever and reward plumbing, the per-question files and resuming, `main`;
 - `study`: several models and RL seeds compared from their saved per-question files

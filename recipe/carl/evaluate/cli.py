@@ -69,6 +69,7 @@ from omegaconf import OmegaConf
 
 from recipe.carl.evaluate.data import load_datasets
 from recipe.carl.evaluate.engines import choose_engine
+from recipe.carl.evaluate.judge import Judge, JudgeError, add_lasj
 from recipe.carl.evaluate.models import is_unrecorded_checkpoint, model_label, recorded_run, resolve_model
 from recipe.carl.evaluate.report import compare, compare_macro, diagnose, macro_average, markdown, summarize
 from recipe.carl.evaluate.runner import evaluate_model
@@ -110,16 +111,33 @@ def check_retriever(url: str, timeout: float = 10.0) -> dict[str, Any]:
         raise EvalError(f"retriever {url}: GET {health} failed ({type(error).__name__}: {error}); {fix}.") from None
 
 
-def make_search(url: str, topk: int, timeout: float = 30.0, max_retries: int = 2):
-    """The recipe's search tool on `url`, as the agent loop calls it (`search(query, tree_id)`, `.release`)."""
+def make_search(
+    url: str,
+    topk: int,
+    timeout: float = 30.0,
+    max_retries: int = 2,
+    show_ids: bool = False,
+    snippet_words: int | None = None,
+):
+    """The recipe's search tool on `url`, as the agent loop calls it (`search(query, tree_id)`, `.release`); the
+    paper's action space shows each result's id (`show_ids`)."""
     # deferred: both import verl, which `-h` and the input checks do without
     from recipe.carl.agent_loop import ToolSearcher
     from recipe.carl.search.search_tool import CarlSearchTool
 
-    tool = CarlSearchTool(
-        {"type": "native", "retrieval_service_url": url, "topk": topk, "timeout": timeout, "max_retries": max_retries}
-    )
-    return ToolSearcher(tool)
+    config = {"type": "native", "retrieval_service_url": url, "topk": topk, "timeout": timeout}
+    config.update(max_retries=max_retries, show_ids=show_ids, snippet_words=snippet_words)
+    return ToolSearcher(CarlSearchTool(config))
+
+
+def make_access(url: str, timeout: float = 30.0, max_retries: int = 2):
+    """The recipe's access tool on the same server (`/access`), as the agent loop calls it (`access(id, tree_id)`)."""
+    # deferred: both import verl, which `-h` and the input checks do without
+    from recipe.carl.agent_loop import ToolAccessor
+    from recipe.carl.search.search_tool import CarlAccessTool
+
+    config = {"type": "native", "retrieval_service_url": url, "timeout": timeout, "max_retries": max_retries}
+    return ToolAccessor(CarlAccessTool(config))
 
 
 def load_reward(path: str | None, name: str | None, kwargs: dict[str, Any] | None) -> Callable[..., Any]:
@@ -204,6 +222,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     datasets = load_datasets(args.data, args.limit)
     health = check_retriever(args.retriever_url)
     print(f"retriever {args.retriever_url}: {json.dumps(health)}", file=sys.stderr)
+    if settings.action_space == "paper" and not health.get("pages"):
+        raise EvalError(
+            f"--action-space paper opens pages, but the retriever at {args.retriever_url} serves none: restart it "
+            "with --pages (python -m recipe.carl.search.server --corpus ... --pages)."
+        )
     reward_fn = load_reward(args.reward_path, args.reward_name, _json_arg(args.reward_kwargs, "--reward-kwargs"))
     models = {role: resolve_model(path, merge_dir, f"--{role}") for role, (path, merge_dir) in given.items()}
     options: dict[str, Any] = {"dtype": args.dtype}
@@ -214,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             engine_kwargs=_json_arg(args.vllm_kwargs, "--vllm-kwargs"),
         )
 
+    judge = Judge(args.judge_url, args.judge_model or "", key_env=args.judge_key_env) if args.judge_url else None
     labels = {"model": args.label or model_label(args.model)}
     if args.baseline:
         labels["baseline"] = args.baseline_label or model_label(args.baseline)
@@ -232,18 +256,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["settings_summary"] = (
         f"{'greedy' if settings.temperature == 0 else f'T={settings.temperature}, {settings.samples} sample(s)'}, "
         f"T_max {settings.max_actions}, {settings.max_action_tokens} tokens/turn, top-{settings.topk}, "
+        f"{'search/access/read/answer, ' if settings.action_space == 'paper' else ''}"
         f"{'thinking, ' if settings.thinking else ''}{engine} engine"
     )
     for role, folder in models.items():
         started = time.perf_counter()
-        search = make_search(args.retriever_url, settings.topk)
+        paper = settings.action_space == "paper"
+        search = make_search(args.retriever_url, settings.topk, show_ids=paper, snippet_words=settings.snippet_words)
+        access = make_access(args.retriever_url) if paper else None
         label = labels[role]
         with QuestionFiles(out / safe_name(label)) as sink:
             records[role] = asyncio.run(
                 evaluate_model(
-                    folder, datasets, settings, engine, search, reward_fn, options, done.get(label), sink.append
-                )
+                    folder,
+                    datasets,
+                    settings,
+                    engine,
+                    search,
+                    reward_fn,
+                    options,
+                    done.get(label),
+                    sink.append,
+                    access=access,
+                )  # fmt: skip
             )
+        if judge is not None:  # LasJ beside EM and F1 (recipe.carl.evaluate.judge)
+            for recs in records[role].values():
+                try:
+                    asyncio.run(add_lasj(judge, recs))
+                except JudgeError as error:
+                    raise EvalError(str(error)) from None
         tables = {source: summarize(recs) for source, recs in records[role].items()}
         results["models"][label] = {
             "role": role,
@@ -417,11 +459,31 @@ def parser() -> argparse.ArgumentParser:
         help=f"as algorithm.carl.thinking, for Qwen3 ({recorded} off)",
     )
     p.add_argument(
+        "--action-space",
+        choices=["search_r1", "paper"],
+        help=f"search_r1 (search, answer) or paper (search, access, read, answer) ({recorded} {s.action_space})",
+    )
+    p.add_argument(
+        "--page-chunk-chars", type=int, help=f"paper: characters per part of a page ({recorded} {s.page_chunk_chars})"
+    )
+    p.add_argument("--snippet-words", type=int, help=f"words of each search result shown ({recorded} all)")
+    p.add_argument(
         "--chat-template-kwargs",
         help=f"JSON, e.g. '{{\"enable_thinking\": false}}' (data.apply_chat_template_kwargs; {recorded} none)",
     )
     p.add_argument(
         "--concurrency", type=int, default=s.concurrency, help="trajectories in flight (default %(default)s)"
+    )
+    p.add_argument(
+        "--judge-url",
+        help="LasJ: an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8001/v1, a local vllm serve) that judges each "
+        "prediction correct or incorrect, reported beside EM and F1 (recipe.carl.evaluate.judge)",
+    )
+    p.add_argument("--judge-model", help="the model the judge endpoint serves (needed with --judge-url)")
+    p.add_argument(
+        "--judge-key-env",
+        default="OPENAI_API_KEY",
+        help="the environment variable holding the judge's API key, if it needs one (default %(default)s)",
     )
     p.add_argument("--reward-path", help="a custom reward file (verl's reward.custom_reward_function.path)")
     p.add_argument("--reward-name", help="its function (default compute_score)")
@@ -441,6 +503,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.argv = argv
     if args.limit is not None and args.limit < 1:
         raise SystemExit(f"error: --limit {args.limit}: must be >= 1 (omit it for all questions).")
+    if args.judge_url and not args.judge_model:
+        raise SystemExit("error: --judge-url needs --judge-model: the model the judge endpoint serves.")
     try:
         return run(args)
     except EvalError as error:

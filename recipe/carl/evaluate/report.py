@@ -39,6 +39,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if samples > 1:
         table["em_pass_at_k"] = finite_mean([max(t["em"] for t in r["samples"]) for r in records])
+    if records and all("lasj" in r for r in records):  # judged (--judge-url): LasJ, the paper's second metric
+        table["lasj"] = finite_mean([r["lasj"] for r in records])
+        judged = [t.get("judge", {}).get("status") for t in trajectories]
+        table["judge_invalid"] = judged.count("invalid")
     return table
 
 
@@ -73,6 +77,11 @@ def diagnose(table: dict[str, Any]) -> list[str]:
         notes.append(f"{reasons['prompt_too_long']:.0%} of prompts are longer than --prompt-length.")
     if table["search_errors"]:
         notes.append(f"{table['search_errors']} searches failed (ended as tool_error): check the retriever's log.")
+    if table.get("judge_invalid"):
+        notes.append(
+            f"the judge gave no verdict for {table['judge_invalid']} trajectories after its retries "
+            "(counted incorrect): check --judge-model and the judge's replies in the JSON lines."
+        )
     if table["format"] == 0 and not notes:
         notes.append("no trajectory gave a well-formed final answer; see finish_reason and actions in the JSON lines.")
     return notes
@@ -99,13 +108,14 @@ def compare(model: dict[str, list[dict]], baseline: dict[str, list[dict]], seed:
     for source, records in model.items():
         base = {(r["file"], r["row"]): r for r in baseline.get(source, [])}
         paired = [(r, base[(r["file"], r["row"])]) for r in records if (r["file"], r["row"]) in base]
+        judged = paired and all("lasj" in r and "lasj" in b for r, b in paired)
         out[source] = {
             metric: {
                 "model": finite_mean([r[metric] for r, _ in paired]),
                 "baseline": finite_mean([b[metric] for _, b in paired]),
                 **question_difference([r[metric] for r, _ in paired], [b[metric] for _, b in paired], seed=seed),
             }
-            for metric in COMPARED
+            for metric in (*COMPARED, *(("lasj",) if judged else ()))
         }
     return out
 
@@ -151,8 +161,9 @@ def markdown(results: dict[str, Any]) -> str:
     for label, info in results["models"].items():
         lines += [f"## {label}", "", f"`{info['path']}` ({info['engine']} engine)", ""]
         k = results["settings"]["samples"]
-        head = "| data set | questions | EM % | F1 % | format % | reward | actions/q | searches/q | tokens/q |"
-        head += " search errors | finish reasons |"
+        judged = any("lasj" in t for t in info["tables"].values())
+        head = "| data set | questions | EM % | F1 % |" + (" LasJ % |" if judged else "")
+        head += " format % | reward | actions/q | searches/q | tokens/q | search errors | finish reasons |"
         if k > 1:
             head = head.replace("| EM % |", f"| EM % (mean@{k}) | EM pass@{k} % |")
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -160,8 +171,10 @@ def markdown(results: dict[str, Any]) -> str:
             reasons = ", ".join(f"{r} {100 * v:.0f}%" for r, v in t["finish_reasons"].items())
             em = f"{_pct(t['em'])} | {_pct(t['em_pass_at_k'])}" if k > 1 else _pct(t["em"])
             errors = f"{t['search_errors']} ({100 * t['search_error_rate']:.1f}%)"
+            lasj = f" {_pct(t.get('lasj', float('nan')))} |" if judged else ""
             lines.append(
-                f"| {source} | {t['questions']} | {em} | {_pct(t['f1'])} | {_pct(t['format'])} | {t['reward']:.3f} | "
+                f"| {source} | {t['questions']} | {em} | {_pct(t['f1'])} |{lasj} {_pct(t['format'])} | "
+                f"{t['reward']:.3f} | "
                 f"{t['actions_per_question']:.2f} | {t['searches_per_question']:.2f} | "
                 f"{t['generated_tokens_per_question']:.0f} | {errors} | {reasons} |"
             )
@@ -182,8 +195,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"Difference model − baseline over the same questions, with a {100 * LEVEL:.0f} % paired bootstrap "
             f"interval ({N_BOOT:,} resamples of the questions, within each data set for the macro average; "
-            "percentages for EM, F1 and format). It covers the questions drawn, not the RL seed: another training "
-            "run of the same recipe differs by more (`python -m recipe.carl.evaluate.study` over seeds).",
+            "percentages for EM, F1, format and LasJ). It covers the questions drawn, not the RL seed: another "
+            "training run of the same recipe differs by more (`python -m recipe.carl.evaluate.study` over seeds).",
             "",
             f"| data set | metric | {a} | {b} | difference | {100 * LEVEL:.0f} % interval |",
             "|---|---|---|---|---|---|",

@@ -21,6 +21,7 @@ from carl_core import RolloutTree, rollout_from
 from recipe.carl.evaluate.data import gold_answers, question_text
 from recipe.carl.evaluate.engines import HFEngine, VLLMEngine
 from recipe.carl.evaluate.settings import EvalSettings
+from recipe.carl.search.action_space import make_action_space
 from recipe.carl.search.reward import exact_match, extract_answer, f1_score, format_score
 
 #: The metrics compared between two models (per question: the mean over its samples).
@@ -38,6 +39,8 @@ class Evaluator:
         settings: budgets and sampling.
         request_seed: seed of the per-request seeds (None: the engine's own generator, as in verl without full
             determinism).
+        access: the paper's action space: `access(page_id, tree_id)` -> the page's `Title\ntext`, or None for an
+            unknown id (may be async; raises on failure).
     """
 
     def __init__(
@@ -48,9 +51,11 @@ class Evaluator:
         reward_fn: Callable[..., Any],
         settings: EvalSettings,
         request_seed: int | None = None,
+        access: Callable[[str, str], Any] | None = None,
     ):
         self.server, self.tokenizer, self.search, self.reward_fn = server, tokenizer, search, reward_fn
-        self.settings, self.request_seed = settings, request_seed
+        self.settings, self.request_seed, self.access = settings, request_seed, access
+        self.actions = make_action_space(settings.action_space, settings.page_chunk_chars)
 
     def prompt_ids(self, row: dict[str, Any]) -> list[int]:
         """The row's chat prompt tokenised as verl's agent loop does (chat template, generation prompt)."""
@@ -88,6 +93,8 @@ class Evaluator:
             invalid_action=s.invalid_action,
             thinking=s.thinking,
             seed=self.request_seed if temperature > 0 else None,
+            actions=self.actions,
+            access=self.access,
         )
 
     async def rollout(self, row: dict[str, Any], temperature: float, uid: str) -> tuple[RolloutTree, int | None, dict]:
@@ -114,7 +121,8 @@ class Evaluator:
             action = tree.nodes[v].action
             obs = self.tokenizer.decode(action.observation_ids) if action.observation_ids else None
             entry = {"kind": action.info.get("kind"), "text": action.info.get("text"), "tokens": len(action.token_ids)}
-            entry.update({k: action.info[k] for k in ("query", "reason", "error") if k in action.info})
+            keys = ("query", "page_id", "part", "reason", "error")
+            entry.update({k: action.info[k] for k in keys if k in action.info})
             entry["observation"] = obs
             actions.append(entry)
         solution = self.tokenizer.decode(tree.prefix_ids(leaf)[len(tree.prompt_ids) :], skip_special_tokens=True)
@@ -212,6 +220,7 @@ async def evaluate_model(
     engine_options: dict[str, Any] | None = None,
     done: dict[str, list[dict[str, Any]]] | None = None,
     on_record: Callable[[str, dict], None] | None = None,
+    access: Any = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every data set's question records for one model (the engine is started here and shut down after).
 
@@ -235,7 +244,7 @@ async def evaluate_model(
             server = await VLLMEngine.start(model_dir, tokenizer, settings, **options)
         else:
             server = HFEngine(model_dir, tokenizer, settings, dtype=options.get("dtype", "auto"))
-        evaluator = Evaluator(server, tokenizer, search, reward_fn, settings, request_seed=settings.seed)
+        evaluator = Evaluator(server, tokenizer, search, reward_fn, settings, request_seed=settings.seed, access=access)
         try:
             for source, rows in todo.items():
                 if not rows:

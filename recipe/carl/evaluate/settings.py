@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from carl_core import CARLConfig
+from recipe.carl.search.action_space import ACTION_SPACES
 
 
 class EvalError(RuntimeError):
@@ -43,6 +44,12 @@ class EvalSettings:
     """Trajectories in flight at once (the engine batches them)."""
     topk: int = 3
     """Documents per search (the search tool's `topk` in the training run's tool yaml)."""
+    action_space: str = "search_r1"
+    """`algorithm.carl.action_space`: search_r1 (search, answer) or paper (search, access, read, answer)."""
+    page_chunk_chars: int = 4000
+    """`algorithm.carl.page_chunk_chars`: the part size of a page under the paper's action space."""
+    snippet_words: int | None = None
+    """Words of each search result shown (the search tool's `snippet_words`; None: the whole passage)."""
 
     def __post_init__(self) -> None:
         for name in ("max_actions", "max_action_tokens", "prompt_length", "response_length", "topk", "samples"):
@@ -59,6 +66,12 @@ class EvalSettings:
             )
         if self.invalid_action not in ("end", "feedback"):
             raise EvalError(f"--invalid-action {self.invalid_action}: use end or feedback.")
+        if self.action_space not in ACTION_SPACES:
+            raise EvalError(f"--action-space {self.action_space}: use {' or '.join(ACTION_SPACES)}.")
+        if self.page_chunk_chars < 1 or (self.snippet_words is not None and self.snippet_words < 1):
+            raise EvalError(
+                f"--page-chunk-chars {self.page_chunk_chars} / --snippet-words {self.snippet_words}: must be >= 1."
+            )
 
     def sampling_params(self) -> dict[str, Any]:
         """What verl's agent loop sends per request (greedy: temperature 0, no top-k/top-p cut)."""
@@ -78,6 +91,9 @@ RECORDED_FLAGS = {
     "thinking": "--thinking",
     "invalid_action": "--invalid-action",
     "chat_template_kwargs": "--chat-template-kwargs",
+    "action_space": "--action-space",
+    "page_chunk_chars": "--page-chunk-chars",
+    "snippet_words": "--snippet-words",
 }
 
 

@@ -56,9 +56,11 @@ __all__ = [
     "render_documents",
     "render_observation",
     "split_contents",
+    "strip_think",
+    "tag_spans",
 ]
 
-ActionKind = Literal["search", "answer", "invalid"]
+ActionKind = Literal["search", "answer", "access", "read", "invalid"]
 
 #: Tags that carry an action. ``think`` and ``information`` are not actions.
 ACTION_TAGS = ("search", "answer", "tool_call")
@@ -81,11 +83,14 @@ class ParsedAction:
     """One parsed policy turn.
 
     Attributes:
-        kind: "search", "answer" or "invalid".
+        kind: "search", "answer" or "invalid"; the paper's action space adds "access" and "read"
+            (``recipe.carl.search.action_space``).
         query: The stripped search query when ``kind == "search"``, else None.
         answer: The stripped answer text when ``kind == "answer"``, else None.
         reason: Why the turn is invalid (see the module docstring), else None.
         syntax: "tag" for Search-R1 tags, "tool_call" for Qwen's JSON form, None when invalid.
+        page: The page id of an access, else None.
+        part: The 1-based part a read asks for (None: the next one, or not a read).
     """
 
     kind: ActionKind
@@ -93,6 +98,8 @@ class ParsedAction:
     answer: str | None = None
     reason: str | None = None
     syntax: Literal["tag", "tool_call"] | None = None
+    page: str | None = None
+    part: int | None = None
 
     @property
     def is_valid(self) -> bool:
@@ -125,6 +132,39 @@ def _query_from_tool_call(body: str) -> str | None:
     return query if isinstance(query, str) else None
 
 
+def strip_think(text: str) -> str:
+    """The turn without its closed ``<think>...</think>`` blocks (a model may mention tags while reasoning)."""
+    return _THINK_BLOCK.sub(" ", text)
+
+
+def tag_spans(text: str, tag: re.Pattern[str]) -> list[tuple[str, str]] | str:
+    """The closed action-tag spans of a turn, in order, or the reason its tags are malformed.
+
+    Args:
+        text: The turn with ``<think>`` blocks already removed.
+        tag: Matches an opening or closing action tag; group 1 is "/" for a closing tag, group 2 the tag's name.
+
+    Returns:
+        ``[(name, body), ...]``, or ``"nested_tags"`` / ``"unclosed_tag"``.
+    """
+    spans: list[tuple[str, str]] = []
+    open_tag: tuple[str, int] | None = None
+    for match in tag.finditer(text):
+        closing, name = match.group(1) == "/", match.group(2)
+        if not closing:
+            if open_tag is not None:
+                return "nested_tags"
+            open_tag = (name, match.end())
+        elif open_tag is None:
+            return "unclosed_tag"  # a stray closing tag
+        elif open_tag[0] != name:
+            return "nested_tags"
+        else:
+            spans.append((name, text[open_tag[1] : match.start()]))
+            open_tag = None
+    return "unclosed_tag" if open_tag is not None else spans
+
+
 def parse_action(text: str) -> ParsedAction:
     """Parses one generated turn into a search, an answer, or an invalid action.
 
@@ -134,26 +174,12 @@ def parse_action(text: str) -> ParsedAction:
     Returns:
         The parsed action; see the module docstring for the exact invalid cases.
     """
-    visible = _THINK_BLOCK.sub(" ", text)
+    visible = strip_think(text)
 
     # Step 1: walk the action tags with a stack, collecting closed (name, body) spans in order.
-    spans: list[tuple[str, str]] = []
-    open_tag: tuple[str, int] | None = None
-    for match in _TAG.finditer(visible):
-        closing, name = match.group(1) == "/", match.group(2)
-        if not closing:
-            if open_tag is not None:
-                return _invalid("nested_tags")
-            open_tag = (name, match.end())
-        elif open_tag is None:
-            return _invalid("unclosed_tag")  # a stray closing tag
-        elif open_tag[0] != name:
-            return _invalid("nested_tags")
-        else:
-            spans.append((name, visible[open_tag[1] : match.start()]))
-            open_tag = None
-    if open_tag is not None:
-        return _invalid("unclosed_tag")
+    spans = tag_spans(visible, _TAG)
+    if isinstance(spans, str):
+        return _invalid(spans)
 
     # Step 2: classify the spans.
     searches = [(name, body) for name, body in spans if name in ("search", "tool_call")]
@@ -211,20 +237,50 @@ def _as_contents(doc: Any) -> str:
     raise TypeError(f"cannot render document of type {type(doc).__name__}: expected a str, a dict with 'contents'")
 
 
-def render_documents(docs: Iterable[Any], max_chars: int | None = None) -> str:
+def _doc_id(doc: Any) -> str | None:
+    """A document's corpus id, if it carries one (a ``/retrieve`` entry or a ``Document`` does)."""
+    if isinstance(doc, Mapping):
+        if isinstance(doc.get("document"), Mapping):
+            doc = doc["document"]
+        doc_id = doc.get("id")
+    else:
+        doc_id = getattr(doc, "id", None)
+    return None if doc_id is None else str(doc_id)
+
+
+def render_documents(
+    docs: Iterable[Any], max_chars: int | None = None, *, show_ids: bool = False, snippet_words: int | None = None
+) -> str:
     """Renders retrieved documents as ``Doc 1 (Title: T) text`` lines, one per document.
 
     Args:
         docs: Documents in any form ``_as_contents`` accepts (strings, dicts, ``Document`` objects).
         max_chars: Cap on the rendered length; longer output is cut and ends with "...". None means no cap.
+        show_ids: ``Doc 1 (id: 17, Title: T) text``: the id an ``<access>`` action names (the paper's action space).
+        snippet_words: Show only the first this many words of each document's text, then " ..." (a search
+            snippet; the whole page is behind ``<access>``). None shows the whole passage.
 
     Returns:
         The rendered text, or "No results found." for an empty list.
+
+    Raises:
+        ValueError: ``show_ids`` and a document without an id.
     """
     lines = []
     for i, doc in enumerate(docs, start=1):
         title, text = split_contents(_as_contents(doc))
-        lines.append(f"Doc {i} (Title: {title}) {text}".rstrip())
+        if snippet_words is not None and len(text.split()) > snippet_words:
+            text = " ".join(text.split()[:snippet_words]) + " ..."
+        head = f"Doc {i} (Title: {title})"
+        if show_ids:
+            doc_id = _doc_id(doc)
+            if doc_id is None:
+                raise ValueError(
+                    f"document {i} ({title!r}) has no id to show: the retriever must return each document's 'id' "
+                    "(Search-R1's /retrieve does) for the access action"
+                )
+            head = f"Doc {i} (id: {doc_id}, Title: {title})"
+        lines.append(f"{head} {text}".rstrip())
     rendered = "\n".join(lines) if lines else "No results found."
     if max_chars is not None and len(rendered) > max_chars:
         rendered = rendered[: max(0, max_chars - 3)].rstrip() + "..."

@@ -38,7 +38,15 @@ from recipe.carl.search.actions import split_contents
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Document", "RetrievalClient", "RetrievalError", "SearchCache", "parse_retrieve_response"]
+__all__ = [
+    "Document",
+    "Page",
+    "RetrievalClient",
+    "RetrievalError",
+    "SearchCache",
+    "parse_access_response",
+    "parse_retrieve_response",
+]
 
 ErrorKind = Literal["connect", "timeout", "http", "bad_response"]
 
@@ -59,6 +67,24 @@ class Document:
     @property
     def text(self) -> str:
         return split_contents(self.contents)[1]
+
+
+@dataclass(frozen=True)
+class Page:
+    """A whole page as ``POST /access`` returns it (``recipe.carl.search.pages``)."""
+
+    id: str
+    """The page's canonical id (its first passage's)."""
+    contents: str
+    """"Title\\ntext": every passage of the page, in order."""
+
+    @property
+    def title(self) -> str:
+        return split_contents(self.contents)[0]
+
+    @property
+    def text(self) -> str:
+        return self.contents.partition("\n")[2].strip()
 
 
 class RetrievalError(RuntimeError):
@@ -107,12 +133,35 @@ def parse_retrieve_response(payload: Any, num_queries: int) -> list[list[Documen
     return parsed
 
 
+def parse_access_response(payload: Any, num_ids: int) -> list[Page | None]:
+    """Validates a ``/access`` response body (ASearcher's shape: one page object or null per id).
+
+    Raises:
+        RetrievalError: kind "bad_response", naming what is wrong.
+    """
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("result"), list):
+        raise RetrievalError("bad_response", f"access response has no 'result' list: {payload!r:.120}")
+    rows = payload["result"]
+    if len(rows) != num_ids:
+        raise RetrievalError("bad_response", f"access response has {len(rows)} results for {num_ids} ids")
+    pages: list[Page | None] = []
+    for i, row in enumerate(rows):
+        if row is None:
+            pages.append(None)
+            continue
+        if not isinstance(row, Mapping) or not isinstance(row.get("contents"), str):
+            raise RetrievalError("bad_response", f"result[{i}] is neither null nor a page with 'contents': {row!r:.99}")
+        pages.append(Page(id=str(row.get("id", row.get("url", ""))), contents=row["contents"]))
+    return pages
+
+
 class SearchCache:
     """Per-tree memo of search results, LRU-bounded by the number of trees."""
 
     def __init__(self, max_trees: int = 4096):
         self.max_trees = max_trees
-        self._trees: OrderedDict[Hashable, dict[tuple[str, int], list[Document]]] = OrderedDict()
+        # Per tree: (query, topk) -> documents, and ("\0access", id) -> page or None.
+        self._trees: OrderedDict[Hashable, dict[tuple[str, Any], Any]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -134,6 +183,24 @@ class SearchCache:
         entries = self._trees.setdefault(tree, {})
         self._trees.move_to_end(tree)
         entries[self._query_key(query, topk)] = docs
+        while len(self._trees) > self.max_trees:
+            self._trees.popitem(last=False)
+
+    def get_page(self, tree: Hashable, page_id: str) -> Page | None | bool:
+        """The cached answer of an access (a page, or None for an unknown id), False when not cached."""
+        entries = self._trees.get(tree)
+        key = ("\0access", page_id)  # cannot collide with a search key: (query, topk) has an int second
+        if entries is None or key not in entries:
+            self.misses += 1
+            return False
+        self._trees.move_to_end(tree)
+        self.hits += 1
+        return entries[key]  # type: ignore[return-value]
+
+    def put_page(self, tree: Hashable, page_id: str, page: Page | None) -> None:
+        entries = self._trees.setdefault(tree, {})
+        self._trees.move_to_end(tree)
+        entries[("\0access", page_id)] = page  # type: ignore[index]
         while len(self._trees) > self.max_trees:
             self._trees.popitem(last=False)
 
@@ -201,37 +268,74 @@ class RetrievalClient:
             await self._http.aclose()
         self._http = self._http_loop = None
 
-    async def _request(self, queries: list[str], topk: int) -> list[list[Document]]:
-        body = {"queries": queries, "topk": topk, "return_scores": True}
+    async def _post(self, url: str, body: dict[str, Any]) -> Any:
+        """POSTs ``body`` to ``url`` with the retry policy of the module docstring; returns the decoded JSON."""
         last: RetrievalError | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
                 await asyncio.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
             try:
-                response = await self._client().post(self.url, json=body)
+                response = await self._client().post(url, json=body)
             except httpx.TimeoutException as e:
-                last = RetrievalError("timeout", f"{self.url} timed out after {self.timeout}s ({type(e).__name__})")
+                last = RetrievalError("timeout", f"{url} timed out after {self.timeout}s ({type(e).__name__})")
                 continue
             except httpx.TransportError as e:
-                last = RetrievalError("connect", f"cannot reach {self.url}: {type(e).__name__}: {e}")
+                last = RetrievalError("connect", f"cannot reach {url}: {type(e).__name__}: {e}")
                 continue
             if response.status_code == 429 or response.status_code >= 500:
-                last = RetrievalError("http", f"{self.url} answered HTTP {response.status_code}: {response.text:.200}")
+                last = RetrievalError("http", f"{url} answered HTTP {response.status_code}: {response.text:.200}")
                 continue
             if response.status_code != 200:
                 raise RetrievalError(
-                    "http", f"{self.url} answered HTTP {response.status_code}: {response.text:.200}", attempt + 1
+                    "http", f"{url} answered HTTP {response.status_code}: {response.text:.200}", attempt + 1
                 )
             try:
-                payload = response.json()
+                return response.json()
             except ValueError as e:
-                raise RetrievalError(
-                    "bad_response", f"{self.url} sent non-JSON: {response.text:.120}", attempt + 1
-                ) from e
-            return parse_retrieve_response(payload, len(queries))
+                raise RetrievalError("bad_response", f"{url} sent non-JSON: {response.text:.120}", attempt + 1) from e
         assert last is not None
         last.attempts = self.max_retries + 1
         raise last
+
+    async def _request(self, queries: list[str], topk: int) -> list[list[Document]]:
+        payload = await self._post(self.url, {"queries": queries, "topk": topk, "return_scores": True})
+        return parse_retrieve_response(payload, len(queries))
+
+    @property
+    def access_url(self) -> str:
+        """The server's ``/access`` endpoint: ``url`` with its last path segment (``retrieve``) replaced."""
+        url = httpx.URL(self.url)
+        return str(url.copy_with(path=url.path.rsplit("/", 1)[0] + "/access"))
+
+    async def access(self, ids: Sequence[str], cache_key: Hashable | None = None) -> list[Page | None]:
+        """The pages holding the passages with these ids (``POST /access``; the retry policy of ``search``).
+
+        Args:
+            ids: Passage ids, as search results show them.
+            cache_key: Tree id for the per-tree cache (a page is read several times along a tree); None bypasses it.
+
+        Returns:
+            One page per id, or None where the server knows no such id.
+
+        Raises:
+            RetrievalError: After the retries are spent, or at once for a 4xx (e.g. a page over the server's
+                ``--max-page-chars``, or a server without ``--pages``) or a malformed response.
+        """
+        if isinstance(ids, str):
+            raise TypeError("access() takes a list of ids")
+        ids = [str(i) for i in ids]
+        use_cache = self.cache is not None and cache_key is not None
+        results: list[Page | None | bool] = [False] * len(ids)  # False: not looked up yet (None is a real answer)
+        if use_cache:
+            results = [self.cache.get_page(cache_key, i) for i in ids]  # type: ignore[union-attr]
+        missing = [k for k, r in enumerate(results) if r is False]
+        if missing:
+            payload = await self._post(self.access_url, {"urls": [ids[k] for k in missing]})
+            for k, page in zip(missing, parse_access_response(payload, len(missing)), strict=True):
+                results[k] = page
+                if use_cache:
+                    self.cache.put_page(cache_key, ids[k], page)  # type: ignore[union-attr]
+        return [r if isinstance(r, Page) else None for r in results]
 
     async def search(
         self,

@@ -7,9 +7,21 @@ Protocol (the same as Search-R1's ``retrieval_server.py``, so its clients and ve
     with "return_scores": false (Search-R1's default) each entry is the bare document:
       -> {"result": [[{"id": "...", "contents": "Title\\ntext"}, ...], ...]}
     GET /health -> {"status": "ok", "backend": "bm25", "num_docs": 10033, "default_topk": 3,
-                    "max_queries": 1024, "max_query_chars": 8192}
+                    "max_queries": 1024, "max_query_chars": 8192}   (+ "pages": 3512 with --pages)
 
 ``topk`` may be omitted or null (the server's ``--topk`` is used).
+
+Pages (``--pages``; the paper's `access` action, ``recipe.carl.search.pages``). The request and response have the
+shape of ASearcher's local server (``tools/local_retrieval_server.py``: ``POST /access {"urls": [...]}`` answering
+``{"result": [page or null, ...]}``, read by its client as ``result["contents"]``); here a "url" is the id of any
+passage of the page, as a search result shows it::
+
+    POST /access {"urls": ["17", "nope"]}
+      -> {"result": [{"url": "17", "id": "15", "title": "T", "contents": "T\\nwhole page", "passages": 4}, null]}
+
+An unknown id answers ``null`` (the agent named a page that does not exist). A page longer than ``--max-page-chars``
+answers HTTP 413 naming it; more ids than ``--max-queries`` HTTP 413, an id longer than ``--max-query-chars`` HTTP
+422, and a server started without ``--pages`` HTTP 404 naming the flag. ``/retrieve`` is unchanged.
 
 Limits (each names itself and its flag in the error):
 
@@ -61,14 +73,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from recipe.carl.io import write_text
+from recipe.carl.search.pages import PageStore
 from recipe.carl.search.retriever import Retriever, RetrieverConfig, RetrieverError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_PAGE_CHARS",
     "DEFAULT_MAX_QUERIES",
     "DEFAULT_MAX_QUERY_CHARS",
+    "AccessRequest",
     "PortInUseError",
     "QueryFailedError",
     "RetrieveRequest",
@@ -89,6 +104,8 @@ DEFAULT_MAX_QUERIES = 1024
 DEFAULT_MAX_QUERY_CHARS = 8192
 #: Most queries searched together: bounds how long a small request waits behind a large one.
 DEFAULT_MAX_BATCH = 64
+#: Longest page served by `/access`, in characters (HTTP 413 above); wiki-18's largest articles are a few 100k.
+DEFAULT_MAX_PAGE_CHARS = 1_000_000
 
 
 class PortInUseError(OSError):
@@ -109,6 +126,12 @@ class RetrieveRequest(BaseModel):
     queries: list[str]
     topk: int | None = Field(default=None, ge=1, le=1000)
     return_scores: bool = False
+
+
+class AccessRequest(BaseModel):
+    """Body of ``POST /access``: ids of passages whose pages are wanted (named ``urls`` as ASearcher's field)."""
+
+    urls: list[str]
 
 
 @dataclass(eq=False)
@@ -236,6 +259,66 @@ class _Scheduler:
             job.future.set_exception(QueryFailedError(index, job.queries[index], error))
 
 
+def _check_ids(ids: Sequence[str], max_queries: int, max_query_chars: int) -> None:
+    """Refuses an `/access` request with too many ids (413) or an overlong one (422), naming the flag."""
+    if len(ids) > max_queries:
+        raise HTTPException(
+            status_code=413,
+            detail=f"{len(ids)} ids in one request; this server takes at most {max_queries} (--max-queries)",
+        )
+    for i, doc_id in enumerate(ids):
+        if len(doc_id) > max_query_chars:
+            raise HTTPException(
+                status_code=422,
+                detail=f"id {i} has {len(doc_id)} characters; this server takes at most {max_query_chars} "
+                "(--max-query-chars)",
+            )
+
+
+def _page_entries(pages: PageStore, ids: Sequence[str], max_page_chars: int) -> list[dict[str, Any] | None]:
+    """`/access`'s answer: per id its page (ASearcher's `contents`, plus its canonical id, title and passage count)
+    or None for an unknown id; a page over `max_page_chars` refuses the request (413, naming it)."""
+    result: list[dict[str, Any] | None] = []
+    for doc_id in ids:
+        page = pages.get(doc_id)
+        if page is not None and len(page.text) > max_page_chars:
+            raise HTTPException(
+                status_code=413,
+                detail=f"the page of id {doc_id!r} ({page.title!r}) has {len(page.text)} characters; this server "
+                f"returns at most {max_page_chars} (--max-page-chars)",
+            )
+        result.append(
+            None
+            if page is None
+            else {
+                "url": doc_id,
+                "id": page.id,
+                "title": page.title,
+                "contents": page.contents,
+                "passages": len(page.passage_ids),
+            }
+        )
+    return result
+
+
+def _add_access_route(
+    app: FastAPI, pages: PageStore | None, max_queries: int, max_query_chars: int, max_page_chars: int
+) -> None:
+    """``POST /access`` (module docstring): whole pages by the id of any of their passages."""
+
+    @app.post("/access")
+    async def access(request: AccessRequest) -> JSONResponse:
+        if pages is None:
+            raise HTTPException(
+                status_code=404,
+                detail="this server has no page store: restart it with --pages (the corpus's passages are grouped "
+                "into pages) to serve the access action",
+            )
+        _check_ids(request.urls, max_queries, max_query_chars)
+        # Joining a page's passages is CPU work: off the event loop.
+        return JSONResponse({"result": await asyncio.to_thread(_page_entries, pages, request.urls, max_page_chars)})
+
+
 def create_app(
     retriever: Retriever | None = None,
     *,
@@ -246,6 +329,8 @@ def create_app(
     max_queries: int = DEFAULT_MAX_QUERIES,
     max_query_chars: int = DEFAULT_MAX_QUERY_CHARS,
     info: dict[str, Any] | None = None,
+    pages: PageStore | None = None,
+    max_page_chars: int = DEFAULT_MAX_PAGE_CHARS,
 ) -> FastAPI:
     """Builds the FastAPI app.
 
@@ -259,20 +344,25 @@ def create_app(
         max_queries: Most queries in one request; more get HTTP 413.
         max_query_chars: Longest query in characters; longer get HTTP 422.
         info: Extra fields for ``GET /health``.
+        pages: The page store served by ``POST /access`` (None: the endpoint answers 404 naming ``--pages``).
+        max_page_chars: Longest page ``/access`` returns; longer get HTTP 413.
 
     Returns:
         The app; start it with uvicorn, ``serve`` or ``serve_in_thread``.
     """
     if (retriever is None) == (search_fn is None):
         raise ValueError("pass exactly one of retriever or search_fn")
-    if max_queries < 1 or max_query_chars < 1:
-        raise ValueError(f"max_queries and max_query_chars must be >= 1, got {max_queries}, {max_query_chars}")
+    if max_queries < 1 or max_query_chars < 1 or max_page_chars < 1:
+        raise ValueError(
+            f"max_queries, max_query_chars and max_page_chars must be >= 1, got {max_queries}, {max_query_chars}, "
+            f"{max_page_chars}"
+        )
     fn: SearchFn = search_fn or retriever.search_documents  # type: ignore[union-attr]
     health: dict[str, Any] = {"status": "ok", "default_topk": default_topk}
     if retriever is not None:
         health.update(backend=retriever.config.backend, num_docs=retriever.num_docs)
     health.update(max_queries=max_queries, max_query_chars=max_query_chars)
-    health.update(info or {})
+    health.update({"pages": len(pages)} if pages is not None else {}, **(info or {}))
     scheduler = _Scheduler(fn, max_batch=max_batch, wait_s=batch_wait_ms / 1000)
 
     @contextlib.asynccontextmanager
@@ -323,6 +413,7 @@ def create_app(
         # A JSONResponse is sent as is; returning the dict would walk every hit through jsonable_encoder first.
         return JSONResponse({"result": rows})
 
+    _add_access_route(app, pages, max_queries, max_query_chars, max_page_chars)
     return app
 
 
@@ -476,6 +567,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-query-chars", type=int, default=DEFAULT_MAX_QUERY_CHARS, help="longest query in characters (422)"
     )
+    p.add_argument(
+        "--pages",
+        action="store_true",
+        help="serve POST /access: the corpus's consecutive passages of one title form a page (the paper's access "
+        "action, algorithm.carl.action_space=paper)",
+    )
+    p.add_argument(
+        "--max-page-chars",
+        type=int,
+        default=DEFAULT_MAX_PAGE_CHARS,
+        help="longest page /access returns, in characters (413 above)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -505,13 +608,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit code (2 for a start-up error, printed without a traceback)."""
     parser = build_arg_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_batch", "max_queries", "max_query_chars", "topk"):
+    for flag in ("max_batch", "max_queries", "max_query_chars", "topk", "max_page_chars"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         retriever = Retriever.from_config(config_from_args(args))
         logger.info("retriever ready: %s", json.dumps(asdict(retriever.config), default=str))
+        pages = PageStore(retriever.corpus) if args.pages else None
+        if pages is not None:
+            logger.info("page store ready: %d pages", len(pages))
         if args.build_only:
             print(f"index ready: {retriever.config.resolved_index_dir()} ({retriever.num_docs} documents)")
             return 0
@@ -524,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_wait_ms=args.batch_wait_ms,
             max_queries=args.max_queries,
             max_query_chars=args.max_query_chars,
+            pages=pages,
+            max_page_chars=args.max_page_chars,
             port_file=args.port_file,
             log_level=args.log_level,
         )

@@ -65,10 +65,10 @@ class Demo:
                 messages.append({"role": "tool", "content": turn.observation})
         return messages
 
-    def to_dict(self) -> dict:
+    def to_dict(self, system_prompt: str = SYSTEM_PROMPT) -> dict:
         """JSON-ready dict; the turns are given as chat ``"messages"`` (see :meth:`from_dict`)."""
         row = {k: v for k, v in asdict(self).items() if k != "turns"}
-        return {**row, "messages": self.to_messages()}
+        return {**row, "messages": self.to_messages(system_prompt)}
 
     @classmethod
     def from_dict(cls, row: dict) -> Demo:

@@ -3,6 +3,10 @@
 Usage::
 
     python -m recipe.carl.synthhop.make_data --out data/synthhop --seed 0 --n-entities 300 --n-train 3000 --n-test 200
+    python -m recipe.carl.synthhop.make_data --out data/synthhop_pages --pages   # the paper's action space
+
+``--pages`` writes the pages variant (`recipe.carl.synthhop.pages`): one page per entity, longer than a search
+snippet, whose facts are read with ``<access>`` and ``<read>``; the demonstrations use both.
 
 Output folder:
 
@@ -35,7 +39,8 @@ from recipe.carl.io import atomic_dir, atomic_path, write_jsonl, write_text
 
 from .agent import Demo, ReferenceAgent, make_demos, success_rate
 from .env import SYSTEM_PROMPT, LocalSearch, SynthHopEnv
-from .kb import RELATIONS, KBConfig, KnowledgeBase, make_kb
+from .kb import RELATION_BY_NAME, RELATIONS, KBConfig, KnowledgeBase, make_kb
+from .pages import PAGES_SYSTEM_PROMPT, PagesConfig, PagesReferenceAgent, page_corpus, vocabulary_texts
 from .questions import Question, QuestionConfig, make_questions
 from .tokenizer import build_tokenizer, embedding_size
 
@@ -43,6 +48,8 @@ DATA_SOURCE = "synthhop"
 #: Training rows follow `algorithm.adv_estimator` (a CARL tree, or one trajectory under GRPO); test rows are validated
 #: with one trajectory per question.
 AGENT_NAMES = {"train": "carl_agent", "test": "carl_chain_agent"}
+#: Actions per episode of the pages variant: a hop is a search, an access and up to two reads.
+PAGES_MAX_TURNS = 14
 # Below this many demonstrations a progress bar is noise.
 _PROGRESS_MIN = 1000
 
@@ -73,6 +80,8 @@ class SynthHopConfig:
     """Words kept per document in an observation; must cover the longest document."""
     max_turns: int = 6
     """Actions per episode."""
+    pages: PagesConfig | None = None
+    """The pages variant (the paper's action space: search, access, read, answer); None: the default data."""
 
     def __post_init__(self):
         for knob in ("n_demos", "top_k", "doc_words", "max_turns"):
@@ -125,30 +134,45 @@ def build(config: SynthHopConfig = SynthHopConfig(), progress: bool = False) -> 
             the knob and how to fix it.
     """
     kb = make_kb(config.kb_config())
-    corpus = kb.corpus()
+    corpus = kb.corpus() if config.pages is None else page_corpus(kb)
     longest = max(len(kb.document_text(n).split()) for n in kb.names())
     if config.doc_words < longest:
         raise ValueError(
             f"doc_words (--doc-words) = {config.doc_words} would cut documents of up to {longest} words and drop "
             f"facts that questions ask for. Set --doc-words to at least {longest}."
         )
+    if config.pages is not None:
+        sentence = max(
+            len(f"{e.name} {RELATION_BY_NAME[r].verb} {t} .") for e in kb.entities for r, t in e.facts.items()
+        )
+        if config.pages.chunk_chars < sentence:
+            raise ValueError(
+                f"page_chunk_chars (--page-chunk-chars) = {config.pages.chunk_chars} would cut fact sentences of up "
+                f"to {sentence} characters across two parts of a page. Set --page-chunk-chars to at least {sentence}."
+            )
     train, test = make_questions(kb, config.question_config())
     search = LocalSearch(corpus, top_k=config.top_k, doc_words=config.doc_words)
-    agent = ReferenceAgent(kb, SynthHopEnv(search, config.max_turns), noise=config.noise, seed=config.seed)
+    if config.pages is None:
+        agent = ReferenceAgent(kb, SynthHopEnv(search, config.max_turns), noise=config.noise, seed=config.seed)
+    else:
+        agent = PagesReferenceAgent(kb, search, config.pages, config.noise, config.seed, config.max_turns)
     demos = make_demos(agent, train, config.n_demos, progress=progress)
     # The vocabulary covers everything the policy reads or may write, test questions and unused relations included.
     texts = [d["contents"] for d in corpus] + [q.text for q in train + test] + [SYSTEM_PROMPT]
     texts += [r.name for r in RELATIONS] + [t.action for d in demos for t in d.turns]
+    if config.pages is not None:
+        texts += [PAGES_SYSTEM_PROMPT, *vocabulary_texts(corpus, config.pages)]
     return SynthHopData(config, kb, search, train, test, demos, build_tokenizer(texts))
 
 
-def make_row(question: Question, split: str, index: int) -> dict:
+def make_row(question: Question, split: str, index: int, system_prompt: str = SYSTEM_PROMPT) -> dict:
     """One verl ``RLHFDataset`` row for ``question``.
 
     Args:
         question: the question.
         split: "train" or "test".
         index: position in its split.
+        system_prompt: the prompt's system message (the pages variant's names its two page actions).
 
     Returns:
         A dict with ``data_source``, ``prompt`` (system + user chat messages), ``ability``, ``reward_model``,
@@ -157,7 +181,7 @@ def make_row(question: Question, split: str, index: int) -> dict:
     ground_truth = {"target": [question.answer]}
     return {
         "data_source": DATA_SOURCE,
-        "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question.text}],
+        "prompt": [{"role": "system", "content": system_prompt}, {"role": "user", "content": question.text}],
         "ability": "search",
         "reward_model": {"ground_truth": ground_truth, "style": "rule"},
         "extra_info": {
@@ -208,16 +232,18 @@ def write(data: SynthHopData, out: str | os.PathLike, overwrite: bool = False, c
         The manifest, also written as ``manifest.json``.
     """
     out = check_out_dir(out, overwrite)
-    corpus = data.kb.corpus()
+    pages = data.config.pages
+    corpus = data.kb.corpus() if pages is None else page_corpus(data.kb)
     write_jsonl(out / "corpus.jsonl", corpus)
+    system = SYSTEM_PROMPT if pages is None else PAGES_SYSTEM_PROMPT
     for split, questions in (("train", data.train), ("test", data.test)):
-        frame = pd.DataFrame([make_row(q, split, i) for i, q in enumerate(questions)])
+        frame = pd.DataFrame([make_row(q, split, i, system) for i, q in enumerate(questions)])
         with atomic_path(out / f"{split}.parquet") as tmp:
             frame.to_parquet(tmp, index=False)
     tok = data.tokenizer
     # The turns are in "messages" already; "text" is the same episode rendered by the chat template, for SFT.
     demo_rows = [
-        {"index": i, **d.to_dict(), "text": tok.apply_chat_template(d.to_messages(), tokenize=False)}
+        {"index": i, **d.to_dict(system), "text": tok.apply_chat_template(d.to_messages(system), tokenize=False)}
         for i, d in enumerate(data.demos)
     ]
     write_jsonl(out / "demos.jsonl", demo_rows)
@@ -225,10 +251,13 @@ def write(data: SynthHopData, out: str | os.PathLike, overwrite: bool = False, c
         tok.save_pretrained(tmp)
 
     doc_words = [len(d["contents"].split()) - 1 for d in corpus]  # minus the title line
+    knobs = asdict(data.config)
+    if pages is None:
+        del knobs["pages"]  # the default data's manifest as before the pages variant existed
     manifest = {
         "command": command,
         "seed": data.config.seed,
-        "config": asdict(data.config),
+        "config": knobs,
         "counts": {
             "entities": dict(Counter(e.type for e in data.kb.entities)),
             "facts": sum(len(e.facts) for e in data.kb.entities),
@@ -266,7 +295,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     p.add_argument("--noise", type=float, default=d.noise, help="reference-agent detour probability p")
     p.add_argument("--top-k", type=int, default=d.top_k, help="documents per observation")
     p.add_argument("--doc-words", type=int, default=d.doc_words, help="words kept per document in an observation")
-    p.add_argument("--max-turns", type=int, default=d.max_turns, help="actions per episode")
+    p.add_argument(
+        "--max-turns", type=int, default=None, help=f"actions per episode (default {d.max_turns}; 14 with --pages)"
+    )
+    p.add_argument("--pages", action="store_true", help="the pages variant: search, access, read, answer")
+    p.add_argument("--snippet-words", type=int, default=PagesConfig().snippet_words, help="--pages: words per result")
+    p.add_argument(
+        "--page-chunk-chars", type=int, default=PagesConfig().chunk_chars, help="--pages: characters per part"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the SynthHop files of a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p.parse_args(argv), p
@@ -278,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, parser = parse_args(argv)
     start = time.perf_counter()
     try:
+        default_turns = PAGES_MAX_TURNS if args.pages else SynthHopConfig.max_turns
         config = SynthHopConfig(
             seed=args.seed,
             n_entities=args.n_entities,
@@ -289,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
             noise=args.noise,
             top_k=args.top_k,
             doc_words=args.doc_words,
-            max_turns=args.max_turns,
+            max_turns=args.max_turns if args.max_turns is not None else default_turns,
+            pages=PagesConfig(args.snippet_words, args.page_chunk_chars) if args.pages else None,
         )
         check_out_dir(args.out, args.overwrite)  # fail before the work, not after
         n_demos = config.n_train if config.n_demos is None else config.n_demos

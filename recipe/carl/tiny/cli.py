@@ -90,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-only", action="store_true", help="stop after the SFT warm start (policy_sft/ in the run)")
     p.add_argument("--no-shipped-sft", action="store_true", help="train the SFT start even if a shipped one fits")
     p.add_argument("--sft-steps", type=positive(int), help="SFT optimiser steps (default: the shipped start's)")
+    p.add_argument("--action-space", choices=["search_r1", "paper"], default="search_r1",
+                   help="search_r1 (default: search, answer) or paper (search, access, read, answer on SynthHop's "
+                   "pages; its SFT start is trained here: docs/pages.md)")  # fmt: skip
     return p
 
 
@@ -103,6 +106,10 @@ def config_from(args: argparse.Namespace, p: argparse.ArgumentParser) -> DemoCon
         cfg = DemoConfig.smollm2(args.algo, args.seed)
     else:
         cfg = DemoConfig(algo=args.algo, seed=args.seed)
+    if args.action_space == "paper":
+        if args.policy != "tiny":
+            p.error("--action-space paper runs the tiny word-level policy; drop --policy smollm2.")
+        cfg = cfg.with_pages(smoke=args.tiny)
     chosen = {"steps": args.steps, "test_freq": args.test_freq, "lr": args.lr, "temperature": args.temperature,
               "sft_steps": args.sft_steps, "selection": args.selection, "packing": args.packing,
               "merge": False if args.no_merge else None}  # fmt: skip

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
@@ -13,6 +13,10 @@ SHIPPED_SFT = Path(__file__).resolve().parent / "checkpoints" / "sft_seed0"
 ROLLOUT_DEVICES = {"carl_hf": "cpu", "vllm": "cpu_vllm"}
 """`DemoConfig.rollout` -> the device config option (`config/device/<name>.yaml`) that selects that engine: the
 recipe's transformers backend, or verl's own vLLM rollout on vLLM's CPU build (`scripts/install_cpu.sh --vllm`)."""
+
+
+PAGES_SMOKE_SFT_STEPS = 300
+"""SFT steps of the pages variant's smoke start (`--tiny --action-space paper`)."""
 
 
 @dataclass(frozen=True)
@@ -87,12 +91,21 @@ class DemoConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the SFT and the actor's update (SmolLM2: 30 layers of activations)."""
     timeout_s: int = 1800
+    action_space: str = "search_r1"
+    """`search_r1` (search, answer: the default) or `paper` (search, access, read, answer on SynthHop's pages
+    variant, `recipe.carl.synthhop.pages`; `with_pages` sets its sizes)."""
+    snippet_words: int = 5
+    """`paper`: words of a page a search result shows (its lead sentence)."""
+    page_chunk_chars: int = 64
+    """`paper`: characters per part of a page (`algorithm.carl.page_chunk_chars`)."""
 
     def __post_init__(self) -> None:
         if self.rollout not in ROLLOUT_DEVICES or self.algo not in ("carl", "grpo"):
             raise ValueError(
                 f"rollout {self.rollout!r} / algo {self.algo!r}: use {sorted(ROLLOUT_DEVICES)} / carl, grpo."
             )
+        if self.action_space not in ("search_r1", "paper"):
+            raise ValueError(f"action_space {self.action_space!r}: use search_r1 or paper.")
         if self.packing not in ("path", "tree"):
             raise ValueError(f"packing {self.packing!r}: use path (one row per leaf path) or tree (one per tree).")
         names = ("steps", "sft_steps", "batch_prompts", "n0", "max_actions", "test_freq", "val_samples", "n_test")
@@ -119,6 +132,21 @@ class DemoConfig:
                    sft_batch_size=8, batch_prompts=4, n0=2, n_forks=4, lr=1e-5, test_freq=5, val_samples=2,
                    max_prompt_length=192, max_response_length=1024, micro_batch_tokens=2048,
                    gradient_checkpointing=True, timeout_s=7200)  # fmt: skip
+
+    def with_pages(self, smoke: bool = False) -> DemoConfig:
+        """This run with the paper's action space on SynthHop's pages: a hop is a search, an access and up to two
+        reads, so T_max 14 and room for ~10 observations of ~25 tokens; no shipped start (it was trained on the
+        default data). The smoke mode's SFT is `PAGES_SMOKE_SFT_STEPS` steps, a fixed number so that what the CI
+        checks does not depend on the machine's speed (docs/pages.md: its time and what that start does)."""
+        return replace(
+            self,
+            action_space="paper",
+            max_actions=14,
+            max_prompt_length=96,
+            max_response_length=768,
+            sft_steps=PAGES_SMOKE_SFT_STEPS if smoke else self.sft_steps,
+            sft_time_budget_s=None if smoke else self.sft_time_budget_s,
+        )
 
     def validations(self) -> list[int]:
         """The steps after which the trainer validates (0: before training)."""

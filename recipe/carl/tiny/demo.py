@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from recipe.carl.io import write_json, write_text
+from recipe.carl.search.pages import PageStore
 from recipe.carl.tiny import cli, launch, report
 from recipe.carl.tiny.config import REPO, ROLLOUT_DEVICES, SHIPPED_SFT, DemoConfig
 
@@ -59,6 +60,9 @@ def trainer_overrides(cfg: DemoConfig, run_dir: Path, data_dir: Path, model_dir:
     if cfg.full_determinism:
         settings["actor_rollout_ref.rollout.full_determinism"] = True
         settings["actor_rollout_ref.rollout.seed"] = cfg.rl_seed
+    if cfg.action_space == "paper":
+        settings["algorithm.carl.action_space"] = cfg.action_space
+        settings["algorithm.carl.page_chunk_chars"] = cfg.page_chunk_chars
     if cfg.algo == "carl":
         keys = ("n0", "n_forks", "selection", "update_set", "merge", "spread_prior", "packing", "forks_in_flight")
         settings.update({f"algorithm.carl.{k}": getattr(cfg, k) for k in keys})
@@ -85,7 +89,7 @@ def run_demo(
     # Here, not at the top: these import torch and transformers, which `--help` and a refused flag never need.
     from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
     from recipe.carl.tiny.trajectory import corpus_search
-    from recipe.carl.tiny.warm_start import warm_start
+    from recipe.carl.tiny.warm_start import pages_config, warm_start
 
     start = clock = time.time()
     phases: dict[str, float] = {}
@@ -96,20 +100,27 @@ def run_demo(
 
     print(f"[1/5] SynthHop data -> {run_dir / 'data'}", flush=True)
     data_dir = run_dir / "data"
-    data = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train, n_test=cfg.n_test))
+    pages = pages_config(cfg)  # the paper's action space: SynthHop's pages variant
+    sizes = {"seed": cfg.seed, "n_entities": cfg.n_entities, "n_train": cfg.n_train, "n_test": cfg.n_test}
+    if pages is not None:
+        sizes.update(pages=pages, max_turns=cfg.max_actions)
+    data = build(SynthHopConfig(**sizes))
     write(data, data_dir, overwrite=True, command="recipe.carl.tiny.demo")
     retriever, search = corpus_search(data_dir / "corpus.jsonl", cfg.topk)
     with contextlib.ExitStack() as stack:
         print("[2/5] BM25 retriever and SFT start", flush=True)
-        url = stack.enter_context(launch.retriever_server(retriever, port))
-        model_dir, sft = warm_start(run_dir, data_dir, search, cfg, shipped_sft)
+        store = PageStore(retriever.corpus) if pages is not None else None
+        url = stack.enter_context(launch.retriever_server(retriever, port, pages=store))
+        shipped = shipped_sft if pages is None else None  # the shipped start was trained on the default data
+        model_dir, sft = warm_start(run_dir, data_dir, search, cfg, shipped)
         lap("data and SFT start")
         if sft_only:
             print(f"SFT start written to {model_dir}: {sft}")
             return {"sft": sft, "policy_sft": str(model_dir)}
         print(f"[3/5] {cfg.algo} through verl's trainer on CPU (log: {run_dir / 'train.log'})", flush=True)
         launch.write_val_file(data_dir, cfg.val_samples)
-        overrides = trainer_overrides(cfg, run_dir, data_dir, model_dir, launch.write_tool_yaml(run_dir, cfg.topk))
+        tool_yaml = launch.write_tool_yaml(run_dir, cfg.topk, cfg.snippet_words if pages is not None else None)
+        overrides = trainer_overrides(cfg, run_dir, data_dir, model_dir, tool_yaml)
         device = f"+device={ROLLOUT_DEVICES[cfg.rollout]}"
         cmd = [launch.trainer_python(cfg), "-m", "recipe.carl.main_carl", "+demo=tiny_cpu", device, *overrides]
         ray_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="carl-"))  # short: Ray's sockets < 108 bytes

@@ -240,10 +240,11 @@ class TrainerRun:
 
 
 @contextlib.contextmanager
-def retriever_server(retriever, port: int):
-    """The run's retriever served in a thread of this process (`recipe.carl.search.server`); yields its URL."""
+def retriever_server(retriever, port: int, pages=None):
+    """The run's retriever served in a thread of this process (`recipe.carl.search.server`; `pages`: its page store
+    for `/access`); yields its URL."""
     try:
-        server = serve_in_thread(retriever, port=port)
+        server = serve_in_thread(retriever, port=port, pages=pages)
         url = server.__enter__()
     except OSError as error:
         raise SystemExit(f"error: --port {port}: cannot start the retriever there ({error}); use --port 0") from error
@@ -274,13 +275,17 @@ def progress_line(phase: str, done: int, steps: int) -> str:
     return f"{phase}: {done}/{steps} steps"
 
 
-def write_tool_yaml(run_dir: Path, topk: int) -> Path:
-    """The recipe's search tool config with this run's documents per search (the retriever URL stays `${oc.env}`)."""
+def write_tool_yaml(run_dir: Path, topk: int, snippet_words: int | None = None) -> Path:
+    """The recipe's search tool config with this run's documents per search (the retriever URL stays `${oc.env}`);
+    with `snippet_words`, the paper's tools (`pages_tool.yaml`: search showing ids and snippets, and access)."""
     from omegaconf import OmegaConf
 
-    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "search" / "search_tool.yaml")
+    name = "search_tool.yaml" if snippet_words is None else "pages_tool.yaml"
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "search" / name)
     config.tools[0].config.topk = topk
-    return write_text(run_dir / "search_tool.yaml", OmegaConf.to_yaml(config))
+    if snippet_words is not None:
+        config.tools[0].config.snippet_words = snippet_words
+    return write_text(run_dir / name, OmegaConf.to_yaml(config))
 
 
 def keep_trained_policy(run_dir: Path, steps: int) -> Path:

@@ -22,6 +22,7 @@ from recipe.carl.evaluate.engines import HFEngine
 from recipe.carl.evaluate.runner import Evaluator
 from recipe.carl.evaluate.settings import EvalSettings
 from recipe.carl.search.actions import render_documents
+from recipe.carl.search.pages import PageStore
 from recipe.carl.search.retriever import Retriever, RetrieverConfig
 from recipe.carl.search.reward import compute_score
 
@@ -40,6 +41,9 @@ class LocalAgent(Evaluator):
         max_action_tokens: token budget of one agent turn.
         response_length: budget of the whole trajectory after the prompt (verl's `data.max_response_length`).
         seed: seed of the engine's sampling generator.
+        action_space: `search_r1` or `paper` (pages of the same corpus, opened in process).
+        page_chunk_chars: the paper's part size of a page.
+        snippet_words: words of each search result shown (None: the whole document).
     """
 
     def __init__(
@@ -52,6 +56,9 @@ class LocalAgent(Evaluator):
         max_action_tokens: int = 32,
         response_length: int = 384,
         seed: int = 0,
+        action_space: str = "search_r1",
+        page_chunk_chars: int = 4000,
+        snippet_words: int | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -64,15 +71,27 @@ class LocalAgent(Evaluator):
             response_length=response_length,
             seed=seed,
             topk=topk,
+            action_space=action_space,
+            page_chunk_chars=page_chunk_chars,
+            snippet_words=snippet_words,
         )
         tokenizer = AutoTokenizer.from_pretrained(str(policy_dir))
         retriever = Retriever.from_config(RetrieverConfig(corpus_path=str(self.data_dir / "corpus.jsonl")))
+        shown = {"show_ids": action_space == "paper", "snippet_words": snippet_words}
+        pages = PageStore(retriever.corpus) if action_space == "paper" else None
 
         def search(query: str, tree_id: str) -> str:
-            return render_documents(hit["document"] for hit in retriever.search_documents([query], topk)[0])
+            return render_documents((hit["document"] for hit in retriever.search_documents([query], topk)[0]), **shown)
+
+        def access(page_id: str, tree_id: str) -> str | None:
+            page = pages.get(page_id) if pages is not None else None
+            return None if page is None else page.contents
 
         # No per-request seeds: the engine's own generator (seeded by `seed`), as verl samples without full determinism.
-        super().__init__(HFEngine(policy_dir, tokenizer, settings), tokenizer, search, compute_score, settings)
+        engine = HFEngine(policy_dir, tokenizer, settings)
+        super().__init__(
+            engine, tokenizer, search, compute_score, settings, access=access if pages is not None else None
+        )
         self.max_action_tokens, self.response_length = max_action_tokens, response_length
 
     def rows(self, split: str = "test", n: int | None = None) -> list[dict[str, Any]]:

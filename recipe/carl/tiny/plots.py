@@ -46,6 +46,7 @@ import matplotlib.pyplot as plt  # after the backend choice
 from matplotlib.colors import Normalize
 
 from recipe.carl.io import atomic_path
+from recipe.carl.search.action_space import parse_paper_action
 from recipe.carl.search.actions import parse_action
 from recipe.carl.search.reward import exact_match, parse_ground_truth
 from recipe.carl.tiny.noise import curve_se, validation_size
@@ -300,14 +301,21 @@ def tree_layout(nodes: Sequence[Mapping]) -> dict:
 
 
 def action_label(text: str | None, width: int = 48) -> str:
-    """An action's text in short form: `search <query>`, `answer <answer>`, or the raw text of an invalid one."""
+    """An action's text in short form, led by its kind: `search <query>`, `access <id>`, `read <part>`,
+    `answer <answer>`, or the raw text of an invalid one (the paper's action space's kinds included)."""
     if text is None:
         return "(text not dumped)"
     action = parse_action(text)
+    if action.kind == "invalid" and parse_paper_action(text).kind in ("access", "read"):
+        action = parse_paper_action(text)
     if action.kind == "search":
         label = f"search {action.query}"
     elif action.kind == "answer":
         label = f"answer {action.answer}"
+    elif action.kind == "access":
+        label = f"access {action.page}"
+    elif action.kind == "read":
+        label = "read next part" if action.part is None else f"read part {action.part}"
     else:
         label = f"invalid ({action.reason}): {' '.join(text.split())}"
     return textwrap.shorten(label, width=width, placeholder="...")

@@ -79,6 +79,9 @@ def greedy_scores(policy_dir: Path, data_dir: Path, cfg) -> list[float]:
         max_actions=cfg.max_actions,
         max_action_tokens=cfg.max_response_length,
         response_length=cfg.max_response_length,
+        action_space=cfg.action_space,
+        page_chunk_chars=cfg.page_chunk_chars,
+        snippet_words=cfg.snippet_words if cfg.action_space == "paper" else None,
     )
     rows = agent.rows("test")
 

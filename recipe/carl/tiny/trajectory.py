@@ -5,13 +5,16 @@ appends, Search-R1 style, each sampled action and the observation the search too
 between: ``prompt | <search> q </search> | <information>Doc 1 (Title: T) ...</information> | <answer> a </answer>``.
 A warm start must see the same layout, or RL starts from a policy trained on another format. So here each
 demonstration's searches are re-run against the project's retriever and rendered with the same functions the
-agent loop uses (`render_documents`, `render_observation`); only action tokens are trained.
+agent loop uses (`render_documents`, `render_observation`); only action tokens are trained. Under the paper's
+action space (SynthHop's pages variant) a `PaperSession` computes them instead: the search results with their ids,
+the parts of the pages opened and read (`recipe.carl.search.action_space`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from recipe.carl.search.action_space import PaperSession
 from recipe.carl.search.actions import parse_action, render_documents, render_observation
 from recipe.carl.search.retriever import Retriever, RetrieverConfig
 from recipe.carl.tiny.sft import Example
@@ -35,7 +38,9 @@ def corpus_search(corpus_path, topk: int):
     return retriever, search
 
 
-def agent_loop_example(tokenizer, messages: Sequence[dict], search: Search) -> Example:
+def agent_loop_example(
+    tokenizer, messages: Sequence[dict], search: Search, session: PaperSession | None = None
+) -> Example:
     """Token ids and loss mask of one demonstration, laid out as the CARL agent loop builds a trajectory.
 
     Args:
@@ -43,6 +48,8 @@ def agent_loop_example(tokenizer, messages: Sequence[dict], search: Search) -> E
         messages: system and user messages, then assistant actions (tool messages are ignored: observations are
             re-fetched with `search` so they match what the retriever returns during RL).
         search: the retriever.
+        session: the paper's action space: a fresh session over the same retriever and its pages, which computes
+            every observation (searches, accesses, reads); None: Search-R1's searches only.
 
     Returns:
         The example; `loss_mask` is 1 on action tokens only.
@@ -57,9 +64,21 @@ def agent_loop_example(tokenizer, messages: Sequence[dict], search: Search) -> E
         action = tokenizer.encode(text, add_special_tokens=False)
         ids += action
         mask += [1] * len(action)
-        parsed = parse_action(text)
-        if parsed.kind == "search" and i < len(actions) - 1:
-            obs = tokenizer.encode(observation_text(search(parsed.query)), add_special_tokens=False)
-            ids += obs
-            mask += [0] * len(obs)
+        if i == len(actions) - 1:
+            break  # no observation follows the last action
+        if session is not None:
+            shown = session.step(text)
+            if shown.observation is None:
+                raise ValueError(
+                    f"demonstration action {i} {text!r} gets no observation ({shown.reason}): fix the data"
+                )
+            observation = shown.observation
+        else:
+            parsed = parse_action(text)
+            if parsed.kind != "search":
+                continue
+            observation = observation_text(search(parsed.query))
+        obs = tokenizer.encode(observation, add_special_tokens=False)
+        ids += obs
+        mask += [0] * len(obs)
     return Example(ids, mask)

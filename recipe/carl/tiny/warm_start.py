@@ -19,16 +19,32 @@ import torch
 
 from recipe.carl.cpu.platform import empty_host_cache
 from recipe.carl.io import atomic_dir, write_json
+from recipe.carl.search.actions import render_observation
+from recipe.carl.synthhop.pages import PagesConfig, session, vocabulary_texts
 from recipe.carl.synthhop.tokenizer import build_tokenizer
 from recipe.carl.tiny.policy import build_tiny_policy, load_smollm2, save_policy
 from recipe.carl.tiny.sft import Example, SFTConfig, train_sft
 from recipe.carl.tiny.trajectory import agent_loop_example, observation_text
 
 
-def build_tokenizer_for(data_dir: Path, demos: Sequence[dict]):
-    """The word-level tokenizer, trained on everything the policy reads or writes in the RL layout."""
-    corpus = [json.loads(line) for line in (data_dir / "corpus.jsonl").read_text().splitlines() if line.strip()]
+def read_corpus(data_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (data_dir / "corpus.jsonl").read_text().splitlines() if line.strip()]
+
+
+def pages_config(cfg) -> PagesConfig | None:
+    """The pages variant's knobs of a `DemoConfig` under the paper's action space, else None."""
+    if getattr(cfg, "action_space", "search_r1") != "paper":
+        return None
+    return PagesConfig(snippet_words=cfg.snippet_words, chunk_chars=cfg.page_chunk_chars)
+
+
+def build_tokenizer_for(data_dir: Path, demos: Sequence[dict], pages: PagesConfig | None = None):
+    """The word-level tokenizer, trained on everything the policy reads or writes in the RL layout (with `pages`:
+    every search result line and every part of every page, as the paper's action space shows them)."""
+    corpus = read_corpus(data_dir)
     texts = [observation_text([doc]) for doc in corpus] + [observation_text(corpus[:2]), observation_text([])]
+    if pages is not None:
+        texts += [render_observation(text) for text in vocabulary_texts(corpus, pages)]
     for demo in demos:
         texts += [m["content"] for m in demo["messages"] if m["role"] != "tool"]
     return build_tokenizer(texts)
@@ -50,11 +66,14 @@ def sft_key(cfg, tokenizer, examples: Sequence[Example]) -> dict:
     for example in examples:
         data.update(json.dumps([example.input_ids, example.loss_mask]).encode())
     names = ("policy", "seed", "n_entities", "n_train", "sft_steps", "sft_lr", "sft_batch_size", "topk")
-    return {
+    key = {
         **{name: getattr(cfg, name) for name in names},
         "vocab_sha256": hashlib.sha256(vocab).hexdigest(),
         "data_sha256": data.hexdigest(),
     }
+    if pages_config(cfg) is not None:  # the default's key (and so the shipped start's) keeps its fields
+        key.update(action_space="paper", snippet_words=cfg.snippet_words, page_chunk_chars=cfg.page_chunk_chars)
+    return key
 
 
 MUST_MATCH_ENV = "CARL_SFT_MUST_MATCH"
@@ -109,11 +128,17 @@ def warm_start(run_dir: Path, data_dir: Path, search, cfg, shipped: Path | None)
         The start's folder and `{"steps", "wall_s", "final_loss"}` (plus `"shipped"`: its source, when reused).
     """
     demos = [json.loads(line) for line in (data_dir / "demos.jsonl").read_text().splitlines() if line.strip()]
+    pages = pages_config(cfg)
     if cfg.policy == "smollm2":
         tokenizer, model = load_smollm2(run_dir / "policy_init")
     else:
-        tokenizer = build_tokenizer_for(data_dir, demos)
-    examples = [agent_loop_example(tokenizer, d["messages"], search) for d in demos]
+        tokenizer = build_tokenizer_for(data_dir, demos, pages)
+    contents = {doc["id"]: doc["contents"] for doc in read_corpus(data_dir)} if pages else {}
+
+    def layout(messages: list[dict]) -> Example:  # the paper's action space: a fresh session per demonstration
+        return agent_loop_example(tokenizer, messages, search, session(search, contents, pages) if pages else None)
+
+    examples = [layout(d["messages"]) for d in demos]
     key = sft_key(cfg, tokenizer, examples)
     out = run_dir / "policy_sft"
     manifest = json.loads((shipped / "sft_manifest.json").read_text()) if shipped else None

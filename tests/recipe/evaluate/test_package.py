@@ -10,7 +10,7 @@ from pathlib import Path
 import recipe.carl.evaluate as package
 
 #: Each module may import only the modules before it.
-LAYERS = ["settings", "stats", "data", "models", "engines", "runner", "report", "cli", "study"]
+LAYERS = ["settings", "stats", "judge", "data", "models", "engines", "runner", "report", "cli", "study"]
 FOLDER = Path(package.__file__).parent
 
 

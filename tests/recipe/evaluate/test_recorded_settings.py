@@ -32,7 +32,8 @@ def scripted(monkeypatch):
     """Replaces the engine with scripted turns; returns the settings each model was evaluated with."""
     seen: list[EvalSettings] = []
 
-    async def evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=None, *_resume):
+    async def evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=None, *_resume,
+                             access=None):  # fmt: skip
         from transformers import AutoTokenizer
 
         seen.append(settings)

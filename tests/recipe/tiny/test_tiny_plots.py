@@ -324,3 +324,15 @@ def test_compare_reads_the_metrics_file_of_gpu_runs(tmp_path, monkeypatch):
     assert right.get_xlabel() == "actions trained"
     with pytest.raises(SystemExit, match=r"holds no validation of 'f1' \(it has \['em'\]\)"):
         plots.main(["compare", str(carl), "--metric", "f1", "-o", str(tmp_path / "x.png")])
+
+
+def test_the_action_panel_names_each_actions_kind_the_papers_included():
+    """The tree picture's panel: every action led by its kind, access and read of the paper's action space too."""
+    from recipe.carl.tiny.plots import action_label
+
+    assert action_label("<search> Uldal headquarters </search>") == "search Uldal headquarters"
+    assert action_label("<access> Uldal </access>") == "access Uldal"
+    assert action_label("<read> </read>") == "read next part" and action_label("<read> 2 </read>") == "read part 2"
+    assert action_label("<answer> Drein </answer>") == "answer Drein"
+    assert action_label("<read> x </read>").startswith("invalid (no_action)")  # not a read in either space
+    assert action_label(None) == "(text not dumped)"
