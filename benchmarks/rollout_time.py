@@ -42,7 +42,7 @@ from typing import Any
 
 from benchmarks.rollout_sim import Replica, Request, Router, ServerModel, VirtualClockLoop, percentile_time
 from carl_core import CARLConfig, Draw, ForkPlanner, RolloutTree, Step, grow_tree
-from recipe.carl.in_flight import InFlight, summarize
+from recipe.carl.in_flight import InFlight, TailBoost, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "rollout_time.json"
@@ -166,6 +166,7 @@ async def grow_step(
     questions: int,
     env: Callable[[Simulation, int, str, int], SimEnvironment] = SimEnvironment,
     prompt: Callable[[int], list[int]] | None = None,
+    tail: tuple[int, float] | None = None,
 ) -> list[float]:
     """One rollout step's trees (CARL) or groups (GRPO), each agent-loop worker's concurrently, as verl's
     `AgentLoopWorker` runs its share of the batch; returns each question's (finish time, worker).
@@ -173,17 +174,22 @@ async def grow_step(
     Args:
         env: makes a question's environment from (simulation, question key, request id, worker).
         prompt: a question's prompt tokens (default: `policy.prompt_tokens` zeros).
+        tail: the straggler boost (`recipe.carl.in_flight.TailBoost`): (forks in flight, share of trees).
     """
     if algo not in ("carl", "grpo"):
         raise ValueError(f"algo={algo!r}: use carl or grpo")
     loop, finished = asyncio.get_running_loop(), []
     chain = dataclasses.replace(carl, n0=1, n_forks=0)
+    boosts = [TailBoost(*tail) for _ in range(sim.workers)] if tail else []
 
     async def question(q: int, w: int) -> None:
         prompt_ids = prompt(q) if prompt else [0] * sim.policy.prompt_tokens
         if algo == "carl":
             tree = RolloutTree(prompt_ids, carl.max_actions, uid=f"t{q}", merge=False)
-            await grow_tree(tree, ForkPlanner(carl, random.Random(f"{sim.seed}:{q}")), env(sim, q, f"t{q}", w))
+            planner, boost = ForkPlanner(carl, random.Random(f"{sim.seed}:{q}")), boosts[w] if boosts else None
+            await grow_tree(tree, planner, env(sim, q, f"t{q}", w), tail=boost.join() if boost else None)
+            if boost:
+                boost.end()
         else:
             trees = [RolloutTree(prompt_ids, carl.max_actions, uid=f"t{q}.{i}") for i in range(group)]
             envs = [env(sim, q * 1000 + i, f"t{q}.{i}", w) for i in range(group)]
@@ -222,9 +228,11 @@ def run_step(
     workers: int = 8,
     questions: int = 128,
     seed: int = 0,
+    tail: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
     """One simulated rollout step of `questions` questions: a CARL tree each (`carl`), or a GRPO group of `group`
-    trajectories (`algo="grpo"`; T_max from `carl.max_actions`), dealt to `workers` agent-loop workers.
+    trajectories (`algo="grpo"`; T_max from `carl.max_actions`), dealt to `workers` agent-loop workers; `tail`: the
+    straggler boost, (forks in flight, share of a worker's trees), as `grow_step`.
 
     Returns:
         `step_outputs` (`rollout_s`; `seqs_in_flight_mean` and `seqs_in_flight_min` per worker, as the trainer logs
@@ -239,7 +247,7 @@ def run_step(
     async def main() -> tuple[list[Replica], list[float]]:
         reps = [Replica(server, f"r{i}") for i in range(replicas)]
         sim.router = Router(reps, seed)
-        finished = await grow_step(sim, carl, algo, group, questions)
+        finished = await grow_step(sim, carl, algo, group, questions, tail=tail)
         for r in reps:
             r.task.cancel()
         return reps, finished

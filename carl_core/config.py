@@ -67,9 +67,7 @@ class CARLConfig:
         if self.update_set not in UPDATE_SETS:
             fail(f"update_set={self.update_set!r} is unknown: use one of {', '.join(UPDATE_SETS)}.")
         if self.value_aggregation not in VALUE_AGGREGATIONS:
-            fail(
-                f"value_aggregation={self.value_aggregation!r} is unknown: use one of {', '.join(VALUE_AGGREGATIONS)}."
-            )
+            fail(f"value_aggregation={self.value_aggregation!r} is unknown: use {' or '.join(VALUE_AGGREGATIONS)}.")
         if not self.outcome_eps > 0:
             fail(f"outcome_eps={self.outcome_eps!r} must be > 0.")
         if not isinstance(self.spread_prior, (int, float)) or not self.spread_prior > 0:

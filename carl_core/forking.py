@@ -111,8 +111,7 @@ def compute_fork_points(
         rng = rng or random.Random(0)
         return [rng.choice(ids) for _ in range(k)]
     h = state_entropy[ids].to(torch.float64)
-    if selection == "entropy":
-        # torch.argmax returns the first maximum, i.e. the lowest node id: a deterministic tie-break.
+    if selection == "entropy":  # torch.argmax returns the first maximum, the lowest node id: a deterministic tie-break
         return [ids[int(torch.argmax(h))]] * k
     if selection not in ("density", "spread"):
         raise ValueError(f"selection={selection!r} is unknown: use density, spread, random or entropy.")
@@ -146,7 +145,9 @@ class ForkPlanner:
         a = pack_trees([view])
         h_hat, n_hat = compute_state_entropy(a.parent, a.action_entropy, a.count)
         index = {node: i for i, node in enumerate(shows)}
-        for start in running:
+        for start in running:  # a running fork whose start state this view lacks counts at its nearest shown ancestor
+            while start not in index:
+                start = tree.nodes[start].parent or 0
             n_hat[index[start]] += 1
         if self.config.selection == "spread":
             v = compute_node_values(a.parent, a.reward, a.is_leaf, a.depth, count=a.weight, has_outcome=a.has_outcome)
@@ -186,6 +187,13 @@ class Draw(NamedTuple):
     turn: int
 
 
+class Tail(NamedTuple):
+    """A straggler's boost (`grow_tree`): once `event` is set, up to `forks_in_flight` forks of the tree at once."""
+
+    event: asyncio.Event
+    forks_in_flight: int
+
+
 class Environment(Protocol):
     """What `grow_tree` needs: sample-and-execute one action, and score a finished trajectory."""
 
@@ -221,35 +229,42 @@ async def rollout_from(tree: RolloutTree, rollout: int, env: Environment) -> int
             return node
 
 
-async def grow_tree(tree: RolloutTree, planner: ForkPlanner, env: Environment, forks: int | None = None) -> RolloutTree:
-    """Grows a full CARL tree: N0 rollouts from the root, then `forks` (default N) forks (Alg. 1), and numbers its
-    nodes canonically (`RolloutTree.canonicalize`). Rollouts are numbered in start order, the N0 root rollouts first;
-    fork i is chosen once rollouts 0 .. i - K have all ended (at least rollout 0), from what they grew, with rollouts
-    i - K + 1 .. i - 1 counted at their start states while they run. A tree that has rollouts already (a fork pool's
-    second phase) gets only its forks, and every choice sees at least its earlier rollouts."""
+async def grow_tree(
+    tree: RolloutTree, planner: ForkPlanner, env: Environment, forks: int | None = None, tail: Tail | None = None
+) -> RolloutTree:
+    """Grows a CARL tree (Alg. 1): N0 root rollouts, then `forks` (default N) forks, each chosen as the module says,
+    and numbers its nodes canonically. A tree with rollouts already (a fork pool's second phase) gets only its forks,
+    each choice seeing at least its earlier rollouts. Once `tail.event` is set, K becomes `tail.forks_in_flight` (a
+    straggler's boost; the choices then depend on when it was set)."""
     k, done = planner.config.forks_in_flight, len(tree.rollout_start)
-    tasks = (
-        [] if done else [rollout_from(tree, tree.start_rollout(tree.root.id), env) for _ in range(planner.config.n0)]
-    )
-    futures = [asyncio.ensure_future(t) for t in tasks]  # futures[j] is rollout done + j
+    roots = [] if done else [tree.start_rollout(tree.root.id) for _ in range(planner.config.n0)]
+    futures = [asyncio.ensure_future(rollout_from(tree, r, env)) for r in roots]  # futures[j] is rollout done + j
+    woken = [asyncio.ensure_future(tail.event.wait())] if tail else []
     first = len(tree.rollout_start)
     try:
         for i in range(first, first + (planner.config.n_forks if forks is None else forks)):
-            last = max(i - k, done - 1, 0)
+            extra = 0  # rollouts waited for beyond i - K because nothing they showed could be forked
             while True:
-                await asyncio.gather(*futures[: last + 1 - done])
+                k = max(k, tail.forks_in_flight) if tail and tail.event.is_set() else k
+                last = min(max(i - k, done - 1, 0) + extra, i - 1)
+                needed = futures[: last + 1 - done]
+                if not woken or woken[0].done() or all(f.done() for f in needed):
+                    await asyncio.gather(*needed)
+                else:  # wake at the first end, or when the boost comes
+                    await asyncio.wait([*needed, woken[0]], return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 running = [tree.rollout_start[r] for r in range(last + 1, i)]
                 start = planner.choose(tree, set(range(last + 1)), running)
                 if start is not None or last == i - 1:
                     break
-                last += 1  # nothing to fork in what this choice sees: wait for the next rollout
+                extra += 1  # nothing to fork in what this choice sees: wait for the next rollout
             if start is None:
                 break
             tree.fork_points.append(start)
             futures.append(asyncio.ensure_future(rollout_from(tree, tree.start_rollout(start), env)))
         await asyncio.gather(*futures)
     finally:
-        for future in futures:
+        for future in futures + woken:
             future.cancel()
     tree.canonicalize()
     return tree

@@ -119,8 +119,7 @@ class RolloutTree:
         info: dict[str, Any] | None = None,
         rollout: int | None = None,
     ) -> int:
-        """Appends the action sampled at `parent_id` (by `rollout`, if given) and returns the id of the state it leads
-        to.
+        """Appends the action sampled at `parent_id` (by `rollout`, if given); returns the id of the state it enters.
 
         The new state is terminal when `done` is set (answer, invalid action, tool error, ...) or when it is the
         T_max-th action of its trajectory (`finish_reason="max_actions"`). With `merge`, an action equal to an existing
@@ -132,16 +131,11 @@ class RolloutTree:
         if len(token_ids) == 0:
             raise TreeError(f"empty action at node {parent_id}: a rollout that takes no action ends with `stop`.")
         if len(log_probs) != len(token_ids):
-            raise TreeError(
-                f"action at node {parent_id} has {len(token_ids)} tokens but {len(log_probs)} log-probs; "
-                "return one log-prob per sampled token (vLLM: logprobs=0)."
-            )
-        bad = [lp for lp in log_probs if not math.isfinite(lp) or lp > 1e-4]
-        if bad:
-            raise TreeError(
-                f"action at node {parent_id} has invalid log-probs {bad[:3]} (NaN, inf or > 0): "
-                "log-probs of sampled tokens must be finite and <= 0."
-            )
+            raise TreeError(f"action at node {parent_id} has {len(token_ids)} tokens but {len(log_probs)} log-probs; "
+                            "return one log-prob per sampled token (vLLM: logprobs=0).")  # fmt: skip
+        if bad := [lp for lp in log_probs if not math.isfinite(lp) or lp > 1e-4]:
+            raise TreeError(f"action at node {parent_id} has invalid log-probs {bad[:3]} (NaN, inf or > 0): "
+                            "log-probs of sampled tokens must be finite and <= 0.")  # fmt: skip
         action = Action(
             token_ids=[int(t) for t in token_ids],
             log_probs=[float(lp) for lp in log_probs],
@@ -289,10 +283,8 @@ class RolloutTree:
         """Raises `TreeError` naming the first structural problem: what Alg. 2 needs to back values up."""
         for i, node in enumerate(self.nodes):
             if node.id != i or (node.parent is None) != (i == 0) or (node.parent is not None and node.parent >= i):
-                raise TreeError(
-                    f"node {i} (id {node.id}, parent {node.parent}): ids must be 0..n-1 in order, "
-                    "the root is node 0 and every parent precedes its children."
-                )
+                raise TreeError(f"node {i} (id {node.id}, parent {node.parent}): ids must be 0..n-1 in order, "
+                                "the root is node 0 and every parent precedes its children.")  # fmt: skip
             kids = [c for c in node.children if self.nodes[c].parent == i]
             if len(kids) != len(node.children):
                 raise TreeError(f"node {i} lists children {node.children} whose parent links disagree.")
@@ -383,7 +375,7 @@ def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
     depth = [0] * len(parent)
     for i, p in enumerate(parent):  # parents precede children: one pass in id order
         depth[i] = depth[p] + 1 if p >= 0 else 0
-    reward = [r for d in descriptions for r in d["reward"]]
+    reward, sizes = [r for d in descriptions for r in d["reward"]], [len(d["parent"]) for d in descriptions]
     entropy = [math.nan if h is None else h for d in descriptions for h in d["entropy"]]
     count = [c for d in descriptions for c in d.get("count") or [1] * len(d["parent"])]
     lost = [x for d in descriptions for x in d.get("lost") or [0] * len(d["parent"])]
@@ -404,9 +396,7 @@ def pack_descriptions(descriptions: Sequence[dict[str, Any]]) -> TreeArrays:
         is_leaf=torch.tensor(is_leaf, dtype=torch.bool),
         has_outcome=torch.tensor(outcome, dtype=torch.bool),
         reward=torch.tensor([0.0 if r is None else r for r in reward], dtype=torch.float64),
-        tree_index=torch.repeat_interleave(
-            torch.arange(len(descriptions)), torch.tensor([len(d["parent"]) for d in descriptions], dtype=torch.long)
-        ),
+        tree_index=torch.repeat_interleave(torch.arange(len(descriptions)), torch.tensor(sizes, dtype=torch.long)),
         action_entropy=torch.tensor(entropy, dtype=torch.float64),
         num_tokens=torch.tensor([t for d in descriptions for t in d["tokens"]], dtype=torch.long),
         count=torch.tensor(count, dtype=torch.long),

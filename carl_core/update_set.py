@@ -103,8 +103,7 @@ def compute_outcome_advantages(
     mean = torch.zeros(num_trees, dtype=dtype).index_add_(0, leaf_tree, m * r) / n.clamp(min=1)
     sq = torch.zeros(num_trees, dtype=dtype).index_add_(0, leaf_tree, m * (r - mean[leaf_tree]) ** 2)
     std = torch.sqrt(sq / (n - 1).clamp(min=1))
-    # verl's GRPO keeps a lone sample's score as is (mean 0, std 1).
-    single = n == 1
+    single = n == 1  # verl's GRPO keeps a lone sample's score as is (mean 0, std 1)
     mean, std = torch.where(single, torch.zeros_like(mean), mean), torch.where(single, torch.ones_like(std), std)
     z = torch.zeros_like(leaf_reward)
     z[is_leaf] = m * (r - mean[leaf_tree]) / (std[leaf_tree] + eps)

@@ -61,7 +61,7 @@ from carl_core import (
     layout_rows,
     pack_trees,
 )
-from recipe.carl.in_flight import IN_FLIGHT
+from recipe.carl.in_flight import IN_FLIGHT, TAILS, TailBoost
 from recipe.carl.packing import RUNS_KEY, packing_budget
 from recipe.carl.packing.layout import PackedRow, pack_tree
 from recipe.carl.pool import POOLS, ForkPool, grow_pooled
@@ -532,6 +532,8 @@ class CarlAgentLoop(AgentLoopBase):
         # Deterministic per row (not the random uid), so full determinism reproduces across runs.
         key = f"{kwargs.get('index', '')}:{kwargs.get('session_id', 0)}:{kwargs.get('global_steps', 0)}"
         pool = self.join_pool(key, kwargs)  # before the first await: every tree of the worker joins first
+        boost = self.join_tail(kwargs)  # ... as into the straggler boost
+        tail = boost.tail if boost else None
         messages = list(kwargs["raw_prompt"])
         prompt_ids = await self.loop.run_in_executor(
             None, lambda: self.continuous_token_builder.build_initial_tokens(messages)
@@ -549,12 +551,16 @@ class CarlAgentLoop(AgentLoopBase):
                 tree.set_reward(tree.root.id, await env.score(tree, tree.root.id))
             elif pool is None:
                 # One generator per tree: with `selection: random` the trees of a batch must not draw the same forks.
-                await grow_tree(tree, ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}")), env)
+                planner = ForkPlanner(self.carl, random.Random(f"{self.carl.seed}:{uid}"))
+                await grow_tree(tree, planner, env, tail=tail)
             else:
                 rng = random.Random(f"{self.carl.seed}:{uid}")
-                self.pool_record = await grow_pooled(tree, env, pool, key, self.carl, rng, grpo=self.mode == "chain")
+                grpo = self.mode == "chain"
+                self.pool_record = await grow_pooled(tree, env, pool, key, self.carl, rng, grpo=grpo, tail=tail)
                 reported = True
         finally:
+            if boost is not None:
+                boost.end()
             if pool is not None and not reported and not pool.members[key].left:
                 pool.leave(key)  # nothing to grow (a prompt too long): its share goes to the other trees
             release = getattr(self.searcher, "release", None)
@@ -571,6 +577,15 @@ class CarlAgentLoop(AgentLoopBase):
         pool = POOLS.get(int(kwargs.get("global_steps", 0) or 0), settings, share)
         pool.join(key)
         return pool
+
+    def join_tail(self, kwargs: dict[str, Any]) -> TailBoost | None:
+        """The step's straggler boost of this worker (`algorithm.carl.tail_forks_in_flight`; training trees only)."""
+        if not self.settings.tail_forks_in_flight or self.mode != "tree" or not self.pooled:
+            return None
+        step = int(kwargs.get("global_steps", 0) or 0)
+        boost = TAILS.get(step, self.settings.tail_forks_in_flight, self.settings.tail_share)
+        boost.join()
+        return boost
 
     def outputs(self, tree: RolloutTree, env: SearchEnvironment, kwargs: dict[str, Any]) -> list[AgentLoopOutput]:
         """One `AgentLoopOutput` per `layout_rows` row; a tree without any action gives one all-masked row."""

@@ -6,14 +6,22 @@ step so far; the trainer keeps each worker's latest snapshot and logs `carl/seqs
 mean over the step's rollout, averaged over workers) and `carl/seqs_in_flight_min` (the lowest of the ten
 tenths-of-the-rollout means, over workers: how far the tail drops). The rollout-time model
 (`benchmarks.rollout_time`) reports the same two numbers, computed by the same `summarize`.
+
+The tail (`TailBoost`, `algorithm.carl.tail_forks_in_flight`): once most of a worker's trees have ended, its last
+ones hold the step with K forks each. From then on those stragglers run up to `tail_forks_in_flight` forks at once.
+When the boost starts depends on timing, so fork choices do too: under `rollout.full_determinism` it is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from carl_core.forking import Tail
 
 
 def summarize(events: Sequence[tuple[float, int]], end: float, windows: int = 10) -> tuple[float, float]:
@@ -78,3 +86,39 @@ def in_flight_metrics(snapshots: Iterable[dict[str, Any] | None]) -> dict[str, f
         "carl/seqs_in_flight_mean": sum(s["mean"] for s in latest.values()) / len(latest),
         "carl/seqs_in_flight_min": min(s["min"] for s in latest.values()),
     }
+
+
+class TailBoost:
+    """One step's straggler boost in one agent-loop worker: every tree joins before the first await (as the fork
+    pool's trees do, `recipe.carl.pool.ForkPool`); once at most `ceil(share x trees)` of them are still growing, the
+    rest run up to `forks_in_flight` forks at once (`carl_core.forking.grow_tree`'s `tail`)."""
+
+    def __init__(self, forks_in_flight: int, share: float) -> None:
+        self.share, self.trees, self.ended = share, 0, 0
+        self.tail = Tail(asyncio.Event(), forks_in_flight)
+
+    def join(self) -> Tail:
+        self.trees += 1
+        return self.tail
+
+    def end(self) -> None:
+        self.ended += 1
+        if self.trees - self.ended <= math.ceil(self.share * self.trees):
+            self.tail.event.set()
+
+
+class TailBoosts:
+    """The worker process's boosts, one per training step (the agent loop's `TAILS`)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, TailBoost] = {}
+
+    def get(self, step: int, forks_in_flight: int, share: float) -> TailBoost:
+        if step not in self.steps:
+            self.steps[step] = TailBoost(forks_in_flight, share)
+        for old in [s for s in self.steps if s < step - 2]:
+            del self.steps[old]
+        return self.steps[step]
+
+
+TAILS = TailBoosts()

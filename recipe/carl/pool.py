@@ -42,6 +42,7 @@ from carl_core import (
     has_outcome,
     rollout_from,
 )
+from carl_core.forking import Tail
 
 
 @dataclass(frozen=True)
@@ -230,10 +231,18 @@ class ForkPool:
 
 
 async def grow_pooled(
-    tree: RolloutTree, env: Environment, pool: ForkPool, key: Any, config: CARLConfig, rng: random.Random, grpo: bool
+    tree: RolloutTree,
+    env: Environment,
+    pool: ForkPool,
+    key: Any,
+    config: CARLConfig,
+    rng: random.Random,
+    grpo: bool,
+    tail: Tail | None = None,
 ) -> dict[str, int]:
     """Phase 1, the barrier and phase 2 of one tree (`grpo`: one question's group of chains) in the pool; returns
-    `{"total", "floor", "left_out"}` (forks or trajectories). Leaves the pool if phase 1 raises."""
+    `{"total", "floor", "left_out"}` (forks or trajectories). Leaves the pool if phase 1 raises. `tail`: the
+    straggler boost of a CARL tree (`grow_tree`)."""
     floor = pool.settings.floor
     planner = ForkPlanner(config, rng)
     try:
@@ -241,7 +250,7 @@ async def grow_pooled(
             await grow_tree(tree, ForkPlanner(dataclasses.replace(config, n0=floor, n_forks=0)), env)
             used = floor
         else:  # N0 root rollouts and `floor` forks
-            await grow_tree(tree, planner, env, forks=floor)
+            await grow_tree(tree, planner, env, forks=floor, tail=tail)
             used = len(tree.fork_points)
     except BaseException:
         pool.leave(key)
@@ -251,7 +260,7 @@ async def grow_pooled(
         await asyncio.gather(*(rollout_from(tree, tree.start_rollout(tree.root.id), env) for _ in range(extra)))
         tree.canonicalize()
     elif extra:
-        await grow_tree(tree, planner, env, forks=extra)
+        await grow_tree(tree, planner, env, forks=extra, tail=tail)
     return {"total": used + extra, "floor": floor, "left_out": pool.stats()["left_out"]}
 
 

@@ -58,6 +58,12 @@ class RecipeSettings:
     answer: the paper's agent; `recipe.carl.search.action_space`, docs/pages.md)."""
     page_chunk_chars: int = 4000
     """`paper`: a page longer than this many characters is shown in parts, read on with `<read>`."""
+    tail_forks_in_flight: int = 0
+    """The tail (`recipe.carl.in_flight.TailBoost`): once at most `tail_share` of an agent-loop worker's trees are
+    still growing, they run up to this many forks at once; 0 = off (`forks_in_flight` throughout). Its start depends
+    on timing, so not with `rollout.full_determinism`."""
+    tail_share: float = 0.25
+    """The share of a worker's trees (rounded up) left growing when the tail boost starts."""
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -82,6 +88,11 @@ class RecipeSettings:
                 f"action_space={self.action_space!r} is unknown: use search_r1 (search, answer; the default) or "
                 "paper (search, access, read, answer)."
             )
+        tail, k = self.tail_forks_in_flight, self.carl.forks_in_flight
+        if not isinstance(tail, int) or isinstance(tail, bool) or (tail != 0 and tail < k):
+            fail(f"tail_forks_in_flight={tail!r} must be 0 (off) or an integer >= forks_in_flight={k}.")
+        if not isinstance(self.tail_share, (int, float)) or not 0 < self.tail_share < 1:
+            fail(f"tail_share={self.tail_share!r} must be in (0, 1): the share of a worker's trees still growing.")
         chunk = self.page_chunk_chars
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             fail(f"page_chunk_chars={chunk!r} must be an integer >= 1 (characters per part of a page, e.g. 4000).")
@@ -128,6 +139,12 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
         CARLConfigError: with the override that fixes the problem.
     """
     settings = read_settings(config)
+    if settings.tail_forks_in_flight and config.actor_rollout_ref.rollout.get("full_determinism", False):
+        raise CARLConfigError(
+            f"algorithm.carl.tail_forks_in_flight={settings.tail_forks_in_flight} with "
+            "actor_rollout_ref.rollout.full_determinism=true: the tail boost starts when other trees end, so fork "
+            "choices would depend on timing; set algorithm.carl.tail_forks_in_flight=0 for repeatable runs."
+        )
     if settings.fork_pool is not None:
         grpo = config.algorithm.adv_estimator != ESTIMATOR
         settings.fork_pool.check(settings.carl.n_forks, grpo)

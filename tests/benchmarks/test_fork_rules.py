@@ -13,7 +13,9 @@ def test_random_forks_are_unbiased_and_each_row_says_its_bias():
     mean, se = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
     assert abs(mean - 0.625) < 4 * se
     rows = fork_rules.bias(trees=60)
-    assert {(r["selection"], r["merge"]) for r in rows} == {(s, m) for s in fork_rules.RULES for m in (False, True)}
+    rules = fork_rules.RULES + ("pool",)
+    assert {(r["selection"], r["merge"]) for r in rows} == {(s, m) for s in rules for m in (False, True)}
+    assert all((r["batch"], r["floor"]) == (16, 2) for r in rows if r["selection"] == "pool")
     for r in rows:
         assert r["bias"] == pytest.approx(r["mean_root_value"] - 0.625)
         assert r["bias_in_se"] == pytest.approx(r["bias"] / r["se"])

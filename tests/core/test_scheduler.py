@@ -134,3 +134,63 @@ class ScriptedFirstSearch:
 
     async def score(self, tree, leaf):
         return await self.env.score(tree, leaf)
+
+
+# ------------------------------------------------------------------------------- the tail: a straggler's boost
+def grow_with_tail(config, env, tail_k, set_after):
+    """Grows a tree with `grow_tree(tail=...)`, the event set once `set_after` rollouts have ended (None: never);
+    returns the tree, the most rollouts in flight after the N0 phase before and after the event, and what each fork
+    choice saw."""
+    from carl_core.forking import Tail
+
+    tail, ended_count, running, peak, seen = Tail(asyncio.Event(), tail_k), [0], set(), {False: 0, True: 0}, []
+
+    class Counting(type(env)):
+        async def step(self, tree, node, draw):
+            running.add(draw.rollout)
+            if draw.rollout >= config.n0:
+                key = tail.event.is_set()
+                peak[key] = max(peak[key], sum(r >= config.n0 for r in running))
+            step = await super().step(tree, node, draw)
+            if step.done or not step.token_ids or tree.nodes[node].depth + 1 >= tree.max_actions:
+                running.discard(draw.rollout)
+                ended_count[0] += 1
+                if set_after is not None and ended_count[0] >= set_after:
+                    tail.event.set()
+            return step
+
+    class Recording(ForkPlanner):
+        def choose(self, tree, rollouts, running=()):
+            seen.append((len(rollouts), len(running)))
+            return super().choose(tree, rollouts, running)
+
+    env.__class__ = Counting
+    tree = RolloutTree([1, 2], config.max_actions, uid="t", merge=config.merge)
+    asyncio.run(grow_tree(tree, Recording(config, random.Random(0)), env, tail=tail))
+    return tree, peak, seen
+
+
+def test_a_tail_that_never_comes_changes_nothing_and_one_from_the_start_is_its_k():
+    config = CARLConfig(n0=2, n_forks=10, max_actions=5, forks_in_flight=2)
+    lag = lambda draw: (draw.rollout * 7 + draw.turn * 3) % 5  # noqa: E731
+    plain = grow(config, ScriptedEnvironment(4, yields=lag))
+    never, _, _ = grow_with_tail(config, ScriptedEnvironment(4, yields=lag), 6, None)
+    assert content(never) == content(plain)
+    wide = grow(CARLConfig(n0=2, n_forks=10, max_actions=5, forks_in_flight=6), ScriptedEnvironment(4, yields=lag))
+    always, _, _ = grow_with_tail(config, ScriptedEnvironment(4, yields=lag), 6, 0)
+    assert content(always) == content(wide)
+
+
+@pytest.mark.parametrize("set_after", [1, 3, 5, 8])
+def test_the_tail_raises_k_from_when_it_comes_and_never_beyond_its_own(set_after):
+    # K = 2 before the boost, 5 after: never more forks in flight than that, and every choice sees at least
+    # rollouts 0 .. i - 5. Forks that started under K = 2 but whose start state a later, wider choice cannot see
+    # count at their nearest state that it can see (no crash, and the virtual counts still add up).
+    config = CARLConfig(n0=2, n_forks=12, max_actions=5, forks_in_flight=2)
+    lag = lambda draw: 6 if draw.rollout % 3 == 0 else draw.turn % 2  # noqa: E731
+    tree, peak, seen = grow_with_tail(config, ScriptedEnvironment(9, yields=lag), 5, set_after)
+    assert peak[False] <= 2 and peak[True] <= 5 and len(tree.fork_points) == 12
+    for i, (saw, running) in enumerate(seen, start=config.n0):
+        assert saw >= max(i - 5 + 1, 1) and saw + running == i
+    assert any(i - saw >= 2 for i, (saw, _) in enumerate(seen, start=config.n0))  # the boost did widen some choices
+    tree.validate()

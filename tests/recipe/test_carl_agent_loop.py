@@ -880,3 +880,31 @@ def test_grpo_with_a_pool_grows_groups_of_different_sizes():
     leaves = {t.uid: len(t.leaves()) for t in trees}
     assert all(len(out) == leaves[out[0].extra_fields["carl_tree_id"]] for out in results)
     assert all(t.fork_points == [] for t in trees)
+
+
+# ------------------------------------------------------------------------------------------------ the tail boost
+def test_a_workers_trees_share_one_tail_boost_that_starts_with_the_last_tree(monkeypatch):
+    import recipe.carl.agent_loop as agent_loop
+    from recipe.carl.in_flight import TAILS
+
+    seen, real = [], agent_loop.grow_tree
+
+    async def recording(tree, planner, env, forks=None, tail=None):
+        seen.append(tail)
+        return await real(tree, planner, env, forks, tail)
+
+    monkeypatch.setattr(agent_loop, "grow_tree", recording)
+    TAILS.steps.clear()
+    config = make_config(
+        "algorithm.carl.n_forks=3", "algorithm.carl.tail_forks_in_flight=3", "algorithm.carl.tail_share=0.25"
+    )
+    results, trees = grow_pooled(config, ScriptedServer(searching_policy))
+    assert not any(isinstance(r, BaseException) for r in results) and len(trees) == 4
+    (boost,) = TAILS.steps.values()
+    # Four trees joined one boost (3 forks at once), which started when ceil(0.25 * 4) = 1 tree was left.
+    assert len(seen) == 4 and all(t is boost.tail for t in seen) and boost.tail.forks_in_flight == 3
+    assert (boost.trees, boost.ended) == (4, 4) and boost.tail.event.is_set()
+    assert all(len(t.fork_points) == 3 for t in trees)
+    TAILS.steps.clear()
+    grow_pooled(make_config("algorithm.carl.n_forks=3"), ScriptedServer(searching_policy))
+    assert not TAILS.steps and seen[4:] == [None] * 4  # off by default

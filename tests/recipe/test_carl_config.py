@@ -248,11 +248,25 @@ def test_misspelt_keys_fail():
         ("algorithm.carl.invalid_action=retry", "invalid_action='retry' is unknown: use end"),
         ("algorithm.carl.thinking=maybe", "thinking='maybe' must be true or false"),
         ("algorithm.carl.max_search_error_rate=1.5", r"max_search_error_rate=1.5 must be in \[0, 1\]"),
+        ("algorithm.carl.tail_share=1", r"tail_share=1 must be in \(0, 1\)"),
+        ("algorithm.carl.tail_forks_in_flight=-1", "tail_forks_in_flight=-1 must be 0 \\(off\\) or an integer >= "),
     ],
 )
 def test_bad_settings_name_the_fix(override, match):
     with pytest.raises(CARLConfigError, match=match):
         check_trainer_config(compose_carl([override]))
+
+
+def test_the_tail_boost_is_checked_against_k_and_full_determinism():
+    low = ["algorithm.carl.forks_in_flight=4", "algorithm.carl.tail_forks_in_flight=2"]
+    with pytest.raises(
+        CARLConfigError, match="tail_forks_in_flight=2 must be 0 \\(off\\) or an integer >= forks_in_flight=4"
+    ):
+        check_trainer_config(compose_carl(low))
+    boost = ["algorithm.carl.forks_in_flight=4", "algorithm.carl.tail_forks_in_flight=16"]
+    assert check_trainer_config(compose_carl(boost)).tail_forks_in_flight == 16
+    with pytest.raises(CARLConfigError, match="set algorithm.carl.tail_forks_in_flight=0 for repeatable runs"):
+        check_trainer_config(compose_carl([*boost, "actor_rollout_ref.rollout.full_determinism=true"]))
 
 
 def test_grpo_needs_no_carl_checks():

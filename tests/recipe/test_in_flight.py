@@ -41,3 +41,23 @@ def test_the_trainer_keeps_each_workers_latest_snapshot():
     ]
     assert in_flight_metrics(snaps) == {"carl/seqs_in_flight_mean": 5.0, "carl/seqs_in_flight_min": 0.5}
     assert in_flight_metrics([None]) == {}
+
+
+def test_the_tail_boost_starts_when_few_enough_trees_are_left():
+    from recipe.carl.in_flight import TailBoost, TailBoosts
+
+    boost = TailBoost(forks_in_flight=16, share=0.25)
+    tails = [boost.join() for _ in range(8)]  # 8 trees: the boost comes when ceil(0.25 * 8) = 2 still grow
+    assert all(t is boost.tail for t in tails) and boost.tail.forks_in_flight == 16
+    for ended in range(1, 7):
+        boost.end()
+        assert boost.tail.event.is_set() == (ended >= 6), ended
+    one = TailBoost(forks_in_flight=8, share=0.25)
+    one.join()
+    assert not one.tail.event.is_set()
+    one.end()  # a lone tree: ceil(0.25) = 1 may still grow, so the boost comes only when nothing is left
+    assert one.tail.event.is_set()
+    registry = TailBoosts()
+    assert registry.get(3, 8, 0.5) is registry.get(3, 16, 0.1)  # one per step: the first call's settings
+    registry.get(7, 8, 0.5)
+    assert sorted(registry.steps) == [7]  # steps more than two behind are dropped
