@@ -77,8 +77,8 @@ ARMS2: dict[str, dict[str, Any]] = {
     "grpo": {"algo": "grpo"},
     "carl": {"algo": "carl"},
     "carl_k4": {"algo": "carl", "forks_in_flight": 4},
-    "carl_pool": {"algo": "carl", "pool_floor": 1, "pool_prior": 4.0},
-    "grpo_pool": {"algo": "grpo", "pool_floor": 2, "pool_prior": 4.0},
+    "carl_pool": {"algo": "carl", "pool_floor": 3, "pool_prior": 4.0},
+    "grpo_pool": {"algo": "grpo", "pool_floor": 4, "pool_prior": 1.0},
 }
 SMOKE2 = Protocol2(
     seeds=1, demo=dict(first.SMOKE.demo), grpo_steps=2, max_steps=4, equal_steps=(1, 2), eval_samples=2,
