@@ -151,6 +151,10 @@ class Simulation:
     seed: int = 0
     actions: int = 0
     tokens: int = 0
+    packed_tokens: int = 0
+    """Tokens an update processes with tree-packed rows: each tree's prompt and every action and observation once."""
+    path_tokens: int = 0
+    """... with one row per leaf path (every leaf; GRPO's rows): the prompt and the whole path per leaf."""
     router: Router = field(init=False)
     in_flight: list[InFlight] = field(init=False)
 
@@ -190,11 +194,17 @@ async def grow_step(
             await grow_tree(tree, planner, env(sim, q, f"t{q}", w), tail=boost.join() if boost else None)
             if boost:
                 boost.end()
+            trees = [tree]
         else:
             trees = [RolloutTree(prompt_ids, carl.max_actions, uid=f"t{q}.{i}") for i in range(group)]
             envs = [env(sim, q * 1000 + i, f"t{q}.{i}", w) for i in range(group)]
             await asyncio.gather(*(grow_tree(t, ForkPlanner(chain), e) for t, e in zip(trees, envs, strict=True)))
         finished.append((loop.time(), w))
+        for t in trees:
+            sim.packed_tokens += len(t.prompt_ids) + sum(
+                len(n.action.token_ids) + len(n.action.observation_ids) for n in t.nodes if n.action
+            )
+            sim.path_tokens += sum(len(t.prefix_ids(leaf)) for leaf in t.leaves())
 
     await asyncio.gather(*(question(q, q * sim.workers // questions) for q in range(questions)))
     return finished
@@ -214,6 +224,8 @@ def step_outputs(sim: Simulation, finished: Sequence[tuple[float, int]], start: 
         "tail_share": (max(times) - percentile_time(times, 0.9)) / end,
         "actions_per_question": sim.actions / questions,
         "tokens_per_question": sim.tokens / questions,
+        "update_tokens_tree": sim.packed_tokens,
+        "update_tokens_path": sim.path_tokens,
     }
 
 
@@ -435,11 +447,19 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
 
 
-def _runs(shape: Shape, server: ServerModel, algo: str, k: int, seeds: int, group: int | None = None) -> dict:
+def _runs(
+    shape: Shape,
+    server: ServerModel,
+    algo: str,
+    k: int,
+    seeds: int,
+    group: int | None = None,
+    tail: tuple[int, float] | None = None,
+) -> dict:
     carl = CARLConfig(n0=shape.n0, n_forks=shape.n_forks, max_actions=shape.max_actions, forks_in_flight=k)
     out = [
         run_step(shape.policy, server, carl, algo=algo, group=group or shape.grpo_group, replicas=shape.replicas,
-                 workers=shape.workers, questions=shape.questions, seed=seed)
+                 workers=shape.workers, questions=shape.questions, seed=seed, tail=tail)
         for seed in range(seeds)
     ]  # fmt: skip
     return {key: _summary([o[key] for o in out]) for key in out[0]}
@@ -472,6 +492,73 @@ def predict_shape(shape: Shape, seeds: int, ks: Sequence[int] = KS, server: Serv
         "detail": {"grpo": grpo, "carl": {str(k): v for k, v in carl.items()}},
         "model_seconds": round(time.time() - started, 1),
     }
+
+
+#: GPU-hours of an update (`cost`): H100 SXM's dense bf16 peak (NVIDIA's datasheet), the parameters of each server's
+#: model, and the model-FLOPs utilisation assumed for verl's FSDP update (a stated assumption: 0.35, with 0.25 and
+#: 0.45 beside it). An update costs 8 P FLOPs per token: the old log-probs' forward (2 P) and the actor's forward and
+#: backward (6 P); no reference model (the scripts set `use_kl_loss=False`), attention's own FLOPs left out.
+H100_BF16_FLOPS = 989e12
+PARAMS = {"h100_qwen2.5_7b": 7.6e9, "h100_qwen3_4b": 4.0e9}
+MFU = (0.25, 0.35, 0.45)
+
+
+def update_seconds(tokens: float, params: float, gpus: int, mfu: float) -> float:
+    """The update of a step that processes `tokens` tokens: 8 P FLOPs each, over `gpus` GPUs at `mfu` of the peak."""
+    return 8 * params * tokens / (gpus * H100_BF16_FLOPS * mfu)
+
+
+def cost(shape: Shape, out: dict[str, Any]) -> dict[str, Any]:
+    """Estimated GPU-hours per 100 steps at the shape, for GRPO and CARL at K = 1 and at the default K, with each
+    layout of training rows (CARL: `path`, an upper bound since a row is cut after its last new trained action, and
+    `tree`; GRPO: its trajectories): 100 x GPUs x (rollout + update) / 3600, the update at each of `MFU`."""
+    gpus, params = shape.replicas, PARAMS[shape.server]
+    settings = {"grpo": out["detail"]["grpo"], "carl_k1": out["detail"]["carl"]["1"]}
+    settings[f"carl_k{out['default_forks_in_flight']}"] = out["detail"]["carl"][str(out["default_forks_in_flight"])]
+    rows = {}
+    for name, d in settings.items():
+        carl_layouts = {"path": "update_tokens_path", "tree": "update_tokens_tree"}
+        layouts = {"trajectories": "update_tokens_path"} if name == "grpo" else carl_layouts
+        rollout = d["rollout_s"]["mean"]
+        for layout, key in layouts.items():
+            tokens = d[key]["mean"]
+            hours = {str(m): 100 * gpus * (rollout + update_seconds(tokens, params, gpus, m)) / 3600 for m in MFU}
+            rows[f"{name}_{layout}"] = {"rollout_s": rollout, "update_tokens": tokens,
+                                        "update_s": update_seconds(tokens, params, gpus, MFU[1]),
+                                        "gpu_hours_per_100_steps": hours}  # fmt: skip
+    return {"gpus": gpus, "params": params, "peak_flops": H100_BF16_FLOPS, "rows": rows}
+
+
+TAIL_GRID = [(k, share) for k in (8, 16) for share in (0.1, 0.25, 0.5)]
+"""The straggler boosts tried (`recipe.carl.in_flight.TailBoost`: forks in flight, share of a worker's trees)."""
+TAIL_RULE = (
+    "at the 7B shape's default K: the boost of TAIL_GRID with the shortest predicted rollout, if it is at least 3 % "
+    "shorter than without a boost; otherwise none"
+)
+
+
+def tail_study(shape: Shape, seeds: int, k: int) -> dict[str, Any]:
+    """CARL at K with each boost of `TAIL_GRID`: rollout time, tail share and sequences in flight, and `TAIL_RULE`'s
+    choice (None: no boost)."""
+    server = SERVERS[shape.server]
+    plain = _runs(shape, server, "carl", k, seeds)
+    rows = []
+    for boost_k, share in TAIL_GRID:
+        d = _runs(shape, server, "carl", k, seeds, tail=(boost_k, share))
+        rows.append({"tail_forks_in_flight": boost_k, "tail_share": share, "rollout_s": d["rollout_s"],
+                     "tail_share_of_step": d["tail_share"], "seqs_in_flight_min": d["seqs_in_flight_min"]})  # fmt: skip
+    best = min(rows, key=lambda r: r["rollout_s"]["mean"])
+    chosen = best if best["rollout_s"]["mean"] <= 0.97 * plain["rollout_s"]["mean"] else None
+    none = {"rollout_s": plain["rollout_s"], "tail_share_of_step": plain["tail_share"],
+            "seqs_in_flight_min": plain["seqs_in_flight_min"]}  # fmt: skip
+    picked = None if chosen is None else [chosen["tail_forks_in_flight"], chosen["tail_share"]]
+    return {"k": k, "rule": TAIL_RULE, "none": none, "rows": rows, "chosen": picked}
+
+
+def with_boost(shape: Shape, seeds: int, k: int, tail: tuple[int, float]) -> dict[str, Any]:
+    """CARL at K with the chosen boost on another shape."""
+    d = _runs(shape, SERVERS[shape.server], "carl", k, seeds, tail=tail)
+    return {"k": k, "tail": list(tail), "carl_s": d["rollout_s"]["mean"], "detail": d}
 
 
 def with_leaves(shape: Shape, seeds: int) -> dict[str, Any]:
@@ -537,12 +624,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         shape = SHAPES[name]
         out = results["shapes"][name] = predict_shape(shape, args.seeds)
         out["grpo_matched_leaves"] = with_leaves(shape, args.seeds)
+        out["cost"] = cost(shape, out)
         if not args.no_sensitivity:
             out["latency_bound"] = latency_bound(shape, KS)
         print(json.dumps({k: out[k] for k in ("grpo_s", "carl_over_grpo", "default_forks_in_flight")}), flush=True)
-    if not args.no_sensitivity and "7b" in args.shapes:
+    if "7b" in args.shapes:
         default = results["shapes"]["7b"]["default_forks_in_flight"]
-        results["sensitivity_7b"] = sensitivity(SHAPES["7b"], sorted({1, default}))
+        study = results["tail_7b"] = tail_study(SHAPES["7b"], args.seeds, default)
+        print(json.dumps({"tail_chosen": study["chosen"]}), flush=True)
+        for name, out in results["shapes"].items():
+            if study["chosen"]:
+                out["with_tail"] = with_boost(SHAPES[name], args.seeds, out["default_forks_in_flight"], study["chosen"])
+                out["with_tail"]["carl_over_grpo"] = out["with_tail"]["carl_s"] / out["grpo_s"]
+        if not args.no_sensitivity:
+            results["sensitivity_7b"] = sensitivity(SHAPES["7b"], sorted({1, default}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     return results

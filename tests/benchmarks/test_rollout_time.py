@@ -160,3 +160,30 @@ def test_sequences_in_flight_by_hand():
     carl = CARLConfig(n0=2, n_forks=2, max_actions=4)
     out = run_step(ONE_STEP, SECOND, carl, replicas=1, workers=1, questions=1)
     assert out["seqs_in_flight_mean"] == pytest.approx(4 / 3) and out["seqs_in_flight_min"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("algo", "tree", "path"), [("carl", 5, 8), ("grpo", 8, 8)])
+def test_update_tokens_by_hand(algo, tree, path):
+    # One question, 1-token prompt, every rollout one 1-token answer and no observation. CARL (N0 = 2, N = 2): four
+    # leaves under the root: tree-packed, the prompt once and 4 actions = 5; one row per leaf path, 4 x (1 + 1) = 8.
+    # GRPO, 4 chains: each its own row of 2 tokens, 8 either way.
+    carl = CARLConfig(n0=2, n_forks=2, max_actions=4)
+    out = run_step(ONE_STEP, SECOND, carl, algo=algo, group=4, replicas=1, workers=1, questions=1)
+    assert (out["update_tokens_tree"], out["update_tokens_path"]) == (tree, path)
+
+
+def test_the_cost_of_an_update_by_hand():
+    from benchmarks.rollout_time import SHAPES, cost, update_seconds
+
+    # 8 P FLOPs a token: 1e6 tokens of a 7.6e9-parameter model on 8 GPUs at 35 % of 989 TFLOP/s:
+    # 8 * 7.6e9 * 1e6 / (8 * 989e12 * 0.35) = 21.956 s.
+    assert update_seconds(1e6, 7.6e9, 8, 0.35) == pytest.approx(21.956, abs=1e-3)
+    one = {"rollout_s": {"mean": 36.0}, "update_tokens_path": {"mean": 2e6}, "update_tokens_tree": {"mean": 1e6}}
+    out = {"default_forks_in_flight": 4, "detail": {"grpo": one, "carl": {"1": one, "4": one}}}
+    rows = cost(SHAPES["7b"], out)["rows"]
+    assert set(rows) == {"grpo_trajectories", "carl_k1_path", "carl_k1_tree", "carl_k4_path", "carl_k4_tree"}
+    # 100 steps x 8 GPUs x (36 s + 21.956 s) / 3600 s = 12.879 GPU-hours; the path layout's update is twice as long.
+    assert rows["carl_k4_tree"]["gpu_hours_per_100_steps"]["0.35"] == pytest.approx(
+        100 * 8 * (36 + 21.956) / 3600, abs=1e-3
+    )
+    assert rows["carl_k1_path"]["update_s"] == pytest.approx(2 * 21.956, abs=1e-3)
