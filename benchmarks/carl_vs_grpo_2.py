@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import carl_vs_grpo as first
+from benchmarks.carl_vs_grpo_2_report import build_report
 from recipe.carl.io import write_json
 from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
 from recipe.carl.tiny import launch
@@ -80,8 +81,8 @@ ARMS2: dict[str, dict[str, Any]] = {
     "carl_pool": {"algo": "carl", "pool_floor": 3, "pool_prior": 4.0},
     "grpo_pool": {"algo": "grpo", "pool_floor": 4, "pool_prior": 1.0},
 }
-SMOKE2 = Protocol2(
-    seeds=1, demo=dict(first.SMOKE.demo), grpo_steps=2, max_steps=4, equal_steps=(1, 2), eval_samples=2,
+SMOKE2 = Protocol2(  # n_forks 3: the CARL pool's floor (3) must fit a tree's budget
+    seeds=1, demo={**first.SMOKE.demo, "n_forks": 3}, grpo_steps=2, max_steps=4, equal_steps=(1, 2), eval_samples=2,
     heldout_draw=120, heldout_keep=20, exclude_first_protocol_tests=40,
 )  # fmt: skip
 SMOKE_ARMS2 = ("grpo", "carl_pool")
@@ -239,8 +240,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     arms = list(dict.fromkeys(["grpo", *(args.arms or (SMOKE_ARMS2 if args.smoke else ARMS2))]))
     out = args.out.resolve()
     if args.report:
-        from benchmarks.carl_vs_grpo_2_report import build_report  # here: it imports matplotlib
-
         return build_report(out)
     saved = out / "protocol.json"
     if saved.exists() and json.loads(saved.read_text())["protocol"] != json.loads(

@@ -131,8 +131,9 @@ class RealEnvironment(SimEnvironment):
 
     def __init__(self, sim: Simulation, question: int, request_id: str, worker: int, real: dict[str, Any]) -> None:
         super().__init__(sim, question, request_id, worker)
-        # Here, not at the top: vLLM's worker processes import this module again, and with the SynthHop and
-        # retrieval modules imported at the top vLLM's CPU kernel registration failed in them (vLLM 0.32, CPU build).
+        # Here, not at the top: it keeps transformers out of this module's start-up, which matters because vLLM's
+        # worker processes import this module again, and with the SynthHop and retrieval modules imported at the top
+        # vLLM's CPU kernel registration failed in them (vLLM 0.32, CPU build).
         from recipe.carl.tiny.trajectory import observation_text
 
         self.render = observation_text
@@ -189,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--kv-gb", type=float, default=2.0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    # Here, not at the top: it imports torch; and vLLM's worker processes import this module again (see above).
+    # Here, not at the top: these keep transformers (and torch) out of this module's start-up; vLLM's worker processes
+    # import this module again (see RealEnvironment).
     from transformers import AutoTokenizer
 
     from recipe.carl.synthhop.make_data import SynthHopConfig, build, write

@@ -32,6 +32,7 @@ from carl_core import ForkPlanner, RolloutTree, compute_state_entropy, describe_
 from carl_core import tree_records as records_of
 from recipe.carl.agent_loop import CarlAgentLoop
 from recipe.carl.settings import read_settings
+from recipe.carl.totals import BudgetTotals
 from tests.core.support import check_tree_record, ended
 
 
@@ -255,6 +256,7 @@ def trainer_advantage(rows, config, monkeypatch, step=1):
     monkeypatch.setattr(carl_trainer, "tq", fake)
     trainer = object.__new__(carl_trainer.CARLTrainer)
     trainer.config, trainer.carl_settings, trainer.global_steps = config, read_settings(config), step
+    trainer.carl_totals = BudgetTotals()  # set by CARLTrainer.__init__
     metrics: dict = {}
     WRITTEN.clear()
     fake.written = WRITTEN

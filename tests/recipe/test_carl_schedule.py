@@ -26,6 +26,7 @@ import recipe.carl.schedule as schedule
 import recipe.carl.trainer as carl_trainer
 from recipe.carl.packing import RUNS_KEY
 from recipe.carl.settings import read_settings
+from recipe.carl.totals import BudgetTotals
 from tests.recipe.test_carl_agent_loop import (
     CONFIG_DIR,
     ScriptedServer,
@@ -96,6 +97,7 @@ def make_trainer(config, dp: int, rows: dict[str, dict], monkeypatch):
     monkeypatch.setattr(schedule, "tq", DictTQ(rows))
     trainer = object.__new__(carl_trainer.CARLTrainer)
     trainer.config, trainer.carl_settings, trainer.global_steps = config, read_settings(config), 1
+    trainer.carl_totals = BudgetTotals()  # set by CARLTrainer.__init__
     trainer.tokenizer = SimpleNamespace(eos_token_id=EOS)
     trainer.actor_rollout_wg = ActorGroup(dp)
     trainer.use_critic = False

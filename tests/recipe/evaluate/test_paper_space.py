@@ -63,7 +63,8 @@ def test_a_paper_checkpoint_is_evaluated_with_access_and_read(tmp_path, pages_da
                                                               monkeypatch):  # fmt: skip
     seen = []
 
-    async def evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=None, access=None):
+    async def evaluate_model(folder, datasets, settings, engine, search, reward_fn, engine_options=None, done=None,
+                             on_record=None, access=None):  # fmt: skip
         from transformers import AutoTokenizer
 
         seen.append((settings, access))
