@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # import this module again (see RealEnvironment).
     from transformers import AutoTokenizer
 
-    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
-    from recipe.carl.tiny.trajectory import corpus_search
+    from recipe.carl.synthhop.make_data import SynthHopConfig, build, write  # here: keeps transformers out
+    from recipe.carl.tiny.trajectory import corpus_search  # here: keeps transformers out (vLLM's workers, above)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data_dir = REPO / "runs" / "rollout_time_cpu_data"
