@@ -3,6 +3,7 @@
     python -m benchmarks.rollout_time calibrate      # the paper shapes' policy fitted to the paper's Table 2
     python -m benchmarks.rollout_time predict        # every shape x setting: benchmarks/results/rollout_time.json
     python -m benchmarks.rollout_time predict --shapes 7b --seeds 1     # one shape, one seed
+    python -m benchmarks.rollout_time pool           # the step-level fork pool at the 7B shape, into the same JSON
 
 What runs for real: `carl_core.grow_tree` and `ForkPlanner` (N0 root rollouts, then N forks, at most K in flight,
 the density rule on the entropies the simulated policy returns), one agent-loop worker's trees run concurrently as in
@@ -43,6 +44,7 @@ from typing import Any
 from benchmarks.rollout_sim import Replica, Request, Router, ServerModel, VirtualClockLoop, percentile_time
 from carl_core import CARLConfig, Draw, ForkPlanner, RolloutTree, Step, grow_tree
 from recipe.carl.in_flight import InFlight, TailBoost, summarize
+from recipe.carl.pool import ForkPool, PoolSettings, grow_pooled
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "rollout_time.json"
@@ -171,6 +173,7 @@ async def grow_step(
     env: Callable[[Simulation, int, str, int], SimEnvironment] = SimEnvironment,
     prompt: Callable[[int], list[int]] | None = None,
     tail: tuple[int, float] | None = None,
+    pool: PoolSettings | None = None,
 ) -> list[float]:
     """One rollout step's trees (CARL) or groups (GRPO), each agent-loop worker's concurrently, as verl's
     `AgentLoopWorker` runs its share of the batch; returns each question's (finish time, worker).
@@ -179,16 +182,29 @@ async def grow_step(
         env: makes a question's environment from (simulation, question key, request id, worker).
         prompt: a question's prompt tokens (default: `policy.prompt_tokens` zeros).
         tail: the straggler boost (`recipe.carl.in_flight.TailBoost`): (forks in flight, share of trees).
+        pool: the step-level fork pool (`recipe.carl.pool`), one per worker as in the agent loop: its real barrier
+            and allocation (GRPO: `pool.group` trajectories per question on average, `group` unused).
     """
     if algo not in ("carl", "grpo"):
         raise ValueError(f"algo={algo!r}: use carl or grpo")
     loop, finished = asyncio.get_running_loop(), []
     chain = dataclasses.replace(carl, n0=1, n_forks=0)
     boosts = [TailBoost(*tail) for _ in range(sim.workers)] if tail else []
+    pools = [ForkPool(pool, pool.group or carl.n_forks) for _ in range(sim.workers)] if pool else []
 
     async def question(q: int, w: int) -> None:
         prompt_ids = prompt(q) if prompt else [0] * sim.policy.prompt_tokens
-        if algo == "carl":
+        if pools:  # joined before the first await, as the agent loop does
+            pools[w].join(q)
+            tree = RolloutTree(prompt_ids, carl.max_actions, uid=f"t{q}", merge=False)
+            boost = boosts[w] if boosts and algo == "carl" else None
+            config, rng = (chain if algo == "grpo" else carl), random.Random(f"{sim.seed}:{q}")
+            tail_of = boost.join() if boost else None
+            await grow_pooled(tree, env(sim, q, f"t{q}", w), pools[w], q, config, rng, algo == "grpo", tail=tail_of)
+            if boost:
+                boost.end()
+            trees = [tree]
+        elif algo == "carl":
             tree = RolloutTree(prompt_ids, carl.max_actions, uid=f"t{q}", merge=False)
             planner, boost = ForkPlanner(carl, random.Random(f"{sim.seed}:{q}")), boosts[w] if boosts else None
             await grow_tree(tree, planner, env(sim, q, f"t{q}", w), tail=boost.join() if boost else None)
@@ -241,10 +257,11 @@ def run_step(
     questions: int = 128,
     seed: int = 0,
     tail: tuple[int, float] | None = None,
+    pool: PoolSettings | None = None,
 ) -> dict[str, Any]:
     """One simulated rollout step of `questions` questions: a CARL tree each (`carl`), or a GRPO group of `group`
     trajectories (`algo="grpo"`; T_max from `carl.max_actions`), dealt to `workers` agent-loop workers; `tail`: the
-    straggler boost, (forks in flight, share of a worker's trees), as `grow_step`.
+    straggler boost, (forks in flight, share of a worker's trees), and `pool` the step-level fork pool, as `grow_step`.
 
     Returns:
         `step_outputs` (`rollout_s`; `seqs_in_flight_mean` and `seqs_in_flight_min` per worker, as the trainer logs
@@ -259,7 +276,7 @@ def run_step(
     async def main() -> tuple[list[Replica], list[float]]:
         reps = [Replica(server, f"r{i}") for i in range(replicas)]
         sim.router = Router(reps, seed)
-        finished = await grow_step(sim, carl, algo, group, questions, tail=tail)
+        finished = await grow_step(sim, carl, algo, group, questions, tail=tail, pool=pool)
         for r in reps:
             r.task.cancel()
         return reps, finished
@@ -455,11 +472,12 @@ def _runs(
     seeds: int,
     group: int | None = None,
     tail: tuple[int, float] | None = None,
+    pool: PoolSettings | None = None,
 ) -> dict:
     carl = CARLConfig(n0=shape.n0, n_forks=shape.n_forks, max_actions=shape.max_actions, forks_in_flight=k)
     out = [
         run_step(shape.policy, server, carl, algo=algo, group=group or shape.grpo_group, replicas=shape.replicas,
-                 workers=shape.workers, questions=shape.questions, seed=seed, tail=tail)
+                 workers=shape.workers, questions=shape.questions, seed=seed, tail=tail, pool=pool)
         for seed in range(seeds)
     ]  # fmt: skip
     return {key: _summary([o[key] for o in out]) for key in out[0]}
@@ -561,6 +579,30 @@ def with_boost(shape: Shape, seeds: int, k: int, tail: tuple[int, float]) -> dic
     return {"k": k, "tail": list(tail), "carl_s": d["rollout_s"]["mean"], "detail": d}
 
 
+#: The pools priced at the 7B shape (`pool_study`): CARL's floor at the second protocol's 3 and at N / 2, GRPO's at the
+#: protocol's 4 (its average group the script's 16); the priors are the protocol's (docs/carl_vs_grpo_2.md).
+POOL_GRID = {"carl": [(3, 4.0), (8, 4.0)], "grpo": [(4, 1.0)]}
+
+
+def pool_study(shape: Shape, seeds: int, k: int) -> dict[str, Any]:
+    """The step-level fork pool's rollout time (issue 32 item 3): CARL at K and GRPO, each without and with the pools
+    of `POOL_GRID`. The simulated rewards are coin flips, so which trees get the extra forks is arbitrary here; what
+    the model prices is the barrier (every tree of a worker waits for the worker's slowest first phase) and the
+    uneven second phase."""
+    server = SERVERS[shape.server]
+    rows: dict[str, Any] = {"k": k, "carl": {}, "grpo": {}}
+    for algo, grid in POOL_GRID.items():
+        kk = k if algo == "carl" else 1
+        rows[algo]["none"] = _runs(shape, server, algo, kk, seeds)["rollout_s"]
+        for floor, prior in grid:
+            settings = PoolSettings(floor=floor, prior=prior, group=shape.grpo_group if algo == "grpo" else 0)
+            d = _runs(shape, server, algo, kk, seeds, pool=settings)
+            rows[algo][f"floor{floor}_prior{prior:g}"] = d["rollout_s"] | {"tail_share": d["tail_share"]["mean"]}
+    base = rows["grpo"]["none"]["mean"]
+    rows["over_grpo"] = {f"{algo}_{name}": v["mean"] / base for algo in POOL_GRID for name, v in rows[algo].items()}
+    return rows
+
+
 def with_leaves(shape: Shape, seeds: int) -> dict[str, Any]:
     """GRPO with as many trajectories per question as a CARL tree has leaves (N0 + N), the CPU protocol's matching."""
     grpo = _runs(shape, SERVERS[shape.server], "grpo", 1, seeds, group=shape.n0 + shape.n_forks)
@@ -611,11 +653,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pre.add_argument("--seeds", type=int, default=3)
     pre.add_argument("--out", type=Path, default=RESULTS)
     pre.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity table and latency bound")
+    poo = sub.add_parser("pool", help="the fork pool's rollout time at the 7B shape, added to the results JSON")
+    poo.add_argument("--seeds", type=int, default=3)
+    poo.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.command == "calibrate":
         out = calibrate(args.questions)
         print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=1))
         return out
+    if args.command == "pool":
+        if not args.out.exists():
+            p.error(f"--out {args.out}: no results yet; run `python -m benchmarks.rollout_time predict` first")
+        results = json.loads(args.out.read_text())
+        results["pool_7b"] = pool_study(SHAPES["7b"], args.seeds, results["shapes"]["7b"]["default_forks_in_flight"])
+        print(json.dumps(results["pool_7b"]["over_grpo"], indent=1))
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        return results
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: need at least 1")
     results: dict[str, Any] = {"command": "python -m benchmarks.rollout_time " + " ".join(sys.argv[1:]), "shapes": {}}

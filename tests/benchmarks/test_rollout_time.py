@@ -187,3 +187,21 @@ def test_the_cost_of_an_update_by_hand():
         100 * 8 * (36 + 21.956) / 3600, abs=1e-3
     )
     assert rows["carl_k1_path"]["update_s"] == pytest.approx(2 * 21.956, abs=1e-3)
+
+
+@pytest.mark.parametrize(("algo", "floor", "seconds"), [("grpo", 2, 2.0), ("grpo", 3, 1.0), ("carl", 2, 3.0)])
+def test_the_fork_pool_by_hand(algo, floor, seconds):
+    from recipe.carl.pool import PoolSettings
+
+    # Two questions on one worker and replica, one-step rollouts of 1 s. GRPO, group 3 on average: floor 2 gives the
+    # two chains of each question together (1 s), the barrier, then the step's 6 - 4 = 2 extra chains, each question's
+    # together, wherever they go (1 s more): 2 s for the same 6 trajectories GRPO without a pool runs in 1 s; floor 3
+    # leaves nothing to deal: 1 s. CARL (N0 = 2, N = 2, K = 1) with floor = N: phase 1 is the whole tree (3 s) and the
+    # barrier adds nothing.
+    carl = CARLConfig(n0=2, n_forks=2, max_actions=4)
+    pool = PoolSettings(floor=floor, prior=2.0, group=3 if algo == "grpo" else 0)
+    out = run_step(ONE_STEP, SECOND, carl, algo=algo, group=3, replicas=1, workers=1, questions=2, pool=pool)
+    assert out["rollout_s"] == pytest.approx(seconds)
+    assert out["actions_per_question"] == (3 if algo == "grpo" else 4)
+    plain = run_step(ONE_STEP, SECOND, carl, algo=algo, group=3, replicas=1, workers=1, questions=2)
+    assert plain["rollout_s"] == pytest.approx(1.0 if algo == "grpo" else 3.0)
