@@ -23,7 +23,7 @@ front of the queue and recomputes its context, less its cache hit, when admitted
 
 Why not vLLM's own scheduler: it needs a GPU (or vLLM's CPU build and real forward passes) and runs in real time; the
 model must price a 1,000-GPU-second step on this 2-core machine in seconds. Its prediction is checked against real
-wall times on vLLM's CPU build (`python -m benchmarks.rollout_time validate`).
+wall times on vLLM's CPU build (`python -m benchmarks.rollout_time_cpu`).
 """
 
 from __future__ import annotations

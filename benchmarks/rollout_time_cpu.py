@@ -114,6 +114,7 @@ async def measure_curve(engine: Engine, batches: list[int], short: int = 16, lon
             t_short = await _timed(engine, _prompts(rng, b, context), short)
             t_long = await _timed(engine, _prompts(rng, b, context), long)
             rows.append({"b": b, "context": context, "step_s": (t_long - t_short) / (long - short)})
+            print(json.dumps({"curve": rows[-1]}), flush=True)  # progress: the curve takes minutes on 2 cores
     p_short = statistics.median([await _timed(engine, _prompts(rng, 1, 128), 1) for _ in range(3)])
     p_long = statistics.median([await _timed(engine, _prompts(rng, 1, 1152), 1) for _ in range(3)])
     prefill = max(0.0, (p_long - p_short) / 1024)
