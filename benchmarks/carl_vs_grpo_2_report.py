@@ -224,14 +224,14 @@ def plot(arms: dict[str, Any], start: float, path: Path) -> Path:
     return path
 
 
-def table(result: dict[str, Any]) -> str:
-    head = ("arm", "seeds", "EM at GRPO's budget %", "EM at step 30 %", "generated / trained per question",
+def table(result: dict[str, Any], last: str = "step30") -> str:
+    head = ("arm", "seeds", "EM at GRPO's budget %", f"EM at step {last[4:]} %", "generated / trained per question",
             "no signal %", "trained with A != 0 %", "generated with A != 0 %", "s / step")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, r in result["arms"].items():
         if not r:
             continue
-        full, step30, sig = r["points"]["1.000"]["sampled"], r["points"].get("step30", {}).get("sampled"), r["signal"]
+        full, step30, sig = r["points"]["1.000"]["sampled"], r["points"].get(last, {}).get("sampled"), r["signal"]
         cells = (LABELS.get(arm, arm), str(len(r["seeds"])), _pct(full), _pct(step30),
                  f"{sig['generated_per_question']:.1f} / {sig['trained_per_question']:.1f}",
                  f"{100 * sig['no_signal_share']:.1f}", f"{100 * sig['trained_nonzero_share']:.1f}",
@@ -249,6 +249,7 @@ def build_report(out: Path) -> dict[str, Any]:
     data = load(out)
     arms = {arm: per_arm(data, arm) if data["runs"][arm] else None for arm in data["arms"]}
     start = np.array(data["start"]["sampled"])
+    last = f"step{max(data['protocol']['equal_steps'])}"  # GRPO's last step (30; the smoke's 2)
     result = {
         "protocol": data["protocol"],
         "held_out_questions": len(start),
@@ -256,12 +257,12 @@ def build_report(out: Path) -> dict[str, Any]:
         "arms": arms,
         "vs_grpo": {a: compare(data, a, "grpo") for a in data["arms"] if a != "grpo" and arms[a] and arms.get("grpo")},
         "vs_grpo_equal_steps": {
-            a: compare(data, a, "grpo", "step30") for a in data["arms"] if a != "grpo" and arms[a] and arms.get("grpo")
+            a: compare(data, a, "grpo", last) for a in data["arms"] if a != "grpo" and arms[a] and arms.get("grpo")
         },  # fmt: skip
         "rules": rules(data),
         "commits": sorted({r["done"]["commit"] or "?" for runs in data["runs"].values() for r in runs.values()}),
     }
-    result["table"] = table(result)
+    result["table"] = table(result, last)
     result["figure"] = str(plot(arms, float(start.mean()), out / "accuracy_vs_generated.png").name)
     write_json(out / "results.json", json.loads(json.dumps(result, default=float)))
     print(result["table"])

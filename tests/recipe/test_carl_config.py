@@ -292,3 +292,19 @@ def test_verl_never_instantiates_algorithm_config():
         if "trainer/config" not in str(p) and pattern.search(p.read_text(errors="ignore"))
     ]
     assert not hits, f"verl now builds AlgoConfig from config.algorithm in {hits}: move CARL's block out of it"
+
+
+@pytest.mark.parametrize("shape", ["7b", "7b_lite", "qwen3_4b"])
+def test_each_script_runs_the_forks_in_flight_its_predicted_rollout_chose(shape, tmp_path):
+    """Issue 29 item 6: a script's K (and the straggler boost) are the rollout-time model's choice for its shape,
+    as committed in benchmarks/results/rollout_time.json (docs/measurements.md, "Rollout time")."""
+    import json
+
+    results = json.loads((ROOT / "benchmarks/results/rollout_time.json").read_text())
+    predicted = results["shapes"][shape]
+    settings = check_trainer_config(compose_carl(script_overrides(ROOT / "scripts" / predicted["script"], tmp_path)))
+    assert settings.carl.forks_in_flight == predicted["default_forks_in_flight"]
+    chosen = results["tail_7b"]["chosen"]
+    assert settings.tail_forks_in_flight == (chosen[0] if chosen else 0)
+    if chosen:
+        assert settings.tail_share == chosen[1]
