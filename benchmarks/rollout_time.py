@@ -445,19 +445,24 @@ SHAPES: dict[str, Shape] = {
 }
 KS = (1, 2, 4, 8, 16)
 """Forks in flight tried per shape (16 = every fork of N = 16 at once, as soon as the rule lets it start)."""
+ACTIONS_MARGIN = 0.05
+"""Fork fidelity (issue 29 item 5): K > 1 starts forks before earlier ones have ended, so they land nearer the root
+and roll out longer; a K whose actions per question exceed K = 1's by more than this share no longer grows Alg. 1's
+trees (`benchmarks.fork_fidelity.MARGINS["actions_generated_ratio"]`, the margin fixed before measuring)."""
 DEFAULT_RULE = (
-    "the smallest K whose predicted CARL rollout is <= 1.2x GRPO's; if none is, the smallest K within 10 % of the "
-    "best ratio over KS"
+    "among the K whose predicted actions per question are within ACTIONS_MARGIN (5 %) of K = 1's (fork fidelity): "
+    "the smallest whose predicted CARL rollout is <= 1.2x GRPO's; if none is, the one with the shortest rollout"
 )
 
 
-def choose_default(ratios: dict[int, float]) -> int:
-    """`DEFAULT_RULE` over {K: CARL / GRPO rollout time}."""
-    ok = [k for k, r in ratios.items() if r <= 1.2]
+def choose_default(ratios: dict[int, float], actions: dict[int, float]) -> int:
+    """`DEFAULT_RULE` over {K: CARL / GRPO rollout time} and {K: actions per question} (both with K = 1)."""
+    base = actions[min(actions)]  # K = 1's, Alg. 1 (the smallest K tried)
+    faithful = {k: r for k, r in ratios.items() if actions[k] <= (1 + ACTIONS_MARGIN) * base}
+    ok = [k for k, r in faithful.items() if r <= 1.2]
     if ok:
         return min(ok)
-    best = min(ratios.values())
-    return min(k for k, r in ratios.items() if r <= 1.1 * best)
+    return min(faithful, key=lambda k: (faithful[k], k))
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
@@ -492,6 +497,7 @@ def predict_shape(shape: Shape, seeds: int, ks: Sequence[int] = KS, server: Serv
     carl = {k: _runs(shape, server, "carl", k, seeds) for k in ks}
     grpo_s = grpo["rollout_s"]["mean"]
     ratios = {k: v["rollout_s"]["mean"] / grpo_s for k, v in carl.items()}
+    actions = {k: v["actions_per_question"]["mean"] for k, v in carl.items()}
     return {
         "script": shape.script,
         "server": dataclasses.asdict(server),
@@ -505,7 +511,8 @@ def predict_shape(shape: Shape, seeds: int, ks: Sequence[int] = KS, server: Serv
         "grpo_s": grpo_s,
         "carl_s": {str(k): v["rollout_s"]["mean"] for k, v in carl.items()},
         "carl_over_grpo": {str(k): r for k, r in ratios.items()},
-        "default_forks_in_flight": choose_default(ratios),
+        "default_forks_in_flight": choose_default(ratios, actions),
+        "actions_over_k1": {str(k): a / actions[1] for k, a in actions.items()},
         "default_rule": DEFAULT_RULE,
         "detail": {"grpo": grpo, "carl": {str(k): v for k, v in carl.items()}},
         "model_seconds": round(time.time() - started, 1),
@@ -550,25 +557,29 @@ def cost(shape: Shape, out: dict[str, Any]) -> dict[str, Any]:
 TAIL_GRID = [(k, share) for k in (8, 16) for share in (0.1, 0.25, 0.5)]
 """The straggler boosts tried (`recipe.carl.in_flight.TailBoost`: forks in flight, share of a worker's trees)."""
 TAIL_RULE = (
-    "at the 7B shape's default K: the boost of TAIL_GRID with the shortest predicted rollout, if it is at least 3 % "
-    "shorter than without a boost; otherwise none"
+    "at the 7B shape's default K: among the boosts of TAIL_GRID whose predicted actions per question stay within "
+    "ACTIONS_MARGIN of K = 1's, the one with the shortest predicted rollout, if it is at least 3 % shorter than "
+    "without a boost; otherwise none"
 )
 
 
-def tail_study(shape: Shape, seeds: int, k: int) -> dict[str, Any]:
-    """CARL at K with each boost of `TAIL_GRID`: rollout time, tail share and sequences in flight, and `TAIL_RULE`'s
-    choice (None: no boost)."""
+def tail_study(shape: Shape, seeds: int, k: int, k1_actions: float) -> dict[str, Any]:
+    """CARL at K with each boost of `TAIL_GRID`: rollout time, tail share, sequences in flight and actions per
+    question, and `TAIL_RULE`'s choice (None: no boost); `k1_actions`: K = 1's actions per question."""
     server = SERVERS[shape.server]
     plain = _runs(shape, server, "carl", k, seeds)
     rows = []
     for boost_k, share in TAIL_GRID:
         d = _runs(shape, server, "carl", k, seeds, tail=(boost_k, share))
         rows.append({"tail_forks_in_flight": boost_k, "tail_share": share, "rollout_s": d["rollout_s"],
-                     "tail_share_of_step": d["tail_share"], "seqs_in_flight_min": d["seqs_in_flight_min"]})  # fmt: skip
-    best = min(rows, key=lambda r: r["rollout_s"]["mean"])
-    chosen = best if best["rollout_s"]["mean"] <= 0.97 * plain["rollout_s"]["mean"] else None
+                     "tail_share_of_step": d["tail_share"], "seqs_in_flight_min": d["seqs_in_flight_min"],
+                     "actions_over_k1": d["actions_per_question"]["mean"] / k1_actions})  # fmt: skip
+    faithful = [r for r in rows if r["actions_over_k1"] <= 1 + ACTIONS_MARGIN]
+    best = min(faithful, key=lambda r: r["rollout_s"]["mean"]) if faithful else None
+    chosen = best if best and best["rollout_s"]["mean"] <= 0.97 * plain["rollout_s"]["mean"] else None
     none = {"rollout_s": plain["rollout_s"], "tail_share_of_step": plain["tail_share"],
-            "seqs_in_flight_min": plain["seqs_in_flight_min"]}  # fmt: skip
+            "seqs_in_flight_min": plain["seqs_in_flight_min"],
+            "actions_over_k1": plain["actions_per_question"]["mean"] / k1_actions}  # fmt: skip
     picked = None if chosen is None else [chosen["tail_forks_in_flight"], chosen["tail_share"]]
     return {"k": k, "rule": TAIL_RULE, "none": none, "rows": rows, "chosen": picked}
 
@@ -683,10 +694,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps({k: out[k] for k in ("grpo_s", "carl_over_grpo", "default_forks_in_flight")}), flush=True)
     if "7b" in args.shapes:
         default = results["shapes"]["7b"]["default_forks_in_flight"]
-        study = results["tail_7b"] = tail_study(SHAPES["7b"], args.seeds, default)
+        k1_actions = results["shapes"]["7b"]["detail"]["carl"]["1"]["actions_per_question"]["mean"]
+        study = results["tail_7b"] = tail_study(SHAPES["7b"], args.seeds, default, k1_actions)
         print(json.dumps({"tail_chosen": study["chosen"]}), flush=True)
         for name, out in results["shapes"].items():
-            if study["chosen"]:
+            if study["chosen"] and study["chosen"][0] >= out["default_forks_in_flight"]:  # the boost raises K
                 out["with_tail"] = with_boost(SHAPES[name], args.seeds, out["default_forks_in_flight"], study["chosen"])
                 out["with_tail"]["carl_over_grpo"] = out["with_tail"]["carl_s"] / out["grpo_s"]
         if not args.no_sensitivity:

@@ -205,3 +205,17 @@ def test_the_fork_pool_by_hand(algo, floor, seconds):
     assert out["actions_per_question"] == (3 if algo == "grpo" else 4)
     plain = run_step(ONE_STEP, SECOND, carl, algo=algo, group=3, replicas=1, workers=1, questions=2)
     assert plain["rollout_s"] == pytest.approx(1.0 if algo == "grpo" else 3.0)
+
+
+def test_the_default_k_keeps_alg1s_trees_and_then_the_shortest_rollout():
+    from benchmarks.fork_fidelity import MARGINS
+    from benchmarks.rollout_time import ACTIONS_MARGIN, choose_default
+
+    assert ACTIONS_MARGIN == MARGINS["actions_generated_ratio"]  # one margin for the model and the measurement
+    actions = {1: 100.0, 2: 104.0, 4: 113.0, 8: 150.0}
+    # K = 4 and 8 generate more than 5 % over K = 1: out, however fast. Of K = 1, 2 none is <= 1.2x: the faster, 2.
+    assert choose_default({1: 2.1, 2: 1.9, 4: 1.7, 8: 1.6}, actions) == 2
+    # The smallest faithful K at <= 1.2x wins over a faster one.
+    assert choose_default({1: 1.3, 2: 1.15, 4: 1.0, 8: 0.9}, {**actions, 4: 101.0}) == 2
+    # Nothing but K = 1 keeps the trees: K = 1.
+    assert choose_default({1: 1.7, 2: 1.5, 4: 1.4}, {1: 68.0, 2: 78.3, 4: 92.7}) == 1
