@@ -77,7 +77,7 @@ PROTOCOL2 = Protocol2()
 ARMS2: dict[str, dict[str, Any]] = {
     "grpo": {"algo": "grpo"},
     "carl": {"algo": "carl"},
-    "carl_k4": {"algo": "carl", "forks_in_flight": 4},
+    "carl_k2": {"algo": "carl", "forks_in_flight": 2},
     "carl_pool": {"algo": "carl", "pool_floor": 3, "pool_prior": 4.0},
     "grpo_pool": {"algo": "grpo", "pool_floor": 4, "pool_prior": 1.0},
 }

@@ -11,7 +11,7 @@ The decision rules of docs/carl_vs_grpo_2.md (fixed before the runs), at the ful
   paired interval lies above 0.
 - R2, R3: CARL against GRPO, and pooled CARL against GRPO: `better` when the interval lies above 0; `non-inferior`
   when its low end is >= -1 point; otherwise neither.
-- R4, forks in flight: CARL at K = 4 against CARL: `same` when the interval lies inside (-2, +2) points.
+- R4, forks in flight: CARL at K = 2 against CARL: `same` when the interval lies inside (-2, +2) points.
 - R5: pooled CARL against pooled GRPO: `better`, `worse` or `no difference detected`.
 - The target (issue 32): R3 `better` and R1 met.
 """
@@ -34,7 +34,7 @@ NON_INFERIOR = 0.01
 """R2, R3: the non-inferiority margin (1 point of exact match)."""
 SAME = 0.02
 """R4: forks in flight count as the same when the interval lies inside +-2 points."""
-LABELS = {"grpo": "GRPO", "carl": "CARL", "carl_k4": "CARL, 4 forks in flight", "carl_pool": "CARL + fork pool",
+LABELS = {"grpo": "GRPO", "carl": "CARL", "carl_k2": "CARL, 2 forks in flight", "carl_pool": "CARL + fork pool",
           "grpo_pool": "GRPO + pool"}  # fmt: skip
 
 
@@ -181,7 +181,7 @@ def rules(data: dict[str, Any]) -> dict[str, Any]:
     for name, (a, b) in {"R2": ("carl", "grpo"), "R3": ("carl_pool", "grpo")}.items():
         d = compare(data, a, b)
         out[name] = d and {**d, "verdict": better_or_non_inferior(d), "rule": f"{a} - {b} at GRPO's budget"}
-    r4 = compare(data, "carl_k4", "carl")
+    r4 = compare(data, "carl_k2", "carl")
     if r4:
         s = r4["sampled"]
         out["R4"] = {**r4, "verdict": "same" if -SAME < s["low"] and s["high"] < SAME else "not shown the same"}

@@ -4,5 +4,7 @@
 # (PPO_MINI_BATCH_QUESTIONS). Every setting of run_carl_qwen7b.sh applies, PACKING=path|tree included.
 set -xeuo pipefail
 export N0=${N0:-1}
+# K = 1 (Alg. 1): every K > 1 generates over 5 % more actions at this shape (docs/measurements.md, "Rollout time").
+export FORKS_IN_FLIGHT=${FORKS_IN_FLIGHT:-1}
 export EXPERIMENT=${EXPERIMENT:-carl_lite_qwen2.5_7b}
 exec bash "$(dirname "$0")/run_carl_qwen7b.sh" "$@"

@@ -8,6 +8,8 @@ export MODEL_PATH=${MODEL_PATH:-Qwen/Qwen3-4B}
 export MAX_ACTIONS=${MAX_ACTIONS:-10}
 export TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-64}
 export LR=${LR:-1e-5}
+# K = 4 forks of a tree at once: the rollout-time model's choice for this shape (docs/measurements.md, "Rollout time").
+export FORKS_IN_FLIGHT=${FORKS_IN_FLIGHT:-4}
 # Thinking-aware turn budget: a Qwen3 turn is <think> reasoning </think> plus one <search> or <answer>; the Qwen2.5
 # setting (512 tokens) cuts longer reasoning, and the leaf then ends as `action_too_long`.
 export MAX_ACTION_TOKENS=${MAX_ACTION_TOKENS:-2048}

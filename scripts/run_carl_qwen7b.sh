@@ -38,7 +38,14 @@ if [ -n "${WAVE_SIZE:-}" ]; then
   echo "run_carl_qwen7b.sh: WAVE_SIZE was replaced by FORKS_IN_FLIGHT (K forks of a tree at once; the next starts as soon as the oldest ends): set FORKS_IN_FLIGHT=$WAVE_SIZE" >&2
   exit 2
 fi
-FORKS_IN_FLIGHT=${FORKS_IN_FLIGHT:-1}
+# K: forks of a tree generated at once (1 = Alg. 1 exactly). The default is the rollout-time model's choice for this
+# shape (docs/measurements.md, "Rollout time": 1.89x GRPO's predicted rollout on 8 H100s against 2.14x at K = 1; a
+# larger K is faster still but moves forks toward the root and generates over 5 % more actions than Alg. 1).
+FORKS_IN_FLIGHT=${FORKS_IN_FLIGHT:-2}
+# The tail: once at most TAIL_SHARE of an agent-loop worker's trees are still growing, they run up to
+# TAIL_FORKS_IN_FLIGHT forks at once (0 = off; refused with rollout.full_determinism=true).
+TAIL_FORKS_IN_FLIGHT=${TAIL_FORKS_IN_FLIGHT:-0}
+TAIL_SHARE=${TAIL_SHARE:-0.25}
 
 # ---- optimisation ----
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}  # prompts (= trees) per step
@@ -106,6 +113,8 @@ python3 -m recipe.carl.main_carl \
     algorithm.carl.n_forks=$N_FORKS \
     algorithm.carl.max_actions=$MAX_ACTIONS \
     algorithm.carl.forks_in_flight=$FORKS_IN_FLIGHT \
+    algorithm.carl.tail_forks_in_flight=$TAIL_FORKS_IN_FLIGHT \
+    algorithm.carl.tail_share=$TAIL_SHARE \
     algorithm.carl.max_action_tokens=$MAX_ACTION_TOKENS \
     algorithm.carl.thinking=$THINKING \
     algorithm.carl.action_space=$ACTION_SPACE \

@@ -23,7 +23,7 @@ def make_data(shift_pool: float, shift_carl: float, n_q: int = 400, seeds=(0, 1,
     """Made-up scored runs: every arm's per-question scores = the start's + a shift (per arm) at GRPO's budget."""
     rng = np.random.default_rng(0)
     start = rng.integers(0, 5, n_q) / 5  # at most 0.8: no score is clipped at 1
-    shifts = {"grpo": 0.05, "carl": 0.05 + shift_carl, "carl_pool": 0.05 + shift_pool, "carl_k4": 0.05 + shift_carl,
+    shifts = {"grpo": 0.05, "carl": 0.05 + shift_carl, "carl_pool": 0.05 + shift_pool, "carl_k2": 0.05 + shift_carl,
               "grpo_pool": 0.05}  # fmt: skip
     runs = {}
     for arm, shift in shifts.items():
@@ -45,7 +45,7 @@ def make_data(shift_pool: float, shift_carl: float, n_q: int = 400, seeds=(0, 1,
 
 def test_rules_on_made_up_runs():
     # The pool 3 points above CARL at the same cost (3,000 actions): R1 met (+1 point per 1k), R3 `better`;
-    # CARL equal to GRPO: R2 non-inferior (interval around 0, above -1 point); K = 4 equal to CARL: R4 `same`.
+    # CARL equal to GRPO: R2 non-inferior (interval around 0, above -1 point); K = 2 equal to CARL: R4 `same`.
     rules = report.rules(make_data(shift_pool=0.03, shift_carl=0.0))
     assert rules["R1"]["met"] and rules["R1"]["estimate"] == pytest.approx(1.0, abs=0.01)
     assert rules["R3"]["verdict"] == "better" and rules["R2"]["verdict"] == "non-inferior"
