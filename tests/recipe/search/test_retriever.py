@@ -430,9 +430,8 @@ def test_search_runs_off_the_event_loop():
         pending = threading.Thread(target=lambda: httpx.post(f"{url}/retrieve", json={"queries": ["q"]}, timeout=10))
         pending.start()
         time.sleep(0.1)
-        started = time.perf_counter()
-        assert httpx.get(f"{url}/health", timeout=2).status_code == 200  # not stuck behind the search
-        assert time.perf_counter() - started < 1.0
+        # Not stuck behind the search: the search holds its thread for 5 s, the health check's timeout is 2 s.
+        assert httpx.get(f"{url}/health", timeout=2).status_code == 200
         release.set()
         pending.join()
 
