@@ -221,8 +221,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 measured = await real_step(real, carl, algo, args.group, args.questions, r)
                 search_s = statistics.fmean(real["search_s"]) if real["search_s"] else 0.0
                 policy = dataclasses.replace(POLICY, search_s=search_s)
-                predicted = run_step(policy, server, carl, algo=algo, group=args.group, replicas=1, workers=1,
-                                     questions=args.questions, seed=r)  # fmt: skip
+                # In a thread: the model runs its own (virtual-clock) event loop, and this one is running.
+                predicted = await asyncio.to_thread(
+                    run_step, policy, server, carl, algo=algo, group=args.group, replicas=1, workers=1,
+                    questions=args.questions, seed=r,
+                )  # fmt: skip
                 row = {"round": r, "algo": algo, "k": k, "measured_s": measured["rollout_s"],
                        "predicted_s": predicted["rollout_s"], "ratio": predicted["rollout_s"] / measured["rollout_s"],
                        "measured": measured, "predicted": {x: predicted[x] for x in measured},

@@ -85,3 +85,39 @@ def test_real_trees_are_the_models_trees(algo, k):
     assert sum(t for _, t in engine.calls) == measured["tokens_per_question"] * 3
     assert len(engine.calls) == round(measured["actions_per_question"] * 3)
     assert len(searches) == len(real["search_s"]) > 0
+
+
+class FakeLLM:
+    def shutdown(self):
+        pass
+
+
+class FakeVllmEngine(FakeEngine):
+    """`Engine`'s interface (block size, capacity, `llm.shutdown`) without vLLM."""
+
+    def __init__(self, model, threads, kv_bytes):
+        super().__init__()
+        self.block, self.max_num_seqs, self.kv_tokens, self.llm = 16, 256, 100_000, FakeLLM()
+
+
+def test_the_whole_command_with_a_planted_engine(monkeypatch, tmp_path):
+    """`main` end to end (curve, real steps, the model's prediction beside each, the summary) on a planted engine:
+    the model runs its own event loop inside the measurement's, and every setting gets a row per round."""
+    import transformers
+
+    async def timed(engine, prompts, tokens):
+        return planted_time(len(prompts), len(prompts[0]), tokens)
+
+    monkeypatch.setattr(cpu, "_timed", timed)
+    monkeypatch.setattr(cpu, "Engine", FakeVllmEngine)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name: FakeTokenizer())
+    out = tmp_path / "cpu.json"
+    argv = ["--model", "fake", "--questions", "2", "--group", "4", "--ks", "2", "--rounds", "2", "--batches", "1", "2",
+            "--out", str(out)]  # fmt: skip
+    result = cpu.main(argv)
+    assert [(r["round"], r["algo"], r["k"]) for r in result["rounds"]] == [
+        (r, a, k) for r in range(2) for a, k in [("grpo", 1), ("carl", 1), ("carl", 2)]
+    ]
+    assert set(result["summary"]) == {"grpo_k1", "carl_k1", "carl_k2"}
+    assert all(r["predicted_s"] > 0 and r["measured_s"] >= 0 for r in result["rounds"])
+    assert result["server"]["t0"] == pytest.approx(T0, rel=1e-6) and out.exists()
