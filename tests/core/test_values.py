@@ -222,3 +222,32 @@ def test_a_sample_the_policy_ended_without_an_action_is_an_outcome_merged_or_not
     value, tree = root_value(table, {(1, 3): 1.0, (2,): 0.0, (1,): 0.0}, n0=2, n_forks=1, merge=merge)
     assert tree.fork_points == [0]
     assert value == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_spread_counts_a_sample_without_outcome_nowhere_merged_or_not(merge):
+    # The tree of the first test above: root -a-> (c: R 1; d: tool_error), root -b-> R 0. `spread` at the root sees
+    # its valued samples only: a (V 1, weight 1: merged, its second sample is lost) and b (V 0): n_v = 2, V(root) =
+    # 0.5, sigma_hat = sqrt((1 * 0.25 + 1 * 0.25) / 2) = 0.5, over (R_max - R_min) / 2 = 0.5 gives 1; h~(root) = 1
+    # (every root action has h 0.5, s's 0.1): C_hat = (lambda * 1 + 2 * 1) / (lambda + 2) = 1. Counting the lost
+    # sample (n_v = 3, V(root) = 2/3) would give sigma~ = 0.943 and, at lambda = 0.5, C_hat = 0.951.
+    from carl_core.entropy import compute_state_entropy
+    from carl_core.forking import ForkPlanner, compute_outcome_criticality
+    from carl_core.tree import pack_trees
+    from carl_core.values import compute_node_values
+
+    a, b = (1, -0.5, False, None), (2, -0.5, True, "answer")
+    c, d = (3, -0.1, True, "answer"), (4, -0.1, True, "tool_error")
+    table = {0: [a, c], 1: [a, d], 2: [b]}
+    _, tree = root_value(table, {(1, 3): 1.0, (1, 4): 0.0, (2,): 0.0}, n0=3, n_forks=0, merge=merge)
+    arr = pack_trees([tree])
+    h_hat, _ = compute_state_entropy(arr.parent, arr.action_entropy, arr.count)
+    v = compute_node_values(arr.parent, arr.reward, arr.is_leaf, arr.depth, count=arr.weight,
+                            has_outcome=arr.has_outcome)  # fmt: skip
+    spread = compute_outcome_criticality(arr.parent, v, arr.weight, h_hat, ForkPlanner.forkable(tree), 0.5)
+    assert float(spread[0]) == pytest.approx(1.0)
+    if merge:  # what the planner would see if it weighed nodes by count (the lost sample counted)
+        v = compute_node_values(arr.parent, arr.reward, arr.is_leaf, arr.depth, count=arr.count,
+                                has_outcome=arr.has_outcome)  # fmt: skip
+        wrong = compute_outcome_criticality(arr.parent, v, arr.count, h_hat, ForkPlanner.forkable(tree), 0.5)
+        assert float(wrong[0]) == pytest.approx((0.5 + 3 * (2 / 9) ** 0.5 / 0.5) / 3.5)
