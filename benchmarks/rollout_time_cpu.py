@@ -15,7 +15,9 @@
    real BM25 search of SynthHop's corpus (tokenized, cut or repeated to the drawn length). The policy's draws decide
    answer or search, lengths and entropies (so the fork choices), exactly as in the model: the same trees, only the
    clock differs. Settings: GRPO, CARL at K = 1 (Alg. 1, the scripts' old `WAVE_SIZE=1`) and CARL at each K of
-   `--ks`, on the same questions, one after another, `--rounds` times with new questions each round.
+   `--ks`, on the same questions, one after another, `--rounds` times. Each round has new prompt text
+   but the same tree shapes (the policy's draws are keyed by the question's index, in the model as here), so the
+   interval over rounds covers the machine's timing noise, not the spread of tree shapes.
 3. **The prediction.** `benchmarks.rollout_time.run_step` with the fitted server, one replica, the measured mean
    search latency: its error against each measured rollout time, the mean ratio with a 95 % interval over rounds.
 
