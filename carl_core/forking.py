@@ -250,8 +250,8 @@ async def grow_tree(
                 needed = futures[: last + 1 - done]
                 if not woken or woken[0].done() or all(f.done() for f in needed):
                     await asyncio.gather(*needed)
-                else:  # wake at the first end, or when the boost comes
-                    await asyncio.wait([*needed, woken[0]], return_when=asyncio.FIRST_COMPLETED)
+                else:  # wake at the next end (of one still running: an ended one would wake at once), or the boost
+                    await asyncio.wait([*(f for f in needed if not f.done()), woken[0]], return_when="FIRST_COMPLETED")
                     continue
                 running = [tree.rollout_start[r] for r in range(last + 1, i)]
                 start = planner.choose(tree, set(range(last + 1)), running)

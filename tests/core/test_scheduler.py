@@ -194,3 +194,20 @@ def test_the_tail_raises_k_from_when_it_comes_and_never_beyond_its_own(set_after
         assert saw >= max(i - 5 + 1, 1) and saw + running == i
     assert any(i - saw >= 2 for i, (saw, _) in enumerate(seen, start=config.n0))  # the boost did widen some choices
     tree.validate()
+
+
+def test_waiting_for_the_tail_wakes_once_per_ended_rollout(monkeypatch):
+    # While the boost has not come, a fork waits for its rollouts or the boost, whichever first. Each wait must end
+    # because one more rollout ended (or the boost came): waiting again on a rollout that has already ended would
+    # return at once and spin the event loop (the simulated servers' virtual clock then never moves on).
+    config = CARLConfig(n0=2, n_forks=10, max_actions=5, forks_in_flight=2)
+    lag = lambda draw: 20 + (draw.rollout * 7 + draw.turn * 3) % 5  # noqa: E731  (20+ loop turns a step)
+    calls, wait = [0], asyncio.wait
+
+    async def counting(*args, **kwargs):
+        calls[0] += 1
+        return await wait(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "wait", counting)
+    grow_with_tail(config, ScriptedEnvironment(4, yields=lag), 6, None)
+    assert 0 < calls[0] <= config.n0 + config.n_forks
