@@ -44,7 +44,7 @@ fi
 FORKS_IN_FLIGHT=${FORKS_IN_FLIGHT:-2}
 # The tail: once at most TAIL_SHARE of an agent-loop worker's trees are still growing, they run up to
 # TAIL_FORKS_IN_FLIGHT forks at once (0 = off; refused with rollout.full_determinism=true).
-TAIL_FORKS_IN_FLIGHT=${TAIL_FORKS_IN_FLIGHT:-0}
+TAIL_FORKS_IN_FLIGHT=${TAIL_FORKS_IN_FLIGHT:-8}
 TAIL_SHARE=${TAIL_SHARE:-0.25}
 
 # ---- optimisation ----
