@@ -37,7 +37,7 @@ class BudgetTotals:
     """Sums over the steps so far (all counts: every sample of an action, and each trained action once)."""
 
     step: int = 0
-    """The last step counted."""
+    """The step the totals count up to (the last step added; a saved checkpoint's step)."""
     questions: int = 0
     actions_generated: int = 0
     actions_trained: int = 0

@@ -272,7 +272,10 @@ class CARLTrainer(PPOTrainerSync):
         root = self.config.trainer.default_local_dir
         write_run_record(record, os.path.join(root, f"global_step_{self.global_steps}"))
         write_run_record(record, root)
-        self.carl_totals.save(os.path.join(root, f"global_step_{self.global_steps}"))  # CARL: carl/total/* so far
+        # CARL: carl/total/* so far, counting up to this checkpoint's step (also when its steps counted nothing: a
+        # GRPO run without CARL rows logs no budget).
+        self.carl_totals.step = self.global_steps
+        self.carl_totals.save(os.path.join(root, f"global_step_{self.global_steps}"))
 
     def _load_checkpoint(self):
         super()._load_checkpoint()

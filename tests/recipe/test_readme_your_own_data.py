@@ -60,6 +60,8 @@ TINY_AGENT = {
     "response_length": 384,
     "chat_template_kwargs": {},
     "topk": 3,
+    "action_space": "search_r1",  # the script's default ACTION_SPACE (issue 30), recorded for evaluation
+    "page_chunk_chars": 4000,
 }
 CPU_OVERRIDES = [
     "+device=cpu",

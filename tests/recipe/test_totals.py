@@ -85,3 +85,18 @@ def test_the_trainer_saves_its_totals_and_a_resumed_trainer_goes_on_counting(tmp
     fresh.config, fresh.carl_totals = config, BudgetTotals()
     fresh._load_checkpoint()
     assert fresh.carl_totals == BudgetTotals()
+
+
+def test_a_checkpoint_of_steps_that_counted_nothing_resumes(tmp_path, monkeypatch):
+    """A run whose steps logged no budget (GRPO on verl's single-turn agent) saves zero totals at step 2; resuming
+    from that checkpoint must read them back, not refuse them as another step's (the CPU resume test did)."""
+    monkeypatch.setattr(PPOTrainerSync, "_save_checkpoint", lambda self: None)
+    monkeypatch.setattr(PPOTrainerSync, "_load_checkpoint", lambda self: setattr(self, "global_steps", 2))
+    config = compose_carl(f"trainer.default_local_dir={tmp_path}/exp")
+    first = object.__new__(CARLTrainer)
+    first.config, first.carl_totals, first.global_steps = config, BudgetTotals(), 2
+    first._save_checkpoint()
+    resumed = object.__new__(CARLTrainer)
+    resumed.config, resumed.carl_totals = config, BudgetTotals()
+    resumed._load_checkpoint()
+    assert resumed.carl_totals == BudgetTotals(step=2)
