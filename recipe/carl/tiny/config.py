@@ -10,6 +10,9 @@ REPO = Path(__file__).resolve().parents[3]
 """The checkout: the trainer runs from it, and a run's default folder is under its `runs/`."""
 SHIPPED_SFT = Path(__file__).resolve().parent / "checkpoints" / "sft_seed0"
 """The committed SFT start (model + tokenizer + `sft_manifest.json` with the command that rebuilt it)."""
+SHIPPED_PAGES_SMOKE_SFT = Path(__file__).resolve().parent / "checkpoints" / "pages_smoke_seed0"
+"""The committed start of the pages variant's smoke mode (`--tiny --action-space paper`: `PAGES_SMOKE_SFT_STEPS`
+steps on its demonstrations), so that CI runs its RL steps without training one (issue 30, item 5)."""
 ROLLOUT_DEVICES = {"carl_hf": "cpu", "vllm": "cpu_vllm"}
 """`DemoConfig.rollout` -> the device config option (`config/device/<name>.yaml`) that selects that engine: the
 recipe's transformers backend, or verl's own vLLM rollout on vLLM's CPU build (`scripts/install_cpu.sh --vllm`)."""
@@ -136,9 +139,9 @@ class DemoConfig:
 
     def with_pages(self, smoke: bool = False) -> DemoConfig:
         """This run with the paper's action space on SynthHop's pages: a hop is a search, an access and up to two
-        reads, so T_max 14 and room for ~10 observations of ~25 tokens; no shipped start (it was trained on the
-        default data). The smoke mode's SFT is `PAGES_SMOKE_SFT_STEPS` steps, a fixed number so that what the CI
-        checks does not depend on the machine's speed (docs/pages.md: its time and what that start does)."""
+        reads, so T_max 14 and room for ~10 observations of ~25 tokens. The smoke mode's SFT is
+        `PAGES_SMOKE_SFT_STEPS` steps, a fixed number, and its start is shipped (`SHIPPED_PAGES_SMOKE_SFT`); the full
+        run's start is trained on the user's machine (docs/pages.md: times and what each start does)."""
         return replace(
             self,
             action_space="paper",
@@ -148,6 +151,11 @@ class DemoConfig:
             sft_steps=PAGES_SMOKE_SFT_STEPS if smoke else self.sft_steps,
             sft_time_budget_s=None if smoke else self.sft_time_budget_s,
         )
+
+    def shipped_start(self) -> Path:
+        """The committed SFT start built for this run's action space (`warm_start` reuses it only if its key fits:
+        the default run's for `search_r1`, the pages smoke's for `paper`)."""
+        return SHIPPED_SFT if self.action_space == "search_r1" else SHIPPED_PAGES_SMOKE_SFT
 
     def validations(self) -> list[int]:
         """The steps after which the trainer validates (0: before training)."""

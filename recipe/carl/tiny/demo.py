@@ -30,7 +30,7 @@ from pathlib import Path
 from recipe.carl.io import write_json, write_text
 from recipe.carl.search.pages import PageStore
 from recipe.carl.tiny import cli, launch, report
-from recipe.carl.tiny.config import REPO, ROLLOUT_DEVICES, SHIPPED_SFT, DemoConfig
+from recipe.carl.tiny.config import REPO, ROLLOUT_DEVICES, DemoConfig
 
 
 def trainer_overrides(cfg: DemoConfig, run_dir: Path, data_dir: Path, model_dir: Path, tool_yaml: Path) -> list[str]:
@@ -79,9 +79,10 @@ def trainer_overrides(cfg: DemoConfig, run_dir: Path, data_dir: Path, model_dir:
 
 
 def run_demo(
-    cfg: DemoConfig, run_dir: Path, *, shipped_sft: Path | None = SHIPPED_SFT, port: int = 0, sft_only: bool = False
+    cfg: DemoConfig, run_dir: Path, *, shipped_sft: Path | None = None, port: int = 0, sft_only: bool = False
 ) -> dict:
-    """One run into an empty `run_dir`: data, retriever, SFT start (`shipped_sft` when its key fits), RL, summary.
+    """One run into an empty `run_dir`: data, retriever, SFT start (`shipped_sft` when its key fits, e.g.
+    `cfg.shipped_start()`; None: trained here), RL, summary.
 
     Returns:
         The summary (also written to `run_dir/summary.json`), or `{"sft", "policy_sft"}` with `sft_only`.
@@ -111,8 +112,7 @@ def run_demo(
         print("[2/5] BM25 retriever and SFT start", flush=True)
         store = PageStore(retriever.corpus) if pages is not None else None
         url = stack.enter_context(launch.retriever_server(retriever, port, pages=store))
-        shipped = shipped_sft if pages is None else None  # the shipped start was trained on the default data
-        model_dir, sft = warm_start(run_dir, data_dir, search, cfg, shipped)
+        model_dir, sft = warm_start(run_dir, data_dir, search, cfg, shipped_sft)
         lap("data and SFT start")
         if sft_only:
             print(f"SFT start written to {model_dir}: {sft}")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     write_text(run_dir / "command.txt", cli.rerun_command(args, argv))
-    shipped = None if args.no_shipped_sft else SHIPPED_SFT
+    shipped = None if args.no_shipped_sft else cfg.shipped_start()
     try:
         summary = run_demo(cfg, run_dir, shipped_sft=shipped, port=args.port, sft_only=args.sft_only)
     except KeyboardInterrupt:

@@ -1,10 +1,10 @@
 """The paper's action space end to end on a CPU: `python -m recipe.carl.tiny.demo --tiny --action-space paper` makes
-SynthHop's pages variant, trains a short SFT start on its demonstrations (search, access, read, answer), serves pages
-over `POST /access`, and runs 2 CARL steps through verl's real trainer with `algorithm.carl.action_space=paper`.
+SynthHop's pages variant, reuses the shipped start of 300 SFT steps on its demonstrations (search, access, read,
+answer; `recipe/carl/tiny/checkpoints/pages_smoke_seed0`, rebuilt by the command in its manifest), serves pages over
+`POST /access`, and runs 2 CARL steps through verl's real trainer with `algorithm.carl.action_space=paper`.
 
-Slow: 648 s on the 2-core development machine under other jobs' load (547 s of them the 300 SFT steps; on idle cores
-the SFT should take ~1.5 min, an estimate: docs/measurements.md). What the trees' page parts do in training (never
-trained, -1 in `carl_token_nodes`) is checked through verl's own row post-processing in
+Slow: about 2 min (trainer start-up, 2 validations, 2 RL steps; docs/measurements.md). What the trees' page parts do in
+training (never trained, -1 in `carl_token_nodes`) is checked through verl's own row post-processing in
 `tests/recipe/test_paper_agent_loop.py`.
 """
 
@@ -20,7 +20,7 @@ import pytest
 
 from recipe.carl.io import read_jsonl
 from recipe.carl.tiny import cli
-from recipe.carl.tiny.config import PAGES_SMOKE_SFT_STEPS, DemoConfig
+from recipe.carl.tiny.config import PAGES_SMOKE_SFT_STEPS, SHIPPED_PAGES_SMOKE_SFT, DemoConfig
 from recipe.carl.tiny.demo import trainer_overrides
 from tests.core.support import check_tree_record
 
@@ -45,6 +45,8 @@ def test_access_and_read_actions_grow_in_carls_trees_through_verls_trainer(pages
     assert manifest["config"]["pages"] == {"snippet_words": 5, "chunk_chars": 64}
     sft = json.loads((run_dir / "policy_sft" / "sft_manifest.json").read_text())
     assert sft["result"]["steps"] == PAGES_SMOKE_SFT_STEPS and sft["key"]["action_space"] == "paper"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sft"]["shipped"] == str(SHIPPED_PAGES_SMOKE_SFT), summary["sft"]  # CI trains no start
     dumps = sorted((run_dir / "ckpt" / "carl_trees").glob("step_*.jsonl"))
     assert len(dumps) == 2
     kinds: Counter = Counter()

@@ -12,7 +12,8 @@ import pytest
 
 import recipe.carl.tiny.warm_start as start
 from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
-from recipe.carl.tiny.config import SHIPPED_SFT, DemoConfig
+from recipe.carl.synthhop.pages import session
+from recipe.carl.tiny.config import SHIPPED_PAGES_SMOKE_SFT, SHIPPED_SFT, DemoConfig
 from recipe.carl.tiny.sft import SFTResult
 from recipe.carl.tiny.trajectory import agent_loop_example, corpus_search
 
@@ -31,6 +32,25 @@ def test_the_shipped_sft_start_matches_the_default_data(tmp_path):
     # rebuild it with the command in its manifest instead.
     manifest = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())
     assert manifest["key"] == _sft_key_of(DemoConfig(), tmp_path), f"rebuild with: {manifest['command']}"
+
+
+def test_the_shipped_pages_smoke_start_matches_the_pages_smoke_data(tmp_path):
+    # The same for `--tiny --action-space paper` (CI's pages run, issue 30 item 5): its data, laid out through the
+    # paper's observations as `warm_start` lays them out, must hash to the shipped pages start's key, or CI would
+    # train the start again (CARL_SFT_MUST_MATCH=1 refuses instead).
+    cfg = DemoConfig.tiny().with_pages(smoke=True)
+    assert cfg.shipped_start() == SHIPPED_PAGES_SMOKE_SFT and DemoConfig().shipped_start() == SHIPPED_SFT
+    pages = start.pages_config(cfg)
+    sizes = {"seed": cfg.seed, "n_entities": cfg.n_entities, "n_train": cfg.n_train, "n_test": cfg.n_test}
+    write(build(SynthHopConfig(**sizes, pages=pages, max_turns=cfg.max_actions)), tmp_path / "data")
+    demos = [json.loads(line) for line in (tmp_path / "data" / "demos.jsonl").read_text().splitlines()]
+    tokenizer = start.build_tokenizer_for(tmp_path / "data", demos, pages)
+    _, search = corpus_search(tmp_path / "data" / "corpus.jsonl", cfg.topk)
+    contents = {doc["id"]: doc["contents"] for doc in start.read_corpus(tmp_path / "data")}
+    examples = [agent_loop_example(tokenizer, d["messages"], search, session(search, contents, pages)) for d in demos]
+    manifest = json.loads((SHIPPED_PAGES_SMOKE_SFT / "sft_manifest.json").read_text())
+    assert manifest["key"] == start.sft_key(cfg, tokenizer, examples), f"rebuild with: {manifest['command']}"
+    assert manifest["key"]["action_space"] == "paper" and manifest["result"]["steps"] == cfg.sft_steps
 
 
 #: numpy dispatches sorting and partitioning to SIMD kernels by CPU features; disabling some imitates another machine
