@@ -19,12 +19,22 @@ from recipe.carl.tiny.trajectory import agent_loop_example, corpus_search
 
 
 def _sft_key_of(cfg, run_dir):
-    data = build(SynthHopConfig(seed=cfg.seed, n_entities=cfg.n_entities, n_train=cfg.n_train, n_test=cfg.n_test))
-    write(data, run_dir / "data")
+    """The key of `cfg`'s SFT data, laid out as the demo writes it and `warm_start` lays it out (under the paper's
+    action space: SynthHop's pages variant, a fresh page session per demonstration)."""
+    pages = start.pages_config(cfg)
+    sizes = {"seed": cfg.seed, "n_entities": cfg.n_entities, "n_train": cfg.n_train, "n_test": cfg.n_test}
+    write(build(SynthHopConfig(**sizes, **({"pages": pages, "max_turns": cfg.max_actions} if pages else {}))),
+          run_dir / "data")  # fmt: skip
     demos = [json.loads(line) for line in (run_dir / "data" / "demos.jsonl").read_text().splitlines()]
-    tokenizer = start.build_tokenizer_for(run_dir / "data", demos)
+    tokenizer = start.build_tokenizer_for(run_dir / "data", demos, pages)
     _, search = corpus_search(run_dir / "data" / "corpus.jsonl", cfg.topk)
-    return start.sft_key(cfg, tokenizer, [agent_loop_example(tokenizer, d["messages"], search) for d in demos])
+    contents = {doc["id"]: doc["contents"] for doc in start.read_corpus(run_dir / "data")}
+
+    def layout(messages):
+        return agent_loop_example(tokenizer, messages, search, session(search, contents, pages) if pages else None)
+
+    examples = [layout(d["messages"]) for d in demos]
+    return start.sft_key(cfg, tokenizer, examples)
 
 
 def test_the_shipped_sft_start_matches_the_default_data(tmp_path):
@@ -40,16 +50,8 @@ def test_the_shipped_pages_smoke_start_matches_the_pages_smoke_data(tmp_path):
     # train the start again (CARL_SFT_MUST_MATCH=1 refuses instead).
     cfg = DemoConfig.tiny().with_pages(smoke=True)
     assert cfg.shipped_start() == SHIPPED_PAGES_SMOKE_SFT and DemoConfig().shipped_start() == SHIPPED_SFT
-    pages = start.pages_config(cfg)
-    sizes = {"seed": cfg.seed, "n_entities": cfg.n_entities, "n_train": cfg.n_train, "n_test": cfg.n_test}
-    write(build(SynthHopConfig(**sizes, pages=pages, max_turns=cfg.max_actions)), tmp_path / "data")
-    demos = [json.loads(line) for line in (tmp_path / "data" / "demos.jsonl").read_text().splitlines()]
-    tokenizer = start.build_tokenizer_for(tmp_path / "data", demos, pages)
-    _, search = corpus_search(tmp_path / "data" / "corpus.jsonl", cfg.topk)
-    contents = {doc["id"]: doc["contents"] for doc in start.read_corpus(tmp_path / "data")}
-    examples = [agent_loop_example(tokenizer, d["messages"], search, session(search, contents, pages)) for d in demos]
     manifest = json.loads((SHIPPED_PAGES_SMOKE_SFT / "sft_manifest.json").read_text())
-    assert manifest["key"] == start.sft_key(cfg, tokenizer, examples), f"rebuild with: {manifest['command']}"
+    assert manifest["key"] == _sft_key_of(cfg, tmp_path), f"rebuild with: {manifest['command']}"
     assert manifest["key"]["action_space"] == "paper" and manifest["result"]["steps"] == cfg.sft_steps
 
 
@@ -64,17 +66,20 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from tests.recipe.tiny.test_tiny_warm_start import _sft_key_of
 from recipe.carl.tiny.config import DemoConfig
-print(json.dumps(_sft_key_of(DemoConfig(), Path({out!r}))))
+print(json.dumps(_sft_key_of({config}, Path({out!r}))))
 """
+#: each shipped start -> the `DemoConfig` expression whose data it was trained on
+STARTS = {SHIPPED_SFT: "DemoConfig()", SHIPPED_PAGES_SMOKE_SFT: "DemoConfig.tiny().with_pages(smoke=True)"}
 
 
+@pytest.mark.parametrize("shipped", list(STARTS), ids=lambda path: path.name)
 @pytest.mark.parametrize("level", list(CPU_LEVELS))
-def test_the_demo_key_matches_the_shipped_start_on_other_cpu_feature_levels(tmp_path, level):
+def test_the_demo_key_matches_the_shipped_start_on_other_cpu_feature_levels(tmp_path, level, shipped):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip(f"the feature names are x86's; this is {platform.machine()}")
-    manifest = json.loads((SHIPPED_SFT / "sft_manifest.json").read_text())
+    manifest = json.loads((shipped / "sft_manifest.json").read_text())
     env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": CPU_LEVELS[level]}
-    script = KEY_SCRIPT.format(repo=str(Path(__file__).resolve().parents[3]), out=str(tmp_path))
+    script = KEY_SCRIPT.format(repo=str(Path(__file__).resolve().parents[3]), out=str(tmp_path), config=STARTS[shipped])
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == manifest["key"], f"{level}: {out.stderr[-500:]}"
 
