@@ -3,6 +3,7 @@ pool for CARL and for GRPO, and arms compared at equal generated-action budgets.
 
     python -m benchmarks.carl_vs_grpo_2 --out runs/carl_vs_grpo_2             # every arm x seed; run again to resume
     python -m benchmarks.carl_vs_grpo_2 --out runs/carl_vs_grpo_2 --report    # statistics, figure, table
+    python -m benchmarks.carl_vs_grpo_2 --out runs/carl_vs_grpo_2 --export-scores scores.json  # per-question scores
     python -m benchmarks.carl_vs_grpo_2 --out /tmp/smoke --smoke              # CI: 2 arms, a few steps
 
 What differs from the first protocol (`benchmarks.carl_vs_grpo`, whose runner this one reuses): the held-out set is
@@ -34,6 +35,7 @@ from typing import Any
 
 from benchmarks import carl_vs_grpo as first
 from benchmarks.carl_vs_grpo_2_report import build_report
+from benchmarks.carl_vs_grpo_report import export_scores
 from recipe.carl.io import write_json
 from recipe.carl.synthhop.make_data import SynthHopConfig, build, write
 from recipe.carl.tiny import launch
@@ -235,10 +237,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--report", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--lock", help="a file to flock around each heavy unit")
+    p.add_argument("--export-scores", type=Path, metavar="JSON", help="write every scored policy's per-question "
+                   "held-out scores in --out to this file (compact, as the first protocol's) and stop")  # fmt: skip
     args = p.parse_args(argv)
     protocol = SMOKE2 if args.smoke else PROTOCOL2
     arms = list(dict.fromkeys(["grpo", *(args.arms or (SMOKE_ARMS2 if args.smoke else ARMS2))]))
     out = args.out.resolve()
+    if args.export_scores:
+        return export_scores(out, args.export_scores)
     if args.report:
         return build_report(out)
     saved = out / "protocol.json"

@@ -81,3 +81,11 @@ def test_smoke_mode_end_to_end(tmp_path):
     assert points["budget"] > 0 and points["scored"] and (tmp_path / "accuracy_vs_generated.png").exists()
     kept = sorted(p.name for p in (tmp_path / "runs" / "carl_pool" / "seed0" / "ckpt").glob("global_step_*"))
     assert kept == sorted(f"global_step_{s}" for s in points["scored"])  # the unscored policies are deleted
+    scores = runner.main(["--out", str(tmp_path), "--export-scores", str(tmp_path / "scores.json")])
+    assert scores == json.loads((tmp_path / "scores.json").read_text())
+    assert sorted(scores["runs"]["carl_pool"]["0"]) == sorted(str(s) for s in points["scored"])
+    last = json.loads((tmp_path / "runs" / "carl_pool" / "seed0" / "eval" / f"step_{points['scored'][-1]:03d}.json")
+                      .read_text())  # fmt: skip
+    compact = scores["runs"]["carl_pool"]["0"][str(points["scored"][-1])]
+    assert [k / scores["eval_samples"] for k in compact["sampled"]] == last["sampled"]
+    assert compact["greedy"] == last["greedy"] and scores["questions"] == last["questions"]
