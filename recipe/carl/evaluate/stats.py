@@ -21,8 +21,8 @@ each data set's size), still after the seeds, and weigh each question 1 / (data 
 Mean statistics (`mean_interval`, `paired_difference`, and their macro forms) take a fast path: a replicate's mean
 over the drawn seeds and questions is `c_s @ x @ c_q / (n_seeds * n_questions)` (macro: `c_s @ (x * w) @ c_q /
 n_seeds`), with `c_s`, `c_q` the draw counts, so no replicate array is built and no Python function is called per
-replicate (10,000 replicates of a 4 x 479 array: ~0.1 s on one core, most
-of it drawing the indices; the generic path takes ~3x that). It gives the numbers of the generic path (`bootstrap`
+replicate (10,000 replicates of a 4 x 479 array: ~0.1 s on one core, most of it drawing the indices; the generic
+path takes 1.5-3x that: `python -m benchmarks.bench_stats`). It gives the numbers of the generic path (`bootstrap`
 with `np.mean`) on the same draws.
 """
 
