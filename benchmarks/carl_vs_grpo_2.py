@@ -190,10 +190,27 @@ def score_points(arm: str, seed: int, out: Path, shared: Path, rows: list[dict[s
             shutil.rmtree(ckpt)
 
 
+def record_protocol(out: Path, protocol: Protocol2, arms: list[str]) -> dict[str, Any]:
+    """`out/protocol.json`: the protocol and every arm ever run in `out` (the report reads its arms), this call's
+    added to the earlier ones. Refuses a folder started with another protocol, or with other settings for an arm."""
+    saved = out / "protocol.json"
+    before = json.loads(saved.read_text()) if saved.exists() else None
+    if before and before["protocol"] != json.loads(json.dumps(dataclasses.asdict(protocol))):
+        raise SystemExit(f"error: {out} was started with another protocol ({saved}); use another --out.")
+    known = before["arms"] if before else {}
+    for arm, fields in known.items():
+        if arm not in ARMS2 or json.loads(json.dumps(ARMS2[arm])) != fields:
+            raise SystemExit(f"error: {saved} ran arm {arm} with {fields}, not ARMS2's {ARMS2.get(arm)}; "
+                             "use another --out.")  # fmt: skip
+    record = {"protocol": dataclasses.asdict(protocol), "arms": {a: ARMS2[a] for a in ARMS2 if a in known or a in arms}}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(saved, record)
+    return record
+
+
 def run(out: Path, protocol: Protocol2, arms: list[str], lock: str | None, seeds: list[int] | None = None) -> None:
     """Every unit not finished yet: set-up, the start's score, per seed GRPO first (its budget), then the other arms."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "protocol.json", {"protocol": dataclasses.asdict(protocol), "arms": {a: ARMS2[a] for a in arms}})
+    record_protocol(out, protocol, arms)
     with first.heavy_lock(lock):
         shared = first.prepare(out, _FirstShape(protocol))
     rows = heldout_rows(shared, protocol)
@@ -247,11 +264,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return export_scores(out, args.export_scores)
     if args.report:
         return build_report(out)
-    saved = out / "protocol.json"
-    if saved.exists() and json.loads(saved.read_text())["protocol"] != json.loads(
-        json.dumps(dataclasses.asdict(protocol))
-    ):
-        raise SystemExit(f"error: {out} was started with another protocol ({saved}); use another --out.")
     bad = sorted(set(args.seeds or ()) - set(range(protocol.seeds)))
     if bad:
         raise SystemExit(f"error: --seeds {bad}: the protocol has seeds 0..{protocol.seeds - 1}.")

@@ -89,3 +89,18 @@ def test_smoke_mode_end_to_end(tmp_path):
     compact = scores["runs"]["carl_pool"]["0"][str(points["scored"][-1])]
     assert [k / scores["eval_samples"] for k in compact["sampled"]] == last["sampled"]
     assert compact["greedy"] == last["greedy"] and scores["questions"] == last["questions"]
+
+
+def test_the_protocol_record_keeps_every_arm_run_in_the_folder(tmp_path):
+    # A resume with `--arms grpo carl_k2` must not drop the other arms from protocol.json: the report reads its arms.
+    runner.record_protocol(tmp_path, runner.PROTOCOL2, ["grpo", "carl_pool"])
+    record = runner.record_protocol(tmp_path, runner.PROTOCOL2, ["grpo", "carl_k2"])
+    assert list(record["arms"]) == ["grpo", "carl_k2", "carl_pool"]  # ARMS2's order
+    assert json.loads((tmp_path / "protocol.json").read_text())["arms"]["carl_pool"] == runner.ARMS2["carl_pool"]
+    with pytest.raises(SystemExit, match="started with another protocol"):
+        runner.record_protocol(tmp_path, runner.SMOKE2, ["grpo"])
+    saved = json.loads((tmp_path / "protocol.json").read_text())
+    saved["arms"]["carl_pool"]["pool_floor"] = 2
+    (tmp_path / "protocol.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="ran arm carl_pool with .*'pool_floor': 2.*use another --out"):
+        runner.record_protocol(tmp_path, runner.PROTOCOL2, ["grpo"])
