@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.carl_vs_grpo_report import N_BOOT, fork_profile, interval, run_budget
+from benchmarks.carl_vs_grpo_report import (
+    N_BOOT,
+    complement,
+    fork_profile,
+    interval,
+    nonzero_generated_share,
+    run_budget,
+)
 from recipe.carl.evaluate.stats import bootstrap, mean_interval, paired_difference
 from recipe.carl.io import write_json
 from recipe.carl.tiny.report import read_metrics
@@ -53,31 +60,34 @@ def load(out: Path) -> dict[str, Any]:
             scores = {s: json.loads((run_dir / "eval" / f"step_{s:03d}.json").read_text()) for s in points["scored"]}
             if any(v["questions"] != start["questions"] for v in scores.values()):
                 raise ValueError(f"{run_dir}: a policy was scored on other questions than the start.")
-            steps = len(points["cumulative"])
+            # Signal is counted over the steps that trained the policy compared at B (a run goes on past B).
+            full = _step({"points": points}, "1.000")
+            metrics = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("step", 0) <= full]
             runs[arm][seed] = {
                 "points": points,
                 "sampled": {s: np.array(v["sampled"]) for s, v in scores.items()},
                 "greedy": {s: np.array(v["greedy"]) for s, v in scores.items()},
                 "done": json.loads((run_dir / "done.json").read_text()),
-                "forks": fork_profile(run_dir / "ckpt" / "carl_trees"),
-                "metrics": read_metrics(run_dir / "metrics.jsonl"),
-                **run_budget(read_metrics(run_dir / "metrics.jsonl"), list(range(1, steps + 1))),
+                "forks": fork_profile(run_dir / "ckpt" / "carl_trees", upto=full),
+                "metrics": metrics,
+                **run_budget(metrics, list(range(1, full + 1))),
             }
     return {"protocol": protocol, "arms": list(saved["arms"]), "start": start, "runs": runs}
 
 
 def at(run: dict[str, Any], where: str, key: str = "sampled") -> np.ndarray:
     """Per-question scores of a run at a budget point ("0.333", "0.667", "1.000") or an equal step ("step30")."""
-    step = int(where[4:]) if where.startswith("step") else run["points"]["points"][where]
-    if step is None:  # the run never reached this share of the budget: its last step (reported as short)
-        step = len(run["points"]["cumulative"])
-    return run[key][step]
+    return run[key][_step(run, where)]
 
 
 def generated_at(run: dict[str, Any], where: str) -> float:
+    return run["points"]["cumulative"][_step(run, where) - 1]
+
+
+def _step(run: dict[str, Any], where: str) -> int:
+    """The step scored at a budget point or equal step (a run short of a budget point: its last step)."""
     step = int(where[4:]) if where.startswith("step") else run["points"]["points"][where]
-    cumulative = run["points"]["cumulative"]
-    return cumulative[(step or len(cumulative)) - 1]
+    return step or len(run["points"]["cumulative"])
 
 
 def stack(data: dict[str, Any], arm: str, seeds: list[int], where: str, key: str = "sampled") -> np.ndarray:
@@ -102,40 +112,48 @@ def per_arm(data: dict[str, Any], arm: str) -> dict[str, Any]:
             else float(where[4:]),
         }
     out["short_seeds"] = [s for s in seeds if runs[s]["points"]["short"]]
+    out["steps_by_seed"] = {str(s): {w: _step(runs[s], w) for w in points_of(data["protocol"])} for s in seeds}
     out["signal"] = signal(runs, seeds)
     return out
 
 
 def signal(runs: dict[int, dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
-    """Item 6: shares without signal, actions with A != 0, forks (or trajectories) per tree, time per step."""
+    """Item 6, over each run's steps up to GRPO's budget B: trees (GRPO: groups) without signal, trained and generated
+    actions with A != 0, actions per question, the pool's forks per tree, time per step. Each a per-seed value, then
+    the mean over seeds with its 95 % bootstrap interval (as the first protocol's `per_arm`)."""
 
-    def mean_over(key: str, weight: str | None = None) -> float:
+    def over_seeds(values: list[float]) -> dict[str, float]:
+        if not values or any(math.isnan(v) for v in values):
+            return {"estimate": math.nan, "low": math.nan, "high": math.nan}
+        return interval(mean_interval(np.array(values, dtype=float)[:, None], n_boot=N_BOOT))
+
+    def per_step(key: str, weight: str | None = None) -> dict[str, float]:
         values = []
         for s in seeds:
             v = np.array(runs[s]["per_step"][key], dtype=float)
             w = np.ones_like(v) if weight is None else np.array(runs[s]["per_step"][weight], dtype=float)
             ok = ~np.isnan(v)
             values.append(float((v[ok] * w[ok]).sum() / w[ok].sum()) if ok.any() else math.nan)
-        return float(np.mean(values))
+        return over_seeds(values)
 
-    def metric(name: str) -> float:
-        values = [r[name] for s in seeds for r in runs[s]["metrics"] if name in r]
-        return float(np.mean(values)) if values else math.nan
+    def metric(name: str) -> dict[str, float]:
+        per_seed = [[r[name] for r in runs[s]["metrics"] if name in r] for s in seeds]
+        return over_seeds([float(np.mean(v)) if v else math.nan for v in per_seed])
 
-    zero = mean_over("zero_advantage", "actions_trained")
-    gen = sum(sum(runs[s]["per_step"]["actions_generated"]) for s in seeds)
-    trained = sum(sum(runs[s]["per_step"]["actions_trained"]) for s in seeds)
+    def per_question(key: str) -> dict[str, float]:
+        return over_seeds([sum(runs[s]["per_step"][key]) / sum(runs[s]["per_step"]["questions"]) for s in seeds])
+
+    forks = [runs[s]["forks"] for s in seeds]
     return {
-        "no_signal_share": mean_over("no_signal_trees", "questions"),
-        "trained_nonzero_share": 1 - zero if not math.isnan(zero) else math.nan,
-        "generated_nonzero_share": (1 - zero) * trained / gen if gen and not math.isnan(zero) else math.nan,
-        "generated_per_question": gen / sum(sum(runs[s]["per_step"]["questions"]) for s in seeds),
-        "trained_per_question": trained / sum(sum(runs[s]["per_step"]["questions"]) for s in seeds),
+        "no_signal_share": per_step("no_signal_trees", "questions"),  # one tree (GRPO: group) per question
+        "trained_nonzero_share": complement(per_step("zero_advantage", "actions_trained")),
+        "generated_nonzero_share": nonzero_generated_share(runs, seeds),
+        "generated_per_question": per_question("actions_generated"),
+        "trained_per_question": per_question("actions_trained"),
         "pool_per_tree": {k: metric(f"carl/pool_per_tree_{k}") for k in ("min", "median", "max")},
         "pool_at_floor_fraction": metric("carl/pool_at_floor_fraction"),
-        "forks": {k: float(np.mean([runs[s]["forks"][k] for s in seeds])) for k in runs[seeds[0]]["forks"]}
-        if runs[seeds[0]]["forks"] else None,
-        "wall_s_per_step": mean_over("wall_s"),
+        "forks": {k: float(np.mean([f[k] for f in forks])) for k in forks[0]} if all(forks) else None,
+        "wall_s_per_step": per_step("wall_s"),
     }  # fmt: skip
 
 
@@ -233,15 +251,17 @@ def table(result: dict[str, Any], last: str = "step30") -> str:
             continue
         full, step30, sig = r["points"]["1.000"]["sampled"], r["points"].get(last, {}).get("sampled"), r["signal"]
         cells = (LABELS.get(arm, arm), str(len(r["seeds"])), _pct(full), _pct(step30),
-                 f"{sig['generated_per_question']:.1f} / {sig['trained_per_question']:.1f}",
-                 f"{100 * sig['no_signal_share']:.1f}", f"{100 * sig['trained_nonzero_share']:.1f}",
-                 f"{100 * sig['generated_nonzero_share']:.1f}", f"{sig['wall_s_per_step']:.1f}")  # fmt: skip
+                 f"{sig['generated_per_question']['estimate']:.1f} / {sig['trained_per_question']['estimate']:.1f}",
+                 _pct(sig["no_signal_share"]), _pct(sig["trained_nonzero_share"]),
+                 _pct(sig["generated_nonzero_share"]), f"{sig['wall_s_per_step']['estimate']:.1f}")  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _pct(i: dict[str, float] | None) -> str:
-    return "" if not i else f"{100 * i['estimate']:.1f} [{100 * i['low']:.1f}, {100 * i['high']:.1f}]"
+    if not i or math.isnan(i["estimate"]):
+        return "—"
+    return f"{100 * i['estimate']:.1f} [{100 * i['low']:.1f}, {100 * i['high']:.1f}]"
 
 
 def build_report(out: Path) -> dict[str, Any]:

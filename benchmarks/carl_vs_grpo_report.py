@@ -71,13 +71,15 @@ def run_budget(metrics: list[dict[str, Any]], steps: list[int]) -> dict[str, Any
     return {"per_step": per_step, "cumulative": cumulative}
 
 
-def fork_profile(dump_dir: Path) -> dict[str, float] | None:
+def fork_profile(dump_dir: Path, upto: int | None = None) -> dict[str, float] | None:
     """Where a run's forks went, from its tree dumps (`ckpt/carl_trees/*.jsonl`, one record per tree): forks per tree,
     their mean depth, the share at the root, and the share at states whose children's final values differ (forks
     that could produce an advantage there); and the share of generated actions (samples: a merged node counts as
-    often as it was sampled) trained with A != 0. None without dumps (GRPO)."""
+    often as it was sampled) trained with A != 0. Steps 1 to `upto` (all without it); None without dumps (GRPO)."""
     forks = depth = at_root = at_spread = trees = samples = samples_with_signal = 0
     for path in sorted(dump_dir.glob("step_*.jsonl")):
+        if upto is not None and int(path.stem.removeprefix("step_")) > upto:
+            continue
         for line in path.read_text().splitlines():
             nodes = json.loads(line)["nodes"]
             trees += 1

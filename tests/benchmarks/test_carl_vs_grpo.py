@@ -208,6 +208,8 @@ def test_fork_profile_by_hand(tmp_path):
         {**wanted, "fork_share_where_children_differ": 2 / 3, "generated_share_with_signal": 3 / 5}
     )
     assert report.fork_profile(tmp_path / "none") is None
+    (tmp_path / "step_000002.jsonl").write_text(json.dumps({"nodes": nodes[:3]}) + "\n")  # step 2: the root's forks
+    assert report.fork_profile(tmp_path)["trees"] == 2 and report.fork_profile(tmp_path, upto=1) == profile
 
 
 def test_reproduction_against_the_original_by_hand(tmp_path, capsys):

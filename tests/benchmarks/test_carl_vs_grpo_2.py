@@ -79,6 +79,8 @@ def test_smoke_mode_end_to_end(tmp_path):
     assert set(result["arms"]) == {"grpo", "carl_pool"} and result["arms"]["carl_pool"]["points"]["1.000"]
     points = json.loads((tmp_path / "runs" / "carl_pool" / "seed0" / "points.json").read_text())
     assert points["budget"] > 0 and points["scored"] and (tmp_path / "accuracy_vs_generated.png").exists()
+    full = points["points"]["1.000"] or len(points["cumulative"])  # short of B: its last step
+    assert result["arms"]["carl_pool"]["steps_by_seed"]["0"]["1.000"] == full and full in points["scored"]
     kept = sorted(p.name for p in (tmp_path / "runs" / "carl_pool" / "seed0" / "ckpt").glob("global_step_*"))
     assert kept == sorted(f"global_step_{s}" for s in points["scored"])  # the unscored policies are deleted
     scores = runner.main(["--out", str(tmp_path), "--export-scores", str(tmp_path / "scores.json")])
