@@ -87,7 +87,7 @@ SMOKE2 = Protocol2(  # n_forks 3: the CARL pool's floor (3) must fit a tree's bu
     seeds=1, demo={**first.SMOKE.demo, "n_forks": 3}, grpo_steps=2, max_steps=4, equal_steps=(1, 2), eval_samples=2,
     heldout_draw=120, heldout_keep=20, exclude_first_protocol_tests=40,
 )  # fmt: skip
-SMOKE_ARMS2 = ("grpo", "carl_pool")
+SMOKE_ARMS2 = ("grpo", "carl_pool", "grpo_pool")
 
 
 def demo_config(protocol: Protocol2, arm: str, seed: int) -> DemoConfig:

@@ -154,8 +154,16 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
                 f"{config.actor_rollout_ref.rollout.n}): the pool grows each question's group itself "
                 f"(fork_pool.group={settings.fork_pool.group} trajectories per question on average)."
             )
-    if config.algorithm.adv_estimator != ESTIMATOR:
+        if grpo and config.algorithm.adv_estimator != "grpo":
+            raise CARLConfigError(
+                f"algorithm.carl.fork_pool needs algorithm.adv_estimator=grpo or carl (got "
+                f"{config.algorithm.adv_estimator}): the CARL trainer computes the pooled groups' advantages itself, "
+                "for GRPO only."
+            )
+    pooled_grpo = settings.fork_pool is not None and config.algorithm.adv_estimator == "grpo"
+    if config.algorithm.adv_estimator != ESTIMATOR and not pooled_grpo:
         return settings
+    what = "algorithm.adv_estimator=carl" if not pooled_grpo else "algorithm.carl.fork_pool under GRPO"
     problems = []
     if config.trainer.v1.trainer_mode != TRAINER_MODE:
         problems.append(
@@ -164,13 +172,16 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
         )
     if not config.trainer.get("use_v1", True):
         problems.append("trainer.use_v1=true: the legacy trainer needs exactly one output per sample, a tree has many")
-    if config.actor_rollout_ref.rollout.n != 1:
+    if config.actor_rollout_ref.rollout.n != 1 and not pooled_grpo:  # pooled GRPO: refused above
         problems.append(
             f"actor_rollout_ref.rollout.n=1 (got {config.actor_rollout_ref.rollout.n}): one tree per prompt already "
             "holds N0 + N rollouts (set algorithm.carl.n0 / n_forks instead)"
         )
     if config.algorithm.get("use_kl_in_reward", False):
-        problems.append("algorithm.use_kl_in_reward=false: CARL's advantages are V(v) - V(u), not per-token rewards")
+        problems.append(
+            "algorithm.use_kl_in_reward=false: CARL's advantages (and the pooled groups') come from outcome rewards, "
+            "not per-token rewards"
+        )
     correction = config.algorithm.get("rollout_correction", None) or {}
     active = correction.get("rollout_is") is not None or correction.get("rollout_rs") is not None
     if active and not correction.get("bypass_mode", False):
@@ -178,7 +189,8 @@ def check_trainer_config(config: DictConfig) -> RecipeSettings:
             "algorithm.rollout_correction.rollout_is=null and rollout_rs=null (or bypass_mode=true): the CARL "
             "trainer does not recompute importance weights in the advantage step"
         )
-    problems += check_packing_config(config, settings.packing)
+    if not pooled_grpo:
+        problems += check_packing_config(config, settings.packing)
     if problems:
-        raise CARLConfigError("algorithm.adv_estimator=carl needs: " + "; ".join(problems) + ".")
+        raise CARLConfigError(f"{what} needs: " + "; ".join(problems) + ".")
     return settings

@@ -100,7 +100,8 @@ def search_metrics(batch: CarlBatch, settings: RecipeSettings, config: Any, step
 
 
 def baseline_signal_stats(batch: CarlBatch) -> dict[str, float]:
-    """Where a group baseline's signal goes (GRPO: `rollout.n` one-leaf chains per question), on CARL's scale.
+    """Where a group baseline's signal goes (GRPO: one-leaf chains per question, `rollout.n` sessions of one chain, or
+    one session's chains from the GRPO fork pool), on CARL's scale.
 
     An action gets A = 0 when its chain's reward equals the group's mean (verl's GRPO takes 0 for a group of one); a
     question's group has no signal when every action in it gets A = 0, i.e. (two chains or more) when all its rewards
@@ -113,30 +114,56 @@ def baseline_signal_stats(batch: CarlBatch) -> dict[str, float]:
         generated actions, all of which a baseline trains); empty when no chain has an outcome.
     """
     arrays = batch.arrays
-    leaf = arrays.is_leaf & arrays.has_outcome
-    reward = dict(zip(arrays.tree_index[leaf].tolist(), arrays.reward[leaf].double().tolist(), strict=True))
-    is_action = arrays.parent >= 0
-    actions = torch.zeros(arrays.num_trees, dtype=torch.float64).index_add_(
-        0, arrays.tree_index[is_action], arrays.count[is_action].double()
-    )
-    groups: dict[str, list[int]] = {}
-    for tree, question in enumerate(batch.questions):
-        if tree in reward:
-            groups.setdefault(question, []).append(tree)
+    parent = arrays.parent.tolist()
+    groups: dict[str, list[tuple[float, float]]] = {}  # question -> (reward, actions) per chain with an outcome
+    for leaf in torch.nonzero(arrays.is_leaf & arrays.has_outcome).flatten().tolist():
+        actions, node = 0.0, leaf
+        while parent[node] >= 0:  # the chain's actions: its path from the root (a chain shares no node)
+            actions, node = actions + float(arrays.count[node]), parent[node]
+        question = batch.questions[int(arrays.tree_index[leaf])]
+        groups.setdefault(question, []).append((float(arrays.reward[leaf].double()), actions))
     if not groups:
         return {}
     silent, zero, total = 0, 0.0, 0.0
-    for trees in groups.values():
-        rewards = [reward[t] for t in trees]
+    for chains in groups.values():
+        rewards = [r for r, _ in chains]
         mean = math.fsum(rewards) / len(rewards) if len(rewards) > 1 else 0.0  # verl: a lone chain's A is its reward
         at_mean = [math.isclose(r, mean, rel_tol=0.0, abs_tol=1e-9) for r in rewards]
         silent += all(at_mean)
-        zero += sum(float(actions[t]) for t, z in zip(trees, at_mean, strict=True) if z)
-        total += sum(float(actions[t]) for t in trees)
+        zero += sum(a for (_, a), z in zip(chains, at_mean, strict=True) if z)
+        total += sum(a for _, a in chains)
     return {
         "carl/no_signal_group_fraction": silent / len(groups),
         "carl/zero_advantage_fraction": zero / total if total else math.nan,
     }
+
+
+def pooled_grpo_advantages(
+    batch: CarlBatch, response_mask: torch.Tensor, uids: Sequence[str], norm_adv_by_std_in_grpo: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO advantages of the GRPO fork pool's rows: every chain its own trajectory, grouped by question (verl uid).
+
+    The pool grows a question's whole group in one agent-loop session (`rollout.n = 1`), one row per chain. verl's
+    multi-trajectory GRPO (`compute_advantage_for_multi_trajectories`) would read a session's rows as the turns of
+    one trajectory: only the last row is scored, in a group of one, and its raw reward is copied to every chain.
+    Here each row keeps its own leaf reward and verl's own `compute_grpo_outcome_advantage` groups the rows by uid.
+
+    Args:
+        batch: the rows' trees (one per question, each leaf a chain).
+        response_mask: [shape: (bs, response_length)].
+        uids: each row's question [len: bs].
+
+    Returns:
+        (advantages, returns, rm_scores), each [shape: (bs, response_length)].
+    """
+    scores = leaf_reward_scores(batch, response_mask)
+    advantages, returns = core_algos.compute_grpo_outcome_advantage(
+        token_level_rewards=scores,
+        response_mask=response_mask,
+        index=np.array(list(uids), dtype=object),
+        norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+    )
+    return advantages, returns, scores
 
 
 def leaf_reward_scores(batch: CarlBatch, response_mask: torch.Tensor) -> torch.Tensor:
@@ -214,7 +241,8 @@ class CARLTrainer(PPOTrainerSync):
 
     def _compute_advantage(self, batch, metrics: dict):
         carl = self.config.algorithm.adv_estimator == ESTIMATOR
-        if not carl:  # CARL: baselines (GRPO, ...) take verl's path, then log the same budget
+        pooled_grpo = not carl and self.carl_settings.fork_pool is not None
+        if not carl and not pooled_grpo:  # CARL: baselines (GRPO, ...) take verl's path, then log the same budget
             batch = super()._compute_advantage(batch, metrics)
         fields = ["uid", "response_mask", "extra_fields"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
@@ -231,6 +259,10 @@ class CARLTrainer(PPOTrainerSync):
         metrics.update(in_flight_metrics(d.get("in_flight") for d in trees.descriptions))
         metrics.update(pool_metrics([d.get("pool") for d in trees.descriptions]))
         kinds, questions = node_kinds(trees.descriptions), len(set(trees.questions))
+        if pooled_grpo:  # CARL: a pooled group is one session of many chains, which verl's GRPO would misread
+            norm = bool(self.config.algorithm.get("norm_adv_by_std_in_grpo", True))
+            advantages, returns, rm_scores = pooled_grpo_advantages(trees, response_mask, uids, norm)
+            batch = self._put_advantages(batch, advantages, returns, rm_scores, nested_mask, trees, extra_fields)
         if not carl:
             budget = compute_budget_stats(trees.arrays, trees.arrays.parent >= 0, trees.questions)
             metrics.update(budget | self.carl_totals.add(self.global_steps, budget))
@@ -255,6 +287,11 @@ class CARLTrainer(PPOTrainerSync):
         self._dump_trees(trees)
 
         rm_scores = leaf_reward_scores(trees, response_mask)  # CARL: undo verl's copy of the last row's score
+        return self._put_advantages(batch, advantages, returns, rm_scores, nested_mask, trees, extra_fields)
+
+    @staticmethod
+    def _put_advantages(batch, advantages, returns, rm_scores, nested_mask, trees: CarlBatch, extra_fields):
+        """Writes the rows' advantages, returns, own scores and own reward breakdowns back to TransferQueue."""
         output: dict[str, Any] = {
             name: response_to_nested(value, nested_mask)
             for name, value in {"advantages": advantages, "returns": returns, "rm_scores": rm_scores}.items()

@@ -76,7 +76,11 @@ def test_the_fresh_held_out_set_excludes_every_earlier_question(tmp_path):
 def test_smoke_mode_end_to_end(tmp_path):
     runner.main(["--out", str(tmp_path), "--smoke"])
     result = runner.main(["--out", str(tmp_path), "--report"])
-    assert set(result["arms"]) == {"grpo", "carl_pool"} and result["arms"]["carl_pool"]["points"]["1.000"]
+    assert set(result["arms"]) == {"grpo", "carl_pool", "grpo_pool"} and result["arms"]["carl_pool"]["points"]["1.000"]
+    # The GRPO pool's groups (one session of chains per question) get GRPO's advantages, negative below a group's
+    # mean: verl's multi-trajectory GRPO gave every chain the last chain's raw reward (>= 0) in a group of one.
+    pooled = [json.loads(line)["data"] for line in (tmp_path / "runs" / "grpo_pool" / "seed0" / "metrics.jsonl").open()]
+    assert min(r["critic/advantages/min"] for r in pooled if "critic/advantages/min" in r) < 0
     points = json.loads((tmp_path / "runs" / "carl_pool" / "seed0" / "points.json").read_text())
     assert points["budget"] > 0 and points["scored"] and (tmp_path / "accuracy_vs_generated.png").exists()
     full = points["points"]["1.000"] or len(points["cumulative"])  # short of B: its last step

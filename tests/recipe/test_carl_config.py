@@ -274,6 +274,17 @@ def test_grpo_needs_no_carl_checks():
     assert check_trainer_config(cfg).carl.max_actions == 32
 
 
+def test_the_grpo_fork_pool_is_checked_as_the_trainer_computes_its_advantages():
+    pool = ["actor_rollout_ref.rollout.n=1", "algorithm.carl.fork_pool={floor: 2, group: 4}"]
+    assert check_trainer_config(compose_carl(["algorithm.adv_estimator=grpo", *pool])).fork_pool.floor == 2
+    with pytest.raises(CARLConfigError, match="fork_pool needs algorithm.adv_estimator=grpo or carl \\(got rloo\\)"):
+        check_trainer_config(compose_carl(["algorithm.adv_estimator=rloo", *pool]))
+    for override, match in [("algorithm.use_kl_in_reward=true", "use_kl_in_reward=false"),
+                            ("trainer.v1.trainer_mode=sync", "trainer_mode=carl")]:  # fmt: skip
+        with pytest.raises(CARLConfigError, match=f"fork_pool under GRPO needs: .*{match}"):
+            check_trainer_config(compose_carl(["algorithm.adv_estimator=grpo", *pool, override]))
+
+
 def test_yaml_has_a_comment_above_every_key():
     lines = (ROOT / "recipe/carl/config/carl_trainer.yaml").read_text().splitlines()
     for i, line in enumerate(lines):
