@@ -403,12 +403,12 @@ def test_a_retriever_that_starts_late_is_waited_for_when_asked(monkeypatch):
     with socket.socket() as sock:  # a free port, for a retriever that starts 1 s after the check
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    started, stop = threading.Event(), threading.Event()
+    starting, stop = threading.Event(), threading.Event()
 
     def late_server():
         stop.wait(1.0)
+        starting.set()  # before the server can answer: set inside `with`, the check could return first (a race)
         with serve_in_thread(search_fn=toy_search, port=port):
-            started.set()
             stop.wait(30)
 
     thread = threading.Thread(target=late_server, daemon=True)
@@ -421,7 +421,7 @@ def test_a_retriever_that_starts_late_is_waited_for_when_asked(monkeypatch):
     thread.start()
     try:
         assert preflight.check_retriever(cfg, timeout=2) == [f"http://127.0.0.1:{port}/retrieve"]
-        assert started.is_set()
+        assert starting.is_set()  # the answer came from the late server: the check waited for it
     finally:
         stop.set()
         thread.join(10)
