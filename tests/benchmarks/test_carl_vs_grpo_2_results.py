@@ -13,17 +13,11 @@ import pytest
 
 from benchmarks.carl_vs_grpo_2_report import table
 from benchmarks.carl_vs_grpo_report import pct
+from tests.benchmarks.test_carl_vs_grpo_results import section
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = json.loads((REPO / "benchmarks" / "results" / "carl_vs_grpo_2.json").read_text())
 SCORES = json.loads((REPO / "benchmarks" / "results" / "carl_vs_grpo_2_scores.json").read_text())
-
-
-def section(path: Path, title: str) -> str:
-    text = path.read_text()
-    start = text.index(title)
-    end = text.find("\n## ", start + len(title))
-    return text[start : end if end >= 0 else None]
 
 
 def scores(arm: str, seed: str, step: int, key: str = "sampled") -> np.ndarray:
